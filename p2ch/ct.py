@@ -1,0 +1,305 @@
+"""One CT volume (`Ct`), its geometry, cropping chunks, and finding a series' `.mhd` on disk.
+
+LUNA16 stores each CT as a MetaIO header (`<series_uid>.mhd`) next to raw int16 voxels
+(`<series_uid>.raw`) in `subset0/` … `subset9/`. We check the header and the size of the raw
+file ourselves before handing the pair to SimpleITK, because SimpleITK's own errors for a
+missing or truncated `.raw` do not say which file or what was wrong.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from p2ch.config import resolve_data_root
+from p2ch.errors import CandidateOutsideCtError, DataFormatError, DataNotFoundError
+from p2ch.geometry import IrcTuple, XyzTuple, xyz2irc
+
+log = logging.getLogger(__name__)
+
+HU_MIN = -1000
+HU_MAX = 1000
+DEFAULT_WIDTH_IRC = (32, 48, 48)
+CT_CACHE_SIZE = 3
+
+# DICOM UIDs: digits and dots, at most 64 characters. Checked before a uid goes into a path.
+SERIES_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+SERIES_UID_MAX_LEN = 64
+
+_ELEMENT_BYTES = {
+    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4,
+    "MET_UINT": 4, "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8,
+    "MET_FLOAT": 4, "MET_DOUBLE": 8,
+}
+
+
+def is_valid_series_uid(series_uid: str) -> bool:
+    """True for a DICOM-style uid (digits and dots, ≤ 64 characters): safe to put in a path."""
+    return (
+        isinstance(series_uid, str)
+        and len(series_uid) <= SERIES_UID_MAX_LEN
+        and SERIES_UID_RE.match(series_uid) is not None
+    )
+
+
+def check_series_uid(series_uid: str) -> str:
+    """Return `series_uid` unchanged, or raise DataFormatError if it is not digits and dots."""
+    if not is_valid_series_uid(series_uid):
+        raise DataFormatError(
+            f"invalid series_uid {series_uid!r}: expected a LUNA16/DICOM uid of digits and dots "
+            f"(at most {SERIES_UID_MAX_LEN} characters)"
+        )
+    return series_uid
+
+
+def no_data_message(data_root: Path) -> str:
+    return (
+        f"no .mhd files under {data_root}/subset*/; download LUNA16 there "
+        "(or point --data-root / P2CH_DATA_ROOT at it), or make a synthetic set with "
+        f"`python -m p2ch.synth --out {data_root}`"
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _series_index(root: str) -> dict[str, Path]:
+    index: dict[str, Path] = {}
+    root_path = Path(root)
+    if not root_path.is_dir():
+        return index
+    for subset in sorted(p for p in root_path.glob("subset*") if p.is_dir()):
+        for mhd in sorted(subset.glob("*.mhd")):
+            uid = mhd.stem
+            if not is_valid_series_uid(uid):
+                log.warning("ignoring %s: its name is not a series uid (digits and dots)", mhd)
+                continue
+            if uid in index:
+                log.warning("series %s is in both %s and %s; using the first", uid,
+                            index[uid].parent, subset)
+                continue
+            index[uid] = mhd
+    return index
+
+
+def series_index(data_root: str | os.PathLike[str] | None = None) -> dict[str, Path]:
+    """Map every series_uid found as `<root>/subset*/<uid>.mhd` to its path.
+
+    Built once per data root per process (one directory scan, not a glob per CT); call
+    `clear_series_index()` after adding files. Returns a copy that callers may modify.
+    """
+    root = resolve_data_root(data_root)
+    return dict(_series_index(str(root.resolve())))
+
+
+def clear_series_index() -> None:
+    """Forget the cached subset scans and loaded CTs (after files were added or replaced)."""
+    _series_index.cache_clear()
+    _get_ct.cache_clear()
+
+
+def find_mhd(series_uid: str, data_root: str | os.PathLike[str] | None = None) -> Path:
+    """Path of `<root>/subset*/<series_uid>.mhd`, or DataNotFoundError saying where it looked."""
+    check_series_uid(series_uid)
+    root = resolve_data_root(data_root)
+    index = _series_index(str(root.resolve()))
+    if not index:
+        raise DataNotFoundError(no_data_message(root))
+    try:
+        return index[series_uid]
+    except KeyError:
+        raise DataNotFoundError(
+            f"series {series_uid} not found: no {series_uid}.mhd under {root}/subset*/ "
+            f"({len(index)} series there); is its subset downloaded and unpacked?"
+        ) from None
+
+
+def read_mhd_header(mhd_path: str | os.PathLike[str]) -> dict[str, str]:
+    """Parse a MetaIO header and check it describes a 3-D image whose data file is complete.
+
+    Returns the header's `key = value` pairs. Raises DataNotFoundError for a missing `.mhd` or
+    `.raw`, DataFormatError for an unreadable or non-3-D header or a truncated `.raw`.
+    """
+    mhd_path = Path(mhd_path)
+    try:
+        text = mhd_path.read_bytes()[:65536].decode("ascii")
+    except FileNotFoundError:
+        raise DataNotFoundError(f"{mhd_path}: file not found") from None
+    except UnicodeDecodeError:
+        raise DataFormatError(f"{mhd_path}: not a MetaIO header (not ASCII text)") from None
+    header: dict[str, str] = {}
+    for line in text.splitlines():
+        if "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        header[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            break  # binary data may follow in a LOCAL file
+    for key in ("NDims", "DimSize", "ElementType", "ElementDataFile"):
+        if key not in header:
+            raise DataFormatError(
+                f"{mhd_path}: corrupt MetaIO header, no '{key} = …' line "
+                "(expected a LUNA16 .mhd with NDims, DimSize, ElementType, ElementDataFile)"
+            )
+    try:
+        ndims = int(header["NDims"])
+        dims = [int(v) for v in header["DimSize"].split()]
+    except ValueError:
+        raise DataFormatError(
+            f"{mhd_path}: corrupt MetaIO header, NDims={header['NDims']!r} "
+            f"DimSize={header['DimSize']!r} are not integers"
+        ) from None
+    if ndims != 3 or len(dims) != 3 or min(dims) < 1:
+        raise DataFormatError(
+            f"{mhd_path}: expected a 3-D CT volume, got NDims={ndims} DimSize={dims}"
+        )
+    data_file = header["ElementDataFile"]
+    element_bytes = _ELEMENT_BYTES.get(header["ElementType"])
+    if element_bytes is None:
+        raise DataFormatError(
+            f"{mhd_path}: unsupported ElementType {header['ElementType']!r} "
+            "(LUNA16 uses MET_SHORT)"
+        )
+    compressed = header.get("CompressedData", "False").lower() == "true"
+    if data_file.upper() != "LOCAL" and " " not in data_file and "%" not in data_file:
+        raw_path = mhd_path.parent / data_file
+        if not raw_path.is_file():
+            raise DataNotFoundError(
+                f"{mhd_path}: its voxel file {raw_path} is missing; unpack the .raw next to the .mhd"
+            )
+        if not compressed:
+            channels = int(header.get("ElementNumberOfChannels", "1") or 1)
+            expected = int(np.prod(dims)) * element_bytes * channels
+            actual = raw_path.stat().st_size
+            if actual < expected:
+                raise DataFormatError(
+                    f"{raw_path}: truncated, {actual} bytes but the header {mhd_path.name} needs "
+                    f"{expected} ({'x'.join(map(str, dims))} × {element_bytes} bytes); "
+                    "re-download or re-extract this series"
+                )
+    return header
+
+
+class Ct:
+    """One CT: HU voxels (index, row, col) and the geometry to map them to patient mm.
+
+    Attributes:
+        series_uid: the LUNA16 series uid.
+        mhd_path: where it was read from.
+        hu: (I, R, C) int16 HU, clipped to [-1000, 1000]. Air is -1000 and anything denser
+            than bone is noise for nodule finding; clipping also folds LUNA16's out-of-field
+            padding (-3024 or -2000) into air. Clipping happens on int16, before any float
+            conversion, so a volume never exists as float32.
+        origin_xyz: XyzTuple, mm. vx_size_xyz: XyzTuple, mm per voxel along (x, y, z).
+        direction_a: (3, 3) float64 direction matrix.
+    """
+
+    def __init__(self, series_uid: str, data_root: str | os.PathLike[str] | None = None):
+        import SimpleITK as sitk
+
+        self.series_uid = check_series_uid(series_uid)
+        self.mhd_path = find_mhd(series_uid, data_root)
+        read_mhd_header(self.mhd_path)
+        try:
+            image = sitk.ReadImage(str(self.mhd_path))
+        except RuntimeError as exc:
+            # SimpleITK's first line names its own source file; the reason is on the lines after.
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            reason = " ".join(lines[1:] or lines)[:300] or type(exc).__name__
+            raise DataFormatError(
+                f"{self.mhd_path}: SimpleITK cannot read it ({reason}); re-download or re-extract it"
+            ) from None
+        if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+            raise DataFormatError(
+                f"{self.mhd_path}: expected a 3-D single-channel CT, got {image.GetDimension()}-D "
+                f"with {image.GetNumberOfComponentsPerPixel()} components per voxel"
+            )
+        hu = sitk.GetArrayFromImage(image)
+        if hu.dtype == np.int16:
+            np.clip(hu, HU_MIN, HU_MAX, out=hu)
+        else:
+            hu = np.clip(hu, HU_MIN, HU_MAX).astype(np.int16)
+        self.hu = hu
+        self.origin_xyz = XyzTuple(*image.GetOrigin())
+        self.vx_size_xyz = XyzTuple(*image.GetSpacing())
+        self.direction_a = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+
+    def __repr__(self) -> str:
+        return f"Ct({self.series_uid!r}, shape={self.hu.shape}, spacing={tuple(self.vx_size_xyz)})"
+
+    @property
+    def shape_irc(self) -> IrcTuple:
+        return IrcTuple(*self.hu.shape)
+
+    def xyz2irc(self, center_xyz) -> IrcTuple | np.ndarray:
+        """World mm (3 values or (N, 3)) → rounded voxel index of this CT."""
+        return xyz2irc(center_xyz, self.origin_xyz, self.vx_size_xyz, self.direction_a)
+
+    def _check_inside(self, centers_irc: np.ndarray, centers_xyz: np.ndarray) -> None:
+        shape = np.asarray(self.hu.shape)
+        outside = np.any((centers_irc < 0) | (centers_irc >= shape), axis=1)
+        if outside.any():
+            k = int(np.flatnonzero(outside)[0])
+            raise CandidateOutsideCtError(
+                f"candidate centre {tuple(np.round(centers_xyz[k], 2))} mm lies outside CT "
+                f"{self.series_uid} (voxel {tuple(int(v) for v in centers_irc[k])}, volume "
+                f"{tuple(int(v) for v in shape)} index/row/col); check the CSV coordinates "
+                f"({int(outside.sum())} of {len(outside)} centres are outside)"
+            )
+
+    def _window_starts(self, centers_irc: np.ndarray, width_irc: np.ndarray) -> np.ndarray:
+        # Centre the window on the candidate, then shift it back inside the volume at an edge
+        # (the chunk stays full-size; the candidate is then off-centre in it, as in the book).
+        shape = np.asarray(self.hu.shape)
+        starts = centers_irc - width_irc // 2
+        return np.clip(starts, 0, np.maximum(shape - width_irc, 0))
+
+    def get_raw_candidates(self, centers_xyz, width_irc: Sequence[int] = DEFAULT_WIDTH_IRC):
+        """Crop many chunks at once.
+
+        centers_xyz: (N, 3) float mm. Returns `(chunks, centers_irc)`: chunks (N, *width_irc)
+        int16 HU, centers_irc (N, 3) int64. A volume thinner than the window along some axis
+        is padded with air (-1000 HU) at the far end.
+        """
+        centers_xyz = np.atleast_2d(np.asarray(centers_xyz, dtype=np.float64))
+        width = _check_width(width_irc)
+        centers_irc = np.atleast_2d(np.asarray(self.xyz2irc(centers_xyz)))
+        self._check_inside(centers_irc, centers_xyz)
+        starts = self._window_starts(centers_irc, width)
+        chunks = np.full((len(centers_irc), *width), HU_MIN, dtype=np.int16)
+        for n, (i, r, c) in enumerate(starts):
+            block = self.hu[i:i + width[0], r:r + width[1], c:c + width[2]]
+            chunks[n, :block.shape[0], :block.shape[1], :block.shape[2]] = block
+        return chunks, centers_irc
+
+    def get_raw_candidate(self, center_xyz, width_irc: Sequence[int] = DEFAULT_WIDTH_IRC):
+        """Crop one chunk around `center_xyz` (3 values, mm).
+
+        Returns `(chunk, center_irc)`: chunk (*width_irc) int16 HU (default (32, 48, 48)),
+        center_irc an IrcTuple of the candidate's voxel. Raises CandidateOutsideCtError when
+        the centre is outside the volume.
+        """
+        chunks, centers_irc = self.get_raw_candidates([center_xyz], width_irc)
+        return chunks[0], IrcTuple(*(int(v) for v in centers_irc[0]))
+
+
+def _check_width(width_irc: Sequence[int]) -> np.ndarray:
+    width = np.asarray(width_irc)
+    if width.shape != (3,) or not np.issubdtype(width.dtype, np.integer) or (width < 1).any():
+        raise ValueError(f"width_irc must be 3 positive integers (index, row, col), got {width_irc!r}")
+    return width.astype(np.int64)
+
+
+@functools.lru_cache(maxsize=CT_CACHE_SIZE)
+def _get_ct(series_uid: str, root: str) -> Ct:
+    return Ct(series_uid, root)
+
+
+def get_ct(series_uid: str, data_root: str | os.PathLike[str] | None = None) -> Ct:
+    """A `Ct`, kept in a small per-process LRU (a CT is ~150 MB as int16; a few fit)."""
+    root = resolve_data_root(data_root)
+    return _get_ct(check_series_uid(series_uid), str(root.resolve()))

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Explore a LUNA16-layout data root with plain shell tools (no Python).
+#
+# Usage: scripts/explore_data.sh [DATA_ROOT]
+#   DATA_ROOT defaults to $P2CH_DATA_ROOT, else data-unversioned/part2/luna.
+#   Works on the real LUNA16 download and on `python -m p2ch.synth` output.
+set -euo pipefail
+
+usage() {
+  echo "usage: $0 [DATA_ROOT]   (default: \$P2CH_DATA_ROOT or data-unversioned/part2/luna)"
+}
+case "${1:-}" in -h|--help) usage; exit 0 ;; esac
+if [ "$#" -gt 1 ]; then usage >&2; exit 2; fi
+
+root=${1:-${P2CH_DATA_ROOT:-data-unversioned/part2/luna}}
+root=${root%/}
+if [ ! -d "$root" ]; then
+  echo "explore_data: $root does not exist; download LUNA16 there or run: python -m p2ch.synth --out $root" >&2
+  exit 1
+fi
+
+shopt -s nullglob
+subsets=("$root"/subset*/)
+mhds=("$root"/subset*/*.mhd)
+if [ "${#mhds[@]}" -eq 0 ]; then
+  echo "explore_data: no .mhd files under $root/subset*/; download LUNA16 there or run: python -m p2ch.synth --out $root" >&2
+  exit 1
+fi
+
+# LUNA16's CSVs may carry a UTF-8 BOM or CRLF line endings: strip both before reading.
+clean() { sed -e '1s/^\xEF\xBB\xBF//' -e 's/\r$//' "$1"; }
+
+section() { printf '\n== %s\n' "$1"; }
+
+section "CT files in $root"
+printf '%-10s %6s %6s %10s\n' subset mhd raw size
+for dir in "${subsets[@]}"; do
+  name=$(basename "$dir")
+  n_mhd=$(find "$dir" -maxdepth 1 -name '*.mhd' | wc -l)
+  n_raw=$(find "$dir" -maxdepth 1 -name '*.raw' | wc -l)
+  size=$(du -sh "$dir" | cut -f1)
+  printf '%-10s %6d %6d %10s\n' "$name" "$n_mhd" "$n_raw" "$size"
+done
+echo "total CTs: ${#mhds[@]}"
+
+candidates=""
+for name in candidates.csv candidates_V2.csv; do
+  if [ -f "$root/$name" ]; then candidates="$root/$name"; break; fi
+done
+annotations="$root/annotations.csv"
+
+section "CSV files (data rows, excluding the header)"
+for csv in "$root"/*.csv; do
+  rows=$(clean "$csv" | awk 'NR > 1 && NF' | wc -l)
+  printf '%-28s %9d\n' "$(basename "$csv")" "$rows"
+done
+
+for csv in "$annotations" "$candidates"; do
+  if [ -n "$csv" ] && [ -f "$csv" ]; then
+    section "first rows of $(basename "$csv")"
+    clean "$csv" | head -n 4
+  fi
+done
+
+if [ -n "$candidates" ]; then
+  section "candidates by class ($(basename "$candidates"))"
+  clean "$candidates" | awk -F, 'NR > 1 && NF { n[$5]++; total++ }
+    END {
+      pos = n["1"] + 0; neg = n["0"] + 0
+      printf "positive (class 1): %d\nnegative (class 0): %d\n", pos, neg
+      if (pos > 0) printf "negatives per positive: %.1f\n", neg / pos
+    }'
+
+  section "candidates per series (top 10)"
+  clean "$candidates" | awk -F, 'NR > 1 && NF { print $1 }' | sort | uniq -c | sort -k1,1nr -k2 | head -n 10
+  clean "$candidates" | awk -F, 'NR > 1 && NF { print $1 }' | sort -u | wc -l | awk '{ print "series with candidates: " $1 }'
+else
+  echo "no candidates.csv or candidates_V2.csv in $root" >&2
+fi
+
+if [ -f "$annotations" ]; then
+  section "annotation diameters (mm)"
+  clean "$annotations" | awk -F, 'NR > 1 && NF { print $5 }' | sort -g | awk '
+    { d[NR] = $1 }
+    END {
+      if (NR == 0) { print "no annotations"; exit }
+      median = (NR % 2) ? d[(NR + 1) / 2] : (d[NR / 2] + d[NR / 2 + 1]) / 2
+      printf "count %d  min %.2f  median %.2f  max %.2f\n", NR, d[1], median, d[NR]
+      split("3 5 10 20 30", edge, " ")
+      for (i = 1; i <= NR; i++) {
+        b = 6
+        for (k = 1; k <= 5; k++) if (d[i] < edge[k]) { b = k; break }
+        bin[b]++
+      }
+      label[1] = "    < 3"; label[2] = "  3 - 5"; label[3] = " 5 - 10"
+      label[4] = "10 - 20"; label[5] = "20 - 30"; label[6] = "  >= 30"
+      for (b = 1; b <= 6; b++) {
+        bar = ""; for (j = 0; j < bin[b] * 50 / NR; j++) bar = bar "#"
+        printf "%s mm %6d %s\n", label[b], bin[b] + 0, bar
+      }
+    }'
+  clean "$annotations" | awk -F, 'NR > 1 && NF { print $1 }' | sort -u | wc -l | awk '{ print "series with nodules: " $1 }'
+fi
+
+section "series named in the CSVs but missing on disk"
+on_disk=$(mktemp)
+named=$(mktemp)
+trap 'rm -f "$on_disk" "$named"' EXIT
+for mhd in "${mhds[@]}"; do basename "$mhd" .mhd; done | sort -u > "$on_disk"
+for csv in "$candidates" "$annotations"; do
+  if [ -n "$csv" ] && [ -f "$csv" ]; then clean "$csv" | awk -F, 'NR > 1 && NF { print $1 }'; fi
+done | sort -u > "$named"
+missing=$(comm -23 "$named" "$on_disk" | wc -l)
+echo "named in CSVs: $(wc -l < "$named")  on disk: $(wc -l < "$on_disk")  missing on disk: $missing"
+comm -23 "$named" "$on_disk" | head -n 5 | sed 's/^/  /'
+if [ "$missing" -gt 5 ]; then echo "  … and $((missing - 5)) more (download the other subsets to use them)"; fi

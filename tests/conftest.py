@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny CTs and CSVs written in LUNA16's real layout into tmp_path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+UID_PREFIX = "1.3.6.1.4.1.14519.5.2.1.6279.6001."
+
+
+def make_uid(n: int) -> str:
+    return f"{UID_PREFIX}{100000000000 + n}"
+
+
+def write_ct(
+    root: Path,
+    series_uid: str,
+    hu: np.ndarray,
+    *,
+    subset: int = 0,
+    spacing_xyz=(0.7, 0.7, 1.25),
+    origin_xyz=(-180.0, -170.0, -320.0),
+    direction=None,
+) -> Path:
+    """Write hu (I, R, C) int16 as <root>/subset<k>/<uid>.mhd + .raw with SimpleITK."""
+    import SimpleITK as sitk
+
+    folder = Path(root) / f"subset{subset}"
+    folder.mkdir(parents=True, exist_ok=True)
+    image = sitk.GetImageFromArray(np.asarray(hu, dtype=np.int16))
+    image.SetSpacing(tuple(float(v) for v in spacing_xyz))
+    image.SetOrigin(tuple(float(v) for v in origin_xyz))
+    if direction is not None:
+        image.SetDirection(tuple(float(v) for v in np.asarray(direction).ravel()))
+    path = folder / f"{series_uid}.mhd"
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def write_csv(path: Path, header: str, rows, *, newline: str = "\n", bom: bool = False) -> Path:
+    text = newline.join([header, *(",".join(str(v) for v in row) for row in rows)]) + newline
+    data = text.encode("utf-8")
+    if bom:
+        data = b"\xef\xbb\xbf" + data
+    Path(path).write_bytes(data)
+    return Path(path)
+
+
+ANNOTATIONS_HEADER = "seriesuid,coordX,coordY,coordZ,diameter_mm"
+CANDIDATES_HEADER = "seriesuid,coordX,coordY,coordZ,class"
+
+
+@pytest.fixture
+def tiny_root(tmp_path: Path) -> Path:
+    """Two CTs (one in subset0, one in subset1) with two nodules and a few candidates.
+
+    CT A: 40 × 64 × 64 voxels, spacing (0.7, 0.7, 1.25) mm, origin (-180, -170, -320); a 10 mm
+    nodule of +100 HU at voxel (20, 30, 34) and a 5 mm one at (10, 10, 50).
+    CT B: 30 × 50 × 60, spacing (0.9, 0.8, 2.0), origin (-200, -150, 900); no nodules.
+    """
+    root = tmp_path / "luna"
+    uid_a, uid_b = make_uid(1), make_uid(2)
+    hu_a = np.full((40, 64, 64), -850, dtype=np.int16)
+    hu_a[0, 0, 0] = -3024  # out-of-field padding, must clip to -1000
+    hu_a[1, 0, 0] = 3000  # metal, must clip to 1000
+    hu_a[18:23, 26:35, 30:39] = 100
+    write_ct(root, uid_a, hu_a, subset=0)
+    hu_b = np.full((30, 50, 60), -800, dtype=np.int16)
+    write_ct(root, uid_b, hu_b, subset=1, spacing_xyz=(0.9, 0.8, 2.0), origin_xyz=(-200, -150, 900))
+
+    def xyz_a(i, r, c):
+        return (-180.0 + c * 0.7, -170.0 + r * 0.7, -320.0 + i * 1.25)
+
+    big = xyz_a(20, 30, 34)
+    small = xyz_a(10, 10, 50)
+    write_csv(root / "annotations.csv", ANNOTATIONS_HEADER, [
+        (uid_a, *big, 10.0),
+        (uid_a, *small, 5.0),
+    ])
+    write_csv(root / "candidates.csv", CANDIDATES_HEADER, [
+        (uid_a, big[0] + 1.0, big[1], big[2], 1),  # 1 mm off: matches the 10 mm nodule
+        (uid_a, small[0], small[1] + 2.0, small[2], 1),  # 2 mm off: matches the 5 mm nodule
+        (uid_a, big[0] + 20.0, big[1], big[2], 1),  # positive far from any annotation
+        (uid_a, *xyz_a(5, 5, 5), 0),
+        (uid_a, *xyz_a(39, 63, 63), 0),
+        (uid_b, -200.0 + 30 * 0.9, -150.0 + 25 * 0.8, 900.0 + 15 * 2.0, 0),
+        (uid_b, -200.0 + 2 * 0.9, -150.0 + 2 * 0.8, 900.0 + 1 * 2.0, 0),
+    ])
+    return root

@@ -1,0 +1,196 @@
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import make_uid, write_ct
+from p2ch import ct as ct_module
+from p2ch.ct import Ct, find_mhd, get_ct, read_mhd_header, series_index
+from p2ch.errors import CandidateOutsideCtError, DataFormatError, DataNotFoundError
+from p2ch.geometry import IrcTuple, XyzTuple, irc2xyz
+
+
+@pytest.fixture(autouse=True)
+def _fresh_index():
+    ct_module.clear_series_index()
+    yield
+    ct_module.clear_series_index()
+
+
+def test_series_index_and_find(tiny_root):
+    index = series_index(tiny_root)
+    assert set(index) == {make_uid(1), make_uid(2)}
+    assert index[make_uid(2)].parent.name == "subset1"
+    assert find_mhd(make_uid(1), tiny_root) == tiny_root / "subset0" / f"{make_uid(1)}.mhd"
+
+
+def test_series_index_scans_once(tiny_root, monkeypatch):
+    series_index(tiny_root)
+    calls = []
+    original = type(tiny_root).glob
+    monkeypatch.setattr(type(tiny_root), "glob", lambda self, pat: calls.append(pat) or original(self, pat))
+    find_mhd(make_uid(1), tiny_root)
+    find_mhd(make_uid(2), tiny_root)
+    assert calls == []
+
+
+def test_data_root_from_environment(tiny_root, monkeypatch):
+    monkeypatch.setenv("P2CH_DATA_ROOT", str(tiny_root))
+    assert find_mhd(make_uid(2)).parent.name == "subset1"
+
+
+def test_missing_series_and_empty_root(tiny_root, tmp_path):
+    with pytest.raises(DataNotFoundError, match=r"series 1\.3\.6.*999 not found.*2 series there"):
+        find_mhd("1.3.6.1.999", tiny_root)
+    with pytest.raises(DataNotFoundError, match=r"no \.mhd files under .*empty/subset\*/.*p2ch\.synth"):
+        find_mhd(make_uid(1), tmp_path / "empty")
+
+
+@pytest.mark.parametrize("uid", ["../../etc/passwd", "1.2.3/4", "1.2.*", "", "1.2.3 ", "a.b", "1" * 65])
+def test_series_uid_with_path_characters_rejected(tiny_root, uid):
+    with pytest.raises(DataFormatError, match="invalid series_uid"):
+        find_mhd(uid, tiny_root)
+    with pytest.raises(DataFormatError, match="invalid series_uid"):
+        Ct(uid, tiny_root)
+
+
+def test_ct_loads_clips_and_matches_simpleitk(tiny_root):
+    ct = Ct(make_uid(1), tiny_root)
+    assert ct.hu.dtype == np.int16 and ct.hu.shape == (40, 64, 64)
+    assert ct.hu[0, 0, 0] == -1000 and ct.hu[1, 0, 0] == 1000
+    assert ct.hu.min() >= -1000 and ct.hu.max() <= 1000
+    assert isinstance(ct.origin_xyz, XyzTuple) and ct.origin_xyz == (-180.0, -170.0, -320.0)
+    np.testing.assert_allclose(ct.vx_size_xyz, (0.7, 0.7, 1.25))
+    np.testing.assert_array_equal(ct.direction_a, np.eye(3))
+    image = sitk.ReadImage(str(ct.mhd_path))
+    point = image.TransformIndexToPhysicalPoint((34, 30, 20))
+    assert ct.xyz2irc(point) == IrcTuple(20, 30, 34)
+
+
+def test_crop_centre_and_edges(tiny_root):
+    ct = Ct(make_uid(1), tiny_root)
+    center = irc2xyz((20, 30, 34), ct.origin_xyz, ct.vx_size_xyz, ct.direction_a)
+    chunk, center_irc = ct.get_raw_candidate(center)
+    assert chunk.dtype == np.int16 and chunk.shape == (32, 48, 48)
+    assert center_irc == (20, 30, 34)
+    # The window starts at centre - width // 2 when it fits, so the candidate sits at its centre.
+    np.testing.assert_array_equal(chunk, ct.hu[4:36, 6:54, 10:58])
+    assert chunk[16, 24, 24] == 100
+    # Near an edge the window shifts inside the volume: index 35 + 16 > 40.
+    near_edge = irc2xyz((35, 30, 34), ct.origin_xyz, ct.vx_size_xyz, ct.direction_a)
+    chunk, center_irc = ct.get_raw_candidate(near_edge)
+    assert center_irc == (35, 30, 34)
+    np.testing.assert_array_equal(chunk, ct.hu[8:40, 6:54, 10:58])
+    corner = irc2xyz((39, 63, 63), ct.origin_xyz, ct.vx_size_xyz, ct.direction_a)
+    chunk, center_irc = ct.get_raw_candidate(corner, width_irc=(8, 10, 12))
+    np.testing.assert_array_equal(chunk, ct.hu[32:40, 54:64, 52:64])
+    origin_chunk, _ = ct.get_raw_candidate(ct.origin_xyz, width_irc=(4, 6, 8))
+    np.testing.assert_array_equal(origin_chunk, ct.hu[:4, :6, :8])
+
+
+def test_crop_thinner_than_window_pads_with_air(tmp_path):
+    uid = make_uid(7)
+    hu = np.arange(10 * 20 * 20, dtype=np.int16).reshape(10, 20, 20) % 500
+    write_ct(tmp_path, uid, hu, spacing_xyz=(1, 1, 1), origin_xyz=(0, 0, 0))
+    ct = Ct(uid, tmp_path)
+    chunk, center_irc = ct.get_raw_candidate((10.0, 10.0, 5.0), width_irc=(16, 16, 16))
+    assert center_irc == (5, 10, 10)
+    np.testing.assert_array_equal(chunk[:10, :, :], hu[:, 2:18, 2:18])
+    assert (chunk[10:] == -1000).all()
+
+
+def test_many_crops_equal_single_crops(tiny_root):
+    ct = Ct(make_uid(1), tiny_root)
+    irc = np.array([[20, 30, 34], [0, 0, 0], [39, 63, 63], [5, 40, 10]])
+    xyz = irc2xyz(irc, ct.origin_xyz, ct.vx_size_xyz, ct.direction_a)
+    chunks, centers = ct.get_raw_candidates(xyz)
+    np.testing.assert_array_equal(centers, irc)
+    for k in range(len(irc)):
+        np.testing.assert_array_equal(chunks[k], ct.get_raw_candidate(xyz[k])[0])
+
+
+def test_crop_with_oblique_direction_uses_true_inverse(tmp_path):
+    uid = make_uid(8)
+    hu = np.full((30, 40, 50), -900, dtype=np.int16)
+    hu[12, 17, 33] = 777
+    direction = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    path = write_ct(tmp_path, uid, hu, spacing_xyz=(0.6, 0.9, 1.5), origin_xyz=(10, 20, 30),
+                    direction=direction)
+    point = sitk.ReadImage(str(path)).TransformIndexToPhysicalPoint((33, 17, 12))
+    ct = Ct(uid, tmp_path)
+    chunk, center_irc = ct.get_raw_candidate(point, width_irc=(4, 4, 4))
+    assert center_irc == (12, 17, 33)
+    assert chunk[2, 2, 2] == 777
+
+
+def test_centre_outside_ct_is_a_clear_error(tiny_root):
+    ct = Ct(make_uid(1), tiny_root)
+    with pytest.raises(CandidateOutsideCtError, match=r"outside CT .* volume \(40, 64, 64\)"):
+        ct.get_raw_candidate((0.0, 0.0, 0.0))
+    with pytest.raises(CandidateOutsideCtError):
+        ct.get_raw_candidate(irc2xyz((40, 0, 0), ct.origin_xyz, ct.vx_size_xyz, ct.direction_a))
+    with pytest.raises(ValueError, match="width_irc must be 3 positive integers"):
+        ct.get_raw_candidate(ct.origin_xyz, width_irc=(32, 48))
+
+
+def test_mhd_without_raw(tiny_root):
+    (tiny_root / "subset0" / f"{make_uid(1)}.raw").unlink()
+    with pytest.raises(DataNotFoundError, match=r"voxel file .*\.raw is missing"):
+        Ct(make_uid(1), tiny_root)
+
+
+def test_truncated_raw(tiny_root):
+    raw = tiny_root / "subset0" / f"{make_uid(1)}.raw"
+    raw.write_bytes(raw.read_bytes()[:1000])
+    with pytest.raises(DataFormatError, match=r"\.raw: truncated, 1000 bytes but the header .* needs 327680"):
+        Ct(make_uid(1), tiny_root)
+
+
+def test_corrupt_header(tiny_root):
+    mhd = tiny_root / "subset0" / f"{make_uid(1)}.mhd"
+    mhd.write_text("this is not a header\n")
+    with pytest.raises(DataFormatError, match=r"corrupt MetaIO header, no 'NDims"):
+        Ct(make_uid(1), tiny_root)
+    mhd.write_bytes(b"\x00\xff\xfe garbage")
+    with pytest.raises(DataFormatError, match="not a MetaIO header"):
+        Ct(make_uid(1), tiny_root)
+    mhd.write_text("NDims = 3\nDimSize = 64 x 64\nElementType = MET_SHORT\nElementDataFile = a.raw\n")
+    with pytest.raises(DataFormatError, match="not integers"):
+        read_mhd_header(mhd)
+
+
+def test_header_simpleitk_rejects_is_wrapped(tiny_root):
+    mhd = tiny_root / "subset0" / f"{make_uid(1)}.mhd"
+    lines = [
+        "ElementSpacing = not numbers" if line.startswith("ElementSpacing") else line
+        for line in mhd.read_text().splitlines()
+    ]
+    mhd.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataFormatError, match=r"\.mhd: SimpleITK cannot read it \(.*spacing"):
+        Ct(make_uid(1), tiny_root)
+
+
+def test_non_3d_image(tmp_path):
+    uid = make_uid(9)
+    folder = tmp_path / "subset0"
+    folder.mkdir(parents=True)
+    sitk.WriteImage(sitk.Image(16, 16, sitk.sitkInt16), str(folder / f"{uid}.mhd"))
+    with pytest.raises(DataFormatError, match=r"expected a 3-D CT volume, got NDims=2"):
+        Ct(uid, tmp_path)
+
+
+def test_non_int16_voxels_are_clipped_then_converted(tmp_path):
+    uid = make_uid(10)
+    folder = tmp_path / "subset0"
+    folder.mkdir(parents=True)
+    arr = np.array([[[-5000.5, 0.4], [999.6, 40000.0]]], dtype=np.float32)
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(folder / f"{uid}.mhd"))
+    ct = Ct(uid, tmp_path)
+    assert ct.hu.dtype == np.int16
+    np.testing.assert_array_equal(ct.hu, [[[-1000, 0], [999, 1000]]])
+
+
+def test_get_ct_is_cached_and_cleared(tiny_root):
+    a = get_ct(make_uid(1), tiny_root)
+    assert get_ct(make_uid(1), tiny_root) is a
+    ct_module.clear_series_index()
+    assert get_ct(make_uid(1), tiny_root) is not a

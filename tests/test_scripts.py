@@ -1,0 +1,62 @@
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((REPO / "scripts").glob("*.sh"))
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+def run(*args, env=None):
+    return subprocess.run(["bash", *map(str, args)], capture_output=True, text=True, cwd=REPO, env=env)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_parse_and_answer_help(script):
+    assert run("-n", script).returncode == 0
+    result = run(script, "--help")
+    assert result.returncode == 0
+    assert "usage:" in result.stdout
+
+
+def _value(output: str, prefix: str) -> str:
+    lines = [line for line in output.splitlines() if line.startswith(prefix)]
+    assert lines, f"no line starting with {prefix!r}"
+    return lines[0][len(prefix):].strip()
+
+
+def test_explore_counts(tiny_root):
+    result = run(REPO / "scripts/explore_data.sh", tiny_root)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert _value(out, "total CTs:") == "2"
+    assert _value(out, "positive (class 1):") == "3"
+    assert _value(out, "negative (class 0):") == "4"
+    assert _value(out, "series with candidates:") == "2"
+    assert _value(out, "count") .split()[:6] == ["2", "min", "5.00", "median", "7.50", "max"]
+    assert _value(out, "named in CSVs:").split() == ["2", "on", "disk:", "2", "missing", "on", "disk:", "0"]
+    top = [line.split() for line in out.split("== candidates per series (top 10)")[1].splitlines()[1:3]]
+    assert [int(n) for n, _ in top] == [5, 2]
+
+
+def test_explore_reports_missing_series_and_crlf(tiny_root):
+    for path in (tiny_root / "subset1").iterdir():
+        path.unlink()
+    csv = tiny_root / "candidates.csv"
+    csv.write_bytes(b"\xef\xbb\xbf" + csv.read_bytes().replace(b"\n", b"\r\n"))
+    result = run(REPO / "scripts/explore_data.sh", tiny_root)
+    assert result.returncode == 0, result.stderr
+    assert _value(result.stdout, "positive (class 1):") == "3"
+    assert _value(result.stdout, "named in CSVs:").split()[-1] == "1"
+
+
+def test_explore_empty_or_missing_root(tmp_path):
+    result = run(REPO / "scripts/explore_data.sh", tmp_path)
+    assert result.returncode == 1
+    assert "no .mhd files under" in result.stderr and "p2ch.synth" in result.stderr
+    result = run(REPO / "scripts/explore_data.sh", tmp_path / "nope")
+    assert result.returncode == 1 and "does not exist" in result.stderr
+    assert run(REPO / "scripts/explore_data.sh", "a", "b").returncode == 2
