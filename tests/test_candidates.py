@@ -4,7 +4,6 @@ import pickle
 import numpy as np
 import pytest
 
-from conftest import ANNOTATIONS_HEADER, CANDIDATES_HEADER, make_uid, write_csv
 from p2ch import candidates as cmod
 from p2ch import ct as ct_module
 from p2ch.candidates import (
@@ -18,6 +17,8 @@ from p2ch.candidates import (
     read_excluded,
 )
 from p2ch.errors import DataFormatError, DataNotFoundError
+
+from conftest import ANNOTATIONS_HEADER, CANDIDATES_HEADER, make_uid, write_csv
 
 
 @pytest.fixture(autouse=True)
@@ -173,13 +174,15 @@ def test_duplicate_rows_accepted_and_reported(tiny_root, caplog):
 BAD_CANDIDATES = [
     ("seriesuid,coordX,coordY,coordZ\n1.2.3,0,0,0\n", r"missing column\(s\) class"),
     ("seriesuid,coordX,coordY,coordZ,label\n1.2.3,0,0,0,1\n", r"missing column\(s\) class.*got .*label"),
-    ("seriesuid,coordX,coordY,coordZ,class\n1.2.3,0,0,0,1\n1.2.3,abc,0,0,0\n", r"line 3: coordX is 'abc'; expected a number"),
+    ("seriesuid,coordX,coordY,coordZ,class\n1.2.3,0,0,0,1\n1.2.3,abc,0,0,0\n",
+     r"line 3: coordX is 'abc'; expected a number"),
     ("seriesuid,coordX,coordY,coordZ,class\n1.2.3,0,,0,1\n", r"line 2: coordY is ''"),
     ("seriesuid,coordX,coordY,coordZ,class\n1.2.3,0,0,nan,1\n", r"line 2: coordZ is 'nan'"),
     ("seriesuid,coordX,coordY,coordZ,class\n1.2.3,0,0,inf,1\n", r"line 2: coordZ is 'inf'"),
     ("seriesuid,coordX,coordY,coordZ,class\n1.2.3,0,0,0,2\n", r"line 2: class is 2; expected 0 or 1"),
     ("seriesuid,coordX,coordY,coordZ,class\n1.2.3,0,0,0,0.5\n", r"class is 0.5; expected 0 or 1"),
-    ("seriesuid,coordX,coordY,coordZ,class\n../../etc,0,0,0,1\n", r"line 2: seriesuid '\.\./\.\./etc' is not a series uid"),
+    ("seriesuid,coordX,coordY,coordZ,class\n../../etc,0,0,0,1\n",
+     r"line 2: seriesuid '\.\./\.\./etc' is not a series uid"),
     ("seriesuid,coordX,coordY,coordZ,class\n1.2.3/4,0,0,0,1\n", r"is not a series uid"),
     ("seriesuid,coordX,coordY,coordZ,class\n", r"no candidate rows after the header"),
     ("", r"empty file; expected the header seriesuid,coordX,coordY,coordZ,class"),

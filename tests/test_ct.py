@@ -2,11 +2,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import make_uid, write_ct
 from p2ch import ct as ct_module
 from p2ch.ct import Ct, find_mhd, get_ct, read_mhd_header, series_index
 from p2ch.errors import CandidateOutsideCtError, DataFormatError, DataNotFoundError
 from p2ch.geometry import IrcTuple, XyzTuple, irc2xyz
+
+from conftest import make_uid, write_ct
 
 
 @pytest.fixture(autouse=True)
