@@ -1,0 +1,525 @@
+import concurrent.futures as cf
+import errno
+import multiprocessing
+import os
+import pickle
+import sqlite3
+from pathlib import Path
+
+import diskcache
+import numpy as np
+import pytest
+
+from p2ch import cache as cache_module
+from p2ch import ct as ct_module
+from p2ch.cache import (
+    BOOK_CHUNK_BYTES,
+    HEADER,
+    CacheDirError,
+    CacheFullError,
+    ChunkCache,
+    decode_chunk,
+    encode_chunk,
+    get_ct_raw_candidate,
+)
+from p2ch.candidates import clear_candidate_cache, get_candidate_arrays
+from p2ch.ct import Ct
+from p2ch.errors import CandidateOutsideCtError, ConfigError, DataFormatError, DataNotFoundError
+from p2ch.geometry import IrcTuple
+
+from conftest import make_uid, write_ct
+
+UID_A, UID_B = make_uid(1), make_uid(2)
+CHUNK_BYTES = 32 * 48 * 48 * 2
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state(monkeypatch):
+    ct_module.clear_series_index()
+    clear_candidate_cache()
+    monkeypatch.setattr(cache_module, "_DEFAULT_CACHES", {})
+    yield
+    ct_module.clear_series_index()
+    clear_candidate_cache()
+
+
+def candidates_of(root):
+    arrays = get_candidate_arrays(root)
+    return [(arrays.series_uid(k), tuple(arrays.center_xyz[k])) for k in range(len(arrays))]
+
+
+def direct(root, uid, center_xyz, width=(32, 48, 48)):
+    return Ct(uid, root).get_raw_candidate(center_xyz, width)
+
+
+def snapshot(cache: ChunkCache) -> dict:
+    """{key: stored value bytes} of the whole cache."""
+    dc = cache.diskcache
+    return {key: dc.get(key, retry=True) for key in dc}
+
+
+def shard_row(cache: ChunkCache, key: str):
+    """(shard db path, value file path) of the entry `key`."""
+    for db in sorted(cache.cache_dir.glob("[0-9][0-9][0-9]/cache.db")):
+        with sqlite3.connect(db) as con:
+            rows = con.execute("SELECT filename FROM Cache WHERE key = ?", (key,)).fetchall()
+        if rows:
+            return db, db.parent / rows[0][0]
+    raise AssertionError(f"{key} not stored")
+
+
+def value_files(cache_dir: Path) -> list[Path]:
+    return sorted(cache_dir.rglob("*.val"))
+
+
+def test_miss_then_hit_and_values_equal_direct_crop(tiny_root, tmp_path):
+    cache = ChunkCache(tmp_path / "cache", tiny_root)
+    items = candidates_of(tiny_root)
+    for uid, xyz in items:
+        chunk, center_irc = cache.get_ct_raw_candidate(uid, xyz)
+        expected, expected_irc = direct(tiny_root, uid, xyz)
+        assert chunk.dtype == np.int16 and chunk.shape == (32, 48, 48)
+        np.testing.assert_array_equal(chunk, expected)
+        assert center_irc == expected_irc and isinstance(center_irc, IrcTuple)
+    assert cache.stats() == {"hits": 0, "misses": 7, "corrupt": 0, "written": 7, "hit_rate": 0.0}
+    for uid, xyz in items:
+        chunk, center_irc = cache.get_ct_raw_candidate(uid, xyz)
+        expected, expected_irc = direct(tiny_root, uid, xyz)
+        np.testing.assert_array_equal(chunk, expected)
+        assert center_irc == expected_irc
+        assert chunk.flags.writeable and chunk.flags.c_contiguous and chunk.flags.owndata
+    stats = cache.stats()
+    assert (stats["hits"], stats["misses"], stats["written"], stats["hit_rate"]) == (7, 7, 7, 0.5)
+    cache.reset_stats()
+    assert cache.stats()["hits"] == 0
+    # Persisted: a new instance hits; float noise below 1 µm hits the same entry.
+    other = ChunkCache(tmp_path / "cache", tiny_root)
+    uid, (x, y, z) = items[0]
+    other.get_ct_raw_candidate(uid, (x + 1e-7, y - 1e-7, z), [32, 48, 48])
+    other.get_ct_raw_candidate(uid, np.array([x, y, z]), np.array([32, 48, 48]))
+    assert other.stats()["hits"] == 2 and other.stats()["misses"] == 0
+    assert len(other) == 7
+
+
+def test_other_widths_are_separate_entries(tiny_root, tmp_path):
+    cache = ChunkCache(tmp_path / "cache", tiny_root)
+    uid, xyz = candidates_of(tiny_root)[0]
+    small, _ = cache.get_ct_raw_candidate(uid, xyz, (4, 6, 8))
+    big, _ = cache.get_ct_raw_candidate(uid, xyz)
+    np.testing.assert_array_equal(small, direct(tiny_root, uid, xyz, (4, 6, 8))[0])
+    assert small.shape == (4, 6, 8) and big.shape == (32, 48, 48)
+    assert cache.stats()["misses"] == 2 and len(cache) == 2
+    assert cache.get_ct_raw_candidate(uid, xyz, (4, 6, 8))[0].shape == (4, 6, 8)
+
+
+def test_module_level_function_uses_env_cache_dir(tiny_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("P2CH_CACHE_DIR", str(tmp_path / "envcache"))
+    uid, xyz = candidates_of(tiny_root)[3]
+    chunk, _ = get_ct_raw_candidate(uid, xyz, data_root=tiny_root)
+    np.testing.assert_array_equal(chunk, direct(tiny_root, uid, xyz)[0])
+    again, _ = get_ct_raw_candidate(uid, xyz, data_root=tiny_root)
+    np.testing.assert_array_equal(again, chunk)
+    stats = cache_module.default_cache(None, tiny_root).stats()
+    assert (stats["hits"], stats["misses"]) == (1, 1)
+    assert (tmp_path / "envcache" / "p2ch-cache.json").is_file()
+    # An explicit cache_dir wins over the environment.
+    get_ct_raw_candidate(uid, xyz, cache_dir=tmp_path / "explicit", data_root=tiny_root)
+    assert len(ChunkCache(tmp_path / "explicit", tiny_root)) == 1
+
+
+def test_stored_value_is_int16_bytes_with_header(tiny_root, tmp_path):
+    cache = ChunkCache(tmp_path / "cache", tiny_root)
+    uid, xyz = candidates_of(tiny_root)[0]
+    chunk, center_irc = cache.get_ct_raw_candidate(uid, xyz)
+    key = cache.key(uid, xyz)
+    assert key.startswith(f"p2ch-chunk/v{cache_module.CACHE_FORMAT_VERSION}/32x48x48/{uid}/")
+    value = cache.diskcache.get(key)
+    assert type(value) is bytes and len(value) == HEADER.size + CHUNK_BYTES
+    decoded, decoded_irc = decode_chunk(value, (32, 48, 48))
+    np.testing.assert_array_equal(decoded, chunk)
+    assert decoded_irc == center_irc
+    np.testing.assert_array_equal(np.frombuffer(value[HEADER.size:], dtype="<i2").reshape(32, 48, 48), chunk)
+    # The value file holds exactly the voxels: half of the book's float32 chunk.
+    (file,) = value_files(cache.cache_dir)
+    assert file.stat().st_size == CHUNK_BYTES
+    assert file.stat().st_size / BOOK_CHUNK_BYTES <= 0.5
+    with pytest.raises(DataFormatError, match="damaged"):
+        decode_chunk(value[:-2])
+    with pytest.raises(DataFormatError, match="damaged"):
+        decode_chunk(value, (32, 48, 40))
+
+
+def test_invalidated_when_ct_file_is_rewritten(tiny_root, tmp_path):
+    cache = ChunkCache(tmp_path / "cache", tiny_root)
+    uid, xyz = candidates_of(tiny_root)[0]
+    old, _ = cache.get_ct_raw_candidate(uid, xyz)
+    old_key = cache.key(uid, xyz)
+    mhd = ct_module.find_mhd(uid, tiny_root)
+    hu = Ct(uid, tiny_root).hu.copy() + 7  # same size on disk, different voxels
+    write_ct(tiny_root, uid, hu, subset=0)
+    stat = mhd.with_suffix(".raw").stat()
+    os.utime(mhd.with_suffix(".raw"), ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    # The same process remembers the old identity until refresh(); a new cache (or process) does not.
+    fresh = ChunkCache(tmp_path / "cache", tiny_root)
+    ct_module.clear_series_index()
+    new, _ = fresh.get_ct_raw_candidate(uid, xyz)
+    assert fresh.stats()["misses"] == 1
+    np.testing.assert_array_equal(new, direct(tiny_root, uid, xyz)[0])
+    assert not np.array_equal(new, old)
+    assert fresh.key(uid, xyz) != old_key
+    cache.refresh()
+    again, _ = cache.get_ct_raw_candidate(uid, xyz)
+    np.testing.assert_array_equal(again, new)
+    assert cache.stats()["hits"] == 1
+    assert len(cache) == 2  # the old entry stays until prune
+    result = cache.prune()
+    assert (result.changed_ct, result.kept, result.removed) == (1, 1, 1)
+    assert len(cache) == 1 and old_key not in cache.diskcache
+
+
+def test_ct_loaded_before_a_rewrite_is_not_reused(tiny_root, tmp_path):
+    cache = ChunkCache(tmp_path / "cache", tiny_root)
+    items = candidates_of(tiny_root)
+    uid, xyz = items[0]
+    cache.get_ct_raw_candidate(uid, xyz)  # loads CT A into the cache's in-memory LRU
+    hu = Ct(uid, tiny_root).hu.copy() - 5
+    write_ct(tiny_root, uid, hu, subset=0)
+    raw = ct_module.find_mhd(uid, tiny_root).with_suffix(".raw")
+    os.utime(raw, ns=(raw.stat().st_atime_ns, raw.stat().st_mtime_ns + 10**9))
+    cache.refresh()
+    other_xyz = next(x for u, x in items[1:] if u == uid)
+    chunk, _ = cache.get_ct_raw_candidate(uid, other_xyz)
+    np.testing.assert_array_equal(chunk, direct(tiny_root, uid, other_xyz)[0])
+
+
+def test_format_version_bump_misses_and_prunes(tiny_root, tmp_path, monkeypatch):
+    items = candidates_of(tiny_root)
+    cache = ChunkCache(tmp_path / "cache", tiny_root)
+    for uid, xyz in items:
+        cache.get_ct_raw_candidate(uid, xyz)
+    monkeypatch.setattr(cache_module, "CACHE_FORMAT_VERSION", cache_module.CACHE_FORMAT_VERSION + 1)
+    bumped = ChunkCache(tmp_path / "cache", tiny_root)
+    for uid, xyz in items:
+        chunk, _ = bumped.get_ct_raw_candidate(uid, xyz)
+        np.testing.assert_array_equal(chunk, direct(tiny_root, uid, xyz)[0])
+    assert bumped.stats()["misses"] == 7 and bumped.stats()["corrupt"] == 0
+    assert len(bumped) == 14
+    result = bumped.prune()
+    assert (result.old_format, result.kept, result.changed_ct, result.missing_ct) == (7, 7, 0, 0)
+    assert len(bumped) == 7
+    prefix = f"p2ch-chunk/v{cache_module.CACHE_FORMAT_VERSION}/"
+    assert all(key.startswith(prefix) for key in bumped.diskcache)
+
+
+def test_prune_removes_only_stale_entries(tiny_root, tmp_path):
+    cache = ChunkCache(tmp_path / "cache", tiny_root)
+    items = candidates_of(tiny_root)
+    for uid, xyz in items:
+        cache.get_ct_raw_candidate(uid, xyz)
+    uid_b_items = [(u, x) for u, x in items if u == UID_B]
+    cache.get_ct_raw_candidate(UID_B, uid_b_items[0][1], (4, 6, 8))  # another width: kept
+    assert cache.prune() == cache_module.PruneResult(8, 0, 0, 0, 0)
+    before = snapshot(cache)
+    # Remove CT B from the data root: its 3 entries are stale; CT A's 5 stay untouched.
+    for path in (tiny_root / "subset1").iterdir():
+        path.unlink()
+    cache.refresh()
+    dry = cache.prune(dry_run=True)
+    assert (dry.missing_ct, dry.kept) == (3, 5) and len(cache) == 8
+    result = cache.prune()
+    assert (result.missing_ct, result.kept, result.changed_ct, result.old_format) == (3, 5, 0, 0)
+    after = snapshot(cache)
+    assert after == {k: v for k, v in before.items() if f"/{UID_B}/" not in k}
+    assert len(value_files(cache.cache_dir)) == 5
+
+
+def test_prune_refuses_an_empty_data_root(tiny_root, tmp_path):
+    cache = ChunkCache(tmp_path / "cache", tiny_root)
+    uid, xyz = candidates_of(tiny_root)[0]
+    cache.get_ct_raw_candidate(uid, xyz)
+    with pytest.raises(DataNotFoundError, match="refusing to prune"):
+        ChunkCache(tmp_path / "cache", tmp_path / "nothing").prune()
+    assert len(cache) == 1
+
+
+def _damage(cache, key, how):
+    db, file = shard_row(cache, key)
+    if how == "truncate":
+        file.write_bytes(file.read_bytes()[:1000])
+    elif how == "overwrite":
+        data = bytearray(file.read_bytes())
+        data[5000:5010] = b"\x01" * 10
+        file.write_bytes(bytes(data))
+    elif how == "delete-file":
+        file.unlink()
+    elif how == "header":
+        with sqlite3.connect(db) as con:
+            con.execute("UPDATE Cache SET value = ? WHERE key = ?", (b"garbage", key))
+    elif how == "shape":
+        with sqlite3.connect(db) as con:
+            (header,) = con.execute("SELECT value FROM Cache WHERE key = ?", (key,)).fetchone()
+            fields = list(HEADER.unpack(header))
+            fields[3] = 16
+            con.execute("UPDATE Cache SET value = ? WHERE key = ?", (HEADER.pack(*fields), key))
+
+
+@pytest.mark.parametrize("how", ["truncate", "overwrite", "delete-file", "header", "shape"])
+def test_damaged_value_is_recomputed_and_counted(tiny_root, tmp_path, how):
+    cache = ChunkCache(tmp_path / "cache", tiny_root)
+    uid, xyz = candidates_of(tiny_root)[0]
+    expected, expected_irc = cache.get_ct_raw_candidate(uid, xyz)
+    key = cache.key(uid, xyz)
+    _damage(cache, key, how)
+    reader = ChunkCache(tmp_path / "cache", tiny_root)
+    chunk, center_irc = reader.get_ct_raw_candidate(uid, xyz)
+    np.testing.assert_array_equal(chunk, expected)
+    assert center_irc == expected_irc
+    stats = reader.stats()
+    assert (stats["corrupt"], stats["misses"], stats["hits"], stats["written"]) == (1, 1, 0, 1)
+    chunk, _ = reader.get_ct_raw_candidate(uid, xyz)  # repaired: a clean hit now
+    np.testing.assert_array_equal(chunk, expected)
+    assert reader.stats()["hits"] == 1 and reader.stats()["corrupt"] == 1
+    decode_chunk(cache.diskcache.get(key), (32, 48, 48))
+
+
+def test_crc_check_can_be_turned_off(tiny_root, tmp_path):
+    cache = ChunkCache(tmp_path / "cache", tiny_root, verify=False)
+    uid, xyz = candidates_of(tiny_root)[0]
+    cache.get_ct_raw_candidate(uid, xyz)
+    _damage(cache, cache.key(uid, xyz), "overwrite")
+    chunk, _ = cache.get_ct_raw_candidate(uid, xyz)
+    assert cache.stats()["corrupt"] == 0 and chunk.reshape(-1)[2500] == 0x0101  # served as stored
+
+
+class _Trap:
+    """Unpickling this creates `path`: proof that something was unpickled."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickled_values_and_keys_are_never_unpickled(tiny_root, tmp_path):
+    cache = ChunkCache(tmp_path / "cache", tiny_root)
+    uid, xyz = candidates_of(tiny_root)[0]
+    expected, _ = direct(tiny_root, uid, xyz)
+    cache.get_ct_raw_candidate(*candidates_of(tiny_root)[1])  # creates the cache
+    key = cache.key(uid, xyz)
+    marker_value, marker_key = tmp_path / "value-unpickled", tmp_path / "key-unpickled"
+    # Someone writes pickles into our cache folder with stock diskcache (same shard layout).
+    stock = diskcache.FanoutCache(str(cache.cache_dir), shards=cache_module.DEFAULT_SHARDS)
+    stock.set(key, _Trap(marker_value), retry=True)
+    stock.set(_Trap(marker_key), b"x" * 10, retry=True)
+    stock.set("small-pickle", {"a": _Trap(marker_value)}, retry=True)
+    stock.close()
+    chunk, _ = cache.get_ct_raw_candidate(uid, xyz)
+    np.testing.assert_array_equal(chunk, expected)
+    assert cache.stats()["corrupt"] == 1
+    result = cache.prune()
+    assert result.foreign == 1 and result.old_format == 1  # "small-pickle" is not our key: deleted
+    assert not marker_value.exists() and not marker_key.exists()
+    # Our serialiser refuses to store anything but encoded chunk bytes.
+    with pytest.raises(TypeError, match="only encoded chunk bytes"):
+        cache.diskcache.set("k", {"a": 1}, retry=True)
+    with pytest.raises(TypeError, match="keys are str"):
+        cache.diskcache.set(("a", 1), b"x", retry=True)
+    with pytest.raises(ValueError, match="not an encoded chunk"):
+        cache.diskcache.set("k", b"x" * 100, retry=True)
+
+
+def test_compressed_entries(tiny_root, tmp_path):
+    packed = ChunkCache(tmp_path / "cache", tiny_root, compress_level=1)
+    items = candidates_of(tiny_root)
+    for uid, xyz in items[:4]:
+        chunk, center_irc = packed.get_ct_raw_candidate(uid, xyz)
+        np.testing.assert_array_equal(chunk, direct(tiny_root, uid, xyz)[0])
+    plain = ChunkCache(tmp_path / "cache", tiny_root)
+    for uid, xyz in items:
+        chunk, center_irc = plain.get_ct_raw_candidate(uid, xyz)
+        expected, expected_irc = direct(tiny_root, uid, xyz)
+        np.testing.assert_array_equal(chunk, expected)
+        assert center_irc == expected_irc and chunk.flags.writeable
+    assert plain.stats()["hits"] == 4 and plain.stats()["corrupt"] == 0
+    sizes = sorted(p.stat().st_size for p in value_files(plain.cache_dir))
+    assert sizes[0] < CHUNK_BYTES / 10 and sizes[-1] == CHUNK_BYTES  # tiny_root's CTs are flat
+
+
+def test_encode_rejects_other_dtypes():
+    with pytest.raises(DataFormatError, match="int16"):
+        encode_chunk(np.zeros((2, 2, 2), np.float32), (0, 0, 0))
+    value = encode_chunk(np.arange(8, dtype=np.int16).reshape(2, 2, 2), (1, -2, 3))
+    chunk, irc = decode_chunk(value)
+    assert chunk.tolist() == [[[0, 1], [2, 3]], [[4, 5], [6, 7]]] and irc == (1, -2, 3)
+
+
+def test_get_cached_and_missing_never_write(tiny_root, tmp_path):
+    cache = ChunkCache(tmp_path / "cache", tiny_root)
+    uid, xyz = candidates_of(tiny_root)[0]
+    assert cache.missing(uid, [xyz]).tolist() == [True]
+    assert not (tmp_path / "cache").exists() and len(cache) == 0 and cache.volume() == 0
+    assert cache.get_cached(uid, xyz) is None
+    assert len(cache) == 0
+    cache.get_ct_raw_candidate(uid, xyz)
+    chunk, _ = cache.get_cached(uid, xyz)
+    np.testing.assert_array_equal(chunk, direct(tiny_root, uid, xyz)[0])
+    assert cache.missing(uid, [xyz, (0.0, 0.0, 0.0)]).tolist() == [False, True]
+
+
+def test_fill_series_counts(tiny_root, tmp_path):
+    cache = ChunkCache(tmp_path / "cache", tiny_root)
+    centers = [x for u, x in candidates_of(tiny_root) if u == UID_A]
+    outside = (1000.0, 1000.0, 1000.0)
+    result = cache.fill_series(UID_A, [*centers, centers[0], outside])
+    assert (result.written, result.present, result.outside) == (5, 0, 1)
+    assert result.ct_bytes == 40 * 64 * 64 * 2
+    for xyz in centers:
+        np.testing.assert_array_equal(cache.get_cached(UID_A, xyz)[0], direct(tiny_root, UID_A, xyz)[0])
+    again = cache.fill_series(UID_A, centers)
+    assert (again.written, again.present, again.ct_bytes) == (0, 5, 0)  # nothing loaded
+
+
+def test_bad_input_errors(tiny_root, tmp_path):
+    cache = ChunkCache(tmp_path / "cache", tiny_root)
+    uid, xyz = candidates_of(tiny_root)[0]
+    with pytest.raises(DataNotFoundError, match=r"series 1\.2\.3 not found.*luna/subset\*"):
+        cache.get_ct_raw_candidate("1.2.3", xyz)
+    with pytest.raises(DataFormatError, match="invalid series_uid"):
+        cache.get_ct_raw_candidate("../../etc/passwd", xyz)
+    with pytest.raises(ConfigError, match="center_xyz"):
+        cache.get_ct_raw_candidate(uid, (float("nan"), 0.0, 0.0))
+    with pytest.raises(ConfigError, match="center_xyz"):
+        cache.get_ct_raw_candidate(uid, (1.0, 2.0))
+    with pytest.raises(ConfigError, match="width_irc"):
+        cache.get_ct_raw_candidate(uid, xyz, (32, 48))
+    with pytest.raises(ConfigError, match="width_irc"):
+        cache.get_ct_raw_candidate(uid, xyz, (32.5, 48, 48))
+    with pytest.raises(CandidateOutsideCtError):
+        cache.get_ct_raw_candidate(uid, (1000.0, 1000.0, 1000.0))
+    with pytest.raises(ConfigError, match="compress_level"):
+        ChunkCache(tmp_path / "c", tiny_root, compress_level=12)
+    assert cache.stats()["written"] == 0
+
+
+def test_unwritable_cache_dir(tiny_root, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cache = ChunkCache(blocker / "cache", tiny_root)
+    uid, xyz = candidates_of(tiny_root)[0]
+    with pytest.raises(CacheDirError, match=r"a-file/cache cannot be created or written.*P2CH_CACHE_DIR"):
+        cache.get_ct_raw_candidate(uid, xyz)
+
+
+def test_shard_count_is_fixed_when_the_cache_is_made(tiny_root, tmp_path):
+    items = candidates_of(tiny_root)
+    first = ChunkCache(tmp_path / "cache", tiny_root, shards=3)
+    for item in items:
+        first.get_ct_raw_candidate(*item)
+    assert len(list((tmp_path / "cache").glob("[0-9][0-9][0-9]"))) == 3
+    other = ChunkCache(tmp_path / "cache", tiny_root, shards=8)
+    for item in items:
+        other.get_ct_raw_candidate(*item)
+    assert other.stats()["hits"] == 7 and len(list((tmp_path / "cache").glob("[0-9][0-9][0-9]"))) == 3
+    with pytest.raises(ConfigError, match="shards"):
+        ChunkCache(tmp_path / "c", tiny_root, shards=0)
+
+
+def test_foreign_layout_file_is_a_clear_error(tiny_root, tmp_path):
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    (folder / "p2ch-cache.json").write_text("{not json")
+    os.utime(folder / "p2ch-cache.json", (1e9, 1e9))
+    with pytest.raises(CacheDirError, match=r"p2ch-cache\.json: not a p2ch chunk cache layout file"):
+        ChunkCache(folder, tiny_root).get_ct_raw_candidate(*candidates_of(tiny_root)[0])
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores permissions")
+def test_read_only_cache_dir(tiny_root, tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(CacheDirError, match="ro/cache cannot be created"):
+            ChunkCache(folder / "cache", tiny_root).get_ct_raw_candidate(*candidates_of(tiny_root)[0])
+    finally:
+        folder.chmod(0o700)
+
+
+def test_full_disk_is_a_clear_error_and_leaves_no_partial_file(tiny_root, tmp_path, monkeypatch):
+    cache = ChunkCache(tmp_path / "cache", tiny_root)
+    items = candidates_of(tiny_root)
+    cache.get_ct_raw_candidate(*items[0])
+    original = diskcache.Disk._write
+
+    def full(self, full_path, iterator, mode, encoding=None):
+        os.makedirs(os.path.dirname(full_path), exist_ok=True)
+        with open(full_path, mode) as f:
+            f.write(b"half a chunk")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(diskcache.Disk, "_write", full)
+    with pytest.raises(CacheFullError, match=r"cache .*/cache is full.*--cache-dir"):
+        cache.get_ct_raw_candidate(*items[1])
+    with pytest.raises(CacheFullError):
+        cache.fill_series(items[1][0], [items[1][1]])
+    monkeypatch.setattr(diskcache.Disk, "_write", original)
+    assert len(value_files(cache.cache_dir)) == 1 and len(cache) == 1
+    assert cache.get_ct_raw_candidate(*items[1])[0].shape == (32, 48, 48)
+
+
+def _read_in_child(cache, uid, xyz):
+    chunk, center_irc = cache.get_ct_raw_candidate(uid, xyz)
+    return chunk.tobytes(), tuple(center_irc), cache.stats(), os.getpid()
+
+
+_INHERITED = {}
+
+
+def _read_inherited(uid, xyz):
+    cache = _INHERITED["cache"]
+    parent_handle = _INHERITED["handle"]
+    chunk, _ = cache.get_ct_raw_candidate(uid, xyz)
+    return chunk.tobytes(), cache.stats(), cache.diskcache is not parent_handle
+
+
+def test_pickles_and_works_in_a_spawned_process(tiny_root, tmp_path):
+    cache = ChunkCache(tmp_path / "cache", tiny_root)
+    items = candidates_of(tiny_root)
+    cache.get_ct_raw_candidate(*items[0])  # opened and used in the parent
+    clone = pickle.loads(pickle.dumps(cache))
+    assert clone.stats()["misses"] == 0 and clone.cache_dir == cache.cache_dir
+    with cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        hit = pool.submit(_read_in_child, cache, *items[0]).result(timeout=60)
+        miss = pool.submit(_read_in_child, cache, *items[1]).result(timeout=60)
+    assert hit[0] == direct(tiny_root, *items[0])[0].tobytes() and hit[2]["hits"] == 1
+    expected, expected_irc = direct(tiny_root, *items[1])
+    assert miss[0] == expected.tobytes() and miss[1] == tuple(expected_irc)
+    assert hit[3] != os.getpid()
+    assert cache.get_cached(*items[1]) is not None  # written by the child
+    assert cache.stats()["hits"] == 0
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="no fork")
+def test_reopens_after_fork(tiny_root, tmp_path):
+    cache = ChunkCache(tmp_path / "cache", tiny_root)
+    items = candidates_of(tiny_root)
+    cache.get_ct_raw_candidate(*items[0])
+    _INHERITED.update(cache=cache, handle=cache.diskcache)
+    try:
+        with cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+            data, stats, reopened = pool.submit(_read_inherited, *items[0]).result(timeout=60)
+    finally:
+        _INHERITED.clear()
+    assert reopened and data == direct(tiny_root, *items[0])[0].tobytes()
+    assert (stats["hits"], stats["misses"]) == (1, 0)  # the child's own counters
+    assert cache.stats()["misses"] == 1 and cache.get_ct_raw_candidate(*items[0])[0].shape == (32, 48, 48)
+
+
+def test_clear(tiny_root, tmp_path):
+    cache = ChunkCache(tmp_path / "cache", tiny_root)
+    for item in candidates_of(tiny_root)[:3]:
+        cache.get_ct_raw_candidate(*item)
+    assert cache.clear() == 3
+    assert len(cache) == 0 and value_files(cache.cache_dir) == []
+    assert ChunkCache(tmp_path / "missing", tiny_root).clear() == 0

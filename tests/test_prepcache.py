@@ -1,0 +1,336 @@
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from p2ch import ct as ct_module
+from p2ch import prepcache
+from p2ch.cache import ChunkCache, decode_chunk
+from p2ch.candidates import clear_candidate_cache, get_candidate_arrays
+from p2ch.ct import Ct
+
+from conftest import ANNOTATIONS_HEADER, CANDIDATES_HEADER, make_uid, write_csv, write_ct
+
+REPO = Path(__file__).resolve().parents[1]
+UID_A, UID_B = make_uid(1), make_uid(2)
+N_CTS, PER_CT = 4, 15
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state():
+    ct_module.clear_series_index()
+    clear_candidate_cache()
+    yield
+    ct_module.clear_series_index()
+    clear_candidate_cache()
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    """4 CTs of random voxels (subset0 and subset1), 15 candidates each: 60 distinct chunks."""
+    root = tmp_path_factory.mktemp("luna")
+    rng = np.random.default_rng(3)
+    rows = []
+    for k in range(N_CTS):
+        uid = make_uid(10 + k)
+        shape = (40, 56, 60)
+        write_ct(root, uid, rng.integers(-1000, 1001, shape, dtype=np.int16), subset=k % 2,
+                 spacing_xyz=(0.8, 0.8, 1.5), origin_xyz=(-100.0, -90.0, 200.0))
+        for i, r, c in rng.permutation(np.indices(shape).reshape(3, -1).T)[:PER_CT]:
+            rows.append((uid, -100.0 + 0.8 * c, -90.0 + 0.8 * r, 200.0 + 1.5 * i, int(rng.random() < 0.2)))
+    write_csv(root / "candidates.csv", CANDIDATES_HEADER, rows)
+    write_csv(root / "annotations.csv", ANNOTATIONS_HEADER, [(make_uid(10), *rows[0][1:4], 5.0)])
+    return root
+
+
+def snapshot(cache_dir: Path, root: Path) -> dict:
+    cache = ChunkCache(cache_dir, root)
+    if not cache.exists():
+        return {}
+    dc = cache.diskcache
+    return {key: dc.get(key, retry=True) for key in dc}
+
+
+@pytest.fixture(scope="module")
+def reference(data_root, tmp_path_factory) -> dict:
+    """{key: value bytes} of a complete, uninterrupted in-process prefill."""
+    cache_dir = tmp_path_factory.mktemp("reference") / "cache"
+    assert prepcache.main(["--data-root", str(data_root), "--cache-dir", str(cache_dir),
+                           "--num-workers", "0", "--log-level", "WARNING"]) == 0
+    ct_module.clear_series_index()
+    clear_candidate_cache()
+    return snapshot(cache_dir, data_root)
+
+
+def args(root, cache_dir, *more):
+    return ["--data-root", str(root), "--cache-dir", str(cache_dir), "--log-level", "WARNING", *more]
+
+
+def value_files(cache_dir: Path) -> list[Path]:
+    return sorted(Path(cache_dir).rglob("*.val"))
+
+
+# A sitecustomize that slows every value write (in the command and in its worker processes) and
+# pauses halfway through each value file, so a kill lands mid-write.
+SLOW_SITE = textwrap.dedent("""
+    import os, signal, time
+    # A shell starts background jobs with SIGINT ignored, and Python keeps it so; the Ctrl-C test
+    # needs the normal handler even when pytest itself runs in the background.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    delay = float(os.environ.get("P2CH_TEST_WRITE_DELAY", "0"))
+    if delay:
+        import p2ch.cache as _cache
+        _write = _cache.ChunkDisk._write
+
+        def _slow_write(self, full_path, iterator, mode, encoding=None):
+            data = b"".join(bytes(part) for part in iterator)
+
+            def halves():
+                yield data[: len(data) // 2]
+                time.sleep(delay)
+                yield data[len(data) // 2 :]
+
+            return _write(self, full_path, halves(), mode, encoding)
+
+        _cache.ChunkDisk._write = _slow_write
+""")
+
+
+def start_prefill(tmp_path, root, cache_dir, delay, *more):
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(SLOW_SITE)
+    env = dict(os.environ, P2CH_TEST_WRITE_DELAY=str(delay),
+               PYTHONPATH=os.pathsep.join([str(site), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.Popen(
+        [sys.executable, "-m", "p2ch.prepcache", *args(root, cache_dir, *more)],
+        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+
+
+def wait_for_entries(cache_dir, root, proc, count, timeout=60.0) -> None:
+    reader = ChunkCache(cache_dir, root)
+    deadline = time.monotonic() + timeout
+    while len(reader) < count:
+        assert proc.poll() is None, f"prefill ended early: {proc.stderr.read().decode()}"
+        assert time.monotonic() < deadline, "prefill made no progress"
+        time.sleep(0.01)
+    assert proc.poll() is None, "prefill finished before it could be interrupted (machine too busy?)"
+
+
+def test_help_exits_zero(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        prepcache.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--num-workers", "--data-root", "--cache-dir", "--subsets", "--width-irc", "--clear",
+                 "--dry-run", "--force", "--prune", "--log-level"):
+        assert flag in out
+
+
+def test_reference_holds_every_chunk_cropped_correctly(data_root, reference):
+    arrays = get_candidate_arrays(data_root)
+    cache = ChunkCache(Path("unused"), data_root)
+    assert len(reference) == len(arrays) == N_CTS * PER_CT
+    for k in range(len(arrays)):
+        uid, xyz = arrays.series_uid(k), arrays.center_xyz[k]
+        chunk, center_irc = decode_chunk(reference[cache.key(uid, xyz)], (32, 48, 48))
+        expected, expected_irc = Ct(uid, data_root).get_raw_candidate(xyz)
+        np.testing.assert_array_equal(chunk, expected)
+        assert center_irc == expected_irc
+
+
+def test_rerun_writes_nothing(data_root, reference, tmp_path):
+    cache_dir = tmp_path / "cache"
+    assert prepcache.main(args(data_root, cache_dir, "--num-workers", "0")) == 0
+    files = {p: p.stat().st_mtime_ns for p in value_files(cache_dir)}
+    assert prepcache.main(args(data_root, cache_dir, "--num-workers", "0")) == 0
+    assert {p: p.stat().st_mtime_ns for p in value_files(cache_dir)} == files
+    assert snapshot(cache_dir, data_root) == reference
+    plan = prepcache.make_plan(ChunkCache(cache_dir, data_root))
+    assert (plan.chunks, plan.cached, plan.to_write, plan.cts_to_load) == (60, 60, 0, 0)
+
+
+def test_worker_processes_build_the_same_cache(data_root, reference, tmp_path):
+    cache_dir = tmp_path / "cache"
+    assert prepcache.main(args(data_root, cache_dir, "--num-workers", "2")) == 0
+    assert snapshot(cache_dir, data_root) == reference
+
+
+def test_dry_run_writes_nothing_and_counts(tiny_root, tmp_path):
+    cache_dir = tmp_path / "cache"
+    assert prepcache.main(args(tiny_root, cache_dir, "--dry-run")) == 0
+    assert not cache_dir.exists()
+    plan = prepcache.make_plan(ChunkCache(cache_dir, tiny_root))
+    per_chunk = 36 * 4096 + 300  # 32*48*48 int16 = exactly 36 blocks, plus the SQLite row
+    assert (plan.cts, plan.chunks, plan.cached, plan.to_write) == (2, 7, 0, 7)
+    assert plan.bytes_per_chunk == per_chunk and plan.bytes_to_write == 7 * per_chunk
+    assert plan.bytes_to_write < 7 * 32 * 48 * 48 * 4 * 0.52  # about half the book's float32
+    assert not cache_dir.exists()
+    assert prepcache.main(args(tiny_root, cache_dir, "--subsets", "1", "--num-workers", "0")) == 0
+    files = value_files(cache_dir)
+    assert prepcache.main(args(tiny_root, cache_dir, "--dry-run")) == 0
+    assert value_files(cache_dir) == files
+    plan = prepcache.make_plan(ChunkCache(cache_dir, tiny_root))
+    assert (plan.cts, plan.cts_to_load, plan.chunks, plan.cached, plan.to_write) == (2, 1, 7, 2, 5)
+    assert plan.bytes_to_write == 5 * per_chunk
+    assert plan.free_bytes is not None and plan.free_bytes > 0
+
+
+def test_full_luna16_estimate():
+    # 551,065 candidates.csv rows as int16 32x48x48 chunks: about 81 GB (the book's float32: 162 GB).
+    assert 80e9 < 551_065 * prepcache.chunk_disk_bytes((32, 48, 48)) < 84e9
+
+
+def test_subsets_restrict(tiny_root, tmp_path, capsys):
+    cache_dir = tmp_path / "cache"
+    assert prepcache.main(args(tiny_root, cache_dir, "--subsets", "1", "--num-workers", "0")) == 0
+    keys = list(ChunkCache(cache_dir, tiny_root).diskcache)
+    assert len(keys) == 2 and all(f"/{UID_B}/" in key for key in keys)
+    assert prepcache.main(args(tiny_root, cache_dir, "--subsets", "1", "4")) == 2
+    assert "subset4" in capsys.readouterr().err
+
+
+def test_refuses_when_the_estimate_exceeds_free_space(tiny_root, tmp_path, monkeypatch):
+    cache_dir = tmp_path / "cache"
+    monkeypatch.setattr(prepcache, "free_bytes", lambda path: 1_000_000)
+    assert prepcache.main(args(tiny_root, cache_dir, "--num-workers", "0")) == 2
+    assert len(ChunkCache(cache_dir, tiny_root)) == 0 and not cache_dir.exists()
+    assert prepcache.main(args(tiny_root, cache_dir, "--num-workers", "0", "--force")) == 0
+    assert len(ChunkCache(cache_dir, tiny_root)) == 7
+
+
+def test_clear_and_prune_flags(tiny_root, tmp_path):
+    cache_dir = tmp_path / "cache"
+    cache = ChunkCache(cache_dir, tiny_root)
+    assert prepcache.main(args(tiny_root, cache_dir, "--num-workers", "0")) == 0
+    assert prepcache.main(args(tiny_root, cache_dir, "--clear", "--dry-run")) == 0
+    assert len(cache) == 7
+    assert prepcache.main(args(tiny_root, cache_dir, "--prune")) == 0
+    assert len(cache) == 7
+    raw = ct_module.find_mhd(UID_B, tiny_root).with_suffix(".raw")
+    os.utime(raw, ns=(raw.stat().st_atime_ns, raw.stat().st_mtime_ns + 10**9))
+    assert prepcache.main(args(tiny_root, cache_dir, "--prune", "--dry-run")) == 0
+    assert len(cache) == 7
+    assert prepcache.main(args(tiny_root, cache_dir, "--prune")) == 0
+    assert len(cache) == 5
+    assert prepcache.main(args(tiny_root, cache_dir, "--clear", "--num-workers", "0")) == 0
+    assert len(cache) == 7 and len(value_files(cache_dir)) == 7
+
+
+def test_bad_input_exits_2(tiny_root, tmp_path, capsys):
+    cache_dir = tmp_path / "cache"
+    assert prepcache.main(args(tiny_root, cache_dir, "--num-workers", "-1")) == 2
+    assert prepcache.main(args(tiny_root, cache_dir, "--width-irc", "0", "48", "48")) == 2
+    assert prepcache.main(args(tmp_path / "nowhere", cache_dir)) == 2
+    err = capsys.readouterr().err
+    assert "--num-workers" in err and "--width-irc" in err and "nowhere" in err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert prepcache.main(args(tiny_root, blocker / "cache", "--num-workers", "0")) == 2
+    assert "a-file/cache" in capsys.readouterr().err
+
+
+def test_full_disk_stops_with_exit_2(tiny_root, tmp_path, monkeypatch, capsys):
+    import diskcache
+
+    def full(self, full_path, iterator, mode, encoding=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(diskcache.Disk, "_write", full)
+    cache_dir = tmp_path / "cache"
+    assert prepcache.main(args(tiny_root, cache_dir, "--num-workers", "0")) == 2
+    assert "is full" in capsys.readouterr().err
+    assert len(ChunkCache(cache_dir, tiny_root)) == 0
+
+
+def test_unreadable_ct_is_reported_and_the_others_cached(tiny_root, tmp_path):
+    raw = ct_module.find_mhd(UID_B, tiny_root).with_suffix(".raw")
+    raw.write_bytes(raw.read_bytes()[:100])
+    cache_dir = tmp_path / "cache"
+    assert prepcache.main(args(tiny_root, cache_dir, "--num-workers", "0")) == 2
+    keys = list(ChunkCache(cache_dir, tiny_root).diskcache)
+    assert len(keys) == 5 and all(f"/{UID_A}/" in key for key in keys)
+
+
+def test_sigkill_midway_then_resume_gives_the_identical_cache(data_root, reference, tmp_path):
+    cache_dir = tmp_path / "cache"
+    proc = start_prefill(tmp_path, data_root, cache_dir, 0.05, "--num-workers", "0")
+    try:
+        wait_for_entries(cache_dir, data_root, proc, 5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    partial = snapshot(cache_dir, data_root)
+    assert 5 <= len(partial) < len(reference)
+    assert all(reference[key] == value for key, value in partial.items())  # nothing half-written served
+    assert prepcache.main(args(data_root, cache_dir, "--num-workers", "0")) == 0
+    assert snapshot(cache_dir, data_root) == reference
+    reader = ChunkCache(cache_dir, data_root)
+    arrays = get_candidate_arrays(data_root)
+    for k in range(len(arrays)):
+        assert reader.get_cached(arrays.series_uid(k), arrays.center_xyz[k]) is not None
+    assert reader.stats()["corrupt"] == 0
+
+
+def test_ctrl_c_stops_workers_and_a_rerun_resumes(data_root, reference, tmp_path):
+    cache_dir = tmp_path / "cache"
+    proc = start_prefill(tmp_path, data_root, cache_dir, 0.05, "--num-workers", "1")
+    try:
+        wait_for_entries(cache_dir, data_root, proc, 3)
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=30) == 130, proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    reader = ChunkCache(cache_dir, data_root)
+    count = len(reader)
+    time.sleep(0.5)
+    assert len(reader) == count < len(reference)  # the worker stopped too
+    assert prepcache.main(args(data_root, cache_dir, "--num-workers", "0")) == 0
+    assert snapshot(cache_dir, data_root) == reference
+
+
+def test_two_prefills_at_once_agree(data_root, reference, tmp_path):
+    cache_dir = tmp_path / "cache"
+    procs = [start_prefill(tmp_path, data_root, cache_dir, 0.005, "--num-workers", "0") for _ in range(2)]
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
+    assert snapshot(cache_dir, data_root) == reference
+
+
+def test_reader_never_sees_a_wrong_chunk_while_a_prefill_writes(data_root, reference, tmp_path):
+    cache_dir = tmp_path / "cache"
+    arrays = get_candidate_arrays(data_root)
+    reader = ChunkCache(cache_dir, data_root)
+    expected = {}
+    for k in range(len(arrays)):
+        uid, xyz = arrays.series_uid(k), tuple(arrays.center_xyz[k])
+        expected[(uid, xyz)] = decode_chunk(reference[reader.key(uid, xyz)])
+    items = list(expected)
+    proc = start_prefill(tmp_path, data_root, cache_dir, 0.01, "--num-workers", "0")
+    rng = np.random.default_rng(0)
+    seen = reads = 0
+    try:
+        wait_for_entries(cache_dir, data_root, proc, 1)
+        while proc.poll() is None:
+            uid, xyz = items[rng.integers(len(items))]
+            found = reader.get_cached(uid, xyz)
+            reads += 1
+            if found is not None:
+                seen += 1
+                np.testing.assert_array_equal(found[0], expected[(uid, xyz)][0])
+                assert found[1] == expected[(uid, xyz)][1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=30) == 0
+    assert seen > 0 and reads > seen  # read both before and after entries appeared
+    assert reader.stats()["corrupt"] == 0
