@@ -1,0 +1,102 @@
+"""Checkpoints: plain dicts of tensors and plain values, written atomically, loaded weights-only.
+
+A checkpoint is what `torch.load(path, weights_only=True)` can read without executing code:
+model and optimizer state dicts, GradScaler state, RNG states as tensors, counters, the run's
+config as a dict of str/int/float/bool/list, and library versions. It is written to a temporary
+file in the same folder, flushed to disk, then renamed over the target, so a crash (or SIGKILL)
+mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from p2ch.errors import ConfigError, DataFormatError, DataNotFoundError
+
+CHECKPOINT_FORMAT = "p2ch-checkpoint-v1"
+LAST_NAME = "last.pt"
+BEST_NAME = "best.pt"
+
+
+def versions() -> dict[str, str]:
+    import numpy
+
+    from p2ch import __version__
+
+    return {"p2ch": str(__version__), "torch": str(torch.__version__), "numpy": str(numpy.__version__),
+            "python": platform.python_version()}
+
+
+def sha1_of(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> str:
+    """Write `state` (plus format tag and versions) to `path` atomically; return its SHA1."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": CHECKPOINT_FORMAT, "versions": versions(), **state}
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return sha1_of(path)
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, arch: str | None = None) -> dict[str, Any]:
+    """Load a p2ch checkpoint with `weights_only=True` (no code runs) onto the CPU.
+
+    With `arch`, refuse a checkpoint of another model architecture with a clear message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataNotFoundError(f"checkpoint {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for damaged or foreign files
+        raise DataFormatError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise DataFormatError(f"{path}: not a p2ch checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r})")
+    if arch is not None and state.get("arch") != arch:
+        raise ConfigError(
+            f"{path}: checkpoint is for model architecture {state.get('arch')!r}, this model is {arch!r}; "
+            "start a new run instead of --resume/--init-weights with it"
+        )
+    return state
+
+
+def find_latest(checkpoint_dir: str | os.PathLike[str], name: str = BEST_NAME) -> Path:
+    """The most recently written `name` (best.pt or last.pt) anywhere under `checkpoint_dir`."""
+    root = Path(checkpoint_dir)
+    found = sorted(root.rglob(name), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+    if not found:
+        raise DataNotFoundError(
+            f"no {name} under {root}; train first (python -m p2ch.training) or pass --checkpoint PATH"
+        )
+    return found[-1]

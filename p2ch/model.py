@@ -1,0 +1,169 @@
+"""`LunaModel`: the book's 3D CNN that tells nodule candidates from non-nodules.
+
+Layout (module names are part of the checkpoint format; keep them):
+
+    tail_batchnorm   BatchNorm3d(1) on the raw HU input, so the net sees normalised values
+    block1..block4   each (Conv3d 3×3×3, padding 1, + ReLU) twice, then MaxPool3d(2);
+                     channels 1 → 8 → 16 → 32 → 64
+    head_linear      Linear(1152 → 2) on the flattened (64, 2, 3, 3) features
+
+For a (1, 32, 48, 48) chunk that is 222,220 trainable parameters. `forward` returns the logits
+and their softmax. The model works under `torch.autocast` (bfloat16/float16), with
+`memory_format=torch.channels_last_3d` (the features are flattened with a reshape, which keeps
+the logical (C, D, H, W) order whatever the strides), and under `torch.compile`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from p2ch.errors import ConfigError, DataFormatError
+
+MODEL_ARCH = "LunaModel-v1"
+INPUT_SHAPE_IRC = (32, 48, 48)
+_POOLING = 2**4  # four MaxPool3d(2)
+
+# Wrappers that prefix state-dict keys without changing the architecture.
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+class LunaBlock(nn.Module):
+    """Two 3×3×3 convolutions with ReLU, then a 2×2×2 max-pool (halves each spatial axis)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=True)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv3d(out_channels, out_channels, kernel_size=3, padding=1, bias=True)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool3d(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu1(self.conv1(x))
+        x = self.relu2(self.conv2(x))
+        return self.maxpool(x)
+
+
+class LunaModel(nn.Module):
+    """The book's nodule classifier: input batch norm, four conv blocks, one linear layer.
+
+    in_channels: channels of the input chunk (1 for CT).
+    conv_channels: channels of the first block; each later block doubles them.
+    """
+
+    def __init__(self, in_channels: int = 1, conv_channels: int = 8):
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("conv_channels", conv_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"LunaModel: {name} is {value!r}; expected a positive int")
+        self.in_channels = in_channels
+        self.conv_channels = conv_channels
+        self.tail_batchnorm = nn.BatchNorm3d(in_channels)
+        self.block1 = LunaBlock(in_channels, conv_channels)
+        self.block2 = LunaBlock(conv_channels, conv_channels * 2)
+        self.block3 = LunaBlock(conv_channels * 2, conv_channels * 4)
+        self.block4 = LunaBlock(conv_channels * 4, conv_channels * 8)
+        spatial = math.prod(s // _POOLING for s in INPUT_SHAPE_IRC)
+        self.head_linear = nn.Linear(conv_channels * 8 * spatial, 2)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # Kaiming-normal weights scaled for the ReLUs that follow, counted on the outputs
+        # (fan_out); each bias drawn uniformly from ±1/sqrt(fan_out), i.e. small and centred on
+        # zero. Batch norm keeps its default (weight 1, bias 0).
+        for module in self.modules():
+            if isinstance(module, (nn.Conv3d, nn.Linear)):
+                nn.init.kaiming_normal_(module.weight, a=0, mode="fan_out", nonlinearity="relu")
+                if module.bias is not None:
+                    fan_out = module.weight.shape[0] * math.prod(module.weight.shape[2:])
+                    bound = 1.0 / math.sqrt(fan_out)
+                    nn.init.uniform_(module.bias, -bound, bound)
+
+    def _check_input(self, x: Any) -> None:
+        expected = f"(N, {self.in_channels}, {', '.join(str(s) for s in INPUT_SHAPE_IRC)})"
+        if not isinstance(x, torch.Tensor):
+            raise DataFormatError(f"LunaModel: input is a {type(x).__name__}; expected a tensor {expected}")
+        if x.ndim != 5:
+            hint = "; add the batch dimension with x.unsqueeze(0)" if x.ndim == 4 else ""
+            raise DataFormatError(f"LunaModel: input has shape {tuple(x.shape)}; expected {expected}{hint}")
+        if x.shape[1] != self.in_channels:
+            raise DataFormatError(f"LunaModel: input has {x.shape[1]} channels (shape {tuple(x.shape)}); "
+                                  f"expected {expected}")
+        if not x.is_floating_point():
+            raise DataFormatError(f"LunaModel: input has dtype {x.dtype}; expected a float tensor "
+                                  "(convert int16 chunks with .float() on the device)")
+        features = self.conv_channels * 8 * math.prod(int(s) // _POOLING for s in x.shape[2:])
+        if features != self.head_linear.in_features:
+            raise DataFormatError(
+                f"LunaModel: input has spatial shape {tuple(x.shape[2:])}, which gives {features} features "
+                f"after four 2× poolings; the head expects {self.head_linear.in_features}; "
+                f"crop chunks to {INPUT_SHAPE_IRC} (I, R, C)"
+            )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Classify a batch of chunks.
+
+        x: (N, 1, 32, 48, 48) float HU (any float dtype, contiguous or channels_last_3d).
+        Returns (logits, probabilities): both (N, 2), column 1 = nodule. Logits are in the
+            autocast dtype when autocast is on; probabilities (their softmax over dim 1) are
+            float32 (float64 for a float64 model and input).
+        """
+        self._check_input(x)
+        x = self.tail_batchnorm(x)
+        x = self.block1(x)
+        x = self.block2(x)
+        x = self.block3(x)
+        x = self.block4(x)
+        # flatten reshapes in logical order; a .view would fail on channels_last_3d strides.
+        logits = self.head_linear(torch.flatten(x, 1))
+        # Softmax in float32 even under autocast, so probabilities sum to 1 for the metrics.
+        return logits, F.softmax(logits, dim=1, dtype=torch.promote_types(logits.dtype, torch.float32))
+
+    def describe(self) -> dict[str, Any]:
+        """Plain description for logs and checkpoints: architecture, sizes, parameter count, signature."""
+        return {
+            "arch": MODEL_ARCH,
+            "in_channels": self.in_channels,
+            "conv_channels": self.conv_channels,
+            "input_shape": [self.in_channels, *INPUT_SHAPE_IRC],
+            "trainable_parameters": count_parameters(self),
+            "signature": arch_signature(self),
+        }
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters (buffers such as batch-norm running stats excluded)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def arch_signature(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """`MODEL_ARCH` plus a short hash of every state-dict key and tensor shape.
+
+    Two models whose weights can be loaded into each other have the same signature; a checkpoint
+    from another architecture (other layers, other widths) does not. The `_orig_mod.` prefix of
+    torch.compile and the `module.` prefix of DistributedDataParallel are ignored.
+    Returns e.g. 'LunaModel-v1:3f2a…' (16 hex digits).
+    """
+    if isinstance(model_or_state_dict, nn.Module):
+        state = model_or_state_dict.state_dict()
+    elif isinstance(model_or_state_dict, Mapping):
+        state = model_or_state_dict
+    else:
+        raise TypeError(f"arch_signature: got a {type(model_or_state_dict).__name__}; "
+                        "expected an nn.Module or a state dict")
+    lines = []
+    for key, value in state.items():
+        name = key
+        while name.startswith(_WRAPPER_PREFIXES):
+            name = name.split(".", 1)[1]
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+        lines.append(f"{name}:{','.join(str(s) for s in shape)}")
+    digest = hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()[:16]
+    return f"{MODEL_ARCH}:{digest}"

@@ -1,0 +1,81 @@
+import os
+
+import pytest
+import torch
+
+from p2ch.checkpoint import (
+    CHECKPOINT_FORMAT,
+    find_latest,
+    load_checkpoint,
+    save_checkpoint,
+    sha1_of,
+)
+from p2ch.errors import ConfigError, DataFormatError, DataNotFoundError
+
+
+def test_round_trip_weights_only(tmp_path):
+    path = tmp_path / "run" / "last.pt"
+    state = {"arch": "A", "model": {"w": torch.arange(4.0)}, "epoch": 3, "config": {"lr": 0.1, "x": [1, 2]}}
+    digest = save_checkpoint(state, path)
+    assert digest == sha1_of(path) and len(digest) == 40
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == CHECKPOINT_FORMAT and raw["versions"]["torch"] == torch.__version__
+    loaded = load_checkpoint(path, arch="A")
+    assert loaded["epoch"] == 3 and torch.equal(loaded["model"]["w"], torch.arange(4.0))
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"arch": "A", "epoch": 1}, path)
+    before = path.read_bytes()
+
+    def boom(obj, handle):
+        handle.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        save_checkpoint({"arch": "A", "epoch": 2}, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_refuses_other_architecture_and_foreign_files(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint({"arch": "LunaModel-v1"}, path)
+    with pytest.raises(ConfigError, match="architecture 'LunaModel-v1', this model is 'Other'"):
+        load_checkpoint(path, arch="Other")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(DataFormatError, match="not a p2ch checkpoint"):
+        load_checkpoint(foreign)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a zip")
+    with pytest.raises(DataFormatError, match="not a readable checkpoint"):
+        load_checkpoint(garbage)
+    with pytest.raises(DataNotFoundError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_pickled_code_is_not_executed(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "x": Evil()}, path)
+    with pytest.raises(DataFormatError):
+        load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_find_latest(tmp_path):
+    with pytest.raises(DataNotFoundError, match=r"no best\.pt under"):
+        find_latest(tmp_path)
+    old = tmp_path / "p" / "a" / "best.pt"
+    new = tmp_path / "p" / "b" / "best.pt"
+    save_checkpoint({}, old)
+    save_checkpoint({}, new)
+    os.utime(old, (1_000_000, 1_000_000))
+    assert find_latest(tmp_path) == new
