@@ -1,0 +1,755 @@
+"""Classification metrics for the training loop, and LUNA16's FROC / CPM score.
+
+Part 1 (torch): `confusion_counts`, `precision_recall_f1`, `roc_auc`, `average_precision`,
+`classification_summary`. They take the per-sample tensors an epoch leaves on its device,
+reduce them there with torch ops and move a handful of numbers to the host with one
+`.tolist()` per call, so a GPU epoch is not ended by thousands of tiny transfers.
+
+Part 2 (numpy / pandas): `match_predictions` and `froc`, LUNA16's evaluation of a set of
+scored candidate locations, following the challenge's evaluation page
+(luna16.grand-challenge.org/Evaluation) and its script `noduleCADEvaluationLIDC.py`:
+
+- A prediction hits an annotated nodule when its Euclidean distance to the nodule's centre is
+  strictly less than the radius: ``dx² + dy² + dz² < (diameter_mm / 2)²`` (mm). A point exactly
+  on the sphere is not a hit.
+- Several hits on one nodule count once, with the highest probability. A prediction within two
+  overlapping nodules counts for both (the script does the same, with a warning).
+- Predictions that hit no nodule but lie within a finding of `annotations_excluded.csv` are
+  ignored: neither hits nor false positives. Excluded findings with a negative diameter
+  (LUNA16 writes -1 where no size is known) get a 10 mm diameter, as in the script.
+- Every other prediction is a false positive. The FROC curve has one point per distinct
+  probability t (predictions with probability >= t kept): false positives / number of scans,
+  against detected nodules / all nodules; the point (0, 0) is prepended. Nodules that no
+  prediction hits count in the denominator, so sensitivity then never reaches 1.
+- The sensitivities at 1/8, 1/4, 1/2, 1, 2, 4 and 8 false positives per scan are read off the
+  curve by linear interpolation (`numpy.interp`, which is how the script turns the curve into
+  the one it plots); CPM is their mean.
+- The confidence interval comes from bootstrapping over scans: each bootstrap draws as many
+  scans as there are, with replacement, and recomputes the curve on the drawn scans' findings.
+  Bounds are the script's order statistics: sorted values v, lower v[floor(n·(1-c)/2)],
+  upper v[floor(n·(1+c)/2)].
+
+Where this module deliberately differs from the script: predictions that name a scan outside
+the evaluated set raise `DataFormatError` (the script silently drops them); the confidence
+interval is given for the CPM itself and for each of the seven sensitivities (the script gives
+pointwise bounds along the whole curve); the bootstrap is seeded (the script uses numpy's
+global, unseeded generator).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from p2ch.errors import ConfigError, DataFormatError
+
+# --------------------------------------------------------------------------------------------
+# Part 1: classification metrics on torch tensors
+# --------------------------------------------------------------------------------------------
+
+SUMMARY_KEYS = (
+    "loss/all", "loss/neg", "loss/pos",
+    "correct/all", "correct/neg", "correct/pos",
+    "pr/precision", "pr/recall", "pr/f1_score", "pr/auc", "pr/average_precision",
+    "count/all", "count/neg", "count/pos", "count/tp", "count/fp", "count/tn", "count/fn",
+)
+"""Keys of `classification_summary` (TensorBoard tags); the loss/* keys only when losses are given."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfusionCounts:
+    """Confusion-matrix counts of a binary classifier (positive = nodule)."""
+
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+
+    @property
+    def total(self) -> int:
+        return self.tp + self.fp + self.tn + self.fn
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else math.nan
+
+
+def precision_recall_f1(counts: ConfusionCounts) -> tuple[float, float, float]:
+    """(precision, recall, F1) from confusion counts; 0/0 gives nan, never ZeroDivisionError.
+
+    precision = tp / (tp + fp): nan when nothing is predicted positive.
+    recall = tp / (tp + fn): nan when there are no positives.
+    F1 = 2·tp / (2·tp + fp + fn), the harmonic mean of precision and recall where both are
+    defined and non-zero; 0 when tp is 0 but something was wrong, nan only when there are
+    neither positives nor positive predictions.
+    """
+    precision = _ratio(counts.tp, counts.tp + counts.fp)
+    recall = _ratio(counts.tp, counts.tp + counts.fn)
+    f1 = _ratio(2 * counts.tp, 2 * counts.tp + counts.fp + counts.fn)
+    return precision, recall, f1
+
+
+def _as_tensor(value: Any) -> torch.Tensor:
+    return value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+
+
+def _check_pair(labels: Any, values: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate shapes and dtypes (no device sync); return (labels as bool-able tensor, values)."""
+    labels, values = _as_tensor(labels), _as_tensor(values)
+    if labels.ndim != 1 or values.ndim != 1 or labels.shape[0] != values.shape[0]:
+        raise DataFormatError(
+            f"labels shape {tuple(labels.shape)} and {what} shape {tuple(values.shape)}: expected two 1-D "
+            "tensors of the same length N (one entry per sample)"
+        )
+    if labels.dtype.is_floating_point or labels.dtype.is_complex:
+        raise DataFormatError(f"labels dtype {labels.dtype}: expected bool or an integer dtype holding 0/1")
+    if not values.dtype.is_floating_point:
+        raise DataFormatError(f"{what} dtype {values.dtype}: expected a floating-point tensor")
+    if labels.device != values.device:
+        raise DataFormatError(
+            f"labels are on {labels.device} but {what} on {values.device}; put both on the same device"
+        )
+    if labels.device.type == "mps":  # no float64 on MPS; these reductions are cheap on the CPU
+        labels, values = labels.cpu(), values.cpu()
+    return labels, values
+
+
+def _bad_label_count(labels: torch.Tensor) -> torch.Tensor:
+    if labels.dtype == torch.bool:
+        return torch.zeros((), dtype=torch.int64, device=labels.device)
+    return ((labels != 0) & (labels != 1)).sum()
+
+
+def _raise_if_bad(bad_labels: float, bad_values: float, what: str) -> None:
+    if bad_labels:
+        raise DataFormatError(f"labels: {int(bad_labels)} value(s) other than 0 and 1; expected 0/1 labels")
+    if bad_values:
+        raise DataFormatError(f"{what}: {int(bad_values)} NaN or infinite value(s); expected finite numbers")
+
+
+def _confusion_terms(is_pos: torch.Tensor, prob_pos: torch.Tensor, threshold: float) -> list[torch.Tensor]:
+    pred_pos = prob_pos > threshold
+    tp = (is_pos & pred_pos).sum()
+    fp = (~is_pos & pred_pos).sum()
+    fn = (is_pos & ~pred_pos).sum()
+    tn = is_pos.numel() - tp - fp - fn
+    return [tp, fp, tn, fn]
+
+
+def _ranking_terms(is_pos: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From one descending sort: (twice the tie-averaged rank sum of the positives, int64, exact;
+    the sum over distinct thresholds of Δtp · precision, float64). AP = the second / positives."""
+    n = scores.shape[0]
+    sorted_scores, order = torch.sort(scores, descending=True)
+    _, counts = torch.unique_consecutive(sorted_scores, return_counts=True)
+    ends = torch.cumsum(counts, 0) - 1  # 0-based position of the last score of each run of ties
+    starts = ends - counts + 1
+    tp = torch.cumsum(is_pos[order].to(torch.int64), 0)[ends]
+    new_tp = torch.diff(tp, prepend=tp.new_zeros(1))
+    # Sorted position p has ascending rank n - p; a run of ties shares the mean rank n - (start + end) / 2.
+    rank_sum2 = (new_tp * (2 * n - starts - ends)).sum()
+    precision = tp.to(torch.float64) / (ends + 1).to(torch.float64)
+    return rank_sum2, (new_tp.to(torch.float64) * precision).sum()
+
+
+def _auc_from(rank_sum2: float, positives: int, negatives: int) -> float:
+    if positives == 0 or negatives == 0:
+        return math.nan
+    # Mann-Whitney U / (P·N), with U = rank sum of positives - P(P+1)/2; all terms doubled, exact.
+    return (round(rank_sum2) - positives * (positives + 1)) / (2 * positives * negatives)
+
+
+def confusion_counts(labels: torch.Tensor, prob_pos: torch.Tensor, threshold: float = 0.5) -> ConfusionCounts:
+    """Confusion counts for predictions `prob_pos > threshold` (the book's rule: <= threshold is negative).
+
+    labels: (N,) bool, or integer 0/1, on any device; 1/True = nodule.
+    prob_pos: (N,) float, the predicted probability of the positive class, same device.
+    Raises DataFormatError for mismatched shapes, non-binary labels or NaN probabilities.
+    """
+    labels, prob_pos = _check_pair(labels, prob_pos, "prob_pos")
+    is_pos = labels.to(torch.bool)
+    terms = [*_confusion_terms(is_pos, prob_pos, threshold), _bad_label_count(labels),
+             (~torch.isfinite(prob_pos)).sum()]
+    tp, fp, tn, fn, bad_labels, bad_probs = torch.stack(terms).tolist()
+    _raise_if_bad(bad_labels, bad_probs, "prob_pos")
+    return ConfusionCounts(tp=int(tp), fp=int(fp), tn=int(tn), fn=int(fn))
+
+
+def roc_auc(labels: torch.Tensor, scores: torch.Tensor) -> float:
+    """Exact area under the ROC curve (ties count one half: average ranks); nan with only one class.
+
+    labels: (N,) bool or integer 0/1. scores: (N,) float, higher = more likely positive; same device.
+    Equals the probability that a random positive scores above a random negative, plus half the
+    probability of a tie (the trapezoidal area under the ROC curve).
+    """
+    labels, scores = _check_pair(labels, scores, "scores")
+    is_pos = labels.to(torch.bool)
+    rank_sum2, _ = _ranking_terms(is_pos, scores)
+    terms = torch.stack([is_pos.sum(), rank_sum2, _bad_label_count(labels), (~torch.isfinite(scores)).sum()])
+    positives, rank_sum2, bad_labels, bad_scores = terms.tolist()
+    _raise_if_bad(bad_labels, bad_scores, "scores")
+    return _auc_from(rank_sum2, int(positives), int(labels.shape[0]) - int(positives))
+
+
+def average_precision(labels: torch.Tensor, scores: torch.Tensor) -> float:
+    """Average precision, scikit-learn's step-wise definition; nan when there are no positives.
+
+    AP = Σₖ (Rₖ - Rₖ₋₁)·Pₖ over the distinct score thresholds in descending order, Pₖ and Rₖ the
+    precision and recall of `scores >= thresholdₖ` (no interpolation; tied scores enter together).
+    labels: (N,) bool or integer 0/1. scores: (N,) float; same device.
+    """
+    labels, scores = _check_pair(labels, scores, "scores")
+    is_pos = labels.to(torch.bool)
+    _, ap_sum = _ranking_terms(is_pos, scores)
+    terms = [is_pos.sum(), ap_sum, _bad_label_count(labels), (~torch.isfinite(scores)).sum()]
+    positives, ap_sum, bad_labels, bad_scores = torch.stack([t.to(torch.float64) for t in terms]).tolist()
+    _raise_if_bad(bad_labels, bad_scores, "scores")
+    return ap_sum / positives if positives else math.nan
+
+
+def classification_summary(
+    labels: torch.Tensor,
+    prob_pos: torch.Tensor,
+    losses: torch.Tensor | None = None,
+    threshold: float = 0.5,
+) -> dict[str, float]:
+    """One epoch's metrics, keyed by TensorBoard tag (see `SUMMARY_KEYS`), with a single device sync.
+
+    labels: (N,) bool or integer 0/1. prob_pos: (N,) float probability of "nodule".
+    losses: (N,) float per-sample loss, or None (then the loss/* keys are left out).
+    All on the same device. Returns plain floats (counts as ints):
+    loss/all|neg|pos: mean loss over all / negative / positive samples (nan when none);
+    correct/all|neg|pos: percent classified correctly at `threshold` (nan when none);
+    pr/precision|recall|f1_score: see `precision_recall_f1`; pr/auc: `roc_auc`;
+    pr/average_precision: `average_precision`; count/all|neg|pos|tp|fp|tn|fn.
+    """
+    labels, prob_pos = _check_pair(labels, prob_pos, "prob_pos")
+    is_pos = labels.to(torch.bool)
+    terms = [*_confusion_terms(is_pos, prob_pos, threshold), *_ranking_terms(is_pos, prob_pos),
+             _bad_label_count(labels), (~torch.isfinite(prob_pos)).sum()]
+    if losses is not None:
+        losses = _as_tensor(losses)
+        if losses.shape != labels.shape or not losses.dtype.is_floating_point:
+            raise DataFormatError(
+                f"losses shape {tuple(losses.shape)} dtype {losses.dtype}: expected a float tensor of shape "
+                f"{tuple(labels.shape)}, one loss per sample"
+            )
+        losses = losses.to(device=labels.device, dtype=torch.float64)
+        terms += [losses.sum(), losses[~is_pos].sum(), losses[is_pos].sum(), (~torch.isfinite(losses)).sum()]
+    values = torch.stack([t.to(torch.float64) for t in terms]).tolist()
+    tp, fp, tn, fn = (int(v) for v in values[:4])
+    rank_sum2, ap_sum, bad_labels, bad_probs = values[4:8]
+    _raise_if_bad(bad_labels, bad_probs, "prob_pos")
+    counts = ConfusionCounts(tp=tp, fp=fp, tn=tn, fn=fn)
+    positives, negatives = tp + fn, tn + fp
+    total = positives + negatives
+    precision, recall, f1 = precision_recall_f1(counts)
+    summary: dict[str, float] = {}
+    if losses is not None:
+        loss_all, loss_neg, loss_pos, bad_losses = values[8:12]
+        if bad_losses:
+            raise DataFormatError(f"losses: {int(bad_losses)} NaN or infinite value(s); expected finite ones")
+        summary.update({
+            "loss/all": _ratio(loss_all, total),
+            "loss/neg": _ratio(loss_neg, negatives),
+            "loss/pos": _ratio(loss_pos, positives),
+        })
+    summary.update({
+        "correct/all": _ratio(100.0 * (tp + tn), total),
+        "correct/neg": _ratio(100.0 * tn, negatives),
+        "correct/pos": _ratio(100.0 * tp, positives),
+        "pr/precision": precision,
+        "pr/recall": recall,
+        "pr/f1_score": f1,
+        "pr/auc": _auc_from(rank_sum2, positives, negatives),
+        "pr/average_precision": _ratio(ap_sum, positives),
+        "count/all": total,
+        "count/neg": negatives,
+        "count/pos": positives,
+        "count/tp": tp,
+        "count/fp": fp,
+        "count/tn": tn,
+        "count/fn": fn,
+    })
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# Part 2: LUNA16 FROC and CPM
+# --------------------------------------------------------------------------------------------
+
+FROC_FPS_PER_SCAN = (0.125, 0.25, 0.5, 1, 2, 4, 8)
+"""False positives per scan at which LUNA16 reads the sensitivity; CPM is the mean of those."""
+
+PREDICTION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
+ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
+EXCLUDED_UNKNOWN_DIAMETER_MM = 10.0
+"""Diameter LUNA16's script gives excluded findings whose diameter_mm is negative (-1: unknown)."""
+
+_COORDS = ("coordX", "coordY", "coordZ")
+_BOOTSTRAP_BATCH_ELEMENTS = 4_000_000  # (bootstraps × findings) per batch: about 32 MB per array
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Table:
+    """A validated LUNA16 table: series (K,) str, center_xyz (K, 3) float64 mm, value (K,) float64."""
+
+    series: np.ndarray
+    center_xyz: np.ndarray
+    value: np.ndarray
+
+    def take(self, mask: np.ndarray) -> _Table:
+        return _Table(self.series[mask], self.center_xyz[mask], self.value[mask])
+
+
+def _show(value: Any) -> str:
+    """A cell value as a user reads it: 'nan', '1.5', "'abc'"."""
+    if isinstance(value, (float, np.floating, int, np.integer)) and not isinstance(value, bool):
+        return f"{float(value):g}"
+    return repr(value)
+
+
+def _read_table(frame: Any, name: str, columns: tuple[str, ...]) -> _Table:
+    if not isinstance(frame, pd.DataFrame):
+        raise DataFormatError(
+            f"{name}: got {type(frame).__name__}; expected a pandas DataFrame with the columns "
+            f"{','.join(columns)}"
+        )
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataFormatError(
+            f"{name}: missing column(s) {', '.join(missing)}; expected the LUNA16 header "
+            f"{','.join(columns)}, got {','.join(map(str, frame.columns))}"
+        )
+    raw_series = frame["seriesuid"]
+    series = raw_series.astype(str).str.strip()
+    bad = raw_series.isna().to_numpy() | (series == "").to_numpy()
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataFormatError(
+            f"{name}: row {row}: seriesuid is {_show(raw_series.iloc[row])}; expected a series uid"
+        )
+    numbers = []
+    for column in columns[1:]:
+        values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise DataFormatError(
+                f"{name}: row {row}: {column} is {_show(frame[column].iloc[row])}; expected a finite number"
+            )
+        numbers.append(values)
+    return _Table(
+        series=series.to_numpy(dtype=object),
+        center_xyz=np.stack(numbers[:3], axis=1).reshape(-1, 3),
+        value=numbers[3],
+    )
+
+
+def _read_predictions(predictions: Any) -> _Table:
+    return _read_table(predictions, "predictions", PREDICTION_COLUMNS)
+
+
+def _read_annotations(annotations: Any) -> _Table:
+    table = _read_table(annotations, "annotations", ANNOTATION_COLUMNS)
+    bad = table.value <= 0
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataFormatError(
+            f"annotations: row {row}: diameter_mm is {table.value[row]:g}; expected a positive diameter "
+            "in mm (findings of unknown size belong in annotations_excluded.csv)"
+        )
+    return table
+
+
+def _read_excluded(excluded: Any) -> _Table:
+    table = _read_table(excluded, "excluded", ANNOTATION_COLUMNS)
+    diameter = np.where(table.value < 0, EXCLUDED_UNKNOWN_DIAMETER_MM, table.value)
+    return dataclasses.replace(table, value=diameter)
+
+
+def _series_groups(
+    points: _Table, findings: _Table
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per series with both points and findings: (point rows, finding rows, squared distances (n, m) mm²)."""
+    if not len(points.series) or not len(findings.series):
+        return
+    codes, _ = pd.factorize(np.concatenate([points.series, findings.series]))
+    point_codes, finding_codes = codes[: len(points.series)], codes[len(points.series):]
+    point_order = np.argsort(point_codes, kind="stable")
+    point_sorted = point_codes[point_order]
+    finding_order = np.argsort(finding_codes, kind="stable")
+    finding_sorted = finding_codes[finding_order]
+    series_codes, finding_starts = np.unique(finding_sorted, return_index=True)
+    finding_ends = np.append(finding_starts[1:], len(finding_sorted))
+    point_starts = np.searchsorted(point_sorted, series_codes, side="left")
+    point_ends = np.searchsorted(point_sorted, series_codes, side="right")
+    for fs, fe, ps, pe in zip(finding_starts, finding_ends, point_starts, point_ends, strict=True):
+        if ps == pe:
+            continue
+        point_rows, finding_rows = point_order[ps:pe], finding_order[fs:fe]
+        delta = points.center_xyz[point_rows][:, None, :] - findings.center_xyz[finding_rows][None, :, :]
+        dx, dy, dz = delta[..., 0], delta[..., 1], delta[..., 2]
+        yield point_rows, finding_rows, dx * dx + dy * dy + dz * dz
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PredictionMatch:
+    """Which predictions hit which nodules, LUNA16's way (see the module docstring).
+
+    Row k of the prediction arrays is row k (by position) of the predictions table; row j of the
+    nodule arrays is row j of the annotations table.
+
+    nodule_index: (N,) int64, the annotation row a prediction hits (the nearest one when it lies
+        within several), -1 when it hits none.
+    is_excluded: (N,) bool, hits no nodule but lies within an excluded finding: ignored.
+    nodule_probability: (M,) float64, highest probability among a nodule's hits, nan if missed.
+    nodule_prediction: (M,) int64, the prediction row that gave it (first such row on ties), -1 if missed.
+    """
+
+    nodule_index: np.ndarray
+    is_excluded: np.ndarray
+    nodule_probability: np.ndarray
+    nodule_prediction: np.ndarray
+
+    @property
+    def is_hit(self) -> np.ndarray:
+        """(N,) bool: the prediction lies within at least one annotated nodule."""
+        return self.nodule_index >= 0
+
+    @property
+    def is_false_positive(self) -> np.ndarray:
+        """(N,) bool: neither a hit nor on an excluded finding."""
+        return (self.nodule_index < 0) & ~self.is_excluded
+
+    @property
+    def is_detected(self) -> np.ndarray:
+        """(M,) bool: at least one prediction hits the nodule."""
+        return self.nodule_prediction >= 0
+
+
+def _match(predictions: _Table, annotations: _Table, excluded: _Table | None) -> PredictionMatch:
+    count, nodules = len(predictions.series), len(annotations.series)
+    nodule_index = np.full(count, -1, dtype=np.int64)
+    nodule_probability = np.full(nodules, np.nan)
+    nodule_prediction = np.full(nodules, -1, dtype=np.int64)
+    radius2 = (annotations.value / 2.0) ** 2
+    for point_rows, nodule_rows, dist2 in _series_groups(predictions, annotations):
+        hit = dist2 < radius2[nodule_rows][None, :]
+        if not hit.any():
+            continue
+        masked = np.where(hit, dist2, np.inf)
+        nearest = masked.argmin(axis=1)
+        hits_any = hit.any(axis=1)
+        nodule_index[point_rows[hits_any]] = nodule_rows[nearest[hits_any]]
+        probs = np.where(hit, predictions.value[point_rows][:, None], -np.inf)
+        best = probs.argmax(axis=0)
+        detected = hit.any(axis=0)
+        nodule_probability[nodule_rows[detected]] = probs[best[detected], np.flatnonzero(detected)]
+        nodule_prediction[nodule_rows[detected]] = point_rows[best[detected]]
+    is_excluded = np.zeros(count, dtype=bool)
+    if excluded is not None:
+        excluded_radius2 = (excluded.value / 2.0) ** 2
+        for point_rows, finding_rows, dist2 in _series_groups(predictions, excluded):
+            within = (dist2 < excluded_radius2[finding_rows][None, :]).any(axis=1)
+            is_excluded[point_rows[within]] = True
+        is_excluded &= nodule_index < 0
+    return PredictionMatch(nodule_index, is_excluded, nodule_probability, nodule_prediction)
+
+
+def match_predictions(
+    predictions: pd.DataFrame, annotations: pd.DataFrame, excluded: pd.DataFrame | None = None
+) -> PredictionMatch:
+    """Match scored predictions to annotated nodules and excluded findings by LUNA16's hit rule.
+
+    predictions: seriesuid, coordX, coordY, coordZ (mm), probability. annotations: seriesuid,
+    coordX, coordY, coordZ (mm), diameter_mm > 0. excluded: LUNA16's `annotations_excluded.csv`
+    columns (diameter_mm < 0 means 10 mm), or None. Only rows of the same seriesuid are compared.
+    Raises DataFormatError for missing columns, blank series uids, non-finite numbers or a
+    non-positive annotation diameter.
+    """
+    return _match(
+        _read_predictions(predictions),
+        _read_annotations(annotations),
+        None if excluded is None else _read_excluded(excluded),
+    )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FrocResult:
+    """LUNA16's FROC analysis of one set of predictions.
+
+    cpm: mean sensitivity at `FROC_FPS_PER_SCAN` (nan without nodules).
+    sensitivities: {false positives per scan: sensitivity} at those seven points.
+    cpm_ci, sensitivities_ci: bootstrap confidence intervals (nan, nan when bootstrap is 0).
+    fps_per_scan, sensitivity, thresholds: (K,) float64, the FROC curve: at threshold t (keep
+        predictions with probability >= t) the false positives per scan and the fraction of
+        nodules detected; the first point is (0, 0) at threshold +inf.
+    num_scans: scans evaluated (the FP divisor). num_nodules: annotated nodules on them.
+    num_predictions: predictions given. num_hits: predictions within a nodule.
+    num_detected: nodules hit at least once. num_excluded_predictions: predictions ignored
+    because they lie on an excluded finding. num_false_positives: the rest.
+    """
+
+    cpm: float
+    sensitivities: dict[float, float]
+    cpm_ci: tuple[float, float]
+    sensitivities_ci: dict[float, tuple[float, float]]
+    fps_per_scan: np.ndarray
+    sensitivity: np.ndarray
+    thresholds: np.ndarray
+    num_scans: int
+    num_nodules: int
+    num_predictions: int
+    num_hits: int
+    num_detected: int
+    num_excluded_predictions: int
+    num_false_positives: int
+    bootstrap: int
+    confidence: float
+    seed: int
+
+    def to_dict(self, include_curve: bool = True) -> dict[str, Any]:
+        """Plain JSON-serialisable dict (nan and ±inf become None; FP rates as keys like "0.125")."""
+
+        def number(value: float) -> float | None:
+            value = float(value)
+            return value if math.isfinite(value) else None
+
+        result: dict[str, Any] = {
+            "cpm": number(self.cpm),
+            "cpm_ci": [number(v) for v in self.cpm_ci],
+            "sensitivities": {f"{fp:g}": number(v) for fp, v in self.sensitivities.items()},
+            "sensitivities_ci": {
+                f"{fp:g}": [number(v) for v in ci] for fp, ci in self.sensitivities_ci.items()
+            },
+            "num_scans": self.num_scans,
+            "num_nodules": self.num_nodules,
+            "num_predictions": self.num_predictions,
+            "num_hits": self.num_hits,
+            "num_detected": self.num_detected,
+            "num_excluded_predictions": self.num_excluded_predictions,
+            "num_false_positives": self.num_false_positives,
+            "bootstrap": self.bootstrap,
+            "confidence": self.confidence,
+            "seed": self.seed,
+        }
+        if include_curve:
+            result["curve"] = {
+                "fps_per_scan": [number(v) for v in self.fps_per_scan],
+                "sensitivity": [number(v) for v in self.sensitivity],
+                "thresholds": [number(v) for v in self.thresholds],
+            }
+        return result
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _FrocEntries:
+    """What the FROC curve is built from, sorted by probability, highest first.
+
+    scan: (E,) int64 scan index of each entry (a detected nodule or a false positive).
+    is_nodule: (E,) bool. probability: (E,) float64 (a nodule's highest hit probability).
+    ends: (G,) int64, last entry of each run of equal probabilities (one curve point each).
+    nodules_per_scan: (S,) int64, all nodules of each scan, detected or not.
+    """
+
+    scan: np.ndarray
+    is_nodule: np.ndarray
+    probability: np.ndarray
+    ends: np.ndarray
+    nodules_per_scan: np.ndarray
+
+    @property
+    def num_scans(self) -> int:
+        return len(self.nodules_per_scan)
+
+
+def _froc_entries(scan: np.ndarray, is_nodule: np.ndarray, probability: np.ndarray,
+                  nodules_per_scan: np.ndarray) -> _FrocEntries:
+    order = np.argsort(-probability, kind="stable")
+    probability = probability[order]
+    ends = np.zeros(0, dtype=np.int64)
+    if len(probability):
+        ends = np.flatnonzero(np.append(probability[1:] != probability[:-1], True))
+    return _FrocEntries(scan[order], is_nodule[order], probability, ends, nodules_per_scan)
+
+
+def _froc_curve(entries: _FrocEntries) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fps_per_scan, sensitivity, thresholds), each (G + 1,) float64, starting at (0, 0, +inf)."""
+    tp = np.cumsum(entries.is_nodule, dtype=np.int64)[entries.ends]
+    fp = entries.ends + 1 - tp
+    total = int(entries.nodules_per_scan.sum())
+    fps = np.concatenate([[0.0], fp / entries.num_scans])
+    sensitivity = np.concatenate([[0.0], tp / total]) if total else np.full(len(fps), np.nan)
+    thresholds = np.concatenate([[np.inf], entries.probability[entries.ends]])
+    return fps, sensitivity, thresholds
+
+
+def _sensitivities_at(fps: np.ndarray, sensitivity: np.ndarray) -> np.ndarray:
+    """(7,) float64: the curve read at FROC_FPS_PER_SCAN by linear interpolation (numpy.interp)."""
+    return np.interp(np.asarray(FROC_FPS_PER_SCAN, dtype=np.float64), fps, sensitivity)
+
+
+def _weighted_sensitivities(entries: _FrocEntries, weights: np.ndarray) -> np.ndarray:
+    """(B, 7) float64: sensitivities at FROC_FPS_PER_SCAN when scan s appears weights[b, s] times.
+
+    weights: (B, S) int, multiplicity of each scan in each resample (a row of ones is the
+    original data). A resample with no nodules gives nan.
+    """
+    count, scans = weights.shape
+    out = np.full((count, len(FROC_FPS_PER_SCAN)), np.nan)
+    weights = weights.astype(np.int64)
+    total = weights @ entries.nodules_per_scan
+    # Detected nodules are few: count them over their own entries, and all entries in one pass.
+    nodule_entries = np.flatnonzero(entries.is_nodule)
+    nodule_scan = entries.scan[nodule_entries]
+    nodules_up_to_end = np.searchsorted(nodule_entries, entries.ends, side="right")
+    batch = max(1, _BOOTSTRAP_BATCH_ELEMENTS // max(1, len(entries.scan)))
+    zero = np.zeros(1)
+    for start in range(0, count, batch):
+        w = weights[start:start + batch]
+        kept = np.cumsum(w[:, entries.scan], axis=1)[:, entries.ends]  # (b, G) entries >= threshold
+        tp = np.concatenate([np.zeros((len(w), 1), np.int64), np.cumsum(w[:, nodule_scan], axis=1)], axis=1)
+        tp = tp[:, nodules_up_to_end]
+        fp = kept - tp
+        for row in range(w.shape[0]):
+            nodules = total[start + row]
+            if nodules == 0:
+                continue
+            out[start + row] = _sensitivities_at(
+                np.concatenate([zero, fp[row] / scans]), np.concatenate([zero, tp[row] / nodules]))
+    return out
+
+
+def _interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    """LUNA16's bootstrap bounds: sorted v, v[floor(n·(1-c)/2)] and v[floor(n·(1+c)/2)]; nan ignored."""
+    values = np.sort(values[~np.isnan(values)])
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    tail = (1.0 - confidence) / 2.0
+    lower = values[min(math.floor(tail * n), n - 1)]
+    upper = values[min(math.floor((1.0 - tail) * n), n - 1)]
+    return float(lower), float(upper)
+
+
+def _bootstrap_weights(scans: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """(count, scans) int64: how often each scan is drawn in each resample (scans draws with replacement)."""
+    draws = rng.integers(0, scans, size=(count, scans))
+    flat = draws + np.arange(count)[:, None] * scans
+    return np.bincount(flat.ravel(), minlength=count * scans).reshape(count, scans)
+
+
+def _scan_uids(series_uids: Sequence[str] | None, predictions: _Table, annotations: _Table) -> pd.Index:
+    if series_uids is None:
+        uids = sorted(set(predictions.series) | set(annotations.series))
+    else:
+        if isinstance(series_uids, str):
+            raise ConfigError("series_uids is a single string; expected a sequence of series uids")
+        uids = [str(uid).strip() for uid in series_uids]
+    index = pd.Index(uids)
+    if index.has_duplicates:
+        duplicated = index[index.duplicated()].unique()
+        raise DataFormatError(
+            f"series_uids: {len(duplicated)} uid(s) listed more than once (first {duplicated[0]}); "
+            "list each evaluated scan once"
+        )
+    if len(index) == 0:
+        raise DataFormatError(
+            "no scans to evaluate: series_uids is empty and there are no predictions or annotations; "
+            "pass the series uids of the evaluated scans"
+        )
+    return index
+
+
+def froc(
+    predictions: pd.DataFrame,
+    annotations: pd.DataFrame,
+    excluded: pd.DataFrame | None = None,
+    series_uids: Sequence[str] | None = None,
+    *,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> FrocResult:
+    """LUNA16's FROC curve, CPM and bootstrap confidence interval (rules: module docstring).
+
+    predictions: DataFrame seriesuid, coordX, coordY, coordZ (mm), probability (any finite
+        number, higher = more suspicious); one row per scored candidate location.
+    annotations: DataFrame seriesuid, coordX, coordY, coordZ (mm), diameter_mm > 0 (annotations.csv).
+    excluded: DataFrame with the same columns (annotations_excluded.csv; diameter_mm -1 = 10 mm), or None.
+    series_uids: the scans evaluated; false positives are averaged over all of them, including
+        scans without nodules or without predictions. None means the union of the series named in
+        predictions and annotations, which misses scans that have neither: pass the list (LUNA16:
+        all 888) to get LUNA16's figure. Annotations and excluded findings on other scans are
+        ignored, as in LUNA16's script; predictions on other scans raise DataFormatError.
+    bootstrap: number of resamples of the scans for the confidence interval (0: none).
+    seed: seeds the resampling, so the interval is reproducible. confidence: e.g. 0.95.
+    """
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, (int, np.integer)) or bootstrap < 0:
+        raise ConfigError(f"bootstrap is {bootstrap!r}; expected a whole number >= 0 (0 turns it off)")
+    if not 0.0 < confidence < 1.0:
+        raise ConfigError(f"confidence is {confidence!r}; expected a number between 0 and 1, like 0.95")
+    pred = _read_predictions(predictions)
+    ann = _read_annotations(annotations)
+    exc = None if excluded is None else _read_excluded(excluded)
+    uids = _scan_uids(series_uids, pred, ann)
+    pred_scan = uids.get_indexer(pred.series)
+    unknown = pred_scan < 0
+    if unknown.any():
+        names = pd.unique(pred.series[unknown])
+        raise DataFormatError(
+            f"predictions: {int(unknown.sum())} row(s) on {len(names)} series not among the {len(uids)} "
+            f"evaluated scans (first {names[0]}, row {int(np.flatnonzero(unknown)[0])}); add the series to "
+            "series_uids or drop those predictions"
+        )
+    ann_scan = uids.get_indexer(ann.series)
+    ann = ann.take(ann_scan >= 0)
+    ann_scan = ann_scan[ann_scan >= 0]
+    if exc is not None:
+        exc = exc.take(uids.get_indexer(exc.series) >= 0)
+    match = _match(pred, ann, exc)
+
+    detected = match.is_detected
+    false_positive = match.is_false_positive
+    entries = _froc_entries(
+        scan=np.concatenate([ann_scan[detected], pred_scan[false_positive]]).astype(np.int64),
+        is_nodule=np.repeat([True, False], [int(detected.sum()), int(false_positive.sum())]),
+        probability=np.concatenate([match.nodule_probability[detected], pred.value[false_positive]]),
+        nodules_per_scan=np.bincount(ann_scan, minlength=len(uids)).astype(np.int64),
+    )
+    fps, sensitivity, thresholds = _froc_curve(entries)
+    at_points = _sensitivities_at(fps, sensitivity)
+    cpm = float(np.mean(at_points))
+    cpm_ci: tuple[float, float] = (math.nan, math.nan)
+    points_ci = [(math.nan, math.nan)] * len(FROC_FPS_PER_SCAN)
+    if bootstrap and len(ann_scan):
+        weights = _bootstrap_weights(len(uids), int(bootstrap), np.random.default_rng(seed))
+        resampled = _weighted_sensitivities(entries, weights)
+        cpm_ci = _interval(resampled.mean(axis=1), confidence)
+        points_ci = [_interval(resampled[:, k], confidence) for k in range(len(FROC_FPS_PER_SCAN))]
+    return FrocResult(
+        cpm=cpm,
+        sensitivities={fp: float(s) for fp, s in zip(FROC_FPS_PER_SCAN, at_points, strict=True)},
+        cpm_ci=cpm_ci,
+        sensitivities_ci=dict(zip(FROC_FPS_PER_SCAN, points_ci, strict=True)),
+        fps_per_scan=fps,
+        sensitivity=sensitivity,
+        thresholds=thresholds,
+        num_scans=len(uids),
+        num_nodules=len(ann_scan),
+        num_predictions=len(pred.series),
+        num_hits=int(match.is_hit.sum()),
+        num_detected=int(detected.sum()),
+        num_excluded_predictions=int(match.is_excluded.sum()),
+        num_false_positives=int(false_positive.sum()),
+        bootstrap=int(bootstrap),
+        confidence=float(confidence),
+        seed=int(seed),
+    )
