@@ -32,6 +32,10 @@ clean() { sed -e '1s/^\xEF\xBB\xBF//' -e 's/\r$//' "$1"; }
 
 section() { printf '\n== %s\n' "$1"; }
 
+# The first N lines. Unlike `head`, it reads its input to the end: with pipefail, a writer
+# killed by SIGPIPE after head exits would fail the whole script on large files.
+first() { awk -v n="$1" 'NR <= n'; }
+
 section "CT files in $root"
 printf '%-10s %6s %6s %10s\n' subset mhd raw size
 for dir in "${subsets[@]}"; do
@@ -51,14 +55,16 @@ annotations="$root/annotations.csv"
 
 section "CSV files (data rows, excluding the header)"
 for csv in "$root"/*.csv; do
-  rows=$(clean "$csv" | awk 'NR > 1 && NF' | wc -l)
+  skip=1
+  if [ "$(basename "$csv")" = seriesuids.csv ]; then skip=0; fi  # LUNA16's seriesuids.csv has no header
+  rows=$(clean "$csv" | awk -v skip="$skip" 'NR > skip && NF' | wc -l)
   printf '%-28s %9d\n' "$(basename "$csv")" "$rows"
 done
 
 for csv in "$annotations" "$candidates"; do
   if [ -n "$csv" ] && [ -f "$csv" ]; then
     section "first rows of $(basename "$csv")"
-    clean "$csv" | head -n 4
+    clean "$csv" | first 4
   fi
 done
 
@@ -72,7 +78,7 @@ if [ -n "$candidates" ]; then
     }'
 
   section "candidates per series (top 10)"
-  clean "$candidates" | awk -F, 'NR > 1 && NF { print $1 }' | sort | uniq -c | sort -k1,1nr -k2 | head -n 10
+  clean "$candidates" | awk -F, 'NR > 1 && NF { print $1 }' | sort | uniq -c | sort -k1,1nr -k2 | first 10
   clean "$candidates" | awk -F, 'NR > 1 && NF { print $1 }' | sort -u | wc -l | awk '{ print "series with candidates: " $1 }'
 else
   echo "no candidates.csv or candidates_V2.csv in $root" >&2
@@ -112,5 +118,5 @@ for csv in "$candidates" "$annotations"; do
 done | sort -u > "$named"
 missing=$(comm -23 "$named" "$on_disk" | wc -l)
 echo "named in CSVs: $(wc -l < "$named")  on disk: $(wc -l < "$on_disk")  missing on disk: $missing"
-comm -23 "$named" "$on_disk" | head -n 5 | sed 's/^/  /'
+comm -23 "$named" "$on_disk" | first 5 | sed 's/^/  /'
 if [ "$missing" -gt 5 ]; then echo "  … and $((missing - 5)) more (download the other subsets to use them)"; fi

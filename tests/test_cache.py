@@ -523,3 +523,11 @@ def test_clear(tiny_root, tmp_path):
     assert cache.clear() == 3
     assert len(cache) == 0 and value_files(cache.cache_dir) == []
     assert ChunkCache(tmp_path / "missing", tiny_root).clear() == 0
+
+
+def test_cache_dir_that_cannot_be_created(tiny_root, tmp_path):
+    """Runs as root too (where permission bits are ignored): the parent is a regular file."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    with pytest.raises(CacheDirError, match="not-a-folder/cache cannot be created"):
+        ChunkCache(blocker / "cache", tiny_root).get_ct_raw_candidate(*candidates_of(tiny_root)[0])

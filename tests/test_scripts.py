@@ -60,3 +60,30 @@ def test_explore_empty_or_missing_root(tmp_path):
     result = run(REPO / "scripts/explore_data.sh", tmp_path / "nope")
     assert result.returncode == 1 and "does not exist" in result.stderr
     assert run(REPO / "scripts/explore_data.sh", "a", "b").returncode == 2
+
+
+def test_explore_large_csv_no_sigpipe(tiny_root):
+    """`head` on a large CSV under pipefail killed the writer with SIGPIPE (exit 141)."""
+    csv = tiny_root / "candidates.csv"
+    header, *rows = csv.read_text().splitlines()
+    csv.write_text("\n".join([header, *(rows * 8000)]) + "\n")  # about 56,000 rows, several MB
+    result = run(REPO / "scripts/explore_data.sh", tiny_root)
+    assert result.returncode == 0, result.stderr
+    assert _value(result.stdout, "positive (class 1):") == str(3 * 8000)
+
+
+def test_quickstart_tiny(tmp_path):
+    """The README's first command, minus set-up, on a tiny synthetic set: every stage runs."""
+    import os
+    import sys
+
+    env = dict(os.environ, P2CH_VENV=str(Path(sys.executable).parents[1]), P2CH_RUNS_DIR=str(tmp_path / "runs"))
+    result = run(REPO / "scripts/quickstart.sh", "--tiny", "--no-setup", "--device", "cpu", "--num-workers", "1",
+                 "--work", tmp_path / "work", env=env)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    work = tmp_path / "work"
+    assert len(list((work / "luna").glob("subset*/*.mhd"))) == 4
+    assert list((work / "models" / "quickstart").glob("*/best.pt"))
+    assert (work / "eval" / "metrics.json").is_file() and (work / "eval" / "froc.png").is_file()
+    assert list((tmp_path / "runs" / "quickstart").iterdir())
+    assert f"tensorboard --logdir {tmp_path / 'runs'}/quickstart" in result.stdout
