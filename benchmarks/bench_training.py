@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32])
     parser.add_argument("--workers", type=int, nargs="+", default=[2])
     parser.add_argument("--amp", nargs="+", default=["auto"], choices=("auto", "off", "bf16", "fp16"))
-    parser.add_argument("--channels-last", nargs="+", default=["auto"], choices=("auto", "on", "off"))
+    parser.add_argument("--channels-last", nargs="+", default=["on"], choices=("on", "off"))
     parser.add_argument("--batches", type=int, default=8, help="timed batches per setting")
     parser.add_argument("--warmup-batches", dest="warmup", type=int, default=2)
     parser.add_argument("--data-root", default=None, help="existing data set (default: make a synthetic one)")
