@@ -350,6 +350,9 @@ class LunaTrainingApp:
         self.device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        if config.sync_bn and self.device.type != "cuda":
+            raise ConfigError("--sync-bn needs CUDA devices (torch's SyncBatchNorm works only on GPUs); "
+                              f"drop it for --device {self.device.type}")
         self.dist = init_distributed(self.device)
         self.amp_dtype = resolve_amp(config.amp, self.device)
         self.channels_last = config.channels_last == "on"

@@ -186,6 +186,7 @@ def test_resume_refuses_other_architecture(tiny, tmp_path, capsys):
     (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
     (["--resume", "x.pt", "--init-weights", "y.pt"], "either --resume or --init-weights"),
     (["--resume", "no-such.pt"], "no-such.pt: no such checkpoint file"),
+    (["--sync-bn", "--device", "cpu"], "--sync-bn needs CUDA devices"),
 ])
 def test_bad_flags(tiny, tmp_path, capsys, extra, expected):
     assert training.main([*_args(tiny, tmp_path), *extra]) == 2
