@@ -49,6 +49,9 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> str:
     payload = {"format": CHECKPOINT_FORMAT, "versions": versions(), **state}
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
         with os.fdopen(fd, "wb") as handle:
             torch.save(payload, handle)
             handle.flush()
@@ -79,7 +82,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, arch: str | None = None) ->
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for damaged or foreign files
-        raise DataFormatError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        first_line = (str(exc).strip().splitlines() or [""])[0]  # torch's messages run to a page
+        raise DataFormatError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {first_line})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise DataFormatError(f"{path}: not a p2ch checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r})")

@@ -8,6 +8,7 @@ repository root, as the README does).
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -49,3 +50,14 @@ def resolve_runs_dir(value: str | os.PathLike[str] | None = None) -> Path:
 def resolve_models_dir(value: str | os.PathLike[str] | None = None) -> Path:
     """Checkpoint folder: `value`, else $P2CH_MODELS_DIR, else `data-unversioned/models`."""
     return _resolve(value, MODELS_DIR_ENV, DEFAULT_MODELS_DIR)
+
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends `(default: X)` to an option's help unless the text already states its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower():
+            return text
+        return super()._get_help_string(action)

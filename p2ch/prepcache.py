@@ -36,7 +36,7 @@ import numpy as np
 
 from p2ch.cache import CacheError, CacheFullError, ChunkCache, FillResult, _free_bytes
 from p2ch.candidates import get_candidate_arrays
-from p2ch.config import resolve_cache_dir, resolve_data_root
+from p2ch.config import DefaultsHelpFormatter, resolve_cache_dir, resolve_data_root
 from p2ch.ct import DEFAULT_WIDTH_IRC, series_index
 from p2ch.errors import ConfigError, P2chError
 from p2ch.progress import Progress
@@ -277,6 +277,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     default_workers = min(os.cpu_count() or 1, 8)
     parser = argparse.ArgumentParser(
         prog=PROG,
+        formatter_class=DefaultsHelpFormatter,
         description="Fill the chunk cache (int16 candidate chunks) for training: each worker process "
         "loads one CT at a time and writes all of its chunks. Resumable: rerun to continue.",
     )

@@ -58,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
-from p2ch.config import resolve_data_root
+from p2ch.config import DefaultsHelpFormatter, resolve_data_root
 
 UID_PREFIX = "1.3.6.1.4.1.14519.5.2.1.6279.6001."
 NUM_SUBSETS = 10
@@ -1011,6 +1011,7 @@ def format_summary(summary: SynthSummary) -> str:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m p2ch.synth",
+        formatter_class=DefaultsHelpFormatter,
         description="Write a synthetic data set in LUNA16's layout (subset0..9/*.mhd+.raw, annotations.csv, "
                     "annotations_excluded.csv, candidates.csv, seriesuids.csv).",
     )

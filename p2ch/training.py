@@ -30,7 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from p2ch.checkpoint import BEST_NAME, LAST_NAME, load_checkpoint, save_checkpoint
-from p2ch.config import resolve_cache_dir, resolve_data_root, resolve_models_dir, resolve_runs_dir
+from p2ch.config import (
+    DefaultsHelpFormatter,
+    resolve_cache_dir,
+    resolve_data_root,
+    resolve_models_dir,
+    resolve_runs_dir,
+)
 from p2ch.datasets import BOOK_EPOCH_SIZE, SPLIT_MODES, to_device_batch
 from p2ch.errors import ConfigError, P2chError
 
@@ -135,7 +141,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m p2ch.training",
         description="Train the LUNA16 nodule/non-nodule classifier (LunaModel) and log to TensorBoard.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         epilog="Example: python -m p2ch.training --epochs 10 --balanced --augmented --batch-size 256 "
                "--num-workers 16 first-run; then: tensorboard --logdir runs",
     )

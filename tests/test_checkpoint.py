@@ -65,9 +65,19 @@ def test_pickled_code_is_not_executed(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"format": CHECKPOINT_FORMAT, "x": Evil()}, path)
-    with pytest.raises(DataFormatError):
+    with pytest.raises(DataFormatError) as info:
         load_checkpoint(path)
     assert not (tmp_path / "pwned").exists()
+    assert "\n" not in str(info.value), "torch's page-long message must be cut to one line"
+
+
+def test_checkpoint_file_mode_follows_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_checkpoint({"arch": "x"}, tmp_path / "c.pt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o644
 
 
 def test_find_latest(tmp_path):

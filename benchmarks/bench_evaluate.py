@@ -1,0 +1,180 @@
+"""Inference throughput of `p2ch.evaluate` (from a warm chunk cache) and `p2ch.predict` (straight from the CTs).
+
+On a synthetic LUNA16-format set made in a temporary folder (or --data-root), with a LunaModel
+checkpoint of fresh weights (speed does not depend on the weights), it measures:
+
+- evaluate: candidates/s of `score_from_cache` (cache → DataLoader → model) over every candidate,
+  after the cache has been filled, for each --batch-sizes × --workers × --channels-last;
+- predict: candidates/s of `predict_locations` (load each CT once, crop in memory, model; no cache)
+  over the same candidates, and the share of its time spent reading CTs;
+- end to end: seconds of one `python -m p2ch.evaluate --split all` (warm cache, 1,000 bootstraps,
+  metrics, plot, files), for the first setting.
+
+Each setting runs once untimed (warm-up: worker start, allocator, oneDNN/cuDNN kernels) and
+--repeats times timed; the best rate is printed. A JSON line per figure goes to stderr.
+
+Examples:
+    python benchmarks/bench_evaluate.py --device cpu
+    python benchmarks/bench_evaluate.py --device cuda --batch-sizes 64 256 1024 --workers 4 8 16 --amp bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def make_checkpoint(path: Path, data_root: Path, cache_dir: Path) -> Path:
+    from p2ch.checkpoint import save_checkpoint
+    from p2ch.model import LunaModel, arch_signature
+    from p2ch.training import TrainingConfig
+
+    torch.manual_seed(0)
+    model = LunaModel()
+    config = TrainingConfig(data_root=str(data_root), cache_dir=str(cache_dir), val_fraction=0.3)
+    save_checkpoint({"arch": arch_signature(model), "model": model.state_dict(), "epoch": 1,
+                     "config": config.to_dict(), "run_time": "bench"}, path)
+    return path
+
+
+def best_rate(fn, count: int, repeats: int) -> tuple[float, float]:
+    """(best candidates/s, its seconds) over `repeats` timed calls of fn() after one untimed call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return count / best, best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"))
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64])
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers (evaluate)")
+    parser.add_argument("--channels-last", nargs="+", default=["on", "off"], choices=("on", "off"))
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--data-root", default=None, help="existing data set (default: a synthetic one)")
+    parser.add_argument("--synth-cts", type=int, default=6)
+    parser.add_argument("--synth-size", type=int, default=256, help="rows = columns of each synthetic CT")
+    parser.add_argument("--synth-slices", type=int, default=128)
+    parser.add_argument("--synth-candidates", type=int, default=300, help="candidates per synthetic CT")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.backends.cudnn.benchmark = True
+
+    from p2ch.cache import ChunkCache
+    from p2ch.candidates import get_candidate_arrays
+    from p2ch.ct import Ct
+    from p2ch.evaluate import main as evaluate_main
+    from p2ch.evaluate import prefill_cache, score_from_cache
+    from p2ch.predict import load_model, make_scorer, predict_locations
+    from p2ch.training import predictions_frame
+
+    with tempfile.TemporaryDirectory(prefix="p2ch-bench-evaluate-") as tmp_name:
+        tmp = Path(tmp_name)
+        if args.data_root:
+            data = Path(args.data_root)
+        else:
+            from p2ch.synth import generate
+
+            data = tmp / "luna"
+            generate(data, num_cts=args.synth_cts, size=args.synth_size, slices=args.synth_slices,
+                     candidates_per_ct=args.synth_candidates, nodules_per_ct=2, seed=0)
+        cache_dir = tmp / "cache"
+        checkpoint = make_checkpoint(tmp / "models" / "run" / "best.pt", data, cache_dir)
+        candidates = get_candidate_arrays(data)
+        indices = np.argsort(candidates.series_index, kind="stable").astype(np.int64)
+        count = len(indices)
+        cache = ChunkCache(cache_dir, data)
+        started = time.perf_counter()
+        prefill_cache(cache, candidates, indices, (32, 48, 48), progress=False)
+        prefill_seconds = time.perf_counter() - started
+        model, _ = load_model(checkpoint)
+        machine = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                   "torch_threads": torch.get_num_threads(), "data": str(data) if args.data_root else
+                   f"synthetic {args.synth_cts} CTs of {args.synth_slices}x{args.synth_size}x{args.synth_size}",
+                   "candidates": count}
+        print(f"# {machine['data']}, {count:,} candidates, {machine['cpus']} CPUs, torch {torch.__version__} "
+              f"({machine['torch_threads']} threads); cache filled in {prefill_seconds:.1f} s")
+
+        print(f"{'what':>9} {'device':>7} {'amp':>5} {'batch':>6} {'workers':>7} {'ch-last':>7} {'cand/s':>9} "
+              f"{'seconds':>8}")
+        rows = []
+        for batch, workers, cl in itertools.product(args.batch_sizes, args.workers, args.channels_last):
+            scorer = make_scorer(model, args.device, args.amp, cl)
+
+            def run_eval(scorer=scorer, batch=batch, workers=workers):
+                return score_from_cache(scorer, candidates, indices, cache, width_irc=(32, 48, 48), batch_size=batch,
+                                        num_workers=workers, progress=False)
+
+            rate, seconds = best_rate(run_eval, count, args.repeats)
+            amp = str(scorer.amp_dtype).replace("torch.", "") if scorer.amp_dtype else "off"
+            row = {"bench": "evaluate_warm_cache", **machine, "device": str(scorer.device), "amp": amp,
+                   "batch_size": batch, "num_workers": workers, "channels_last": cl,
+                   "candidates_per_sec": round(rate, 1), "seconds": round(seconds, 3)}
+            rows.append(row)
+            print(f"{'evaluate':>9} {row['device']:>7} {amp:>5} {batch:>7} {workers:>7} {cl:>7} {rate:>9.1f} "
+                  f"{seconds:>8.2f}")
+            print(json.dumps(row), file=sys.stderr)
+
+        locations = predictions_frame(candidates, indices, np.zeros(count))
+        for batch, cl in itertools.product(args.batch_sizes, args.channels_last):
+            scorer = make_scorer(model, args.device, args.amp, cl)
+
+            def run_predict(scorer=scorer, batch=batch):
+                return predict_locations(scorer, data, locations, batch_size=batch, progress=False)
+
+            rate, seconds = best_rate(run_predict, count, args.repeats)
+            load_start = time.perf_counter()
+            for uid in np.unique(locations["seriesuid"]):
+                Ct(str(uid), data)
+            load_seconds = time.perf_counter() - load_start
+            amp = str(scorer.amp_dtype).replace("torch.", "") if scorer.amp_dtype else "off"
+            row = {"bench": "predict_no_cache", **machine, "device": str(scorer.device), "amp": amp,
+                   "batch_size": batch, "channels_last": cl, "candidates_per_sec": round(rate, 1),
+                   "seconds": round(seconds, 3), "ct_read_seconds_sequential": round(load_seconds, 3)}
+            rows.append(row)
+            print(f"{'predict':>9} {row['device']:>7} {amp:>5} {batch:>7} {'-':>7} {cl:>7} {rate:>9.1f} "
+                  f"{seconds:>8.2f}   (reading the CTs alone: {load_seconds:.2f} s)")
+            print(json.dumps(row), file=sys.stderr)
+
+        out = tmp / "eval"
+        argv_eval = ["--checkpoint", str(checkpoint), "--split", "all", "--out", str(out), "--device", args.device,
+                     "--amp", args.amp, "--batch-size", str(args.batch_sizes[0]), "--num-workers",
+                     str(args.workers[0]), "--channels-last", args.channels_last[0], "--log-level", "WARNING",
+                     "--no-progress"]
+        start = time.perf_counter()
+        with open(os.devnull, "w") as devnull:
+            saved, sys.stdout = sys.stdout, devnull
+            try:
+                rc = evaluate_main(argv_eval)
+            finally:
+                sys.stdout = saved
+        seconds = time.perf_counter() - start
+        if rc != 0:
+            raise SystemExit(f"evaluate failed ({rc})")
+        metrics = json.loads((out / "metrics.json").read_text())
+        row = {"bench": "evaluate_end_to_end", **machine, "seconds": round(seconds, 3),
+               "scoring_seconds": metrics["timing"]["scoring_seconds"], "bootstrap": 1000}
+        print(f"end to end: python -m p2ch.evaluate --split all ({count:,} candidates, 1,000 bootstraps, warm "
+              f"cache): {seconds:.2f} s, of which scoring {metrics['timing']['scoring_seconds']:.2f} s")
+        print(json.dumps(row), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
