@@ -330,7 +330,7 @@ def plot_froc(result, path: Path, title: str) -> None:
         if all(math.isfinite(v) for v in result.cpm_ci):
             cpm += f" [{result.cpm_ci[0]:.3f}, {result.cpm_ci[1]:.3f}]"
         ax.set_title(f"{title}\n{cpm}", fontsize=10)
-        ax.legend(loc="upper left", fontsize=8)
+        ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100, facecolor="white")
 

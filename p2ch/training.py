@@ -369,6 +369,7 @@ class LunaTrainingApp:
         self.epoch = 0
         self.samples_seen = 0
         self.best_metric = -math.inf
+        self.best_loss = math.inf
         self.best_epoch = 0
         self.best_by = config.select_by
         self.run_time = datetime.datetime.now().strftime("%Y-%m-%d_%H.%M.%S")
@@ -473,6 +474,7 @@ class LunaTrainingApp:
         self.samples_seen = int(state["samples_seen"])
         self.best_metric = float(state["best_metric"])
         self.best_epoch = int(state.get("best_epoch", 0))
+        self.best_loss = float(state.get("best_loss", math.inf))
         self.best_by = str(state.get("selected_by", self.config.select_by))
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
@@ -722,6 +724,7 @@ class LunaTrainingApp:
             "samples_seen": self.samples_seen,
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
+            "best_loss": self.best_loss,
             "selected_by": self.best_by,
             "config": self.config.to_dict(),
             "run_time": self.run_time,
@@ -787,9 +790,10 @@ class LunaTrainingApp:
                         if config.images_every and (epoch % config.images_every == 0 or epoch == config.epochs):
                             self.log_images(val)
                     selected, value = self._selection_value(last_val)
-                    # A metric switch (e.g. CPM became undefined) restarts the comparison.
-                    if not math.isnan(value) and (selected != self.best_by or value > self.best_metric):
-                        self.best_metric, self.best_epoch, self.best_by, is_best = value, epoch, selected, True
+                    loss = last_val["loss/all"]
+                    if is_improvement(selected, value, loss, self.best_by, self.best_metric, self.best_loss):
+                        self.best_metric, self.best_loss, self.best_epoch, self.best_by = value, loss, epoch, selected
+                        is_best = True
                 self.save(is_best)
         finally:
             for writer in self.writers.values():
@@ -802,6 +806,22 @@ class LunaTrainingApp:
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def is_improvement(name: str, value: float, loss: float, best_name: str, best_value: float,
+                   best_loss: float) -> bool:
+    """Whether a validation result (selection metric `name` = `value`, loss `loss`) beats the best so far.
+
+    A higher value wins; an equal value wins with a lower loss (CPM and F1 sit on plateaus early in
+    training: CPM stays 0 until the first nodule outranks every false positive, and without the
+    tie-break best.pt would stay at epoch 1). A switch of metric (CPM became undefined) restarts
+    the comparison; a nan value never wins.
+    """
+    if math.isnan(value):
+        return False
+    if name != best_name:
+        return True
+    return value > best_value or (value == best_value and loss < best_loss)
 
 
 def predictions_frame(candidates, indices: np.ndarray, prob_pos: np.ndarray):

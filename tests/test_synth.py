@@ -385,3 +385,15 @@ def test_easy_flag_on_the_command_line(tmp_path, capsys):
                  "--candidates-per-ct", "20", "--easy", "--workers", "1"]) == 0
     _, rows = read_rows(out / "annotations.csv")
     assert rows and all(float(r[4]) >= 6.0 - 1e-6 for r in rows)
+
+
+def test_generator_depends_on_nothing_else_in_the_package():
+    """p2ch.synth needs numpy + SimpleITK and only p2ch.config (stdlib-only path defaults)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, p2ch.synth; print(sorted(m for m in sys.modules if m.startswith('p2ch')));"
+            "print('torch' in sys.modules, 'pandas' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "['p2ch', 'p2ch.config', 'p2ch.synth']"
+    assert out[1] == "False False"

@@ -25,7 +25,7 @@ SCALAR_TAGS = {
 }
 CHECKPOINT_KEYS = {
     "format", "arch", "model", "optimizer", "scaler", "epoch", "samples_seen", "best_metric",
-    "best_epoch", "selected_by", "config", "run_time", "rng", "versions",
+    "best_epoch", "best_loss", "selected_by", "config", "run_time", "rng", "versions",
 }
 BATCH = 4
 TRAIN_BATCHES = 3
@@ -306,3 +306,14 @@ def test_learns_easy_synthetic_set(tmp_path):
     assert training.main(args) == 0
     auc = [e.value for e in _events(_tb_dirs(tmp_path)["val"]).Scalars("pr/auc")]
     assert len(auc) == 2 and auc[-1] > 0.9, auc
+
+
+def test_best_checkpoint_rule_breaks_ties_by_loss():
+    better = training.is_improvement
+    assert better("cpm", 0.0, 0.7, "cpm", -math.inf, math.inf)  # the first result always wins
+    assert better("cpm", 0.5, 0.9, "cpm", 0.4, 0.1)  # higher metric wins whatever the loss
+    assert not better("cpm", 0.3, 0.1, "cpm", 0.4, 0.9)
+    assert better("cpm", 0.0, 0.65, "cpm", 0.0, 0.79)  # CPM plateau at 0: lower loss wins
+    assert not better("cpm", 0.0, 0.80, "cpm", 0.0, 0.79)
+    assert better("f1", 0.1, 0.9, "cpm", 0.9, 0.1)  # metric switched: restart the comparison
+    assert not better("cpm", math.nan, 0.1, "cpm", 0.0, 0.9)
