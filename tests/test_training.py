@@ -317,3 +317,19 @@ def test_best_checkpoint_rule_breaks_ties_by_loss():
     assert not better("cpm", 0.0, 0.80, "cpm", 0.0, 0.79)
     assert better("f1", 0.1, 0.9, "cpm", 0.9, 0.1)  # metric switched: restart the comparison
     assert not better("cpm", math.nan, 0.1, "cpm", 0.0, 0.9)
+
+
+def test_select_by_picks_the_metric_and_falls_back_when_undefined():
+    from types import SimpleNamespace
+
+    def pick(select_by, summary):
+        app = SimpleNamespace(config=SimpleNamespace(select_by=select_by), _fallback_warned=set())
+        return training.LunaTrainingApp._selection_value(app, summary)
+
+    full = {"froc/cpm": 0.4, "pr/f1_score": 0.7, "loss/all": 0.3}
+    assert pick("cpm", full) == ("cpm", 0.4)
+    assert pick("f1", full) == ("f1", 0.7)
+    no_nodules = {"froc/cpm": math.nan, "pr/f1_score": 0.7, "loss/all": 0.3}
+    assert pick("cpm", no_nodules) == ("f1", 0.7)
+    nothing = {"pr/f1_score": math.nan, "loss/all": 0.3}
+    assert pick("cpm", nothing) == ("loss", -0.3) and pick("f1", nothing) == ("loss", -0.3)
