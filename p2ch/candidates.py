@@ -255,7 +255,8 @@ def match_annotations(
     """LUNA16's hit rule for the positive candidates.
 
     For each row of `candidates` with class 1, find the annotations of the same series whose
-    centre lies within their radius (distance ≤ diameter / 2) of the candidate, and take the
+    centre lies within their radius (distance < diameter / 2, strictly, as LUNA16's evaluation
+    script and `p2ch.metrics` count a hit) of the candidate, and take the
     nearest. Returns `(diameter_mm, matched)`: (N,) float32 mm (0 if none) and (N,) bool.
     Negatives are never matched.
     """
@@ -274,7 +275,7 @@ def match_annotations(
         ann_radius = ann["diameter_mm"].to_numpy() / 2.0
         cand_xyz = group[_COORDS].to_numpy()
         dist = np.linalg.norm(cand_xyz[:, None, :] - ann_xyz[None, :, :], axis=2)
-        dist = np.where(dist <= ann_radius[None, :], dist, np.inf)
+        dist = np.where(dist < ann_radius[None, :], dist, np.inf)
         nearest = np.argmin(dist, axis=1)
         hit = np.isfinite(dist[np.arange(len(group)), nearest])
         rows = group.index.to_numpy()

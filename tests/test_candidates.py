@@ -55,7 +55,7 @@ def test_hit_rule_boundary_and_nearest(tmp_path):
     ]))
     candidates = read_candidates(write_csv(tmp_path / "c.csv", CANDIDATES_HEADER, [
         (uid, 4.0, 0.0, 0.0, 1),  # within both radii; nearer the 20 mm one (distance 2)
-        (uid, 0.0, 5.0, 0.0, 1),  # exactly on the 10 mm one's radius (5); within the 20 mm too (7.8)
+        (uid, 0.0, 5.0, 0.0, 1),  # exactly on the 10 mm one's radius: outside it (strict <), so the 20 mm one (7.8)
         (uid, -4.9, 0.0, 0.0, 1),  # inside the 10 mm one only (dist 4.9 < 5; 10.9 > 10)
         (uid, -30.0, 0.0, 0.0, 1),  # matches nothing
         (uid, 1.0, 0.0, 0.0, 0),  # negatives are never matched
@@ -63,7 +63,7 @@ def test_hit_rule_boundary_and_nearest(tmp_path):
     ]))
     diameter, matched = cmod.match_annotations(candidates, annotations)
     np.testing.assert_array_equal(matched, [True, True, True, False, False, False])
-    np.testing.assert_array_equal(diameter, [20.0, 10.0, 10.0, 0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(diameter, [20.0, 20.0, 10.0, 0.0, 0.0, 0.0])
 
 
 def test_book_box_rule_would_lose_this_diameter(tmp_path):
