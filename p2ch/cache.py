@@ -311,6 +311,8 @@ class PruneResult:
     changed_ct: int
     missing_ct: int
     foreign: int
+    orphan_files: int = 0  # value files no entry refers to (a writer killed between file and row)
+    lost_files: int = 0  # entries whose value file is gone (deleted from the index)
 
     @property
     def removed(self) -> int:
@@ -909,7 +911,32 @@ class ChunkCache:
                     cache.delete(key, retry=True)
             except (OSError, sqlite3.Error) as exc:
                 raise self._write_error(exc) from None
-        return PruneResult(kept, old_format, changed, missing, foreign)
+        orphans, lost = self._check_files(fix=not dry_run)
+        return PruneResult(kept, old_format, changed, missing, foreign, orphans, lost)
+
+    def _check_files(self, fix: bool) -> tuple[int, int]:
+        """(orphan value files, entries without their file), deleting both when `fix`.
+
+        A process killed after writing a value file but before its index row leaves an orphan that
+        nothing reads and nothing frees; diskcache's consistency check finds (and with `fix`
+        removes) such files and rows whose file is gone, under a writer lock per shard.
+        """
+        import warnings
+
+        from diskcache.core import UnknownFileWarning
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")  # check() records its findings as warnings; count them all
+                found = self.diskcache.check(fix=fix, retry=True)
+        except (OSError, sqlite3.Error) as exc:
+            raise self._write_error(exc) from None
+        orphans = sum(1 for w in found if issubclass(w.category, UnknownFileWarning))
+        lost = sum(1 for w in found if str(w.message).startswith("file not found"))
+        if orphans or lost:
+            log.info("cache %s: %s %d orphan value files and %d entries without their file", self.cache_dir,
+                     "removed" if fix else "found", orphans, lost)
+        return orphans, lost
 
 
 def _contains(cache: FanoutCache, key: str) -> bool:

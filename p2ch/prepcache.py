@@ -304,7 +304,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true",
                         help="start even when the estimate exceeds the free disk space")
     parser.add_argument("--prune", action="store_true",
-                        help="delete entries of changed or removed CTs and of old cache formats, then exit")
+                        help="delete entries of changed or removed CTs and of old cache formats, and value files "
+                        "left by killed writers, then exit (run it while no prefill or training uses the cache)")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="logging level (default: INFO)")
     return parser
@@ -359,7 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"prune {cache.cache_dir}: {verb} {result.removed:,} entries ({result.old_format:,} old "
                   f"format, {result.changed_ct:,} of changed CTs, {result.missing_ct:,} of CTs no longer "
                   f"under {cache.data_root}); kept {result.kept:,}"
-                  + (f"; {result.foreign:,} foreign entries left alone" if result.foreign else ""))
+                  + (f"; {result.foreign:,} foreign entries left alone" if result.foreign else "")
+                  + (f"; {verb} {result.orphan_files:,} orphan value files and {result.lost_files:,} entries "
+                     "without their file" if result.orphan_files or result.lost_files else ""))
             return 0
         if args.clear:
             if args.dry_run:

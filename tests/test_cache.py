@@ -531,3 +531,28 @@ def test_cache_dir_that_cannot_be_created(tiny_root, tmp_path):
     blocker.write_text("x")
     with pytest.raises(CacheDirError, match="not-a-folder/cache cannot be created"):
         ChunkCache(blocker / "cache", tiny_root).get_ct_raw_candidate(*candidates_of(tiny_root)[0])
+
+
+def test_prune_removes_orphan_value_files_and_rows_without_files(tiny_root, tmp_path):
+    cache = ChunkCache(tmp_path / "cache", tiny_root)
+    items = candidates_of(tiny_root)
+    for uid, xyz in items:
+        cache.get_ct_raw_candidate(uid, xyz)
+    files = value_files(cache.cache_dir)
+    assert len(files) == len(items)
+    # A writer killed between writing its value file and inserting the row leaves an orphan.
+    orphan = files[0].parent / "ff" / "orphan-0001.val"
+    orphan.parent.mkdir(exist_ok=True)
+    orphan.write_bytes(files[0].read_bytes())
+    gone = files[1]
+    gone.unlink()
+    dry = cache.prune(dry_run=True)
+    assert (dry.orphan_files, dry.lost_files, dry.kept) == (1, 1, len(items))
+    assert orphan.exists() and len(cache) == len(items)
+    result = cache.prune()
+    assert (result.orphan_files, result.lost_files) == (1, 1)
+    assert not orphan.exists() and len(cache) == len(items) - 1
+    assert len(value_files(cache.cache_dir)) == len(items) - 1
+    assert cache.prune() == cache_module.PruneResult(len(items) - 1, 0, 0, 0, 0)
+    for uid, xyz in items:  # every chunk still reads right; the lost one is recomputed
+        np.testing.assert_array_equal(cache.get_ct_raw_candidate(uid, xyz)[0], direct(tiny_root, uid, xyz)[0])
