@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from p2ch.errors import ConfigError, DataFormatError, DataNotFoundError
+from p2ch.fileio import atomic_writer
 
 CHECKPOINT_FORMAT = "p2ch-checkpoint-v1"
 LAST_NAME = "last.pt"
@@ -44,30 +44,9 @@ def sha1_of(path: str | os.PathLike[str]) -> str:
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> str:
     """Write `state` (plus format tag and versions) to `path` atomically; return its SHA1."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": CHECKPOINT_FORMAT, "versions": versions(), **state}
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    with atomic_writer(path) as handle:
+        torch.save(payload, handle)
     return sha1_of(path)
 
 

@@ -22,6 +22,9 @@ DEFAULT_CACHE_DIR = Path("data-unversioned/cache")
 DEFAULT_RUNS_DIR = Path("runs")
 DEFAULT_MODELS_DIR = Path("data-unversioned/models")
 
+AMP_MODES = ("auto", "off", "bf16", "fp16")  # --amp of training, evaluation and prediction
+DEFAULT_BATCH_SIZE = 64  # candidates per forward pass in evaluation and prediction
+
 
 def _resolve(value: str | os.PathLike[str] | None, env: str, default: Path) -> Path:
     if value is not None and str(value) != "":
@@ -61,3 +64,23 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "default" in text.lower():
             return text
         return super()._get_help_string(action)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint and --models-dir (a "model" group), as p2ch.predict and p2ch.evaluate spell them."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="checkpoint file, or a run folder (its newest best.pt) (default: the newest best.pt "
+                        "under --models-dir)")
+    g.add_argument("--models-dir", default=None,
+                   help="where to look for the newest best.pt (default: $P2CH_MODELS_DIR or data-unversioned/models)")
+
+
+def add_inference_arguments(group: argparse._ArgumentGroup) -> None:
+    """--batch-size, --device, --amp and --channels-last into `group` (the inference settings of make_scorer)."""
+    group.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="candidates per forward pass")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    group.add_argument("--amp", choices=AMP_MODES, default="auto",
+                       help="mixed precision: auto = bf16 on CUDA (fp16 if unsupported), off on the CPU")
+    group.add_argument("--channels-last", choices=("on", "off"), default="on",
+                       help="channels_last_3d memory format for the model and batches")

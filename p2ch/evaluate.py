@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from p2ch.config import DefaultsHelpFormatter
+from p2ch.config import DEFAULT_BATCH_SIZE, DefaultsHelpFormatter, add_inference_arguments, add_model_arguments
 from p2ch.errors import ConfigError, DataNotFoundError, P2chError
 
 log = logging.getLogger("p2ch.evaluate")
@@ -76,7 +76,7 @@ class EvalConfig:
     data_root: str | None = None
     cache_dir: str | None = None
     no_cache: bool = False
-    batch_size: int = 64
+    batch_size: int = DEFAULT_BATCH_SIZE
     num_workers: int | None = None
     device: str = "auto"
     amp: str = "auto"
@@ -410,7 +410,8 @@ def evaluate(config: EvalConfig) -> EvalResult:
     )
     from p2ch.checkpoint import versions
     from p2ch.config import resolve_cache_dir, resolve_data_root
-    from p2ch.predict import load_model, make_scorer, predict_locations, resolve_checkpoint, write_text_atomic
+    from p2ch.fileio import write_text_atomic
+    from p2ch.predict import load_model, make_scorer, predict_locations, resolve_checkpoint
     from p2ch.training import predictions_frame
 
     config.validate()
@@ -541,12 +542,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                "python -m p2ch.evaluate --checkpoint data-unversioned/models/p2ch/RUN/best.pt --split test "
                "--pictures 16 --out eval-test",
     )
-    g = parser.add_argument_group("model")
-    g.add_argument("--checkpoint", default=None, metavar="PATH",
-                   help="checkpoint file, or a run folder (its newest best.pt) (default: the newest best.pt "
-                        "under --models-dir)")
-    g.add_argument("--models-dir", default=None,
-                   help="where to look for the newest best.pt (default: $P2CH_MODELS_DIR or data-unversioned/models)")
+    add_model_arguments(parser)
 
     g = parser.add_argument_group("what to score (the split is recomputed from the checkpoint's settings)")
     which = g.add_mutually_exclusive_group()
@@ -573,15 +569,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=d.seed, help="seed of the bootstrap")
 
     g = parser.add_argument_group("speed")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="candidates per forward pass")
+    add_inference_arguments(g)
     g.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader workers reading the cache (default: min(2, CPUs) on the CPU, where the model is "
                         "the bottleneck and 2 workers gain 10-20%%; min(8, CPUs) with a GPU)")
-    g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default=d.amp,
-                   help="mixed precision: auto = bf16 on CUDA (fp16 if unsupported), off on the CPU")
-    g.add_argument("--channels-last", choices=("on", "off"), default=d.channels_last,
-                   help="channels_last_3d memory format for the model and batches")
 
     g = parser.add_argument_group("output")
     g.add_argument("--out", default=None, metavar="DIR",

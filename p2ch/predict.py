@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,17 +41,22 @@ import numpy as np
 import pandas as pd
 import torch
 
-from p2ch.config import DefaultsHelpFormatter
+from p2ch.config import (
+    AMP_MODES,
+    DEFAULT_BATCH_SIZE,
+    DefaultsHelpFormatter,
+    add_inference_arguments,
+    add_model_arguments,
+)
 from p2ch.errors import CandidateOutsideCtError, ConfigError, DataFormatError, DataNotFoundError, P2chError
+from p2ch.fileio import write_text_atomic
 
 log = logging.getLogger("p2ch.predict")
 
 PROG = "python -m p2ch.predict"
 LOCATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ")
 SUBMISSION_COLUMNS = (*LOCATION_COLUMNS, "probability")
-AMP_MODES = ("auto", "off", "bf16", "fp16")
 OUTSIDE_MODES = ("skip", "error")
-DEFAULT_BATCH_SIZE = 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,23 +374,6 @@ def write_csv(frame: pd.DataFrame, out: str | os.PathLike[str]) -> None:
     write_text_atomic(Path(out), frame.to_csv(index=False))
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        # mkstemp makes the file private (0600); give it the permissions any new file would get.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def one_line(exc: BaseException) -> str:
     """An exception's message on one line (some library messages embedded in ours span several)."""
     return " ".join(str(exc).split())
@@ -406,12 +393,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                "--out one_ct.csv; python -m p2ch.predict --candidates detector.csv --out scores.csv "
                "(a CSV without a class column is fine)",
     )
-    g = parser.add_argument_group("model")
-    g.add_argument("--checkpoint", default=None, metavar="PATH",
-                   help="checkpoint file, or a run folder (its newest best.pt) (default: the newest best.pt "
-                        "under --models-dir)")
-    g.add_argument("--models-dir", default=None,
-                   help="where to look for the newest best.pt (default: $P2CH_MODELS_DIR or data-unversioned/models)")
+    add_model_arguments(parser)
 
     g = parser.add_argument_group("input")
     g.add_argument("--data-root", default=None,
@@ -428,13 +410,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("output")
     g.add_argument("--out", default="-", metavar="CSV", help="output CSV file; - writes to stdout")
 
-    g = parser.add_argument_group("speed")
-    g.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="candidates per forward pass")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--amp", choices=AMP_MODES, default="auto",
-                   help="mixed precision: auto = bf16 on CUDA (fp16 if unsupported), off on the CPU")
-    g.add_argument("--channels-last", choices=("on", "off"), default="on",
-                   help="channels_last_3d memory format for the model and batches")
+    add_inference_arguments(parser.add_argument_group("speed"))
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="logging level (logs and the progress bar go to stderr)")
     return parser

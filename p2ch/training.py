@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from p2ch.checkpoint import BEST_NAME, LAST_NAME, load_checkpoint, save_checkpoint
 from p2ch.config import (
+    AMP_MODES,
     DefaultsHelpFormatter,
     resolve_cache_dir,
     resolve_data_root,
@@ -42,7 +43,6 @@ from p2ch.errors import ConfigError, P2chError
 
 log = logging.getLogger("p2ch.training")
 
-AMP_MODES = ("auto", "off", "bf16", "fp16")
 SELECT_BY = ("cpm", "f1")
 LUNG_WINDOW_HU = (-1000.0, 400.0)
 

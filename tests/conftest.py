@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+
+if TYPE_CHECKING:
+    from p2ch.model import LunaModel
+    from p2ch.training import TrainingConfig
 
 UID_PREFIX = "1.3.6.1.4.1.14519.5.2.1.6279.6001."
 
@@ -89,3 +94,39 @@ def tiny_root(tmp_path: Path) -> Path:
         (uid_b, -200.0 + 2 * 0.9, -150.0 + 2 * 0.8, 900.0 + 1 * 2.0, 0),
     ])
     return root
+
+
+def make_model(seed: int = 0) -> LunaModel:
+    """A LunaModel whose probabilities spread over a useful range (not saturated at 0 or 1).
+
+    Fresh weights see raw HU (batch-norm running stats 0 / 1) and give logits in the tens; the
+    input statistics and a smaller head make P(nodule) vary smoothly between candidates.
+    """
+    import torch
+
+    from p2ch.model import LunaModel
+
+    torch.manual_seed(seed)
+    model = LunaModel().eval()
+    with torch.no_grad():
+        model.tail_batchnorm.running_mean.fill_(-500.0)
+        model.tail_batchnorm.running_var.fill_(400.0**2)
+        model.head_linear.weight.mul_(0.05)
+        model.head_linear.bias.zero_()
+    return model
+
+
+def write_checkpoint(path: Path, model: LunaModel, config: TrainingConfig, *, arch: str | None = None,
+                     epoch: int = 3) -> Path:
+    """A checkpoint shaped like the training app's (see LunaTrainingApp._state)."""
+    import torch
+
+    from p2ch.checkpoint import save_checkpoint
+    from p2ch.model import arch_signature
+
+    save_checkpoint({
+        "arch": arch or arch_signature(model), "model": model.state_dict(), "optimizer": {}, "scaler": None,
+        "epoch": epoch, "samples_seen": 1000, "best_metric": 0.25, "best_epoch": epoch, "selected_by": "cpm",
+        "config": config.to_dict(), "run_time": "2025-01-01_00.00.00", "rng": {"torch": torch.get_rng_state()},
+    }, path)
+    return path

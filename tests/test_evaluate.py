@@ -16,7 +16,6 @@ import torch
 
 from p2ch import evaluate, vis
 from p2ch.candidates import get_candidate_arrays, read_annotations, read_excluded
-from p2ch.checkpoint import save_checkpoint
 from p2ch.ct import Ct
 from p2ch.datasets import split_candidates
 from p2ch.metrics import FROC_FPS_PER_SCAN, froc
@@ -24,37 +23,12 @@ from p2ch.model import LunaModel, arch_signature
 from p2ch.synth import generate
 from p2ch.training import TrainingConfig
 
+from conftest import make_model, write_checkpoint
+
 SUBMISSION_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
 BOOTSTRAP = 200
 PICTURES = 5
 UNKNOWN_UID = "1.3.6.1.4.1.14519.5.2.1.6279.6001.999999999999999999999"
-
-
-def make_model(seed: int = 0) -> LunaModel:
-    """A LunaModel whose probabilities spread over a useful range (not saturated at 0 or 1).
-
-    Fresh weights see raw HU (batch-norm running stats 0 / 1) and give logits in the tens; the
-    input statistics and a smaller head make P(nodule) vary smoothly between candidates.
-    """
-    torch.manual_seed(seed)
-    model = LunaModel().eval()
-    with torch.no_grad():
-        model.tail_batchnorm.running_mean.fill_(-500.0)
-        model.tail_batchnorm.running_var.fill_(400.0**2)
-        model.head_linear.weight.mul_(0.05)
-        model.head_linear.bias.zero_()
-    return model
-
-
-def write_checkpoint(path: Path, model: LunaModel, config: TrainingConfig, *, arch: str | None = None,
-                     epoch: int = 3) -> Path:
-    """A checkpoint shaped like the training app's (see LunaTrainingApp._state)."""
-    save_checkpoint({
-        "arch": arch or arch_signature(model), "model": model.state_dict(), "optimizer": {}, "scaler": None,
-        "epoch": epoch, "samples_seen": 1000, "best_metric": 0.25, "best_epoch": epoch, "selected_by": "cpm",
-        "config": config.to_dict(), "run_time": "2025-01-01_00.00.00", "rng": {"torch": torch.get_rng_state()},
-    }, path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,29 +16,10 @@ from p2ch.model import LunaModel, arch_signature
 from p2ch.synth import generate
 from p2ch.training import TrainingConfig
 
+from conftest import make_model, write_checkpoint
+
 KEYS = ["seriesuid", "coordX", "coordY", "coordZ"]
 UNKNOWN_UID = "1.3.6.1.4.1.14519.5.2.1.6279.6001.999999999999999999999"
-
-
-def make_model(seed: int = 0) -> LunaModel:
-    """A LunaModel with unsaturated probabilities (input statistics set, small head)."""
-    torch.manual_seed(seed)
-    model = LunaModel().eval()
-    with torch.no_grad():
-        model.tail_batchnorm.running_mean.fill_(-500.0)
-        model.tail_batchnorm.running_var.fill_(400.0**2)
-        model.head_linear.weight.mul_(0.05)
-        model.head_linear.bias.zero_()
-    return model
-
-
-def write_checkpoint(path: Path, model: LunaModel, config: TrainingConfig) -> Path:
-    save_checkpoint({
-        "arch": arch_signature(model), "model": model.state_dict(), "optimizer": {}, "scaler": None, "epoch": 2,
-        "samples_seen": 100, "best_metric": 0.5, "best_epoch": 2, "selected_by": "cpm", "config": config.to_dict(),
-        "run_time": "2025-01-01_00.00.00", "rng": {"torch": torch.get_rng_state()},
-    }, path)
-    return path
 
 
 @pytest.fixture(scope="module")
