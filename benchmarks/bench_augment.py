@@ -38,14 +38,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:K (default: cpu)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024])
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="timed calls per batch size (after one warm-up)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                        help="batch dtype for the batched runs")
-    parser.add_argument("--baseline-samples", type=int, default=256,
-                        help="samples timed for the per-sample CPU loop (0 skips it)")
-    parser.add_argument("--baseline-threads", type=int, default=1,
-                        help="torch threads for the per-sample loop (1, as in a DataLoader worker)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per batch size (after one warm-up)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="batch dtype for the batched runs",
+    )
+    parser.add_argument(
+        "--baseline-samples", type=int, default=256, help="samples timed for the per-sample CPU loop (0 skips it)"
+    )
+    parser.add_argument(
+        "--baseline-threads",
+        type=int,
+        default=1,
+        help="torch threads for the per-sample loop (1, as in a DataLoader worker)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -135,8 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         device_name = torch.cuda.get_device_name(device)
     else:
         device_name = platform.processor() or platform.machine() or "cpu"
-    print(f"device {device} ({device_name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"chunk {SHAPE_IRC} {args.dtype}", flush=True)
+    print(
+        f"device {device} ({device_name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"chunk {SHAPE_IRC} {args.dtype}",
+        flush=True,
+    )
 
     results = []
     for batch_size in args.batch_sizes:
@@ -144,11 +155,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, config in CONFIGS.items():
             timings = time_batched(config, batch, args.repeats, args.seed)
             rate = batch_size * len(timings) / sum(timings)
-            results.append({"config": name, "batch_size": batch_size, "repeats": args.repeats,
-                            "call_s": [round(t, 4) for t in timings], "samples_per_s": round(rate, 1),
-                            "best_samples_per_s": round(batch_size / min(timings), 1)})
-            print(f"  batched {name:>4}  batch {batch_size:>5}: {rate:>10.1f} samples/s "
-                  f"(median call {sorted(timings)[len(timings) // 2] * 1000:.1f} ms)", flush=True)
+            results.append(
+                {
+                    "config": name,
+                    "batch_size": batch_size,
+                    "repeats": args.repeats,
+                    "call_s": [round(t, 4) for t in timings],
+                    "samples_per_s": round(rate, 1),
+                    "best_samples_per_s": round(batch_size / min(timings), 1),
+                }
+            )
+            print(
+                f"  batched {name:>4}  batch {batch_size:>5}: {rate:>10.1f} samples/s "
+                f"(median call {sorted(timings)[len(timings) // 2] * 1000:.1f} ms)",
+                flush=True,
+            )
         del batch
 
     baseline = {}
@@ -158,17 +179,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             warm_up = chunks[: min(8, len(chunks))]
             time_per_sample(config, warm_up, args.seed, args.baseline_threads)
             seconds = time_per_sample(config, chunks, args.seed, args.baseline_threads)
-            baseline[name] = {"samples": len(chunks), "seconds": round(seconds, 3),
-                              "samples_per_s": round(len(chunks) / seconds, 1)}
-            print(f"  per-sample {name:>4} (CPU, {args.baseline_threads} thread): "
-                  f"{len(chunks) / seconds:>10.1f} samples/s", flush=True)
+            baseline[name] = {
+                "samples": len(chunks),
+                "seconds": round(seconds, 3),
+                "samples_per_s": round(len(chunks) / seconds, 1),
+            }
+            print(
+                f"  per-sample {name:>4} (CPU, {args.baseline_threads} thread): "
+                f"{len(chunks) / seconds:>10.1f} samples/s",
+                flush=True,
+            )
 
     print(f"\n{'config':>6} {'batch':>6} {'samples/s':>11} {'per-sample/s':>13} {'speed-up':>9}")
     for r in results:
         base = baseline.get(r["config"], {}).get("samples_per_s")
         r["speedup_vs_per_sample"] = round(r["samples_per_s"] / base, 2) if base else None
-        print(f"{r['config']:>6} {r['batch_size']:>6} {r['samples_per_s']:>11.1f} "
-              f"{base if base else '-':>13} {r['speedup_vs_per_sample'] or '-':>9}")
+        print(
+            f"{r['config']:>6} {r['batch_size']:>6} {r['samples_per_s']:>11.1f} "
+            f"{base if base else '-':>13} {r['speedup_vs_per_sample'] or '-':>9}"
+        )
     record = {
         "bench": "augment",
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

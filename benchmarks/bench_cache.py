@@ -47,16 +47,19 @@ from p2ch.errors import P2chError
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers-list", type=int, nargs="+", default=[1, 2],
-                        help="prefill worker counts to time")
+    parser.add_argument("--workers-list", type=int, nargs="+", default=[1, 2], help="prefill worker counts to time")
     parser.add_argument("--warm-seconds", type=float, default=3.0, help="time spent on each warm-read figure")
-    parser.add_argument("--sample", type=int, default=500,
-                        help="chunks used for the book-format and compressed-mode comparisons")
-    parser.add_argument("--data-root",
-                        help="an existing LUNA16-layout data set (default: make a synthetic one)")
+    parser.add_argument(
+        "--sample", type=int, default=500, help="chunks used for the book-format and compressed-mode comparisons"
+    )
+    parser.add_argument("--data-root", help="an existing LUNA16-layout data set (default: make a synthetic one)")
     parser.add_argument("--work-dir", help="folder for data and caches (default: a temporary one, removed)")
-    parser.add_argument("--limit", type=int, default=None, help="use only candidates of the first N series "
-                        "in order until this many candidates")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="use only candidates of the first N series in order until this many candidates",
+    )
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the warm read path")
     g = parser.add_argument_group("synthetic data set (without --data-root)")
     g.add_argument("--num-cts", type=int, default=4)
@@ -99,8 +102,10 @@ def make_data(root: Path, args) -> None:
         sitk.WriteImage(image, str(folder / f"{uid}.mhd"))
         irc = rng.integers(0, (args.slices, args.size, args.size), (args.candidates_per_ct, 3))
         for i, r, c in irc:
-            rows.append(f"{uid},{origin[0] + c * spacing[0]},{origin[1] + r * spacing[1]},"
-                        f"{origin[2] + i * spacing[2]},{int(rng.random() < 0.01)}")
+            rows.append(
+                f"{uid},{origin[0] + c * spacing[0]},{origin[1] + r * spacing[1]},"
+                f"{origin[2] + i * spacing[2]},{int(rng.random() < 0.01)}"
+            )
     (root / "candidates.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n" + "\n".join(rows) + "\n")
     (root / "annotations.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n")
 
@@ -112,8 +117,7 @@ def du(path: Path, pattern: str = "*") -> int:
 
 def sizes(path: Path, chunks: int) -> dict:
     """Bytes per chunk on disk: value files alone, and everything (SQLite files included)."""
-    return {"value_file_bytes_per_chunk": du(path, "*.val") / chunks,
-            "bytes_per_chunk_on_disk": du(path) / chunks}
+    return {"value_file_bytes_per_chunk": du(path, "*.val") / chunks, "bytes_per_chunk_on_disk": du(path) / chunks}
 
 
 def candidate_list(data_root: Path, limit: int | None):
@@ -136,9 +140,13 @@ def cold(cache: ChunkCache, items) -> dict:
             previous = uid
         cache.get_ct_raw_candidate(uid, xyz)
     total = time.perf_counter() - start
-    return {"chunks": len(items), "seconds": total, "ct_load_seconds": ct_seconds,
-            "chunks_per_s": len(items) / total,
-            "chunks_per_s_excluding_ct_load": len(items) / max(total - ct_seconds, 1e-9)}
+    return {
+        "chunks": len(items),
+        "seconds": total,
+        "ct_load_seconds": ct_seconds,
+        "chunks_per_s": len(items) / total,
+        "chunks_per_s_excluding_ct_load": len(items) / max(total - ct_seconds, 1e-9),
+    }
 
 
 def warm(read, items, seconds: float, seed: int = 1) -> dict:
@@ -192,9 +200,15 @@ def prefill(data_root: Path, work: Path, workers: int, limit: int | None) -> dic
     summary = prepcache.Summary()
     prepcache.run_prefill(cache, plan, workers, summary, log_level=40)
     seconds = summary.seconds
-    result = {"workers": workers, "cts": summary.cts, "chunks": summary.written, "seconds": seconds,
-              "ct_mb_per_s": summary.ct_bytes / 1e6 / seconds, "chunks_per_s": summary.written / seconds,
-              "bytes_on_disk": du(cache_dir)}
+    result = {
+        "workers": workers,
+        "cts": summary.cts,
+        "chunks": summary.written,
+        "seconds": seconds,
+        "ct_mb_per_s": summary.ct_bytes / 1e6 / seconds,
+        "chunks_per_s": summary.written / seconds,
+        "bytes_on_disk": du(cache_dir),
+    }
     shutil.rmtree(cache_dir, ignore_errors=True)
     return result
 
@@ -210,16 +224,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             data_root = work / "luna"
             t0 = time.perf_counter()
             make_data(data_root, args)
-            print(f"synthetic data: {args.num_cts} CTs of {args.slices}x{args.size}x{args.size} int16, "
-                  f"{args.candidates_per_ct} candidates each ({time.perf_counter() - t0:.1f} s to make)")
+            print(
+                f"synthetic data: {args.num_cts} CTs of {args.slices}x{args.size}x{args.size} int16, "
+                f"{args.candidates_per_ct} candidates each ({time.perf_counter() - t0:.1f} s to make)"
+            )
         ct_module.clear_series_index()
         clear_candidate_cache()
         items = candidate_list(data_root, args.limit)
-        results: dict = {"benchmark": "bench_cache", "date": datetime.date.today().isoformat(),
-                         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}",
-                         "python": platform.python_version(), "chunks": len(items),
-                         "data_root": str(args.data_root) if args.data_root else "synthetic",
-                         "width_irc": list(DEFAULT_WIDTH_IRC)}
+        results: dict = {
+            "benchmark": "bench_cache",
+            "date": datetime.date.today().isoformat(),
+            "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}",
+            "python": platform.python_version(),
+            "chunks": len(items),
+            "data_root": str(args.data_root) if args.data_root else "synthetic",
+            "width_irc": list(DEFAULT_WIDTH_IRC),
+        }
 
         cache = ChunkCache(work / "cache", data_root)
         results["cold"] = cold(cache, items)
@@ -247,15 +267,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["size"]["book_bytes_per_chunk_on_disk"] = book["bytes_per_chunk_on_disk"]
         results["size"]["book_value_file_bytes_per_chunk"] = book["value_file_bytes_per_chunk"]
         results["size"]["fraction_of_book_on_disk"] = (
-            results["size"]["bytes_per_chunk_on_disk"] / book["bytes_per_chunk_on_disk"])
+            results["size"]["bytes_per_chunk_on_disk"] / book["bytes_per_chunk_on_disk"]
+        )
 
         packed = ChunkCache(work / "cache-zlib", data_root, compress_level=1)
         packed_cold = cold(packed, sample)
         packed.close()
         packed_size = sizes(work / "cache-zlib", len(sample))
         packed_reader = ChunkCache(work / "cache-zlib", data_root)
-        results["zlib1"] = {**packed_size, "cold": packed_cold,
-                            "warm": warm(packed_reader.get_ct_raw_candidate, sample, args.warm_seconds)}
+        results["zlib1"] = {
+            **packed_size,
+            "cold": packed_cold,
+            "warm": warm(packed_reader.get_ct_raw_candidate, sample, args.warm_seconds),
+        }
 
         results["prefill"] = [prefill(data_root, work, w, args.limit) for w in args.workers_list]
     except P2chError as exc:
@@ -267,25 +291,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     s, c, w, z = results["size"], results["cold"], results["warm"], results["zlib1"]
     print(f"chunks: {len(items)} of {'x'.join(map(str, DEFAULT_WIDTH_IRC))}  ({results['machine']})")
-    print(f"size on disk per chunk: {s['bytes_per_chunk_on_disk']:,.0f} B with SQLite "
-          f"({s['value_file_bytes_per_chunk']:,.0f} B value file) = {s['fraction_of_float32']:.1%} of a "
-          f"float32 chunk's {BOOK_CHUNK_BYTES:,} B; book format {s['book_bytes_per_chunk_on_disk']:,.0f} B "
-          f"({s['book_value_file_bytes_per_chunk']:,.0f} B value file); ours is "
-          f"{s['fraction_of_book_on_disk']:.1%} of it")
-    print(f"cold reads (miss, crop, write): {c['chunks_per_s']:,.0f} chunks/s with CT loads, "
-          f"{c['chunks_per_s_excluding_ct_load']:,.0f} chunks/s excluding them ({c['ct_load_seconds']:.1f} s "
-          "of CT loading)")
-    print(f"warm reads, 1 core: {w['chunks_per_s']:,.0f} chunks/s ({w['us_per_chunk']:.1f} µs each); "
-          f"without CRC check {results['warm_no_crc']['chunks_per_s']:,.0f} chunks/s; book format "
-          f"{results['book_format']['warm']['chunks_per_s']:,.0f} chunks/s")
-    print(f"zlib level 1: {z['value_file_bytes_per_chunk']:,.0f} B value file per chunk "
-          f"({z['value_file_bytes_per_chunk'] / s['value_file_bytes_per_chunk']:.1%} of raw int16), warm "
-          f"{z['warm']['chunks_per_s']:,.0f} chunks/s, cold excluding CT loads "
-          f"{z['cold']['chunks_per_s_excluding_ct_load']:,.0f} chunks/s")
+    print(
+        f"size on disk per chunk: {s['bytes_per_chunk_on_disk']:,.0f} B with SQLite "
+        f"({s['value_file_bytes_per_chunk']:,.0f} B value file) = {s['fraction_of_float32']:.1%} of a "
+        f"float32 chunk's {BOOK_CHUNK_BYTES:,} B; book format {s['book_bytes_per_chunk_on_disk']:,.0f} B "
+        f"({s['book_value_file_bytes_per_chunk']:,.0f} B value file); ours is "
+        f"{s['fraction_of_book_on_disk']:.1%} of it"
+    )
+    print(
+        f"cold reads (miss, crop, write): {c['chunks_per_s']:,.0f} chunks/s with CT loads, "
+        f"{c['chunks_per_s_excluding_ct_load']:,.0f} chunks/s excluding them ({c['ct_load_seconds']:.1f} s "
+        "of CT loading)"
+    )
+    print(
+        f"warm reads, 1 core: {w['chunks_per_s']:,.0f} chunks/s ({w['us_per_chunk']:.1f} µs each); "
+        f"without CRC check {results['warm_no_crc']['chunks_per_s']:,.0f} chunks/s; book format "
+        f"{results['book_format']['warm']['chunks_per_s']:,.0f} chunks/s"
+    )
+    print(
+        f"zlib level 1: {z['value_file_bytes_per_chunk']:,.0f} B value file per chunk "
+        f"({z['value_file_bytes_per_chunk'] / s['value_file_bytes_per_chunk']:.1%} of raw int16), warm "
+        f"{z['warm']['chunks_per_s']:,.0f} chunks/s, cold excluding CT loads "
+        f"{z['cold']['chunks_per_s_excluding_ct_load']:,.0f} chunks/s"
+    )
     for p in results["prefill"]:
-        print(f"prefill, {p['workers']} worker(s): {p['cts']} CTs, {p['chunks']} chunks in "
-              f"{p['seconds']:.1f} s: {p['ct_mb_per_s']:,.1f} MB/s of CT read, "
-              f"{p['chunks_per_s']:,.0f} chunks/s")
+        print(
+            f"prefill, {p['workers']} worker(s): {p['cts']} CTs, {p['chunks']} chunks in "
+            f"{p['seconds']:.1f} s: {p['ct_mb_per_s']:,.1f} MB/s of CT read, "
+            f"{p['chunks_per_s']:,.0f} chunks/s"
+        )
     print(json.dumps(results))
     return 0
 

@@ -38,13 +38,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2, 8], help="worker counts to time")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--passes", type=int, default=3,
-                        help="timed passes per worker count (after one warm-up pass)")
-    parser.add_argument("--context", default=None, choices=("fork", "forkserver", "spawn"),
-                        help="worker start method (default: the platform's)")
+    parser.add_argument("--passes", type=int, default=3, help="timed passes per worker count (after one warm-up pass)")
+    parser.add_argument(
+        "--context",
+        default=None,
+        choices=("fork", "forkserver", "spawn"),
+        help="worker start method (default: the platform's)",
+    )
     parser.add_argument("--width-irc", type=int, nargs=3, default=DEFAULT_WIDTH_IRC, metavar=("I", "R", "C"))
-    parser.add_argument("--data-root",
-                        help="an existing LUNA16-layout data set (default: make a synthetic one)")
+    parser.add_argument("--data-root", help="an existing LUNA16-layout data set (default: make a synthetic one)")
     parser.add_argument("--cache-dir", help="chunk cache folder (default: a temporary one)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N candidates")
     g = parser.add_argument_group("synthetic data set (without --data-root)")
@@ -68,8 +70,14 @@ def prefill(cache, candidates, width_irc) -> tuple[float, int]:
 
 def time_loader(dataset, *, workers: int, batch_size: int, passes: int, context) -> dict:
     sampler = ShuffleSampler(len(dataset), seed=0)
-    loader = create_loader(dataset, sampler, batch_size=batch_size, num_workers=workers,
-                           pin_memory=torch.cuda.is_available(), multiprocessing_context=context)
+    loader = create_loader(
+        dataset,
+        sampler,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        multiprocessing_context=context,
+    )
     timings = []
     for epoch in range(passes + 1):
         sampler.set_epoch(epoch)
@@ -89,7 +97,8 @@ def time_loader(dataset, *, workers: int, batch_size: int, passes: int, context)
         "best_samples_per_s": round(samples / min(timed)) if timed else None,
         # int16 chunk bytes delivered per second
         "mb_per_s": round(samples * len(timed) / sum(timed) * 2 * int(np.prod(dataset.width_irc)) / 2**20, 1)
-        if timed else None,
+        if timed
+        else None,
     }
 
 
@@ -110,16 +119,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 try:
                     from p2ch.synth import generate
                 except ImportError as exc:
-                    print(f"bench_dataloader: needs p2ch.synth.generate or --data-root ({exc})",
-                          file=sys.stderr)
+                    print(f"bench_dataloader: needs p2ch.synth.generate or --data-root ({exc})", file=sys.stderr)
                     return 2
                 data_root = Path(tmp) / "luna"
                 start = time.perf_counter()
-                generate(data_root, num_cts=args.num_cts, size=args.size, slices=args.slices,
-                         candidates_per_ct=args.candidates_per_ct, seed=args.seed,
-                         workers=min(4, os.cpu_count() or 1))
-                print(f"synthetic data set: {args.num_cts} CTs of {args.slices}×{args.size}×{args.size} "
-                      f"in {time.perf_counter() - start:.1f} s", flush=True)
+                generate(
+                    data_root,
+                    num_cts=args.num_cts,
+                    size=args.size,
+                    slices=args.slices,
+                    candidates_per_ct=args.candidates_per_ct,
+                    seed=args.seed,
+                    workers=min(4, os.cpu_count() or 1),
+                )
+                print(
+                    f"synthetic data set: {args.num_cts} CTs of {args.slices}×{args.size}×{args.size} "
+                    f"in {time.perf_counter() - start:.1f} s",
+                    flush=True,
+                )
             cache_dir = Path(args.cache_dir) if args.cache_dir else Path(tmp) / "cache"
             candidates = get_candidate_arrays(data_root)
             if args.limit:
@@ -128,14 +145,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             width = tuple(args.width_irc)
             fill_s, chunks = prefill(cache, candidates, width)
             fill_stats = dict(cache.stats())
-            print(f"prefill: {chunks} chunks in {fill_s:.1f} s ({chunks / fill_s:.0f}/s); cache {fill_stats}",
-                  flush=True)
+            print(
+                f"prefill: {chunks} chunks in {fill_s:.1f} s ({chunks / fill_s:.0f}/s); cache {fill_stats}", flush=True
+            )
             dataset = LunaDataset(candidates, None, cache, width)
             results = []
             for workers in args.workers:
                 before = dict(cache.stats())
-                result = time_loader(dataset, workers=workers, batch_size=args.batch_size,
-                                     passes=args.passes, context=args.context)
+                result = time_loader(
+                    dataset, workers=workers, batch_size=args.batch_size, passes=args.passes, context=args.context
+                )
                 if workers == 0:
                     # Only the in-process cache's counters are visible here; workers keep their own.
                     after = cache.stats()
@@ -143,8 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     misses = after["misses"] - before["misses"]
                     result["cache_hit_rate"] = round(hits / max(1, hits + misses), 4)
                 results.append(result)
-                print(f"  workers {workers}: {result['samples_per_s']} samples/s "
-                      f"(first pass {result['first_pass_s']} s, passes {result['pass_s']})", flush=True)
+                print(
+                    f"  workers {workers}: {result['samples_per_s']} samples/s "
+                    f"(first pass {result['first_pass_s']} s, passes {result['pass_s']})",
+                    flush=True,
+                )
         except P2chError as exc:
             print(f"bench_dataloader: {exc}", file=sys.stderr)
             return 2
@@ -161,9 +183,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "data_root": str(args.data_root) if args.data_root else "synthetic",
-        "synthetic": None if args.data_root else {
-            "num_cts": args.num_cts, "size": args.size, "slices": args.slices,
-            "candidates_per_ct": args.candidates_per_ct, "seed": args.seed,
+        "synthetic": None
+        if args.data_root
+        else {
+            "num_cts": args.num_cts,
+            "size": args.size,
+            "slices": args.slices,
+            "candidates_per_ct": args.candidates_per_ct,
+            "seed": args.seed,
         },
         "candidates": len(dataset),
         "batch_size": args.batch_size,

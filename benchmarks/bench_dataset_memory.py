@@ -62,9 +62,7 @@ class BookStyleDataset(Dataset):
 
     def __getitem__(self, k: int) -> LunaSample:
         candidate = self.candidate_list[k]
-        chunk, center_irc = self.source.get_ct_raw_candidate(
-            candidate.series_uid, candidate.center_xyz, self.width_irc
-        )
+        chunk, center_irc = self.source.get_ct_raw_candidate(candidate.series_uid, candidate.center_xyz, self.width_irc)
         return LunaSample(
             torch.from_numpy(chunk).unsqueeze(0),
             torch.tensor(int(candidate.is_nodule), dtype=torch.int64),
@@ -155,14 +153,17 @@ def worker_pids(iterator) -> list[int]:
     return [w.pid for w in workers]
 
 
-def run_epoch(
-    dataset, *, workers: int, batch_size: int, context: str, interval: float, freeze_gc: bool
-) -> dict:
+def run_epoch(dataset, *, workers: int, batch_size: int, context: str, interval: float, freeze_gc: bool) -> dict:
     gc.collect()
     gc.unfreeze()  # each run starts from an unfrozen collector; create_loader freezes if asked
     loader = create_loader(
-        dataset, ShuffleSampler(len(dataset), seed=0), batch_size=batch_size, num_workers=workers,
-        pin_memory=False, persistent_workers=False, multiprocessing_context=context,
+        dataset,
+        ShuffleSampler(len(dataset), seed=0),
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=False,
+        persistent_workers=False,
+        multiprocessing_context=context,
         freeze_gc=freeze_gc,
     )
     start = time.perf_counter()
@@ -218,13 +219,28 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--positives", type=int, default=1351, help="nodule candidates")
     parser.add_argument("--workers", type=int, default=8, help="DataLoader worker processes")
     parser.add_argument("--batch-size", type=int, default=1000)
-    parser.add_argument("--width-irc", type=int, nargs=3, default=(2, 4, 4), metavar=("I", "R", "C"),
-                        help="chunk size; tiny, so the epoch measures the dataset, not the copy")
-    parser.add_argument("--context", default="fork", choices=("fork", "forkserver", "spawn"),
-                        help="worker start method (copy-on-access needs fork to show)")
+    parser.add_argument(
+        "--width-irc",
+        type=int,
+        nargs=3,
+        default=(2, 4, 4),
+        metavar=("I", "R", "C"),
+        help="chunk size; tiny, so the epoch measures the dataset, not the copy",
+    )
+    parser.add_argument(
+        "--context",
+        default="fork",
+        choices=("fork", "forkserver", "spawn"),
+        help="worker start method (copy-on-access needs fork to show)",
+    )
     parser.add_argument("--interval", type=float, default=0.05, help="seconds between memory polls")
-    parser.add_argument("--configs", nargs="+", choices=tuple(CONFIGS), default=tuple(CONFIGS),
-                        help="what to measure, each in a fresh interpreter")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        choices=tuple(CONFIGS),
+        default=tuple(CONFIGS),
+        help="what to measure, each in a fresh interpreter",
+    )
     parser.add_argument("--only", choices=tuple(CONFIGS), help=argparse.SUPPRESS)  # one run, in-process
     return parser
 
@@ -238,8 +254,14 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         dataset = LunaDataset(candidates, None, ConstantSource(), args.width_irc)
     else:
         dataset = BookStyleDataset(candidates.to_list(), ConstantSource(), args.width_irc)
-    result = run_epoch(dataset, workers=args.workers, batch_size=args.batch_size, context=args.context,
-                       interval=args.interval, freeze_gc=freeze_gc)
+    result = run_epoch(
+        dataset,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        context=args.context,
+        interval=args.interval,
+        freeze_gc=freeze_gc,
+    )
     fields = ("series_uids", "series_index", "center_xyz", "is_nodule", "has_annotation", "diameter_mm")
     return {
         "layout": layout,
@@ -260,9 +282,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.only:
         print(json.dumps(measure(args.only, args)))
         return 0
-    print(f"{args.candidates} candidates, {args.series} series; one epoch per configuration with "
-          f"{args.workers} {args.context} workers, batch {args.batch_size}, chunk {tuple(args.width_irc)}",
-          flush=True)
+    print(
+        f"{args.candidates} candidates, {args.series} series; one epoch per configuration with "
+        f"{args.workers} {args.context} workers, batch {args.batch_size}, chunk {tuple(args.width_irc)}",
+        flush=True,
+    )
     results = {}
     passed = [a for a in (argv if argv is not None else sys.argv[1:])]
     for name in args.configs:
@@ -270,7 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # untracked or froze) would otherwise carry over from one run to the next.
         child = subprocess.run(
             [sys.executable, str(Path(__file__).resolve()), *passed, "--only", name],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if child.returncode != 0:
             print(f"bench_dataset_memory: {name} failed:\n{child.stderr[-2000:]}", file=sys.stderr)
@@ -278,14 +304,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         results[name] = json.loads(child.stdout.strip().splitlines()[-1])
         print(f"  {name}: {results[name]['seconds']} s", flush=True)
 
-    print(f"\n{'config':<17} {'samples/s':>9} {'dataset MB':>10} "
-          f"{'worker Private_Dirty MB: start -> peak':>40} {'sum of peaks':>12} {'max USS':>8}")
+    print(
+        f"\n{'config':<17} {'samples/s':>9} {'dataset MB':>10} "
+        f"{'worker Private_Dirty MB: start -> peak':>40} {'sum of peaks':>12} {'max USS':>8}"
+    )
     for name, r in results.items():
         first, peak = r["first_private_dirty_mb"], r["peak_private_dirty_mb"]
-        span = f"{min(first, default=0):.0f}-{max(first, default=0):.0f} -> " \
-               f"{min(peak, default=0):.0f}-{max(peak, default=0):.0f}"
-        print(f"{name:<17} {r['samples_per_s']:>9} {r['dataset_private_dirty_mb_in_main']:>10.0f} "
-              f"{span:>40} {r['sum_peak_private_dirty_mb']:>12.0f} {max(r['peak_uss_mb'], default=0):>8.0f}")
+        span = (
+            f"{min(first, default=0):.0f}-{max(first, default=0):.0f} -> "
+            f"{min(peak, default=0):.0f}-{max(peak, default=0):.0f}"
+        )
+        print(
+            f"{name:<17} {r['samples_per_s']:>9} {r['dataset_private_dirty_mb_in_main']:>10.0f} "
+            f"{span:>40} {r['sum_peak_private_dirty_mb']:>12.0f} {max(r['peak_uss_mb'], default=0):>8.0f}"
+        )
     record = {
         "bench": "dataset_memory",
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

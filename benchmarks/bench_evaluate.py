@@ -43,8 +43,16 @@ def make_checkpoint(path: Path, data_root: Path, cache_dir: Path) -> Path:
     torch.manual_seed(0)
     model = LunaModel()
     config = TrainingConfig(data_root=str(data_root), cache_dir=str(cache_dir), val_fraction=0.3)
-    save_checkpoint({"arch": arch_signature(model), "model": model.state_dict(), "epoch": 1,
-                     "config": config.to_dict(), "run_time": "bench"}, path)
+    save_checkpoint(
+        {
+            "arch": arch_signature(model),
+            "model": model.state_dict(),
+            "epoch": 1,
+            "config": config.to_dict(),
+            "run_time": "bench",
+        },
+        path,
+    )
     return path
 
 
@@ -92,8 +100,15 @@ def main(argv: list[str] | None = None) -> int:
             from p2ch.synth import generate
 
             data = tmp / "luna"
-            generate(data, num_cts=args.synth_cts, size=args.synth_size, slices=args.synth_slices,
-                     candidates_per_ct=args.synth_candidates, nodules_per_ct=2, seed=0)
+            generate(
+                data,
+                num_cts=args.synth_cts,
+                size=args.synth_size,
+                slices=args.synth_slices,
+                candidates_per_ct=args.synth_candidates,
+                nodules_per_ct=2,
+                seed=0,
+            )
         cache_dir = tmp / "cache"
         checkpoint = make_checkpoint(tmp / "models" / "run" / "best.pt", data, cache_dir)
         candidates = get_candidate_arrays(data)
@@ -104,31 +119,59 @@ def main(argv: list[str] | None = None) -> int:
         prefill_cache(cache, candidates, indices, (32, 48, 48), progress=False)
         prefill_seconds = time.perf_counter() - started
         model, _ = load_model(checkpoint)
-        machine = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                   "torch_threads": torch.get_num_threads(), "data": str(data) if args.data_root else
-                   f"synthetic {args.synth_cts} CTs of {args.synth_slices}x{args.synth_size}x{args.synth_size}",
-                   "candidates": count}
-        print(f"# {machine['data']}, {count:,} candidates, {machine['cpus']} CPUs, torch {torch.__version__} "
-              f"({machine['torch_threads']} threads); cache filled in {prefill_seconds:.1f} s")
+        machine = {
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "data": str(data)
+            if args.data_root
+            else f"synthetic {args.synth_cts} CTs of {args.synth_slices}x{args.synth_size}x{args.synth_size}",
+            "candidates": count,
+        }
+        print(
+            f"# {machine['data']}, {count:,} candidates, {machine['cpus']} CPUs, torch {torch.__version__} "
+            f"({machine['torch_threads']} threads); cache filled in {prefill_seconds:.1f} s"
+        )
 
-        print(f"{'what':>9} {'device':>7} {'amp':>5} {'batch':>6} {'workers':>7} {'ch-last':>7} {'cand/s':>9} "
-              f"{'seconds':>8}")
+        print(
+            f"{'what':>9} {'device':>7} {'amp':>5} {'batch':>6} {'workers':>7} {'ch-last':>7} {'cand/s':>9} "
+            f"{'seconds':>8}"
+        )
         rows = []
         for batch, workers, cl in itertools.product(args.batch_sizes, args.workers, args.channels_last):
             scorer = make_scorer(model, args.device, args.amp, cl)
 
             def run_eval(scorer=scorer, batch=batch, workers=workers):
-                return score_from_cache(scorer, candidates, indices, cache, width_irc=(32, 48, 48), batch_size=batch,
-                                        num_workers=workers, progress=False)
+                return score_from_cache(
+                    scorer,
+                    candidates,
+                    indices,
+                    cache,
+                    width_irc=(32, 48, 48),
+                    batch_size=batch,
+                    num_workers=workers,
+                    progress=False,
+                )
 
             rate, seconds = best_rate(run_eval, count, args.repeats)
             amp = str(scorer.amp_dtype).replace("torch.", "") if scorer.amp_dtype else "off"
-            row = {"bench": "evaluate_warm_cache", **machine, "device": str(scorer.device), "amp": amp,
-                   "batch_size": batch, "num_workers": workers, "channels_last": cl,
-                   "candidates_per_sec": round(rate, 1), "seconds": round(seconds, 3)}
+            row = {
+                "bench": "evaluate_warm_cache",
+                **machine,
+                "device": str(scorer.device),
+                "amp": amp,
+                "batch_size": batch,
+                "num_workers": workers,
+                "channels_last": cl,
+                "candidates_per_sec": round(rate, 1),
+                "seconds": round(seconds, 3),
+            }
             rows.append(row)
-            print(f"{'evaluate':>9} {row['device']:>7} {amp:>5} {batch:>7} {workers:>7} {cl:>7} {rate:>9.1f} "
-                  f"{seconds:>8.2f}")
+            print(
+                f"{'evaluate':>9} {row['device']:>7} {amp:>5} {batch:>7} {workers:>7} {cl:>7} {rate:>9.1f} "
+                f"{seconds:>8.2f}"
+            )
             print(json.dumps(row), file=sys.stderr)
 
         locations = predictions_frame(candidates, indices, np.zeros(count))
@@ -144,19 +187,46 @@ def main(argv: list[str] | None = None) -> int:
                 Ct(str(uid), data)
             load_seconds = time.perf_counter() - load_start
             amp = str(scorer.amp_dtype).replace("torch.", "") if scorer.amp_dtype else "off"
-            row = {"bench": "predict_no_cache", **machine, "device": str(scorer.device), "amp": amp,
-                   "batch_size": batch, "channels_last": cl, "candidates_per_sec": round(rate, 1),
-                   "seconds": round(seconds, 3), "ct_read_seconds_sequential": round(load_seconds, 3)}
+            row = {
+                "bench": "predict_no_cache",
+                **machine,
+                "device": str(scorer.device),
+                "amp": amp,
+                "batch_size": batch,
+                "channels_last": cl,
+                "candidates_per_sec": round(rate, 1),
+                "seconds": round(seconds, 3),
+                "ct_read_seconds_sequential": round(load_seconds, 3),
+            }
             rows.append(row)
-            print(f"{'predict':>9} {row['device']:>7} {amp:>5} {batch:>7} {'-':>7} {cl:>7} {rate:>9.1f} "
-                  f"{seconds:>8.2f}   (reading the CTs alone: {load_seconds:.2f} s)")
+            print(
+                f"{'predict':>9} {row['device']:>7} {amp:>5} {batch:>7} {'-':>7} {cl:>7} {rate:>9.1f} "
+                f"{seconds:>8.2f}   (reading the CTs alone: {load_seconds:.2f} s)"
+            )
             print(json.dumps(row), file=sys.stderr)
 
         out = tmp / "eval"
-        argv_eval = ["--checkpoint", str(checkpoint), "--split", "all", "--out", str(out), "--device", args.device,
-                     "--amp", args.amp, "--batch-size", str(args.batch_sizes[0]), "--num-workers",
-                     str(args.workers[0]), "--channels-last", args.channels_last[0], "--log-level", "WARNING",
-                     "--no-progress"]
+        argv_eval = [
+            "--checkpoint",
+            str(checkpoint),
+            "--split",
+            "all",
+            "--out",
+            str(out),
+            "--device",
+            args.device,
+            "--amp",
+            args.amp,
+            "--batch-size",
+            str(args.batch_sizes[0]),
+            "--num-workers",
+            str(args.workers[0]),
+            "--channels-last",
+            args.channels_last[0],
+            "--log-level",
+            "WARNING",
+            "--no-progress",
+        ]
         start = time.perf_counter()
         with open(os.devnull, "w") as devnull:
             saved, sys.stdout = sys.stdout, devnull
@@ -168,10 +238,17 @@ def main(argv: list[str] | None = None) -> int:
         if rc != 0:
             raise SystemExit(f"evaluate failed ({rc})")
         metrics = json.loads((out / "metrics.json").read_text())
-        row = {"bench": "evaluate_end_to_end", **machine, "seconds": round(seconds, 3),
-               "scoring_seconds": metrics["timing"]["scoring_seconds"], "bootstrap": 1000}
-        print(f"end to end: python -m p2ch.evaluate --split all ({count:,} candidates, 1,000 bootstraps, warm "
-              f"cache): {seconds:.2f} s, of which scoring {metrics['timing']['scoring_seconds']:.2f} s")
+        row = {
+            "bench": "evaluate_end_to_end",
+            **machine,
+            "seconds": round(seconds, 3),
+            "scoring_seconds": metrics["timing"]["scoring_seconds"],
+            "bootstrap": 1000,
+        }
+        print(
+            f"end to end: python -m p2ch.evaluate --split all ({count:,} candidates, 1,000 bootstraps, warm "
+            f"cache): {seconds:.2f} s, of which scoring {metrics['timing']['scoring_seconds']:.2f} s"
+        )
         print(json.dumps(row), file=sys.stderr)
     return 0
 

@@ -35,8 +35,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scans", type=int, default=888, help="scans evaluated (LUNA16: 888)")
     parser.add_argument("--nodules", type=int, default=1186, help="annotated nodules (LUNA16: 1,186)")
-    parser.add_argument("--excluded", type=int, default=3000,
-                        help="excluded findings (a third with diameter -1), one prediction near each")
+    parser.add_argument(
+        "--excluded",
+        type=int,
+        default=3000,
+        help="excluded findings (a third with diameter -1), one prediction near each",
+    )
     parser.add_argument("--predictions", type=int, default=100_000, help="scored predictions")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--samples", type=int, default=1_000_000, help="samples for classification_summary")
@@ -51,15 +55,27 @@ def synthetic_evaluation(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.Dat
     nodule_scan = rng.integers(0, args.scans, args.nodules)
     nodule_xyz = rng.uniform(-150, 150, (args.nodules, 3))
     diameter = rng.uniform(3.25, 32.3, args.nodules)
-    annotations = pd.DataFrame({"seriesuid": uids[nodule_scan], "coordX": nodule_xyz[:, 0],
-                                "coordY": nodule_xyz[:, 1], "coordZ": nodule_xyz[:, 2],
-                                "diameter_mm": diameter})
+    annotations = pd.DataFrame(
+        {
+            "seriesuid": uids[nodule_scan],
+            "coordX": nodule_xyz[:, 0],
+            "coordY": nodule_xyz[:, 1],
+            "coordZ": nodule_xyz[:, 2],
+            "diameter_mm": diameter,
+        }
+    )
     excluded_scan = rng.integers(0, args.scans, args.excluded)
     excluded_xyz = rng.uniform(-150, 150, (args.excluded, 3))
     excluded_diameter = np.where(rng.random(args.excluded) < 1 / 3, -1.0, rng.uniform(1, 10, args.excluded))
-    excluded = pd.DataFrame({"seriesuid": uids[excluded_scan], "coordX": excluded_xyz[:, 0],
-                             "coordY": excluded_xyz[:, 1], "coordZ": excluded_xyz[:, 2],
-                             "diameter_mm": excluded_diameter})
+    excluded = pd.DataFrame(
+        {
+            "seriesuid": uids[excluded_scan],
+            "coordX": excluded_xyz[:, 0],
+            "coordY": excluded_xyz[:, 1],
+            "coordZ": excluded_xyz[:, 2],
+            "diameter_mm": excluded_diameter,
+        }
+    )
     hits = min(args.predictions, 3 * args.nodules)
     hit_nodule = rng.integers(0, args.nodules, hits)
     hit_xyz = nodule_xyz[hit_nodule] + rng.normal(0, 1, (hits, 3)) * (diameter[hit_nodule, None] / 6)
@@ -70,8 +86,15 @@ def synthetic_evaluation(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.Dat
     scan = np.concatenate([nodule_scan[hit_nodule], excluded_scan[:near], rng.integers(0, args.scans, rest)])
     # rounded to 4 decimals: ties, as a half-precision model output has
     probability = np.concatenate([rng.beta(5, 2, hits), rng.beta(2, 5, near), rng.beta(1, 8, rest)]).round(4)
-    predictions = pd.DataFrame({"seriesuid": uids[scan], "coordX": xyz[:, 0], "coordY": xyz[:, 1],
-                                "coordZ": xyz[:, 2], "probability": probability})
+    predictions = pd.DataFrame(
+        {
+            "seriesuid": uids[scan],
+            "coordX": xyz[:, 0],
+            "coordY": xyz[:, 1],
+            "coordZ": xyz[:, 2],
+            "probability": probability,
+        }
+    )
     return predictions, annotations, excluded, list(uids)
 
 
@@ -89,30 +112,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         predictions, annotations, excluded, uids = synthetic_evaluation(args)
         figures: dict[str, object] = {
-            "benchmark": "metrics", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "benchmark": "metrics",
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "scans": args.scans, "nodules": args.nodules, "excluded": args.excluded,
-            "predictions": args.predictions, "bootstrap": args.bootstrap,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "scans": args.scans,
+            "nodules": args.nodules,
+            "excluded": args.excluded,
+            "predictions": args.predictions,
+            "bootstrap": args.bootstrap,
         }
-        figures["match_s"] = best_seconds(
-            lambda: match_predictions(predictions, annotations, excluded), args.repeat)
+        figures["match_s"] = best_seconds(lambda: match_predictions(predictions, annotations, excluded), args.repeat)
         result = froc(predictions, annotations, excluded, uids, bootstrap=0)
         figures["froc_s"] = best_seconds(
-            lambda: froc(predictions, annotations, excluded, uids, bootstrap=0), args.repeat)
+            lambda: froc(predictions, annotations, excluded, uids, bootstrap=0), args.repeat
+        )
         start = time.perf_counter()
         with_ci = froc(predictions, annotations, excluded, uids, bootstrap=args.bootstrap, seed=args.seed)
         figures["froc_bootstrap_s"] = time.perf_counter() - start
         figures["cpm"] = result.cpm
         figures["cpm_ci"] = list(with_ci.cpm_ci)
         figures["curve_points"] = len(result.fps_per_scan)
-        print(f"{args.predictions:,} predictions on {args.scans} scans, {result.num_nodules} nodules, "
-              f"{args.excluded} excluded findings: {result.num_hits:,} hits, "
-              f"{result.num_excluded_predictions:,} excluded, {result.num_false_positives:,} FPs")
+        print(
+            f"{args.predictions:,} predictions on {args.scans} scans, {result.num_nodules} nodules, "
+            f"{args.excluded} excluded findings: {result.num_hits:,} hits, "
+            f"{result.num_excluded_predictions:,} excluded, {result.num_false_positives:,} FPs"
+        )
         print(f"match_predictions        {figures['match_s'] * 1e3:9.1f} ms")
         print(f"froc, no bootstrap       {figures['froc_s'] * 1e3:9.1f} ms   CPM {result.cpm:.4f}")
-        print(f"froc, {args.bootstrap:,} bootstraps  {figures['froc_bootstrap_s']:9.2f} s    "
-              f"95% CI {with_ci.cpm_ci[0]:.4f}-{with_ci.cpm_ci[1]:.4f}")
+        print(
+            f"froc, {args.bootstrap:,} bootstraps  {figures['froc_bootstrap_s']:9.2f} s    "
+            f"95% CI {with_ci.cpm_ci[0]:.4f}-{with_ci.cpm_ci[1]:.4f}"
+        )
 
         gen = torch.Generator().manual_seed(args.seed)
         labels = torch.rand(args.samples, generator=gen) < 0.01

@@ -54,33 +54,53 @@ def du(root: Path) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    settings = dict(num_cts=args.num_cts, size=args.size, slices=args.slices,
-                    candidates_per_ct=args.candidates_per_ct, seed=args.seed)
+    settings = dict(
+        num_cts=args.num_cts,
+        size=args.size,
+        slices=args.slices,
+        candidates_per_ct=args.candidates_per_ct,
+        seed=args.seed,
+    )
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-synth-"))
-    results = {"bench": "synth", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-               "machine": platform.node(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
-               "settings": settings, "runs": []}
+    results = {
+        "bench": "synth",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": platform.node(),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "settings": settings,
+        "runs": [],
+    }
     digests = set()
     try:
         for workers in args.workers_list:
             out = work / f"luna-w{workers}"
             summary = synth.generate(out, workers=workers, force=True, **settings)
-            run = {"workers": summary.workers, "seconds": round(summary.seconds, 3),
-                   "bytes": summary.bytes_written, "bytes_on_disk": du(out),
-                   "mb_per_s": round(summary.bytes_written / 1e6 / summary.seconds, 1)}
+            run = {
+                "workers": summary.workers,
+                "seconds": round(summary.seconds, 3),
+                "bytes": summary.bytes_written,
+                "bytes_on_disk": du(out),
+                "mb_per_s": round(summary.bytes_written / 1e6 / summary.seconds, 1),
+            }
             digests.add(digest(out))
             shutil.rmtree(out)
             results["runs"].append(run)
             shape = f"{args.slices}×{args.size}×{args.size}"
-            print(f"{args.num_cts} CTs of {shape}, {summary.workers} worker(s): "
-                  f"{run['seconds']:.2f} s, {run['bytes'] / 1e6:,.1f} MB ({run['mb_per_s']:,.0f} MB/s), "
-                  f"{summary.num_candidates:,} candidates, {summary.num_positive} positive", flush=True)
+            print(
+                f"{args.num_cts} CTs of {shape}, {summary.workers} worker(s): "
+                f"{run['seconds']:.2f} s, {run['bytes'] / 1e6:,.1f} MB ({run['mb_per_s']:,.0f} MB/s), "
+                f"{summary.num_candidates:,} candidates, {summary.num_positive} positive",
+                flush=True,
+            )
         start = time.perf_counter()
         synth.plan_dataset(**settings)
         results["plan_seconds"] = round(time.perf_counter() - start, 3)
         results["identical_across_workers"] = len(digests) == 1
-        print(f"planning alone (CSV content, no voxels): {results['plan_seconds']:.2f} s; "
-              f"files identical across worker counts: {len(digests) == 1}")
+        print(
+            f"planning alone (CSV content, no voxels): {results['plan_seconds']:.2f} s; "
+            f"files identical across worker counts: {len(digests) == 1}"
+        )
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)

@@ -34,8 +34,15 @@ def prepare(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path]:
 
     data = tmp / "luna"
     started = time.perf_counter()
-    generate(data, num_cts=args.synth_cts, size=256, slices=128, candidates_per_ct=args.synth_candidates,
-             nodules_per_ct=3, seed=0)
+    generate(
+        data,
+        num_cts=args.synth_cts,
+        size=256,
+        slices=128,
+        candidates_per_ct=args.synth_candidates,
+        nodules_per_ct=3,
+        seed=0,
+    )
     cache = tmp / "cache"
     rc = prepcache_main(["--data-root", str(data), "--cache-dir", str(cache), "--num-workers", str(max(args.workers))])
     if rc != 0:
@@ -44,15 +51,37 @@ def prepare(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path]:
     return data, cache
 
 
-def measure(data: Path, cache: Path, device: str, batch: int, workers: int, amp: str, channels_last: str,
-            batches: int, warmup: int, tmp: Path) -> dict:
+def measure(
+    data: Path,
+    cache: Path,
+    device: str,
+    batch: int,
+    workers: int,
+    amp: str,
+    channels_last: str,
+    batches: int,
+    warmup: int,
+    tmp: Path,
+) -> dict:
     from p2ch.training import LunaTrainingApp, TrainingConfig
 
     config = TrainingConfig(
-        comment="bench", data_root=str(data), cache_dir=str(cache), balanced=True, augmented=True,
-        batch_size=batch, num_workers=workers, epochs=2, amp=amp, channels_last=channels_last, device=device,
-        epoch_size=batch * (warmup + batches), max_train_batches=warmup, runs_dir=str(tmp / "runs"),
-        checkpoint_dir=str(tmp / "models"), val_fraction=0.1,
+        comment="bench",
+        data_root=str(data),
+        cache_dir=str(cache),
+        balanced=True,
+        augmented=True,
+        batch_size=batch,
+        num_workers=workers,
+        epochs=2,
+        amp=amp,
+        channels_last=channels_last,
+        device=device,
+        epoch_size=batch * (warmup + batches),
+        max_train_batches=warmup,
+        runs_dir=str(tmp / "runs"),
+        checkpoint_dir=str(tmp / "models"),
+        val_fraction=0.1,
     )
     app = LunaTrainingApp(config)
     try:
@@ -62,8 +91,13 @@ def measure(data: Path, cache: Path, device: str, batch: int, workers: int, amp:
     finally:
         app.close()
     return {
-        "device": str(app.device), "batch_size": batch, "num_workers": workers, "amp": amp,
-        "channels_last": channels_last, "samples": out.count, "seconds": round(out.seconds, 3),
+        "device": str(app.device),
+        "batch_size": batch,
+        "num_workers": workers,
+        "amp": amp,
+        "channels_last": channels_last,
+        "samples": out.count,
+        "seconds": round(out.seconds, 3),
         "samples_per_sec": round(out.count / out.seconds, 1),
         "data_wait_fraction": round(out.data_wait_seconds / out.seconds, 3),
     }
@@ -89,11 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_name)
         data, cache = prepare(args, tmp)
         print(f"{'device':>8} {'batch':>6} {'workers':>7} {'amp':>5} {'ch-last':>7} {'samples/s':>10} {'data wait':>9}")
-        for batch, workers, amp, cl in itertools.product(args.batch_sizes, args.workers, args.amp,
-                                                         args.channels_last):
+        for batch, workers, amp, cl in itertools.product(args.batch_sizes, args.workers, args.amp, args.channels_last):
             row = measure(data, cache, args.device, batch, workers, amp, cl, args.batches, args.warmup, tmp)
-            print(f"{row['device']:>8} {batch:>6} {workers:>7} {amp:>5} {cl:>7} {row['samples_per_sec']:>10.1f} "
-                  f"{100 * row['data_wait_fraction']:>8.0f}%")
+            print(
+                f"{row['device']:>8} {batch:>6} {workers:>7} {amp:>5} {cl:>7} {row['samples_per_sec']:>10.1f} "
+                f"{100 * row['data_wait_fraction']:>8.0f}%"
+            )
             print(json.dumps({"bench": "training", **row}), file=sys.stderr)
     return 0
 

@@ -98,9 +98,11 @@ class AugmentConfig:
         for name in ("flip", "rotate"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"AugmentConfig.{name} is {getattr(self, name)!r}; expected True or False")
-        limits = {"offset": (0.0, 1.0, "at most 1 (a whole half-extent)"),
-                  "scale": (0.0, 0.99, "below 1 (a factor 1 - scale must stay positive)"),
-                  "noise": (0.0, math.inf, "a finite number of HU")}
+        limits = {
+            "offset": (0.0, 1.0, "at most 1 (a whole half-extent)"),
+            "scale": (0.0, 0.99, "below 1 (a factor 1 - scale must stay positive)"),
+            "noise": (0.0, math.inf, "a finite number of HU"),
+        }
         for name, (low, high, what) in limits.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -220,17 +222,21 @@ def random_affine(
 
 def _check_batch(batch: Any, what: str) -> torch.Tensor:
     if not isinstance(batch, torch.Tensor):
-        raise DataFormatError(f"{what}: batch is a {type(batch).__name__}; expected a torch.Tensor "
-                              "(N, 1, I, R, C) of HU")
+        raise DataFormatError(
+            f"{what}: batch is a {type(batch).__name__}; expected a torch.Tensor (N, 1, I, R, C) of HU"
+        )
     if batch.ndim != 5:
         hint = " (add the batch dimension with .unsqueeze(0))" if batch.ndim == 4 else ""
-        raise DataFormatError(f"{what}: batch has shape {tuple(batch.shape)}; expected 5 dimensions "
-                              f"(N, 1, I, R, C){hint}")
+        raise DataFormatError(
+            f"{what}: batch has shape {tuple(batch.shape)}; expected 5 dimensions (N, 1, I, R, C){hint}"
+        )
     if batch.dtype == torch.int16:
         return batch.float()
     if batch.dtype not in _FLOAT_DTYPES:
-        raise DataFormatError(f"{what}: batch has dtype {batch.dtype}; expected float32, float64, bfloat16, "
-                              "float16 or int16 HU (convert with .float())")
+        raise DataFormatError(
+            f"{what}: batch has dtype {batch.dtype}; expected float32, float64, bfloat16, "
+            "float16 or int16 HU (convert with .float())"
+        )
     return batch
 
 
@@ -259,8 +265,10 @@ def affine_grid(theta: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """
     n, _, size_i, size_r, size_c = (int(s) for s in shape)
     if theta.ndim != 3 or tuple(theta.shape) != (n, 3, 4):
-        raise DataFormatError(f"affine_grid: theta has shape {tuple(theta.shape)}; expected ({n}, 3, 4) "
-                              f"for a batch of shape {tuple(shape)}")
+        raise DataFormatError(
+            f"affine_grid: theta has shape {tuple(theta.shape)}; expected ({n}, 3, 4) "
+            f"for a batch of shape {tuple(shape)}"
+        )
     a = theta[:, None, None, None]  # (N, 1, 1, 1, 3, 4): column k of the matrix is a[..., k]
 
     def centres(size: int) -> torch.Tensor:  # normalised voxel centres, align_corners=False
@@ -282,11 +290,11 @@ def apply_affine(batch: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     x = _check_batch(batch, "apply_affine")
     if not isinstance(theta, torch.Tensor) or theta.ndim != 3 or tuple(theta.shape[1:]) != (3, 4):
         found = tuple(theta.shape) if isinstance(theta, torch.Tensor) else type(theta).__name__
-        raise DataFormatError(f"apply_affine: theta is {found}; expected a (N, 3, 4) tensor of affine "
-                              "matrices")
+        raise DataFormatError(f"apply_affine: theta is {found}; expected a (N, 3, 4) tensor of affine matrices")
     if theta.shape[0] != x.shape[0]:
-        raise DataFormatError(f"apply_affine: theta holds {theta.shape[0]} matrices for a batch of "
-                              f"{x.shape[0]}; expected one per sample")
+        raise DataFormatError(
+            f"apply_affine: theta holds {theta.shape[0]} matrices for a batch of {x.shape[0]}; expected one per sample"
+        )
     if x.shape[0] == 0:
         return x
     work = _compute_dtype(x.dtype)
@@ -303,8 +311,7 @@ def flip_batch(batch: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     Returns (N, 1, I, R, C), same dtype as the (float) batch.
     """
     x = _check_batch(batch, "flip_batch")
-    if not (isinstance(flips, torch.Tensor) and flips.dtype == torch.bool
-            and tuple(flips.shape) == (x.shape[0], 3)):
+    if not (isinstance(flips, torch.Tensor) and flips.dtype == torch.bool and tuple(flips.shape) == (x.shape[0], 3)):
         found = (tuple(flips.shape), flips.dtype) if isinstance(flips, torch.Tensor) else type(flips).__name__
         raise DataFormatError(f"flip_batch: flips is {found}; expected a ({x.shape[0]}, 3) bool tensor")
     flips = flips.to(x.device)
@@ -316,23 +323,30 @@ def flip_batch(batch: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
 
     # One gather with broadcast per-sample indices (channels last, so they stay together).
     samples = torch.arange(n, device=x.device).view(n, 1, 1, 1)
-    out = x.permute(0, 2, 3, 4, 1)[samples,
-                                   index(size_i, 2).view(n, size_i, 1, 1),
-                                   index(size_r, 1).view(n, 1, size_r, 1),
-                                   index(size_c, 0).view(n, 1, 1, size_c)]
+    out = x.permute(0, 2, 3, 4, 1)[
+        samples,
+        index(size_i, 2).view(n, size_i, 1, 1),
+        index(size_r, 1).view(n, 1, size_r, 1),
+        index(size_c, 0).view(n, 1, 1, size_c),
+    ]
     return _keep_memory_format(out.permute(0, 4, 1, 2, 3), x)
 
 
 def _check_generator(generator: Any, device: torch.device) -> None:
     if not isinstance(generator, torch.Generator):
-        raise ConfigError(f"augment_batch: generator is a {type(generator).__name__}; expected a "
-                          f"torch.Generator(device={str(device)!r})")
+        raise ConfigError(
+            f"augment_batch: generator is a {type(generator).__name__}; expected a "
+            f"torch.Generator(device={str(device)!r})"
+        )
     gen_device = generator.device
     same = gen_device.type == device.type and (
-        gen_device.index is None or device.index is None or gen_device.index == device.index)
+        gen_device.index is None or device.index is None or gen_device.index == device.index
+    )
     if not same:
-        raise ConfigError(f"augment_batch: generator is on {gen_device}, the batch on {device}; create it "
-                          f"with torch.Generator(device={str(device)!r})")
+        raise ConfigError(
+            f"augment_batch: generator is on {gen_device}, the batch on {device}; create it "
+            f"with torch.Generator(device={str(device)!r})"
+        )
 
 
 @torch.no_grad()
@@ -353,8 +367,7 @@ def augment_batch(batch: torch.Tensor, config: AugmentConfig, *, generator: torc
     if not config.enabled or x.shape[0] == 0:
         return x
     _check_generator(generator, x.device)
-    theta = random_affine(x.shape[0], config, generator=generator, device=x.device,
-                          shape_irc=tuple(x.shape[2:]))
+    theta = random_affine(x.shape[0], config, generator=generator, device=x.device, shape_irc=tuple(x.shape[2:]))
     if config.resamples:
         out = apply_affine(x, theta)
     elif config.flip:

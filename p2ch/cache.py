@@ -171,15 +171,13 @@ class ChunkDisk(Disk):
 
     def store(self, value, read, key=UNKNOWN):
         if read or type(value) is not bytes:
-            raise TypeError(
-                f"p2ch.cache stores only encoded chunk bytes (encode_chunk), got {type(value).__name__}"
-            )
+            raise TypeError(f"p2ch.cache stores only encoded chunk bytes (encode_chunk), got {type(value).__name__}")
         if len(value) < HEADER.size or value[:4] != MAGIC:
             raise ValueError("not an encoded chunk: no p2ch chunk header")
         filename, full_path = self.filename(key, value)
-        payload = memoryview(value)[HEADER.size:]
+        payload = memoryview(value)[HEADER.size :]
         self._write(full_path, (payload,), "xb")
-        return len(payload), MODE_BINARY, filename, sqlite3.Binary(value[:HEADER.size])
+        return len(payload), MODE_BINARY, filename, sqlite3.Binary(value[: HEADER.size])
 
     def filename(self, key=UNKNOWN, value=UNKNOWN):
         # diskcache's default spreads files over 65,536 two-level folders per shard: for LUNA16's
@@ -232,8 +230,9 @@ def encode_chunk(chunk: np.ndarray, center_irc: Sequence[int], compress_level: i
         payload = zlib.compress(payload, compress_level)
         flags |= FLAG_ZLIB
     center = [int(v) for v in center_irc]
-    header = HEADER.pack(MAGIC, CACHE_FORMAT_VERSION, flags, *chunk.shape, 0, *center, len(payload),
-                         zlib.crc32(payload))
+    header = HEADER.pack(
+        MAGIC, CACHE_FORMAT_VERSION, flags, *chunk.shape, 0, *center, len(payload), zlib.crc32(payload)
+    )
     return b"".join((header, payload))
 
 
@@ -277,8 +276,8 @@ def decode_chunk(value: bytes, width_irc: Sequence[int] | None = None, verify: b
     try:
         if type(value) is not bytes:
             raise _Corrupt(f"value is {type(value).__name__}, not bytes")
-        flags, shape, center_irc, length, crc = _parse_header(value[:HEADER.size], width)  # type: ignore[arg-type]
-        payload = memoryview(value)[HEADER.size:]
+        flags, shape, center_irc, length, crc = _parse_header(value[: HEADER.size], width)  # type: ignore[arg-type]
+        payload = memoryview(value)[HEADER.size :]
         if len(payload) != length:
             raise _Corrupt(f"payload is {len(payload)} bytes, header says {length}")
         return _decode_payload(flags, shape, payload, crc, verify), center_irc
@@ -327,8 +326,7 @@ def _check_width(width_irc: Sequence[int]) -> tuple[int, int, int]:
         width, exact = (), False
     if len(width) != 3 or not exact or min(width) < 1 or max(width) > 0xFFFF:
         raise ConfigError(
-            f"width_irc {width_irc!r}: expected 3 positive integers (index, row, col), "
-            f"e.g. {DEFAULT_WIDTH_IRC}"
+            f"width_irc {width_irc!r}: expected 3 positive integers (index, row, col), e.g. {DEFAULT_WIDTH_IRC}"
         )
     return width  # type: ignore[return-value]
 
@@ -339,9 +337,7 @@ def _center_key(center_xyz) -> str:
         x, y, z = center_xyz
         return f"{round(float(x) * 1000.0)},{round(float(y) * 1000.0)},{round(float(z) * 1000.0)}"
     except (TypeError, ValueError, OverflowError):
-        raise ConfigError(
-            f"center_xyz {center_xyz!r}: expected 3 finite numbers (x, y, z in mm)"
-        ) from None
+        raise ConfigError(f"center_xyz {center_xyz!r}: expected 3 finite numbers (x, y, z in mm)") from None
 
 
 def source_identity(series_uid: str, data_root: str | os.PathLike[str]) -> str:
@@ -481,13 +477,17 @@ class ChunkCache:
         shards = self._read_layout()
         if shards is not None:
             if shards != self.shards:
-                log.debug("%s has %d shards (asked for %d); using %d", self.cache_dir, shards,
-                          self.shards, shards)
+                log.debug("%s has %d shards (asked for %d); using %d", self.cache_dir, shards, self.shards, shards)
             return shards
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            text = json.dumps({"format": LAYOUT_FORMAT, "shards": self.shards,
-                               "note": "p2ch chunk cache (safe to delete); see p2ch/cache.py"})
+            text = json.dumps(
+                {
+                    "format": LAYOUT_FORMAT,
+                    "shards": self.shards,
+                    "note": "p2ch chunk cache (safe to delete); see p2ch/cache.py",
+                }
+            )
             tmp = self.cache_dir / f".{LAYOUT_FILE}.{os.getpid()}.{os.urandom(4).hex()}"
             tmp.write_text(text, encoding="utf-8")
             try:
@@ -520,8 +520,14 @@ class ChunkCache:
         while True:
             try:
                 cache = FanoutCache(
-                    str(self.cache_dir), shards=shards, timeout=self.timeout_s, disk=ChunkDisk,
-                    eviction_policy="none", size_limit=_MAX_SIZE_LIMIT, cull_limit=0, statistics=False,
+                    str(self.cache_dir),
+                    shards=shards,
+                    timeout=self.timeout_s,
+                    disk=ChunkDisk,
+                    eviction_policy="none",
+                    size_limit=_MAX_SIZE_LIMIT,
+                    cull_limit=0,
+                    statistics=False,
                     tag_index=True,
                 )
                 break
@@ -599,8 +605,11 @@ class ChunkCache:
         """
         lookups = self._hits + self._misses
         return {
-            "hits": self._hits, "misses": self._misses, "corrupt": self._corrupt,
-            "written": self._written, "hit_rate": self._hits / lookups if lookups else 0.0,
+            "hits": self._hits,
+            "misses": self._misses,
+            "corrupt": self._corrupt,
+            "written": self._written,
+            "hit_rate": self._hits / lookups if lookups else 0.0,
         }
 
     # --- keys ----------------------------------------------------------------------------------
@@ -614,15 +623,13 @@ class ChunkCache:
             if identity is None:
                 identity = self._identities[series_uid] = source_identity(series_uid, self.data_root)
             found = (
-                f"{KEY_PREFIX}/v{CACHE_FORMAT_VERSION}/{width[0]}x{width[1]}x{width[2]}/"
-                f"{series_uid}/{identity}/",
+                f"{KEY_PREFIX}/v{CACHE_FORMAT_VERSION}/{width[0]}x{width[1]}x{width[2]}/{series_uid}/{identity}/",
                 f"v{CACHE_FORMAT_VERSION}/{series_uid}/{identity}",
             )
             self._prefixes[(series_uid, width)] = found
         return found
 
-    def key(self, series_uid: str, center_xyz: Sequence[float],
-            width_irc: Sequence[int] = DEFAULT_WIDTH_IRC) -> str:
+    def key(self, series_uid: str, center_xyz: Sequence[float], width_irc: Sequence[int] = DEFAULT_WIDTH_IRC) -> str:
         """The cache key of one chunk (see the module docstring for its parts)."""
         width = width_irc if type(width_irc) is tuple else tuple(width_irc)
         return self._prefix(series_uid, width)[0] + _center_key(center_xyz)
@@ -669,8 +676,13 @@ class ChunkCache:
         self._corrupt += 1
         if not self._corrupt_logged:
             self._corrupt_logged = True
-            log.warning("damaged entry in chunk cache %s (%s: %s); replacing it with a fresh crop "
-                        "(further damaged entries are logged at debug level)", self.cache_dir, key, exc)
+            log.warning(
+                "damaged entry in chunk cache %s (%s: %s); replacing it with a fresh crop "
+                "(further damaged entries are logged at debug level)",
+                self.cache_dir,
+                key,
+                exc,
+            )
         else:
             log.debug("damaged entry %s (%s); recomputing", key, exc)
 
@@ -681,8 +693,9 @@ class ChunkCache:
         except (OSError, sqlite3.Error) as err:
             raise self._write_error(err) from None
 
-    def get_cached(self, series_uid: str, center_xyz: Sequence[float],
-                   width_irc: Sequence[int] = DEFAULT_WIDTH_IRC) -> tuple[np.ndarray, IrcTuple] | None:
+    def get_cached(
+        self, series_uid: str, center_xyz: Sequence[float], width_irc: Sequence[int] = DEFAULT_WIDTH_IRC
+    ) -> tuple[np.ndarray, IrcTuple] | None:
         """The cached `(chunk, center_irc)` or None; never computes or stores anything."""
         cache = self._cache if self._pid == os.getpid() else self.diskcache
         width = width_irc if type(width_irc) is tuple else tuple(width_irc)
@@ -780,9 +793,7 @@ class ChunkCache:
             return self._full_error(exc)
         return self._dir_error(exc)
 
-    def missing(
-        self, series_uid: str, centers_xyz, width_irc: Sequence[int] = DEFAULT_WIDTH_IRC
-    ) -> np.ndarray:
+    def missing(self, series_uid: str, centers_xyz, width_irc: Sequence[int] = DEFAULT_WIDTH_IRC) -> np.ndarray:
         """Which of these chunks are not cached yet: (N,) bool, for centers_xyz (N, 3) float mm.
 
         Reads nothing but the index; creates nothing when the cache does not exist yet.
@@ -826,16 +837,16 @@ class ChunkCache:
         inside = np.all((centers_irc >= 0) & (centers_irc < np.asarray(ct.hu.shape)), axis=1)
         outside = int((~inside).sum())
         if outside:
-            log.warning("%s: %d candidate centre(s) outside the CT volume %s; skipped",
-                        series_uid, outside, tuple(ct.hu.shape))
+            log.warning(
+                "%s: %d candidate centre(s) outside the CT volume %s; skipped", series_uid, outside, tuple(ct.hu.shape)
+            )
         todo = todo[inside]
         written = 0
         for start in range(0, len(todo), batch_size):
-            rows = todo[start:start + batch_size]
+            rows = todo[start : start + batch_size]
             chunks, batch_irc = ct.get_raw_candidates(centers[rows], width)
             for row, chunk, center_irc in zip(rows.tolist(), chunks, batch_irc.tolist(), strict=True):
-                if self._store(cache, keys[row], encode_chunk(chunk, center_irc, self.compress_level),
-                               tag, width):
+                if self._store(cache, keys[row], encode_chunk(chunk, center_irc, self.compress_level), tag, width):
                     written += 1
                 else:
                     present += 1
@@ -934,8 +945,13 @@ class ChunkCache:
         orphans = sum(1 for w in found if issubclass(w.category, UnknownFileWarning))
         lost = sum(1 for w in found if str(w.message).startswith("file not found"))
         if orphans or lost:
-            log.info("cache %s: %s %d orphan value files and %d entries without their file", self.cache_dir,
-                     "removed" if fix else "found", orphans, lost)
+            log.info(
+                "cache %s: %s %d orphan value files and %d entries without their file",
+                self.cache_dir,
+                "removed" if fix else "found",
+                orphans,
+                lost,
+            )
         return orphans, lost
 
 

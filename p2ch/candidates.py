@@ -70,9 +70,7 @@ def read_luna_csv(path: str | os.PathLike[str], columns: tuple[str, ...]) -> pd.
     try:
         frame = pd.read_csv(path, encoding="utf-8-sig", dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
-        raise DataFormatError(
-            f"{path}: empty file; expected the header {','.join(columns)} and rows"
-        ) from None
+        raise DataFormatError(f"{path}: empty file; expected the header {','.join(columns)} and rows") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DataFormatError(f"{path}: not a readable CSV ({exc})") from None
     frame.columns = [str(c).strip() for c in frame.columns]
@@ -98,9 +96,7 @@ def read_luna_csv(path: str | os.PathLike[str], columns: tuple[str, ...]) -> pd.
         bad = values.isna() | ~np.isfinite(values.to_numpy(dtype=np.float64, na_value=np.nan))
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise DataFormatError(
-                f"{path}: line {_file_line(row)}: {column} is {raw.iloc[row]!r}; expected a number"
-            )
+            raise DataFormatError(f"{path}: line {_file_line(row)}: {column} is {raw.iloc[row]!r}; expected a number")
         frame[column] = values.astype(np.float64)
     return frame.reset_index(drop=True)
 
@@ -151,9 +147,7 @@ def _read_candidates(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, int]:
     bad = ~frame["class"].isin([0.0, 1.0])
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataFormatError(
-            f"{path}: line {_file_line(row)}: class is {frame['class'].iloc[row]:g}; expected 0 or 1"
-        )
+        raise DataFormatError(f"{path}: line {_file_line(row)}: class is {frame['class'].iloc[row]:g}; expected 0 or 1")
     frame["class"] = frame["class"].astype(np.int8)
     return _drop_duplicates(frame, Path(path))
 
@@ -210,8 +204,11 @@ class CandidateArrays:
 
     def __getitem__(self, k: int) -> CandidateInfoTuple:
         return CandidateInfoTuple(
-            bool(self.is_nodule[k]), bool(self.has_annotation[k]), float(self.diameter_mm[k]),
-            self.series_uid(k), tuple(float(v) for v in self.center_xyz[k]),
+            bool(self.is_nodule[k]),
+            bool(self.has_annotation[k]),
+            float(self.diameter_mm[k]),
+            self.series_uid(k),
+            tuple(float(v) for v in self.center_xyz[k]),
         )
 
     def to_list(self) -> list[CandidateInfoTuple]:
@@ -219,8 +216,12 @@ class CandidateArrays:
         return [
             CandidateInfoTuple(n, a, d, uids[s], tuple(c))
             for n, a, d, s, c in zip(
-                self.is_nodule.tolist(), self.has_annotation.tolist(), self.diameter_mm.tolist(),
-                self.series_index.tolist(), self.center_xyz.tolist(), strict=True,
+                self.is_nodule.tolist(),
+                self.has_annotation.tolist(),
+                self.diameter_mm.tolist(),
+                self.series_index.tolist(),
+                self.center_xyz.tolist(),
+                strict=True,
             )
         ]
 
@@ -249,9 +250,7 @@ class CandidateArrays:
         )
 
 
-def match_annotations(
-    candidates: pd.DataFrame, annotations: pd.DataFrame
-) -> tuple[np.ndarray, np.ndarray]:
+def match_annotations(candidates: pd.DataFrame, annotations: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """LUNA16's hit rule for the positive candidates.
 
     For each row of `candidates` with class 1, find the annotations of the same series whose
@@ -284,9 +283,7 @@ def match_annotations(
     return diameter, matched
 
 
-def _count_annotations_without_candidate(
-    candidates: pd.DataFrame, annotations: pd.DataFrame
-) -> int:
+def _count_annotations_without_candidate(candidates: pd.DataFrame, annotations: pd.DataFrame) -> int:
     positives = candidates[candidates["class"] == 1]
     by_series = {uid: g[_COORDS].to_numpy() for uid, g in positives.groupby("seriesuid")}
     missing = 0
@@ -331,13 +328,10 @@ def build_candidate_arrays(
         series_not_on_disk=len(all_series - set(uids[keep].tolist())),
         candidates_not_on_disk=int((~keep).sum()),
     )
-    is_nodule, matched, diameter, uids, xyz = (
-        is_nodule[keep], matched[keep], diameter[keep], uids[keep], xyz[keep]
-    )
+    is_nodule, matched, diameter, uids, xyz = (is_nodule[keep], matched[keep], diameter[keep], uids[keep], xyz[keep])
     series_uids, series_index = np.unique(uids, return_inverse=True)
     # np.lexsort sorts by the last key first; all keys ascending, then reversed.
-    order = np.lexsort((xyz[:, 2], xyz[:, 1], xyz[:, 0], series_index, diameter, matched,
-                        is_nodule))[::-1]
+    order = np.lexsort((xyz[:, 2], xyz[:, 1], xyz[:, 0], series_index, diameter, matched, is_nodule))[::-1]
     arrays = CandidateArrays(
         series_uids=series_uids.astype(str),
         series_index=series_index.astype(np.int32)[order],
@@ -369,8 +363,13 @@ def _load(root: str, require_on_disk: bool) -> tuple[CandidateArrays, CandidateS
     log.info(
         "candidates from %s: %d (%d positive: %d matched to an annotation, %d matched none); "
         "%d series; skipped %d candidates of %d series not on disk",
-        candidates_path, stats.candidates, stats.positives, stats.positives_matched,
-        stats.positives_unmatched, stats.series, stats.candidates_not_on_disk,
+        candidates_path,
+        stats.candidates,
+        stats.positives,
+        stats.positives_matched,
+        stats.positives_unmatched,
+        stats.series,
+        stats.candidates_not_on_disk,
         stats.series_not_on_disk,
     )
     return arrays, stats

@@ -30,8 +30,12 @@ def versions() -> dict[str, str]:
 
     from p2ch import __version__
 
-    return {"p2ch": str(__version__), "torch": str(torch.__version__), "numpy": str(numpy.__version__),
-            "python": platform.python_version()}
+    return {
+        "p2ch": str(__version__),
+        "torch": str(torch.__version__),
+        "numpy": str(numpy.__version__),
+        "python": platform.python_version(),
+    }
 
 
 def sha1_of(path: str | os.PathLike[str]) -> str:

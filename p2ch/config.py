@@ -55,7 +55,6 @@ def resolve_models_dir(value: str | os.PathLike[str] | None = None) -> Path:
     return _resolve(value, MODELS_DIR_ENV, DEFAULT_MODELS_DIR)
 
 
-
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends `(default: X)` to an option's help unless the text already states its default."""
 
@@ -69,18 +68,32 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--checkpoint and --models-dir (a "model" group), as p2ch.predict and p2ch.evaluate spell them."""
     g = parser.add_argument_group("model")
-    g.add_argument("--checkpoint", default=None, metavar="PATH",
-                   help="checkpoint file, or a run folder (its newest best.pt) (default: the newest best.pt "
-                        "under --models-dir)")
-    g.add_argument("--models-dir", default=None,
-                   help="where to look for the newest best.pt (default: $P2CH_MODELS_DIR or data-unversioned/models)")
+    g.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="PATH",
+        help="checkpoint file, or a run folder (its newest best.pt) (default: the newest best.pt under --models-dir)",
+    )
+    g.add_argument(
+        "--models-dir",
+        default=None,
+        help="where to look for the newest best.pt (default: $P2CH_MODELS_DIR or data-unversioned/models)",
+    )
 
 
 def add_inference_arguments(group: argparse._ArgumentGroup) -> None:
     """--batch-size, --device, --amp and --channels-last into `group` (the inference settings of make_scorer)."""
     group.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="candidates per forward pass")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    group.add_argument("--amp", choices=AMP_MODES, default="auto",
-                       help="mixed precision: auto = bf16 on CUDA (fp16 if unsupported), off on the CPU")
-    group.add_argument("--channels-last", choices=("on", "off"), default="on",
-                       help="channels_last_3d memory format for the model and batches")
+    group.add_argument(
+        "--amp",
+        choices=AMP_MODES,
+        default="auto",
+        help="mixed precision: auto = bf16 on CUDA (fp16 if unsupported), off on the CPU",
+    )
+    group.add_argument(
+        "--channels-last",
+        choices=("on", "off"),
+        default="on",
+        help="channels_last_3d memory format for the model and batches",
+    )

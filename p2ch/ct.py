@@ -33,9 +33,18 @@ SERIES_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 SERIES_UID_MAX_LEN = 64
 
 _ELEMENT_BYTES = {
-    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4,
-    "MET_UINT": 4, "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8,
-    "MET_FLOAT": 4, "MET_DOUBLE": 8,
+    "MET_CHAR": 1,
+    "MET_UCHAR": 1,
+    "MET_SHORT": 2,
+    "MET_USHORT": 2,
+    "MET_INT": 4,
+    "MET_UINT": 4,
+    "MET_LONG": 4,
+    "MET_ULONG": 4,
+    "MET_LONG_LONG": 8,
+    "MET_ULONG_LONG": 8,
+    "MET_FLOAT": 4,
+    "MET_DOUBLE": 8,
 }
 
 
@@ -79,8 +88,7 @@ def _series_index(root: str) -> dict[str, Path]:
                 log.warning("ignoring %s: its name is not a series uid (digits and dots)", mhd)
                 continue
             if uid in index:
-                log.warning("series %s is in both %s and %s; using the first", uid,
-                            index[uid].parent, subset)
+                log.warning("series %s is in both %s and %s; using the first", uid, index[uid].parent, subset)
                 continue
             index[uid] = mhd
     return index
@@ -154,16 +162,11 @@ def read_mhd_header(mhd_path: str | os.PathLike[str]) -> dict[str, str]:
             f"DimSize={header['DimSize']!r} are not integers"
         ) from None
     if ndims != 3 or len(dims) != 3 or min(dims) < 1:
-        raise DataFormatError(
-            f"{mhd_path}: expected a 3-D CT volume, got NDims={ndims} DimSize={dims}"
-        )
+        raise DataFormatError(f"{mhd_path}: expected a 3-D CT volume, got NDims={ndims} DimSize={dims}")
     data_file = header["ElementDataFile"]
     element_bytes = _ELEMENT_BYTES.get(header["ElementType"])
     if element_bytes is None:
-        raise DataFormatError(
-            f"{mhd_path}: unsupported ElementType {header['ElementType']!r} "
-            "(LUNA16 uses MET_SHORT)"
-        )
+        raise DataFormatError(f"{mhd_path}: unsupported ElementType {header['ElementType']!r} (LUNA16 uses MET_SHORT)")
     compressed = header.get("CompressedData", "False").lower() == "true"
     if data_file.upper() != "LOCAL" and " " not in data_file and "%" not in data_file:
         raw_path = mhd_path.parent / data_file
@@ -272,8 +275,8 @@ class Ct:
         starts = self._window_starts(centers_irc, width)
         chunks = np.full((len(centers_irc), *width), HU_MIN, dtype=np.int16)
         for n, (i, r, c) in enumerate(starts):
-            block = self.hu[i:i + width[0], r:r + width[1], c:c + width[2]]
-            chunks[n, :block.shape[0], :block.shape[1], :block.shape[2]] = block
+            block = self.hu[i : i + width[0], r : r + width[1], c : c + width[2]]
+            chunks[n, : block.shape[0], : block.shape[1], : block.shape[2]] = block
         return chunks, centers_irc
 
     def get_raw_candidate(self, center_xyz, width_irc: Sequence[int] = DEFAULT_WIDTH_IRC):

@@ -115,8 +115,7 @@ def _check_width(width_irc: Sequence[int]) -> tuple[int, int, int]:
         width, exact = (), False
     if len(width) != 3 or not exact or min(width) < 1:
         raise ConfigError(
-            f"width_irc {width_irc!r}: expected 3 positive integers (index, row, col), "
-            f"e.g. {DEFAULT_WIDTH_IRC}"
+            f"width_irc {width_irc!r}: expected 3 positive integers (index, row, col), e.g. {DEFAULT_WIDTH_IRC}"
         )
     return width  # type: ignore[return-value]
 
@@ -239,9 +238,7 @@ def collate_luna(samples: Sequence[LunaSample]) -> LunaBatch:
     )
 
 
-def to_device_batch(
-    chunk_batch: torch.Tensor, device: torch.device | str, non_blocking: bool = True
-) -> torch.Tensor:
+def to_device_batch(chunk_batch: torch.Tensor, device: torch.device | str, non_blocking: bool = True) -> torch.Tensor:
     """Move an int16 chunk batch to `device` and make it float32 there.
 
     chunk_batch: (N, 1, I, R, C) int16 HU (a loader batch's `.chunk`). Returns
@@ -393,8 +390,9 @@ def split_candidates(
     val_fraction = _check_fraction("val_fraction", val_fraction)
     test_fraction = _check_fraction("test_fraction", test_fraction)
     if val_stride is not None:
-        val_stride = _check_int("val_stride (--val-stride)", val_stride, 2,
-                                " (every Nth candidate or series goes to validation)")
+        val_stride = _check_int(
+            "val_stride (--val-stride)", val_stride, 2, " (every Nth candidate or series goes to validation)"
+        )
     val_set = _check_subsets("val_subsets", val_subsets)
     test_set = _check_subsets("test_subsets", test_subsets)
 
@@ -409,8 +407,7 @@ def split_candidates(
         part[::stride] = _VAL
         if len(candidates) < 2:
             raise ConfigError(
-                f"stride split of {len(candidates)} candidate leaves none for training; "
-                "use more candidates"
+                f"stride split of {len(candidates)} candidate leaves none for training; use more candidates"
             )
     else:
         present = np.unique(candidates.series_index)
@@ -423,8 +420,7 @@ def split_candidates(
         if mode == "series":
             if test_set:
                 raise ConfigError(
-                    f"test_subsets {sorted(test_set)} apply to --split subset; "
-                    "the series split takes --test-fraction"
+                    f"test_subsets {sorted(test_set)} apply to --split subset; the series split takes --test-fraction"
                 )
             if val_stride is not None:
                 val_fraction = 1.0 / val_stride
@@ -432,8 +428,7 @@ def split_candidates(
         else:
             if test_fraction:
                 raise ConfigError(
-                    f"test_fraction {test_fraction:g} applies to --split series; "
-                    "the subset split takes --test-subsets"
+                    f"test_fraction {test_fraction:g} applies to --split series; the subset split takes --test-subsets"
                 )
             if val_stride is not None:
                 raise ConfigError(
@@ -449,8 +444,12 @@ def split_candidates(
     series = {p: np.unique(all_uids[candidates.series_index[r]]) for p, r in rows.items()}
     return Split(
         mode=mode,
-        train=rows[_TRAIN], val=rows[_VAL], test=rows[_TEST],
-        train_series=series[_TRAIN], val_series=series[_VAL], test_series=series[_TEST],
+        train=rows[_TRAIN],
+        val=rows[_VAL],
+        test=rows[_TEST],
+        train_series=series[_TRAIN],
+        val_series=series[_VAL],
+        test_series=series[_TEST],
     )
 
 
@@ -482,9 +481,7 @@ def _series_mode_parts(uids: np.ndarray, val_fraction: float, test_fraction: flo
     return part
 
 
-def _subset_mode_parts(
-    uids: np.ndarray, val_set: frozenset[int], test_set: frozenset[int], data_root
-) -> np.ndarray:
+def _subset_mode_parts(uids: np.ndarray, val_set: frozenset[int], test_set: frozenset[int], data_root) -> np.ndarray:
     """(S,) int8 part of each series by its subset folder; ConfigError when train or val is empty."""
     subsets = _series_subsets(uids, data_root)
     part = np.full(len(uids), _TRAIN, dtype=np.int8)
@@ -513,9 +510,7 @@ def _check_shard(rank: Any, world_size: Any) -> tuple[int, int]:
     world_size = _check_int("world_size", world_size, 1)
     rank = _check_int("rank", rank, 0)
     if rank >= world_size:
-        raise ConfigError(
-            f"rank {rank} is out of range for world_size {world_size}; expected 0 … {world_size - 1}"
-        )
+        raise ConfigError(f"rank {rank} is out of range for world_size {world_size}; expected 0 … {world_size - 1}")
     return rank, world_size
 
 
@@ -540,15 +535,14 @@ def _permutation_stream(population: int, start: int, count: int, seed: int, stre
         parts.append(rng.permuted(table, axis=1).ravel())
     run = np.concatenate(parts)
     offset = start - (first_pass // rows) * rows * population
-    return run[offset:offset + count]
+    return run[offset : offset + count]
 
 
 def _check_labels(labels: Any) -> np.ndarray:
     array = np.asarray(labels)
     if array.ndim != 1 or not (array.dtype == bool or np.issubdtype(array.dtype, np.integer)):
         raise ConfigError(
-            f"labels: expected a (M,) bool array (dataset.labels), got shape {array.shape} "
-            f"dtype {array.dtype}"
+            f"labels: expected a (M,) bool array (dataset.labels), got shape {array.shape} dtype {array.dtype}"
         )
     if array.dtype != bool:
         if array.size and (array.min() < 0 or array.max() > 1):
@@ -583,7 +577,7 @@ class _EpochSampler(Sampler[int]):
     def indices(self, epoch: int | None = None) -> np.ndarray:
         """(num_samples,) int64 dataset indices of this rank's shard (a contiguous slice)."""
         start = self.rank * self.num_samples
-        return self.global_indices(epoch)[start:start + self.num_samples]
+        return self.global_indices(epoch)[start : start + self.num_samples]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices().tolist())
@@ -676,9 +670,7 @@ class ShuffleSampler(_EpochSampler):
 
     def global_indices(self, epoch: int | None = None) -> np.ndarray:
         epoch = self.epoch if epoch is None else _check_int("epoch", epoch, 0)
-        return _permutation_stream(
-            self.length, epoch * self.total_size, self.total_size, self.seed, _STREAM_SHUFFLE
-        )
+        return _permutation_stream(self.length, epoch * self.total_size, self.total_size, self.seed, _STREAM_SHUFFLE)
 
 
 def shard_bounds(length: int, world_size: int) -> list[tuple[int, int]]:
@@ -791,8 +783,7 @@ def create_loader(
     if num_workers == 0:
         if prefetch_factor is not None or persistent_workers:
             raise ConfigError(
-                "prefetch_factor / persistent_workers need worker processes; set num_workers > 0 "
-                "or leave them unset"
+                "prefetch_factor / persistent_workers need worker processes; set num_workers > 0 or leave them unset"
             )
         persistent_workers = False
         multiprocessing_context = None

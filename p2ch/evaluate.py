@@ -132,14 +132,20 @@ def _split_of(candidates, train_config, data_root):
     from p2ch.datasets import split_candidates
 
     return split_candidates(
-        candidates, train_config.split, val_fraction=train_config.val_fraction, val_stride=train_config.val_stride,
-        val_subsets=train_config.val_subsets, test_fraction=train_config.test_fraction,
-        test_subsets=train_config.test_subsets, data_root=data_root,
+        candidates,
+        train_config.split,
+        val_fraction=train_config.val_fraction,
+        val_stride=train_config.val_stride,
+        val_subsets=train_config.val_subsets,
+        test_fraction=train_config.test_fraction,
+        test_subsets=train_config.test_subsets,
+        data_root=data_root,
     )
 
 
-def select_candidates(candidates, train_config, data_root: Path, split: str = "val",
-                      series: Sequence[str] = ()) -> Selection:
+def select_candidates(
+    candidates, train_config, data_root: Path, split: str = "val", series: Sequence[str] = ()
+) -> Selection:
     """The candidate rows of `split` (recomputed with the checkpoint's split settings) or of `series`.
 
     candidates: `CandidateArrays`. train_config: the checkpoint's `TrainingConfig`. Raises
@@ -192,8 +198,9 @@ def select_candidates(candidates, train_config, data_root: Path, split: str = "v
     in_training = None
     if split_obj is not None:
         in_training = int(np.isin(uids, split_obj.train_series).sum())
-    return Selection(name, rows, np.asarray(uids, dtype=str), in_training,
-                     split_obj.mode if split_obj is not None else None)
+    return Selection(
+        name, rows, np.asarray(uids, dtype=str), in_training, split_obj.mode if split_obj is not None else None
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,8 +235,17 @@ def prefill_cache(cache, candidates, indices: np.ndarray, width_irc: Sequence[in
     return written
 
 
-def score_from_cache(scorer, candidates, indices: np.ndarray, cache, *, width_irc: Sequence[int],
-                     batch_size: int, num_workers: int, progress: bool = True) -> np.ndarray:
+def score_from_cache(
+    scorer,
+    candidates,
+    indices: np.ndarray,
+    cache,
+    *,
+    width_irc: Sequence[int],
+    batch_size: int,
+    num_workers: int,
+    progress: bool = True,
+) -> np.ndarray:
     """P(nodule) of candidates[indices] read through the chunk cache: (n,) float64, in `indices` order."""
     import torch
 
@@ -239,8 +255,14 @@ def score_from_cache(scorer, candidates, indices: np.ndarray, cache, *, width_ir
     if len(indices) == 0:
         return np.zeros(0, dtype=np.float64)
     dataset = LunaDataset(candidates, indices, cache, width_irc)
-    loader = create_loader(dataset, EvalSampler(len(dataset)), batch_size=batch_size, num_workers=num_workers,
-                           pin_memory=scorer.device.type == "cuda", persistent_workers=False)
+    loader = create_loader(
+        dataset,
+        EvalSampler(len(dataset)),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=scorer.device.type == "cuda",
+        persistent_workers=False,
+    )
     parts = []
     with Progress(len(dataset), "scoring", "candidates", enabled=progress) as bar:
         for batch in loader:
@@ -258,8 +280,18 @@ def _number(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def compute_metrics(predictions, labels: np.ndarray, annotations, excluded, series_uids: Sequence[str], *,
-                    threshold: float, bootstrap: int, seed: int, confidence: float):
+def compute_metrics(
+    predictions,
+    labels: np.ndarray,
+    annotations,
+    excluded,
+    series_uids: Sequence[str],
+    *,
+    threshold: float,
+    bootstrap: int,
+    seed: int,
+    confidence: float,
+):
     """(FrocResult, classification dict) for one evaluation.
 
     predictions: submission rows; labels: (n,) bool, candidate k is a nodule (candidates.csv class);
@@ -269,8 +301,15 @@ def compute_metrics(predictions, labels: np.ndarray, annotations, excluded, seri
 
     from p2ch.metrics import classification_summary, froc
 
-    result = froc(predictions, annotations, excluded, series_uids=list(series_uids), bootstrap=bootstrap,
-                  seed=seed, confidence=confidence)
+    result = froc(
+        predictions,
+        annotations,
+        excluded,
+        series_uids=list(series_uids),
+        bootstrap=bootstrap,
+        seed=seed,
+        confidence=confidence,
+    )
     prob = torch.tensor(predictions["probability"].to_numpy(dtype=np.float64))
     summary = classification_summary(torch.tensor(np.asarray(labels, dtype=bool)), prob, threshold=threshold)
     classification = {
@@ -308,8 +347,15 @@ def plot_froc(result, path: Path, title: str) -> None:
     ax.set_ylabel("sensitivity (fraction of nodules detected)")
     ax.grid(True, which="major", alpha=0.3)
     if result.num_nodules == 0 or not math.isfinite(result.cpm):
-        ax.text(0.5, 0.5, "no annotated nodules in the evaluated scans:\nFROC and CPM are undefined",
-                transform=ax.transAxes, ha="center", va="center", fontsize=12)
+        ax.text(
+            0.5,
+            0.5,
+            "no annotated nodules in the evaluated scans:\nFROC and CPM are undefined",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            fontsize=12,
+        )
         ax.set_title(title, fontsize=10)
     else:
         fps, sens = result.fps_per_scan, result.sensitivity
@@ -321,8 +367,14 @@ def plot_froc(result, path: Path, title: str) -> None:
         at = np.array([result.sensitivities[p] for p in FROC_FPS_PER_SCAN])
         ci = np.array([result.sensitivities_ci[p] for p in FROC_FPS_PER_SCAN], dtype=np.float64)
         if np.isfinite(ci).all():
-            ax.fill_between(points, ci[:, 0], ci[:, 1], color="#1f77b4", alpha=0.15,
-                            label=f"{result.confidence:.0%} CI (bootstrap over scans, n={result.bootstrap})")
+            ax.fill_between(
+                points,
+                ci[:, 0],
+                ci[:, 1],
+                color="#1f77b4",
+                alpha=0.15,
+                label=f"{result.confidence:.0%} CI (bootstrap over scans, n={result.bootstrap})",
+            )
         ax.plot(points, at, "o", color="#d62728", markersize=5, label="LUNA16 operating points")
         for p, s in zip(points, at, strict=True):
             ax.annotate(f"{s:.2f}", (p, s), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7)
@@ -350,28 +402,40 @@ def format_report(metrics: dict[str, Any]) -> str:
         + (f", split mode {sel['split_mode']}" if sel.get("split_mode") else ""),
     ]
     if sel.get("series_in_training"):
-        lines.append(f"WARNING: {sel['series_in_training']} of these scans were in the checkpoint's training part; "
-                     "the scores below are optimistic")
+        lines.append(
+            f"WARNING: {sel['series_in_training']} of these scans were in the checkpoint's training part; "
+            "the scores below are optimistic"
+        )
     if froc["cpm"] is None:
         lines.append("CPM: undefined (no annotated nodules in these scans)")
     else:
         ci = froc["cpm_ci"]
-        interval = f" ({froc['confidence']:.0%} CI {_fmt(ci[0])}–{_fmt(ci[1])}, {froc['bootstrap']} bootstraps)" \
-            if ci[0] is not None else ""
+        interval = (
+            f" ({froc['confidence']:.0%} CI {_fmt(ci[0])}–{_fmt(ci[1])}, {froc['bootstrap']} bootstraps)"
+            if ci[0] is not None
+            else ""
+        )
         lines.append(f"CPM {_fmt(froc['cpm'])}{interval}")
         sens = froc["sensitivities"]
-        lines.append("sensitivity at " + ", ".join(f"{_fp_label(float(k))}: {_fmt(v, 2)}" for k, v in sens.items())
-                     + " FPs/scan")
+        lines.append(
+            "sensitivity at " + ", ".join(f"{_fp_label(float(k))}: {_fmt(v, 2)}" for k, v in sens.items()) + " FPs/scan"
+        )
         if froc["num_detected"] < froc["num_nodules"]:
-            lines.append(f"candidates hit {froc['num_detected']} of {froc['num_nodules']} nodules; the other "
-                         f"{froc['num_nodules'] - froc['num_detected']} are missed at any threshold")
+            lines.append(
+                f"candidates hit {froc['num_detected']} of {froc['num_nodules']} nodules; the other "
+                f"{froc['num_nodules'] - froc['num_detected']} are missed at any threshold"
+            )
     lines.append(f"AUC {_fmt(cls['auc'])}, average precision {_fmt(cls['average_precision'])}")
-    lines.append(f"at threshold {cls['threshold']:g}: precision {_fmt(cls['precision'])}, recall "
-                 f"{_fmt(cls['recall'])}, F1 {_fmt(cls['f1'])} (tp {cls['tp']}, fp {cls['fp']}, fn {cls['fn']}, "
-                 f"tn {cls['tn']})")
+    lines.append(
+        f"at threshold {cls['threshold']:g}: precision {_fmt(cls['precision'])}, recall "
+        f"{_fmt(cls['recall'])}, F1 {_fmt(cls['f1'])} (tp {cls['tp']}, fp {cls['fp']}, fn {cls['fn']}, "
+        f"tn {cls['tn']})"
+    )
     timing = metrics["timing"]
-    lines.append(f"scored in {timing['scoring_seconds']:.1f} s ({timing['candidates_per_sec']:,.0f} candidates/s) "
-                 f"on {metrics['device']['name']}, AMP {metrics['device']['amp']}")
+    lines.append(
+        f"scored in {timing['scoring_seconds']:.1f} s ({timing['candidates_per_sec']:,.0f} candidates/s) "
+        f"on {metrics['device']['name']}, AMP {metrics['device']['amp']}"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -432,16 +496,33 @@ def evaluate(config: EvalConfig) -> EvalResult:
     scorer = make_scorer(model, config.device, config.amp, config.channels_last)
     width = tuple(int(v) for v in train_config.width_irc)
     indices = selection.indices
-    log.info("evaluating %s (epoch %s) on %s: %d scans, %d candidates, %d nodules; device %s, AMP %s; output %s",
-             checkpoint, info.epoch, selection.name, len(selection.series_uids), len(indices), len(annotations),
-             scorer.device, scorer.amp_dtype or "off", out_dir)
+    log.info(
+        "evaluating %s (epoch %s) on %s: %d scans, %d candidates, %d nodules; device %s, AMP %s; output %s",
+        checkpoint,
+        info.epoch,
+        selection.name,
+        len(selection.series_uids),
+        len(indices),
+        len(annotations),
+        scorer.device,
+        scorer.amp_dtype or "off",
+        out_dir,
+    )
 
     cache_dir = workers = None
     score_started = time.perf_counter()
     if config.no_cache:
         locations = predictions_frame(candidates, indices, np.zeros(len(indices)))
-        prob, _ = predict_locations(scorer, data_root, locations, width_irc=width, batch_size=config.batch_size,
-                                    outside="error", skip_missing_series=False, progress=config.progress)
+        prob, _ = predict_locations(
+            scorer,
+            data_root,
+            locations,
+            width_irc=width,
+            batch_size=config.batch_size,
+            outside="error",
+            skip_missing_series=False,
+            progress=config.progress,
+        )
         prefilled = 0
     else:
         from p2ch.cache import ChunkCache
@@ -453,22 +534,41 @@ def evaluate(config: EvalConfig) -> EvalResult:
         workers = config.num_workers
         if workers is None:
             workers = min(2 if scorer.device.type == "cpu" else 8, os.cpu_count() or 1)
-        prob = score_from_cache(scorer, candidates, indices, cache, width_irc=width, batch_size=config.batch_size,
-                                num_workers=workers, progress=config.progress)
+        prob = score_from_cache(
+            scorer,
+            candidates,
+            indices,
+            cache,
+            width_irc=width,
+            batch_size=config.batch_size,
+            num_workers=workers,
+            progress=config.progress,
+        )
     scoring_seconds = time.perf_counter() - score_started
 
     predictions = predictions_frame(candidates, indices, prob)
     labels = candidates.is_nodule[indices]
     result, classification = compute_metrics(
-        predictions, labels, annotations, excluded, selection.series_uids, threshold=config.threshold,
-        bootstrap=config.bootstrap, seed=config.seed, confidence=config.confidence)
+        predictions,
+        labels,
+        annotations,
+        excluded,
+        selection.series_uids,
+        threshold=config.threshold,
+        bootstrap=config.bootstrap,
+        seed=config.seed,
+        confidence=config.confidence,
+    )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / SUBMISSION_FILE, predictions.to_csv(index=False))
-    pd.DataFrame({"fps_per_scan": result.fps_per_scan, "sensitivity": result.sensitivity,
-                  "threshold": result.thresholds}).to_csv(out_dir / FROC_CURVE_FILE, index=False)
-    title = f"{checkpoint.parent.name}/{checkpoint.name} (epoch {info.epoch}) on {selection.name}: " \
-            f"{len(selection.series_uids)} scans, {result.num_nodules} nodules"
+    pd.DataFrame(
+        {"fps_per_scan": result.fps_per_scan, "sensitivity": result.sensitivity, "threshold": result.thresholds}
+    ).to_csv(out_dir / FROC_CURVE_FILE, index=False)
+    title = (
+        f"{checkpoint.parent.name}/{checkpoint.name} (epoch {info.epoch}) on {selection.name}: "
+        f"{len(selection.series_uids)} scans, {result.num_nodules} nodules"
+    )
     plot_froc(result, out_dir / FROC_PLOT_FILE, title)
 
     froc_dict = result.to_dict(include_curve=False)
@@ -479,14 +579,21 @@ def evaluate(config: EvalConfig) -> EvalResult:
         "cpm_ci": froc_dict["cpm_ci"],
         "checkpoint": info.to_dict(),
         "selection": {
-            "name": selection.name, "split_mode": selection.split_mode,
-            "split_settings": {k: v for k, v in train_config.to_dict().items()
-                               if k in ("split", "val_fraction", "val_stride", "val_subsets", "test_fraction",
-                                        "test_subsets")},
+            "name": selection.name,
+            "split_mode": selection.split_mode,
+            "split_settings": {
+                k: v
+                for k, v in train_config.to_dict().items()
+                if k in ("split", "val_fraction", "val_stride", "val_subsets", "test_fraction", "test_subsets")
+            },
             "series_in_training": selection.series_in_training,
         },
-        "data": {"data_root": str(data_root.absolute()), "cache_dir": cache_dir,
-                 "candidates_file": find_candidates_file(data_root).name, "width_irc": list(width)},
+        "data": {
+            "data_root": str(data_root.absolute()),
+            "cache_dir": cache_dir,
+            "candidates_file": find_candidates_file(data_root).name,
+            "width_irc": list(width),
+        },
         "counts": {
             "scans": len(selection.series_uids),
             "candidates": len(indices),
@@ -500,21 +607,30 @@ def evaluate(config: EvalConfig) -> EvalResult:
         },
         "froc": froc_dict,
         "classification": classification,
-        "device": {"name": str(scorer.device), "amp": str(scorer.amp_dtype).replace("torch.", "") if scorer.amp_dtype
-                   else "off", "channels_last": scorer.channels_last, "num_workers": workers},
-        "timing": {"scoring_seconds": round(scoring_seconds, 3),
-                   "candidates_per_sec": round(len(indices) / scoring_seconds, 1) if scoring_seconds > 0 else None},
+        "device": {
+            "name": str(scorer.device),
+            "amp": str(scorer.amp_dtype).replace("torch.", "") if scorer.amp_dtype else "off",
+            "channels_last": scorer.channels_last,
+            "num_workers": workers,
+        },
+        "timing": {
+            "scoring_seconds": round(scoring_seconds, 3),
+            "candidates_per_sec": round(len(indices) / scoring_seconds, 1) if scoring_seconds > 0 else None,
+        },
         "settings": config.to_dict(),
         "versions": versions(),
     }
     if config.pictures:
         from p2ch.vis import write_pictures
 
-        pictures = write_pictures(predictions, annotations, excluded, data_root, out_dir / PICTURES_DIR,
-                                  config.pictures, config.threshold)
+        pictures = write_pictures(
+            predictions, annotations, excluded, data_root, out_dir / PICTURES_DIR, config.pictures, config.threshold
+        )
         metrics["pictures"] = {
-            "dir": PICTURES_DIR, "false_positives": pictures.false_positives,
-            "missed_nodules": pictures.missed_nodules, "missed_nodules_total": pictures.missed_nodules_total,
+            "dir": PICTURES_DIR,
+            "false_positives": pictures.false_positives,
+            "missed_nodules": pictures.missed_nodules,
+            "missed_nodules_total": pictures.missed_nodules_total,
             "sheets": [p.name for p in [*pictures.false_positive_sheets, *pictures.missed_nodule_sheets]],
         }
     metrics["timing"]["total_seconds"] = round(time.perf_counter() - started, 3)
@@ -535,63 +651,112 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Evaluate a LunaModel checkpoint the LUNA16 way: FROC/CPM with a bootstrap confidence "
-                    "interval, AUC, precision/recall/F1; writes a LUNA16 submission CSV, metrics.json, a FROC "
-                    "plot and a report.",
+        "interval, AUC, precision/recall/F1; writes a LUNA16 submission CSV, metrics.json, a FROC "
+        "plot and a report.",
         formatter_class=DefaultsHelpFormatter,
         epilog="Examples: python -m p2ch.evaluate (newest best.pt on its validation split); "
-               "python -m p2ch.evaluate --checkpoint data-unversioned/models/p2ch/RUN/best.pt --split test "
-               "--pictures 16 --out eval-test",
+        "python -m p2ch.evaluate --checkpoint data-unversioned/models/p2ch/RUN/best.pt --split test "
+        "--pictures 16 --out eval-test",
     )
     add_model_arguments(parser)
 
     g = parser.add_argument_group("what to score (the split is recomputed from the checkpoint's settings)")
     which = g.add_mutually_exclusive_group()
-    which.add_argument("--split", choices=SPLITS, default=None,
-                       help="val: the run's validation part; test: its held-out test part; all: every candidate "
-                            "(includes training CTs) (default: val)")
+    which.add_argument(
+        "--split",
+        choices=SPLITS,
+        default=None,
+        help="val: the run's validation part; test: its held-out test part; all: every candidate "
+        "(includes training CTs) (default: val)",
+    )
     which.add_argument("--series", nargs="+", default=None, metavar="UID", help="score these CTs instead of a split")
 
     g = parser.add_argument_group("data")
-    g.add_argument("--data-root", default=None,
-                   help="LUNA16 root (default: the checkpoint's, else $P2CH_DATA_ROOT or data-unversioned/part2/luna)")
-    g.add_argument("--cache-dir", default=None,
-                   help="chunk cache, filled where chunks are missing (default: the checkpoint's, else "
-                        "$P2CH_CACHE_DIR or data-unversioned/cache)")
-    g.add_argument("--no-cache", action="store_true",
-                   help="crop chunks from the CTs in memory (one load per CT) and write no cache")
+    g.add_argument(
+        "--data-root",
+        default=None,
+        help="LUNA16 root (default: the checkpoint's, else $P2CH_DATA_ROOT or data-unversioned/part2/luna)",
+    )
+    g.add_argument(
+        "--cache-dir",
+        default=None,
+        help="chunk cache, filled where chunks are missing (default: the checkpoint's, else "
+        "$P2CH_CACHE_DIR or data-unversioned/cache)",
+    )
+    g.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="crop chunks from the CTs in memory (one load per CT) and write no cache",
+    )
 
     g = parser.add_argument_group("metrics")
-    g.add_argument("--threshold", type=float, default=d.threshold,
-                   help="probability above which a candidate counts as a nodule (precision/recall/F1, pictures)")
-    g.add_argument("--bootstrap", type=int, default=d.bootstrap,
-                   help="bootstrap resamples of the scans for the confidence intervals (0: none)")
+    g.add_argument(
+        "--threshold",
+        type=float,
+        default=d.threshold,
+        help="probability above which a candidate counts as a nodule (precision/recall/F1, pictures)",
+    )
+    g.add_argument(
+        "--bootstrap",
+        type=int,
+        default=d.bootstrap,
+        help="bootstrap resamples of the scans for the confidence intervals (0: none)",
+    )
     g.add_argument("--confidence", type=float, default=d.confidence, help="confidence level of the intervals")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of the bootstrap")
 
     g = parser.add_argument_group("speed")
     add_inference_arguments(g)
-    g.add_argument("--num-workers", type=int, default=None,
-                   help="DataLoader workers reading the cache (default: min(2, CPUs) on the CPU, where the model is "
-                        "the bottleneck and 2 workers gain 10-20%%; min(8, CPUs) with a GPU)")
+    g.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="DataLoader workers reading the cache (default: min(2, CPUs) on the CPU, where the model is "
+        "the bottleneck and 2 workers gain 10-20%%; min(8, CPUs) with a GPU)",
+    )
 
     g = parser.add_argument_group("output")
-    g.add_argument("--out", default=None, metavar="DIR",
-                   help=f"output folder (default: {DEFAULT_EVAL_DIR}/<run>-<checkpoint>-<split>)")
-    g.add_argument("--pictures", type=int, default=d.pictures, metavar="N",
-                   help="also draw the N most confident false positives and up to N missed nodules")
+    g.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help=f"output folder (default: {DEFAULT_EVAL_DIR}/<run>-<checkpoint>-<split>)",
+    )
+    g.add_argument(
+        "--pictures",
+        type=int,
+        default=d.pictures,
+        metavar="N",
+        help="also draw the N most confident false positives and up to N missed nodules",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar or progress log lines")
-    g.add_argument("--log-level", default=d.log_level, choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                   help="logging level")
+    g.add_argument(
+        "--log-level", default=d.log_level, choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level"
+    )
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
     config = EvalConfig(
-        checkpoint=args.checkpoint, models_dir=args.models_dir, split=args.split or "val",
-        series=tuple(args.series or ()), data_root=args.data_root, cache_dir=args.cache_dir, no_cache=args.no_cache,
-        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, amp=args.amp,
-        channels_last=args.channels_last, threshold=args.threshold, bootstrap=args.bootstrap, seed=args.seed,
-        confidence=args.confidence, out=args.out, pictures=args.pictures, progress=not args.no_progress,
+        checkpoint=args.checkpoint,
+        models_dir=args.models_dir,
+        split=args.split or "val",
+        series=tuple(args.series or ()),
+        data_root=args.data_root,
+        cache_dir=args.cache_dir,
+        no_cache=args.no_cache,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=args.device,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        threshold=args.threshold,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+        confidence=args.confidence,
+        out=args.out,
+        pictures=args.pictures,
+        progress=not args.no_progress,
         log_level=args.log_level,
     )
     config.validate()

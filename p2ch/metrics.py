@@ -54,10 +54,24 @@ from p2ch.errors import ConfigError, DataFormatError
 # --------------------------------------------------------------------------------------------
 
 SUMMARY_KEYS = (
-    "loss/all", "loss/neg", "loss/pos",
-    "correct/all", "correct/neg", "correct/pos",
-    "pr/precision", "pr/recall", "pr/f1_score", "pr/auc", "pr/average_precision",
-    "count/all", "count/neg", "count/pos", "count/tp", "count/fp", "count/tn", "count/fn",
+    "loss/all",
+    "loss/neg",
+    "loss/pos",
+    "correct/all",
+    "correct/neg",
+    "correct/pos",
+    "pr/precision",
+    "pr/recall",
+    "pr/f1_score",
+    "pr/auc",
+    "pr/average_precision",
+    "count/all",
+    "count/neg",
+    "count/pos",
+    "count/tp",
+    "count/fp",
+    "count/tn",
+    "count/fn",
 )
 """Keys of `classification_summary` (TensorBoard tags); the loss/* keys only when losses are given."""
 
@@ -174,8 +188,11 @@ def confusion_counts(labels: torch.Tensor, prob_pos: torch.Tensor, threshold: fl
     """
     labels, prob_pos = _check_pair(labels, prob_pos, "prob_pos")
     is_pos = labels.to(torch.bool)
-    terms = [*_confusion_terms(is_pos, prob_pos, threshold), _bad_label_count(labels),
-             (~torch.isfinite(prob_pos)).sum()]
+    terms = [
+        *_confusion_terms(is_pos, prob_pos, threshold),
+        _bad_label_count(labels),
+        (~torch.isfinite(prob_pos)).sum(),
+    ]
     tp, fp, tn, fn, bad_labels, bad_probs = torch.stack(terms).tolist()
     _raise_if_bad(bad_labels, bad_probs, "prob_pos")
     return ConfusionCounts(tp=int(tp), fp=int(fp), tn=int(tn), fn=int(fn))
@@ -231,8 +248,12 @@ def classification_summary(
     """
     labels, prob_pos = _check_pair(labels, prob_pos, "prob_pos")
     is_pos = labels.to(torch.bool)
-    terms = [*_confusion_terms(is_pos, prob_pos, threshold), *_ranking_terms(is_pos, prob_pos),
-             _bad_label_count(labels), (~torch.isfinite(prob_pos)).sum()]
+    terms = [
+        *_confusion_terms(is_pos, prob_pos, threshold),
+        *_ranking_terms(is_pos, prob_pos),
+        _bad_label_count(labels),
+        (~torch.isfinite(prob_pos)).sum(),
+    ]
     if losses is not None:
         losses = _as_tensor(losses)
         if losses.shape != labels.shape or not losses.dtype.is_floating_point:
@@ -255,28 +276,32 @@ def classification_summary(
         loss_all, loss_neg, loss_pos, bad_losses = values[8:12]
         if bad_losses:
             raise DataFormatError(f"losses: {int(bad_losses)} NaN or infinite value(s); expected finite ones")
-        summary.update({
-            "loss/all": _ratio(loss_all, total),
-            "loss/neg": _ratio(loss_neg, negatives),
-            "loss/pos": _ratio(loss_pos, positives),
-        })
-    summary.update({
-        "correct/all": _ratio(100.0 * (tp + tn), total),
-        "correct/neg": _ratio(100.0 * tn, negatives),
-        "correct/pos": _ratio(100.0 * tp, positives),
-        "pr/precision": precision,
-        "pr/recall": recall,
-        "pr/f1_score": f1,
-        "pr/auc": _auc_from(rank_sum2, positives, negatives),
-        "pr/average_precision": _ratio(ap_sum, positives),
-        "count/all": total,
-        "count/neg": negatives,
-        "count/pos": positives,
-        "count/tp": tp,
-        "count/fp": fp,
-        "count/tn": tn,
-        "count/fn": fn,
-    })
+        summary.update(
+            {
+                "loss/all": _ratio(loss_all, total),
+                "loss/neg": _ratio(loss_neg, negatives),
+                "loss/pos": _ratio(loss_pos, positives),
+            }
+        )
+    summary.update(
+        {
+            "correct/all": _ratio(100.0 * (tp + tn), total),
+            "correct/neg": _ratio(100.0 * tn, negatives),
+            "correct/pos": _ratio(100.0 * tp, positives),
+            "pr/precision": precision,
+            "pr/recall": recall,
+            "pr/f1_score": f1,
+            "pr/auc": _auc_from(rank_sum2, positives, negatives),
+            "pr/average_precision": _ratio(ap_sum, positives),
+            "count/all": total,
+            "count/neg": negatives,
+            "count/pos": positives,
+            "count/tp": tp,
+            "count/fp": fp,
+            "count/tn": tn,
+            "count/fn": fn,
+        }
+    )
     return summary
 
 
@@ -318,8 +343,7 @@ def _show(value: Any) -> str:
 def _read_table(frame: Any, name: str, columns: tuple[str, ...]) -> _Table:
     if not isinstance(frame, pd.DataFrame):
         raise DataFormatError(
-            f"{name}: got {type(frame).__name__}; expected a pandas DataFrame with the columns "
-            f"{','.join(columns)}"
+            f"{name}: got {type(frame).__name__}; expected a pandas DataFrame with the columns {','.join(columns)}"
         )
     missing = [c for c in columns if c not in frame.columns]
     if missing:
@@ -332,9 +356,7 @@ def _read_table(frame: Any, name: str, columns: tuple[str, ...]) -> _Table:
     bad = raw_series.isna().to_numpy() | (series == "").to_numpy()
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise DataFormatError(
-            f"{name}: row {row}: seriesuid is {_show(raw_series.iloc[row])}; expected a series uid"
-        )
+        raise DataFormatError(f"{name}: row {row}: seriesuid is {_show(raw_series.iloc[row])}; expected a series uid")
     numbers = []
     for column in columns[1:]:
         values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
@@ -374,14 +396,12 @@ def _read_excluded(excluded: Any) -> _Table:
     return dataclasses.replace(table, value=diameter)
 
 
-def _series_groups(
-    points: _Table, findings: _Table
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _series_groups(points: _Table, findings: _Table) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per series with both points and findings: (point rows, finding rows, squared distances (n, m) mm²)."""
     if not len(points.series) or not len(findings.series):
         return
     codes, _ = pd.factorize(np.concatenate([points.series, findings.series]))
-    point_codes, finding_codes = codes[: len(points.series)], codes[len(points.series):]
+    point_codes, finding_codes = codes[: len(points.series)], codes[len(points.series) :]
     point_order = np.argsort(point_codes, kind="stable")
     point_sorted = point_codes[point_order]
     finding_order = np.argsort(finding_codes, kind="stable")
@@ -526,9 +546,7 @@ class FrocResult:
             "cpm": number(self.cpm),
             "cpm_ci": [number(v) for v in self.cpm_ci],
             "sensitivities": {f"{fp:g}": number(v) for fp, v in self.sensitivities.items()},
-            "sensitivities_ci": {
-                f"{fp:g}": [number(v) for v in ci] for fp, ci in self.sensitivities_ci.items()
-            },
+            "sensitivities_ci": {f"{fp:g}": [number(v) for v in ci] for fp, ci in self.sensitivities_ci.items()},
             "num_scans": self.num_scans,
             "num_nodules": self.num_nodules,
             "num_predictions": self.num_predictions,
@@ -570,8 +588,9 @@ class _FrocEntries:
         return len(self.nodules_per_scan)
 
 
-def _froc_entries(scan: np.ndarray, is_nodule: np.ndarray, probability: np.ndarray,
-                  nodules_per_scan: np.ndarray) -> _FrocEntries:
+def _froc_entries(
+    scan: np.ndarray, is_nodule: np.ndarray, probability: np.ndarray, nodules_per_scan: np.ndarray
+) -> _FrocEntries:
     order = np.argsort(-probability, kind="stable")
     probability = probability[order]
     ends = np.zeros(0, dtype=np.int64)
@@ -613,7 +632,7 @@ def _weighted_sensitivities(entries: _FrocEntries, weights: np.ndarray) -> np.nd
     batch = max(1, _BOOTSTRAP_BATCH_ELEMENTS // max(1, len(entries.scan)))
     zero = np.zeros(1)
     for start in range(0, count, batch):
-        w = weights[start:start + batch]
+        w = weights[start : start + batch]
         kept = np.cumsum(w[:, entries.scan], axis=1)[:, entries.ends]  # (b, G) entries >= threshold
         tp = np.concatenate([np.zeros((len(w), 1), np.int64), np.cumsum(w[:, nodule_scan], axis=1)], axis=1)
         tp = tp[:, nodules_up_to_end]
@@ -623,7 +642,8 @@ def _weighted_sensitivities(entries: _FrocEntries, weights: np.ndarray) -> np.nd
             if nodules == 0:
                 continue
             out[start + row] = _sensitivities_at(
-                np.concatenate([zero, fp[row] / scans]), np.concatenate([zero, tp[row] / nodules]))
+                np.concatenate([zero, fp[row] / scans]), np.concatenate([zero, tp[row] / nodules])
+            )
     return out
 
 

@@ -94,11 +94,14 @@ class LunaModel(nn.Module):
             hint = "; add the batch dimension with x.unsqueeze(0)" if x.ndim == 4 else ""
             raise DataFormatError(f"LunaModel: input has shape {tuple(x.shape)}; expected {expected}{hint}")
         if x.shape[1] != self.in_channels:
-            raise DataFormatError(f"LunaModel: input has {x.shape[1]} channels (shape {tuple(x.shape)}); "
-                                  f"expected {expected}")
+            raise DataFormatError(
+                f"LunaModel: input has {x.shape[1]} channels (shape {tuple(x.shape)}); expected {expected}"
+            )
         if not x.is_floating_point():
-            raise DataFormatError(f"LunaModel: input has dtype {x.dtype}; expected a float tensor "
-                                  "(convert int16 chunks with .float() on the device)")
+            raise DataFormatError(
+                f"LunaModel: input has dtype {x.dtype}; expected a float tensor "
+                "(convert int16 chunks with .float() on the device)"
+            )
         features = self.conv_channels * 8 * math.prod(int(s) // _POOLING for s in x.shape[2:])
         if features != self.head_linear.in_features:
             raise DataFormatError(
@@ -156,8 +159,9 @@ def arch_signature(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) 
     elif isinstance(model_or_state_dict, Mapping):
         state = model_or_state_dict
     else:
-        raise TypeError(f"arch_signature: got a {type(model_or_state_dict).__name__}; "
-                        "expected an nn.Module or a state dict")
+        raise TypeError(
+            f"arch_signature: got a {type(model_or_state_dict).__name__}; expected an nn.Module or a state dict"
+        )
     lines = []
     for key, value in state.items():
         name = key

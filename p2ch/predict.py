@@ -84,15 +84,19 @@ class CheckpointInfo:
     def to_dict(self) -> dict[str, Any]:
         best = self.best_metric
         return {
-            "path": str(self.path), "sha1": self.sha1, "arch": self.arch, "epoch": self.epoch,
-            "samples_seen": self.samples_seen, "run_time": self.run_time, "selected_by": self.selected_by,
+            "path": str(self.path),
+            "sha1": self.sha1,
+            "arch": self.arch,
+            "epoch": self.epoch,
+            "samples_seen": self.samples_seen,
+            "run_time": self.run_time,
+            "selected_by": self.selected_by,
             "best_metric": best if best is not None and math.isfinite(best) else None,
             "versions": dict(self.versions),
         }
 
 
-def resolve_checkpoint(checkpoint: str | os.PathLike[str] | None, models_dir: str | os.PathLike[str] | None
-                       ) -> Path:
+def resolve_checkpoint(checkpoint: str | os.PathLike[str] | None, models_dir: str | os.PathLike[str] | None) -> Path:
     """The checkpoint file to use.
 
     checkpoint: a .pt file, or a folder (then the newest best.pt under it); None: the newest
@@ -168,10 +172,16 @@ def load_model(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, Checkpoin
         return kind(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
 
     info = CheckpointInfo(
-        path=path, sha1=sha1_of(path), arch=str(found), epoch=optional("epoch", int),
-        samples_seen=optional("samples_seen", int), run_time=optional("run_time", str),
-        selected_by=optional("selected_by", str), best_metric=optional("best_metric", float),
-        config=config, versions=versions,
+        path=path,
+        sha1=sha1_of(path),
+        arch=str(found),
+        epoch=optional("epoch", int),
+        samples_seen=optional("samples_seen", int),
+        run_time=optional("run_time", str),
+        selected_by=optional("selected_by", str),
+        best_metric=optional("best_metric", float),
+        config=config,
+        versions=versions,
     )
     return model, info
 
@@ -187,8 +197,13 @@ class Scorer:
     channels_last: run in channels_last_3d memory format (faster on CPUs and GPUs).
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype | None = None,
-                 channels_last: bool = True):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        amp_dtype: torch.dtype | None = None,
+        channels_last: bool = True,
+    ):
         self.device = torch.device(device)
         self.amp_dtype = amp_dtype
         self.channels_last = channels_last
@@ -216,8 +231,7 @@ class Scorer:
         return prob[:, 1].float()
 
 
-def make_scorer(model: torch.nn.Module, device: str = "auto", amp: str = "auto", channels_last: str = "on"
-                ) -> Scorer:
+def make_scorer(model: torch.nn.Module, device: str = "auto", amp: str = "auto", channels_last: str = "on") -> Scorer:
     """A Scorer from the command-line spellings (--device auto|cpu|cuda|cuda:N, --amp, --channels-last)."""
     from p2ch.training import resolve_amp, resolve_device
 
@@ -301,14 +315,20 @@ def predict_locations(
 
             find_mhd(uid, data_root)  # raises DataNotFoundError saying where it looked
     if not_on_disk:
-        log.warning("%d candidate row(s) of %d series skipped: no .mhd under %s/subset*/ (first %s)",
-                    not_on_disk, not_on_disk_series, data_root,
-                    next(str(series[codes[r[0]]]) for r in groups if str(series[codes[r[0]]]) not in on_disk))
+        log.warning(
+            "%d candidate row(s) of %d series skipped: no .mhd under %s/subset*/ (first %s)",
+            not_on_disk,
+            not_on_disk_series,
+            data_root,
+            next(str(series[codes[r[0]]]) for r in groups if str(series[codes[r[0]]]) not in on_disk),
+        )
     total = sum(len(rows) for _, rows in todo)
     outside_count = 0
     results: list[tuple[np.ndarray, torch.Tensor]] = []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="p2ch-ct") as pool, \
-            Progress(total, "scoring", "candidates", enabled=progress) as bar:
+    with (
+        concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="p2ch-ct") as pool,
+        Progress(total, "scoring", "candidates", enabled=progress) as bar,
+    ):
         # Read the next CT while the model scores this one (SimpleITK's read releases the GIL).
         pending = pool.submit(Ct, todo[0][0], data_root) if todo else None
         for position, (uid, rows) in enumerate(todo):
@@ -329,7 +349,7 @@ def predict_locations(
                 bar.update(int((~inside).sum()))
             kept = rows[inside]
             for start in range(0, len(kept), batch_size):
-                batch_rows = kept[start:start + batch_size]
+                batch_rows = kept[start : start + batch_size]
                 chunks, _ = ct.get_raw_candidates(centers[batch_rows], width)
                 results.append((batch_rows, scorer(torch.from_numpy(chunks).unsqueeze(1))))
                 bar.update(len(batch_rows))
@@ -340,8 +360,12 @@ def predict_locations(
         rows = np.concatenate([r for r, _ in results])
         probability[rows] = torch.cat([p for _, p in results]).cpu().numpy().astype(np.float64)
     stats = PredictStats(
-        rows=len(uids), scored=int(np.isfinite(probability).sum()), outside=outside_count,
-        not_on_disk=not_on_disk, not_on_disk_series=not_on_disk_series, cts=len(todo),
+        rows=len(uids),
+        scored=int(np.isfinite(probability).sum()),
+        outside=outside_count,
+        not_on_disk=not_on_disk,
+        not_on_disk_series=not_on_disk_series,
+        cts=len(todo),
         seconds=time.perf_counter() - started,
     )
     return probability, stats
@@ -357,8 +381,9 @@ def read_locations(path: str | os.PathLike[str]) -> pd.DataFrame:
 
     path = Path(path)
     if not path.is_file():
-        raise DataNotFoundError(f"--candidates {path}: no such file; expected a CSV with the columns "
-                                f"{','.join(LOCATION_COLUMNS)}")
+        raise DataNotFoundError(
+            f"--candidates {path}: no such file; expected a CSV with the columns {','.join(LOCATION_COLUMNS)}"
+        )
     frame = read_luna_csv(path, LOCATION_COLUMNS)
     if frame.empty:
         raise DataFormatError(f"{path}: no candidate rows after the header {','.join(LOCATION_COLUMNS)}")
@@ -387,32 +412,52 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Score candidate locations of CTs with a trained LunaModel checkpoint and write "
-                    "seriesuid,coordX,coordY,coordZ,probability as CSV. Loads each CT once; needs no chunk cache.",
+        "seriesuid,coordX,coordY,coordZ,probability as CSV. Loads each CT once; needs no chunk cache.",
         formatter_class=DefaultsHelpFormatter,
         epilog="Examples: python -m p2ch.predict --series 1.3.6.1.4.1.14519.5.2.1.6279.6001.1051... "
-               "--out one_ct.csv; python -m p2ch.predict --candidates detector.csv --out scores.csv "
-               "(a CSV without a class column is fine)",
+        "--out one_ct.csv; python -m p2ch.predict --candidates detector.csv --out scores.csv "
+        "(a CSV without a class column is fine)",
     )
     add_model_arguments(parser)
 
     g = parser.add_argument_group("input")
-    g.add_argument("--data-root", default=None,
-                   help="LUNA16-layout root with subset*/<uid>.mhd (default: the checkpoint's training data "
-                        "root, else $P2CH_DATA_ROOT or data-unversioned/part2/luna)")
-    g.add_argument("--series", nargs="+", default=None, metavar="UID",
-                   help="score only these CTs (default: every CT under the root that the candidates CSV names)")
-    g.add_argument("--candidates", default=None, metavar="CSV",
-                   help="candidate locations, columns seriesuid,coordX,coordY,coordZ (mm), others ignored "
-                        "(default: candidates.csv or candidates_V2.csv in the data root)")
-    g.add_argument("--outside", choices=OUTSIDE_MODES, default="skip",
-                   help="candidates whose centre lies outside their CT: skip them (counted in a warning) or stop")
+    g.add_argument(
+        "--data-root",
+        default=None,
+        help="LUNA16-layout root with subset*/<uid>.mhd (default: the checkpoint's training data "
+        "root, else $P2CH_DATA_ROOT or data-unversioned/part2/luna)",
+    )
+    g.add_argument(
+        "--series",
+        nargs="+",
+        default=None,
+        metavar="UID",
+        help="score only these CTs (default: every CT under the root that the candidates CSV names)",
+    )
+    g.add_argument(
+        "--candidates",
+        default=None,
+        metavar="CSV",
+        help="candidate locations, columns seriesuid,coordX,coordY,coordZ (mm), others ignored "
+        "(default: candidates.csv or candidates_V2.csv in the data root)",
+    )
+    g.add_argument(
+        "--outside",
+        choices=OUTSIDE_MODES,
+        default="skip",
+        help="candidates whose centre lies outside their CT: skip them (counted in a warning) or stop",
+    )
 
     g = parser.add_argument_group("output")
     g.add_argument("--out", default="-", metavar="CSV", help="output CSV file; - writes to stdout")
 
     add_inference_arguments(parser.add_argument_group("speed"))
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                        help="logging level (logs and the progress bar go to stderr)")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="logging level (logs and the progress bar go to stderr)",
+    )
     return parser
 
 
@@ -446,12 +491,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             locations = locations[locations["seriesuid"].isin(wanted)].reset_index(drop=True)
         scorer = make_scorer(model, args.device, args.amp, args.channels_last)
-        log.info("scoring %d candidate(s) of %d series from %s with %s (epoch %s, sha1 %s) on %s, AMP %s",
-                 len(locations), locations["seriesuid"].nunique(), candidates_path, checkpoint, info.epoch,
-                 info.sha1[:12], scorer.device, scorer.amp_dtype or "off")
+        log.info(
+            "scoring %d candidate(s) of %d series from %s with %s (epoch %s, sha1 %s) on %s, AMP %s",
+            len(locations),
+            locations["seriesuid"].nunique(),
+            candidates_path,
+            checkpoint,
+            info.epoch,
+            info.sha1[:12],
+            scorer.device,
+            scorer.amp_dtype or "off",
+        )
         probability, stats = predict_locations(
-            scorer, data_root, locations, width_irc=info.config.width_irc, batch_size=args.batch_size,
-            outside=args.outside, skip_missing_series=not args.series,
+            scorer,
+            data_root,
+            locations,
+            width_irc=info.config.width_irc,
+            batch_size=args.batch_size,
+            outside=args.outside,
+            skip_missing_series=not args.series,
         )
         if stats.scored == 0:
             raise DataNotFoundError(
@@ -462,9 +520,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = locations[list(LOCATION_COLUMNS)].assign(probability=probability)
         result = result[np.isfinite(probability)].reset_index(drop=True)
         write_csv(result, args.out)
-        log.info("scored %d candidate(s) of %d CT(s) in %.1f s (%.0f candidates/s); skipped %d outside their CT, "
-                 "%d of series not on disk%s", stats.scored, stats.cts, stats.seconds, stats.candidates_per_sec,
-                 stats.outside, stats.not_on_disk, "" if args.out == "-" else f"; wrote {args.out}")
+        log.info(
+            "scored %d candidate(s) of %d CT(s) in %.1f s (%.0f candidates/s); skipped %d outside their CT, "
+            "%d of series not on disk%s",
+            stats.scored,
+            stats.cts,
+            stats.seconds,
+            stats.candidates_per_sec,
+            stats.outside,
+            stats.not_on_disk,
+            "" if args.out == "-" else f"; wrote {args.out}",
+        )
         return 0
     except P2chError as exc:
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)

@@ -165,8 +165,9 @@ def _init_worker(cache: ChunkCache, log_level: int) -> None:
     global _WORKER_CACHE
     # Ctrl-C goes to the whole process group; the main process handles it and stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
+    )
     _WORKER_CACHE = cache
 
 
@@ -209,8 +210,9 @@ class Summary:
         self.ct_bytes += result.ct_bytes
 
 
-def run_prefill(cache: ChunkCache, plan: Plan, num_workers: int, summary: Summary,
-                log_level: int = logging.INFO) -> Summary:
+def run_prefill(
+    cache: ChunkCache, plan: Plan, num_workers: int, summary: Summary, log_level: int = logging.INFO
+) -> Summary:
     """Fill every missing chunk of `plan`, `num_workers` processes (0: in this process).
 
     Updates `summary` as results arrive (so a caller still has the totals after Ctrl-C); its
@@ -240,8 +242,9 @@ def run_prefill(cache: ChunkCache, plan: Plan, num_workers: int, summary: Summar
 def _run_pool(cache, tasks, width, num_workers, summary, progress, log_level) -> None:
     # spawn: workers start clean (no inherited SQLite handles or threads) on every platform.
     context = multiprocessing.get_context("spawn")
-    executor = cf.ProcessPoolExecutor(max_workers=num_workers, mp_context=context,
-                                      initializer=_init_worker, initargs=(cache, log_level))
+    executor = cf.ProcessPoolExecutor(
+        max_workers=num_workers, mp_context=context, initializer=_init_worker, initargs=(cache, log_level)
+    )
     try:
         futures = {executor.submit(_fill_in_worker, task, width): task for task in tasks}
         for future in cf.as_completed(futures):
@@ -281,33 +284,63 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Fill the chunk cache (int16 candidate chunks) for training: each worker process "
         "loads one CT at a time and writes all of its chunks. Resumable: rerun to continue.",
     )
-    parser.add_argument("--num-workers", type=int, default=default_workers,
-                        help="worker processes, each holding one CT in memory (0: no worker processes); "
-                        "default: CPU count, at most 8 (%(default)s here)")
-    parser.add_argument("--data-root", default=None,
-                        help="LUNA16 root with subset*/ and the CSVs (default: $P2CH_DATA_ROOT, else "
-                        "data-unversioned/part2/luna)")
-    parser.add_argument("--cache-dir", default=None,
-                        help="chunk cache folder (default: $P2CH_CACHE_DIR, else data-unversioned/cache)")
-    parser.add_argument("--subsets", type=int, nargs="+", default=None, metavar="K",
-                        help="only CTs in these subset folders, e.g. --subsets 0 1 2 (default: all)")
-    parser.add_argument("--width-irc", type=int, nargs=3, default=list(DEFAULT_WIDTH_IRC),
-                        metavar=("I", "R", "C"),
-                        help="chunk size in voxels (index, row, col) (default: 32 48 48)")
-    parser.add_argument("--compress-level", type=int, default=0,
-                        help="zlib level for new entries (0: off; 1-9 save disk but make reads about 10x "
-                        "slower; default: 0)")
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=default_workers,
+        help="worker processes, each holding one CT in memory (0: no worker processes); "
+        "default: CPU count, at most 8 (%(default)s here)",
+    )
+    parser.add_argument(
+        "--data-root",
+        default=None,
+        help="LUNA16 root with subset*/ and the CSVs (default: $P2CH_DATA_ROOT, else data-unversioned/part2/luna)",
+    )
+    parser.add_argument(
+        "--cache-dir", default=None, help="chunk cache folder (default: $P2CH_CACHE_DIR, else data-unversioned/cache)"
+    )
+    parser.add_argument(
+        "--subsets",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="K",
+        help="only CTs in these subset folders, e.g. --subsets 0 1 2 (default: all)",
+    )
+    parser.add_argument(
+        "--width-irc",
+        type=int,
+        nargs=3,
+        default=list(DEFAULT_WIDTH_IRC),
+        metavar=("I", "R", "C"),
+        help="chunk size in voxels (index, row, col) (default: 32 48 48)",
+    )
+    parser.add_argument(
+        "--compress-level",
+        type=int,
+        default=0,
+        help="zlib level for new entries (0: off; 1-9 save disk but make reads about 10x slower; default: 0)",
+    )
     parser.add_argument("--clear", action="store_true", help="delete every cached chunk first")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="only report how many chunks and GB would be written, what is cached "
-                        "already, and the free space; write nothing")
-    parser.add_argument("--force", action="store_true",
-                        help="start even when the estimate exceeds the free disk space")
-    parser.add_argument("--prune", action="store_true",
-                        help="delete entries of changed or removed CTs and of old cache formats, and value files "
-                        "left by killed writers, then exit (run it while no prefill or training uses the cache)")
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                        help="logging level (default: INFO)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="only report how many chunks and GB would be written, what is cached "
+        "already, and the free space; write nothing",
+    )
+    parser.add_argument("--force", action="store_true", help="start even when the estimate exceeds the free disk space")
+    parser.add_argument(
+        "--prune",
+        action="store_true",
+        help="delete entries of changed or removed CTs and of old cache formats, and value files "
+        "left by killed writers, then exit (run it while no prefill or training uses the cache)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="logging level (default: INFO)",
+    )
     return parser
 
 
@@ -317,28 +350,43 @@ def _gb(n: int | None) -> str:
 
 def _report_plan(plan: Plan, cache: ChunkCache, out) -> None:
     print(f"cache: {cache.cache_dir}   data: {cache.data_root}", file=out)
-    print(f"CTs: {plan.cts} ({plan.cts_to_load} to load)   chunks: {plan.chunks:,} of "
-          f"{'x'.join(map(str, plan.width_irc))} voxels", file=out)
-    print(f"already cached: {plan.cached:,}   to write: {plan.to_write:,} = "
-          f"{_gb(plan.bytes_to_write)} (about {plan.bytes_per_chunk:,} bytes each as int16)", file=out)
-    print(f"(for scale: all 551,065 LUNA16 candidates take about {_gb(551_065 * plan.bytes_per_chunk)} "
-          "at this size)", file=out)
-    print(f"free on the cache disk: {_gb(plan.free_bytes)}"
-          + ("" if plan.fits else "   NOT ENOUGH: free space, use --subsets, or pass --force"), file=out)
+    print(
+        f"CTs: {plan.cts} ({plan.cts_to_load} to load)   chunks: {plan.chunks:,} of "
+        f"{'x'.join(map(str, plan.width_irc))} voxels",
+        file=out,
+    )
+    print(
+        f"already cached: {plan.cached:,}   to write: {plan.to_write:,} = "
+        f"{_gb(plan.bytes_to_write)} (about {plan.bytes_per_chunk:,} bytes each as int16)",
+        file=out,
+    )
+    print(
+        f"(for scale: all 551,065 LUNA16 candidates take about {_gb(551_065 * plan.bytes_per_chunk)} at this size)",
+        file=out,
+    )
+    print(
+        f"free on the cache disk: {_gb(plan.free_bytes)}"
+        + ("" if plan.fits else "   NOT ENOUGH: free space, use --subsets, or pass --force"),
+        file=out,
+    )
 
 
 def _report_summary(summary: Summary, plan: Plan, cache: ChunkCache, out) -> None:
     seconds = max(summary.seconds, 1e-9)
-    print(f"prefill done: {summary.cts} CTs, {summary.written:,} chunks written, "
-          f"{plan.cached + summary.present:,} already present, {summary.outside:,} outside their CT; "
-          f"cache {cache.cache_dir}: {len(cache):,} entries, {_gb(cache.volume())} on disk; "
-          f"{summary.seconds:.1f} s, {summary.ct_bytes / 1e6 / seconds:,.1f} MB/s of CT read, "
-          f"{summary.written / seconds:,.1f} chunks/s", file=out)
+    print(
+        f"prefill done: {summary.cts} CTs, {summary.written:,} chunks written, "
+        f"{plan.cached + summary.present:,} already present, {summary.outside:,} outside their CT; "
+        f"cache {cache.cache_dir}: {len(cache):,} entries, {_gb(cache.volume())} on disk; "
+        f"{summary.seconds:.1f} s, {summary.ct_bytes / 1e6 / seconds:,.1f} MB/s of CT read, "
+        f"{summary.written / seconds:,.1f} chunks/s",
+        file=out,
+    )
 
 
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, level), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -349,20 +397,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.num_workers < 0:
             raise ConfigError(f"--num-workers {args.num_workers}: expected 0 or more")
-        cache = ChunkCache(resolve_cache_dir(args.cache_dir), resolve_data_root(args.data_root),
-                           compress_level=args.compress_level)
+        cache = ChunkCache(
+            resolve_cache_dir(args.cache_dir), resolve_data_root(args.data_root), compress_level=args.compress_level
+        )
         width = tuple(args.width_irc)
         if min(width) < 1:
             raise ConfigError(f"--width-irc {' '.join(map(str, width))}: expected 3 positive integers")
         if args.prune:
             result = cache.prune(dry_run=args.dry_run)
             verb = "would delete" if args.dry_run else "deleted"
-            print(f"prune {cache.cache_dir}: {verb} {result.removed:,} entries ({result.old_format:,} old "
-                  f"format, {result.changed_ct:,} of changed CTs, {result.missing_ct:,} of CTs no longer "
-                  f"under {cache.data_root}); kept {result.kept:,}"
-                  + (f"; {result.foreign:,} foreign entries left alone" if result.foreign else "")
-                  + (f"; {verb} {result.orphan_files:,} orphan value files and {result.lost_files:,} entries "
-                     "without their file" if result.orphan_files or result.lost_files else ""))
+            print(
+                f"prune {cache.cache_dir}: {verb} {result.removed:,} entries ({result.old_format:,} old "
+                f"format, {result.changed_ct:,} of changed CTs, {result.missing_ct:,} of CTs no longer "
+                f"under {cache.data_root}); kept {result.kept:,}"
+                + (f"; {result.foreign:,} foreign entries left alone" if result.foreign else "")
+                + (
+                    f"; {verb} {result.orphan_files:,} orphan value files and {result.lost_files:,} entries "
+                    "without their file"
+                    if result.orphan_files or result.lost_files
+                    else ""
+                )
+            )
             return 0
         if args.clear:
             if args.dry_run:
@@ -395,10 +450,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = ""
         if plan is not None:
             with contextlib.suppress(P2chError):
-                where = (f" after {summary.cts} of {plan.cts_to_load} CTs; the cache holds {len(cache):,} "
-                         f"entries, {plan.chunks:,} planned")
-        print(f"{PROG}: interrupted{where}; rerun the same command to resume (cached chunks are skipped)",
-              file=sys.stderr)
+                where = (
+                    f" after {summary.cts} of {plan.cts_to_load} CTs; the cache holds {len(cache):,} "
+                    f"entries, {plan.chunks:,} planned"
+                )
+        print(
+            f"{PROG}: interrupted{where}; rerun the same command to resume (cached chunks are skipped)", file=sys.stderr
+        )
         return 130
 
 

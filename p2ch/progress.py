@@ -50,8 +50,7 @@ class Progress:
         if enabled and (sys.stderr.isatty() if bar is None else bar):
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True,
-                             file=sys.stderr)
+            self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True, file=sys.stderr)
 
     def __enter__(self) -> Progress:
         return self
@@ -72,9 +71,11 @@ class Progress:
         rate = self.rate
         if self.total:
             eta = (self.total - self.count) / rate if rate > 0 else float("nan")
-            return (f"{self.desc}: {self.count}/{self.total} {self.unit} "
-                    f"({100.0 * self.count / self.total:.0f}%), {rate:,.1f} {self.unit}/s, "
-                    f"elapsed {_fmt_seconds(self.elapsed)}, ETA {_fmt_seconds(eta)}")
+            return (
+                f"{self.desc}: {self.count}/{self.total} {self.unit} "
+                f"({100.0 * self.count / self.total:.0f}%), {rate:,.1f} {self.unit}/s, "
+                f"elapsed {_fmt_seconds(self.elapsed)}, ETA {_fmt_seconds(eta)}"
+            )
         return f"{self.desc}: {self.count} {self.unit}, {rate:,.1f} {self.unit}/s"
 
     def update(self, n: int = 1) -> None:

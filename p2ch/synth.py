@@ -89,9 +89,7 @@ DIRECTIONS: dict[str, tuple[float, ...]] = {
     # Columns run towards -x and slices towards -z (a 180° turn about y).
     "flipped": (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0),
     # Rz(15°) · Rx(8°): no axis lines up with the world's.
-    "oblique": (_C15, -_S15 * _C8, _S15 * _S8,
-                _S15, _C15 * _C8, -_C15 * _S8,
-                0.0, _S8, _C8),
+    "oblique": (_C15, -_S15 * _C8, _S15 * _S8, _S15, _C15 * _C8, -_C15 * _S8, 0.0, _S8, _C8),
 }
 
 # Candidate kinds (`CtPlan.candidate_kind`); only "nodule" is class 1.
@@ -201,14 +199,20 @@ class Anatomy:
         safe_p = np.maximum(p, 1e-3)
         alpha = 0.0
         for side in (-1.0, 1.0):
-            lr = np.sqrt(((nx - side * self.lung_x) / (self.lung_sx * safe_p)) ** 2
-                         + ((ny - self.lung_y) / (self.lung_sy * safe_p)) ** 2)
+            lr = np.sqrt(
+                ((nx - side * self.lung_x) / (self.lung_sx * safe_p)) ** 2
+                + ((ny - self.lung_y) / (self.lung_sy * safe_p)) ** 2
+            )
             dist = np.where(p > 0.0, (lr - 1.0) * self.lung_sx * safe_p * self.body_a * s, 1e3)
             alpha = np.maximum(alpha, _soft(dist))
         _, med_dist = self._mediastinum(nx, ny, s)
         spine_dist, spine_radius = self._spine_distance(x, y, s)
-        return (alpha * _soft((rho - self.lung_rho_max) * self.body_b * s)
-                * (1.0 - _soft(med_dist)) * (1.0 - _soft(spine_dist - 1.3 * spine_radius)))
+        return (
+            alpha
+            * _soft((rho - self.lung_rho_max) * self.body_b * s)
+            * (1.0 - _soft(med_dist))
+            * (1.0 - _soft(spine_dist - 1.3 * spine_radius))
+        )
 
     def lung_alpha(self, x, y, z):
         """Lung weight in [0, 1] at local-mm positions (arrays broadcast); > 0.5 means lung."""
@@ -235,8 +239,11 @@ class Anatomy:
         around = np.arctan2(np.abs(nx), ny)  # 0 at the spine, pi at the sternum
         phase = (z + self.rib_slope * around - self.rib_phase) / self.rib_period
         dz = np.abs(phase - np.round(phase)) * self.rib_period
-        rib = (_soft(dz - self.rib_half_z_mm) * _soft(np.abs(rho - self.rib_rho) * b_mm - self.rib_half_mm)
-               * ((around > 0.35) & (around < 2.7)))
+        rib = (
+            _soft(dz - self.rib_half_z_mm)
+            * _soft(np.abs(rho - self.rib_rho) * b_mm - self.rib_half_mm)
+            * ((around > 0.35) & (around < 2.7))
+        )
         hu += (self.bone_hu - hu) * rib
         # Mediastinal fat around the heart, then the lungs.
         mr, med_dist = self._mediastinum(nx, ny, s)
@@ -266,25 +273,49 @@ def _plan_anatomy(rng: np.random.Generator, width_mm: float, height_mm: float, d
     z_lo = u(0.0, 0.06) * depth_mm
     z_hi = u(0.94, 1.0) * depth_mm
     return Anatomy(
-        fov_x=width_mm / 2, fov_y=height_mm / 2, fov_radius=min(width_mm, height_mm) / 2,
-        body_x=width_mm * (0.5 + u(-0.03, 0.03)), body_y=height_mm * (0.5 + u(0.0, 0.04)),
-        body_a=width_mm * u(0.40, 0.45), body_b=height_mm * u(0.30, 0.35),
-        wave_amp=u(0.03, 0.07), wave_period=depth_mm * u(1.2, 2.0), wave_phase=u(0, 2 * np.pi),
+        fov_x=width_mm / 2,
+        fov_y=height_mm / 2,
+        fov_radius=min(width_mm, height_mm) / 2,
+        body_x=width_mm * (0.5 + u(-0.03, 0.03)),
+        body_y=height_mm * (0.5 + u(0.0, 0.04)),
+        body_a=width_mm * u(0.40, 0.45),
+        body_b=height_mm * u(0.30, 0.35),
+        wave_amp=u(0.03, 0.07),
+        wave_period=depth_mm * u(1.2, 2.0),
+        wave_phase=u(0, 2 * np.pi),
         fat_frac=u(0.05, 0.09),
-        lung_x=u(0.40, 0.44), lung_y=u(-0.07, -0.03), lung_sx=u(0.33, 0.38), lung_sy=u(0.68, 0.76),
-        lung_rho_max=0.80, lung_z_lo=z_lo, lung_z_hi=z_hi,
-        lung_hu=u(-880.0, -820.0), lung_grad_hu=u(20.0, 60.0),
-        med_x=u(0.02, 0.07), med_y=u(-0.08, 0.0), med_sx=u(0.18, 0.23), med_sy=u(0.45, 0.55),
-        spine_y=u(0.60, 0.66), spine_r=u(0.12, 0.15),
+        lung_x=u(0.40, 0.44),
+        lung_y=u(-0.07, -0.03),
+        lung_sx=u(0.33, 0.38),
+        lung_sy=u(0.68, 0.76),
+        lung_rho_max=0.80,
+        lung_z_lo=z_lo,
+        lung_z_hi=z_hi,
+        lung_hu=u(-880.0, -820.0),
+        lung_grad_hu=u(20.0, 60.0),
+        med_x=u(0.02, 0.07),
+        med_y=u(-0.08, 0.0),
+        med_sx=u(0.18, 0.23),
+        med_sy=u(0.45, 0.55),
+        spine_y=u(0.60, 0.66),
+        spine_r=u(0.12, 0.15),
         # Bones keep their real size in mm but shrink with a small field of view (tiny test sets).
-        vert_period=min(u(22.0, 30.0), 0.15 * width_mm), vert_phase=u(0.0, 30.0),
-        cortical_mm=min(2.0, 0.012 * width_mm), disc_half_mm=min(2.5, 0.015 * width_mm),
-        rib_rho=u(0.85, 0.87), rib_half_mm=min(u(2.5, 3.5), 0.02 * width_mm),
+        vert_period=min(u(22.0, 30.0), 0.15 * width_mm),
+        vert_phase=u(0.0, 30.0),
+        cortical_mm=min(2.0, 0.012 * width_mm),
+        disc_half_mm=min(2.5, 0.015 * width_mm),
+        rib_rho=u(0.85, 0.87),
+        rib_half_mm=min(u(2.5, 3.5), 0.02 * width_mm),
         rib_half_z_mm=min(u(3.5, 5.5), 0.03 * width_mm),
-        rib_period=min(u(24.0, 34.0), 0.2 * width_mm), rib_phase=u(0.0, 34.0),
+        rib_period=min(u(24.0, 34.0), 0.2 * width_mm),
+        rib_phase=u(0.0, 34.0),
         rib_slope=min(u(10.0, 20.0), 0.1 * width_mm),
-        trachea_r=min(u(7.0, 10.0), 0.05 * width_mm), trachea_u=u(0.72, 0.85),
-        fat_hu=u(-120.0, -80.0), muscle_hu=u(30.0, 55.0), bone_hu=u(600.0, 900.0), marrow_hu=u(200.0, 320.0),
+        trachea_r=min(u(7.0, 10.0), 0.05 * width_mm),
+        trachea_u=u(0.72, 0.85),
+        fat_hu=u(-120.0, -80.0),
+        muscle_hu=u(30.0, 55.0),
+        bone_hu=u(600.0, 900.0),
+        marrow_hu=u(200.0, 320.0),
     )
 
 
@@ -360,8 +391,9 @@ def _reference_image(spacing_xyz, origin_xyz, direction):
 def _to_world(image, points_mm: np.ndarray, spacing_xyz) -> np.ndarray:
     """World mm of local-mm points (K, 3) via SimpleITK's TransformContinuousIndexToPhysicalPoint."""
     index = np.asarray(points_mm, dtype=np.float64).reshape(-1, 3) / np.asarray(spacing_xyz)
-    return np.array([image.TransformContinuousIndexToPhysicalPoint(tuple(map(float, p))) for p in index],
-                    dtype=np.float64).reshape(-1, 3)
+    return np.array(
+        [image.TransformContinuousIndexToPhysicalPoint(tuple(map(float, p))) for p in index], dtype=np.float64
+    ).reshape(-1, 3)
 
 
 def _make_uid(rng: np.random.Generator) -> str:
@@ -374,8 +406,7 @@ def _make_uid(rng: np.random.Generator) -> str:
 def _probe_directions() -> np.ndarray:
     """(26, 3) unit vectors towards the faces, edges and corners of a cube: where to test a sphere's rim."""
     steps = (-1, 0, 1)
-    grid = np.array([(i, j, k) for i in steps for j in steps for k in steps if (i, j, k) != (0, 0, 0)],
-                    dtype=float)
+    grid = np.array([(i, j, k) for i in steps for j in steps for k in steps if (i, j, k) != (0, 0, 0)], dtype=float)
     return grid / np.linalg.norm(grid, axis=1, keepdims=True)
 
 
@@ -516,8 +547,10 @@ def _plan_vessels(rng: np.random.Generator, anatomy: Anatomy, lung_semi_mm: floa
     z = a.lung_z_lo + (0.5 + rng.uniform(-0.12, 0.12, size=len(side))) * span
     s = a.scale(z)
     start = np.stack([a.body_x + side * 0.24 * a.body_a * s, a.body_y - 0.04 * a.body_b * s, z], axis=1)
-    d = np.stack([side * rng.uniform(0.3, 1.0, len(side)), rng.uniform(-0.9, 0.9, len(side)),
-                  rng.uniform(-1.5, 1.5, len(side))], axis=1)
+    d = np.stack(
+        [side * rng.uniform(0.3, 1.0, len(side)), rng.uniform(-0.9, 0.9, len(side)), rng.uniform(-1.5, 1.5, len(side))],
+        axis=1,
+    )
     d /= np.linalg.norm(d, axis=1, keepdims=True)
     length = lung_semi_mm * rng.uniform(0.6, 0.9, len(side))
     radius = np.minimum(rng.uniform(2.0, 3.5, len(side)), max(0.7, 0.12 * lung_semi_mm))
@@ -527,8 +560,9 @@ def _plan_vessels(rng: np.random.Generator, anatomy: Anatomy, lung_semi_mm: floa
             break
         # Try the planned direction, then 3 turned ones, each at full and at 0.6 length.
         tries = np.stack([d, *(_turned(rng, d, 20.0, 60.0) for _ in range(3))], axis=1)  # (n, 4, 3)
-        ends = start[:, None, None, :] + (tries[:, :, None, :] * (length[:, None, None, None]
-                                                                 * np.array([1.0, 0.6])[None, None, :, None]))
+        ends = start[:, None, None, :] + (
+            tries[:, :, None, :] * (length[:, None, None, None] * np.array([1.0, 0.6])[None, None, :, None])
+        )
         ends = ends.reshape(len(start), 8, 3)
         ok = a.lung_alpha(ends[..., 0], ends[..., 1], ends[..., 2]) > 0.5
         keep = ok.any(axis=1)
@@ -560,16 +594,22 @@ def _plan_geometry(rng: np.random.Generator, index: int, size: int, slices: int,
     spacing_z = float(rng.choice([0.625, 0.7, 0.75, 0.8, 1.0, 1.25, 1.5, 1.8, 2.0, 2.5]))
     extent = np.array([(size - 1) * spacing_xy, (size - 1) * spacing_xy, (slices - 1) * spacing_z])
     # As LUNA16's: x, y about -250..-150 mm; z negative for even CTs, positive for odd ones.
-    origin = np.array([rng.uniform(-250.0, -150.0), rng.uniform(-250.0, -150.0),
-                       rng.uniform(-400.0, -50.0) if index % 2 == 0 else rng.uniform(50.0, 1500.0)])
+    origin = np.array(
+        [
+            rng.uniform(-250.0, -150.0),
+            rng.uniform(-250.0, -150.0),
+            rng.uniform(-400.0, -50.0) if index % 2 == 0 else rng.uniform(50.0, 1500.0),
+        ]
+    )
     # A reversed axis starts at the other end, so the world box is the one the identity would give.
     diagonal = np.diag(np.array(DIRECTIONS[direction]).reshape(3, 3))
     origin = origin + np.where(diagonal < 0, extent, 0.0)
     return (spacing_xy, spacing_xy, spacing_z), tuple(round(float(v), 4) for v in origin), extent
 
 
-def _plan_nodules(rng: np.random.Generator, placer: _Placer, count: int,
-                  max_diameter: float, easy: bool = False) -> list[Finding]:
+def _plan_nodules(
+    rng: np.random.Generator, placer: _Placer, count: int, max_diameter: float, easy: bool = False
+) -> list[Finding]:
     """`count` nodules in the lungs (fewer if they do not fit, but at least one when count > 0).
 
     easy: solid nodules of at least 6 mm (where the lungs leave room).
@@ -588,17 +628,27 @@ def _plan_nodules(rng: np.random.Generator, placer: _Placer, count: int,
         roll = rng.random()
         # Ground-glass and part-solid nodules under 5 mm would be lost in the noise.
         kinds = ("solid", "part-solid", "ground-glass")
-        kind = kinds[0] if radius * 2 < 5.0 or easy else \
-            kinds[int(np.searchsorted([0.65, 0.8], roll, side="right"))]
-        hu = {"solid": rng.uniform(20.0, 80.0), "part-solid": rng.uniform(-550.0, -350.0),
-              "ground-glass": rng.uniform(-500.0, -300.0)}[kind]
+        kind = kinds[0] if radius * 2 < 5.0 or easy else kinds[int(np.searchsorted([0.65, 0.8], roll, side="right"))]
+        hu = {
+            "solid": rng.uniform(20.0, 80.0),
+            "part-solid": rng.uniform(-550.0, -350.0),
+            "ground-glass": rng.uniform(-500.0, -300.0),
+        }[kind]
         core_hu, core_fraction = float(rng.uniform(0.0, 60.0)), float(rng.uniform(0.35, 0.6))
-        nodules.append(Finding(
-            center_mm=tuple(map(float, centre)), center_xyz=(math.nan,) * 3, diameter_mm=2 * radius,
-            listed_diameter_mm=2 * radius, kind=kind, hu=float(hu), core_hu=core_hu,
-            core_fraction=core_fraction if kind == "part-solid" else 0.0, juxtapleural=juxtapleural,
-            lobes=_lobes(rng, rng.uniform(0.0, 0.12)),
-        ))
+        nodules.append(
+            Finding(
+                center_mm=tuple(map(float, centre)),
+                center_xyz=(math.nan,) * 3,
+                diameter_mm=2 * radius,
+                listed_diameter_mm=2 * radius,
+                kind=kind,
+                hu=float(hu),
+                core_hu=core_hu,
+                core_fraction=core_fraction if kind == "part-solid" else 0.0,
+                juxtapleural=juxtapleural,
+                lobes=_lobes(rng, rng.uniform(0.0, 0.12)),
+            )
+        )
     return nodules
 
 
@@ -613,12 +663,21 @@ def _plan_excluded(rng: np.random.Generator, placer: _Placer, max_diameter: floa
             continue
         centre, radius, _ = placed
         hu = rng.uniform(300.0, 800.0) if calcified else rng.uniform(0.0, 80.0)
-        findings.append(Finding(
-            center_mm=tuple(map(float, centre)), center_xyz=(math.nan,) * 3, diameter_mm=2 * radius,
-            # LUNA16 lists findings without a measured size with diameter_mm -1.
-            listed_diameter_mm=-1.0 if calcified else 2 * radius, kind="calcified" if calcified else "small",
-            hu=float(hu), core_hu=0.0, core_fraction=0.0, juxtapleural=False, lobes=_lobes(rng, 0.05),
-        ))
+        findings.append(
+            Finding(
+                center_mm=tuple(map(float, centre)),
+                center_xyz=(math.nan,) * 3,
+                diameter_mm=2 * radius,
+                # LUNA16 lists findings without a measured size with diameter_mm -1.
+                listed_diameter_mm=-1.0 if calcified else 2 * radius,
+                kind="calcified" if calcified else "small",
+                hu=float(hu),
+                core_hu=0.0,
+                core_fraction=0.0,
+                juxtapleural=False,
+                lobes=_lobes(rng, 0.05),
+            )
+        )
     return findings
 
 
@@ -639,17 +698,27 @@ def _vessel_points(rng: np.random.Generator, placer: _Placer, vessels: np.ndarra
         k = rng.choice(len(vessels), size=2 * (count - len(picked)) + 8, p=weights / weights.sum())
         v = rng.normal(size=(len(k), 3))
         v /= np.linalg.norm(v, axis=1, keepdims=True)
-        points = (starts[k] + rng.random(len(k))[:, None] * (ends[k] - starts[k])
-                  + v * (radii[k] * _JITTER_FRACTION)[:, None])
-        ok = (placer.clear_of_findings(points, 0.0, 2.0)
-              & (points >= 0).all(axis=1) & (points <= placer.extent).all(axis=1))
+        points = (
+            starts[k] + rng.random(len(k))[:, None] * (ends[k] - starts[k]) + v * (radii[k] * _JITTER_FRACTION)[:, None]
+        )
+        ok = (
+            placer.clear_of_findings(points, 0.0, 2.0)
+            & (points >= 0).all(axis=1)
+            & (points <= placer.extent).all(axis=1)
+        )
         picked.extend(points[ok][: count - len(picked)])
     return np.array(picked, dtype=np.float64).reshape(-1, 3)
 
 
-def _plan_candidates(rng: np.random.Generator, placer: _Placer, nodules: list[Finding],
-                     excluded: list[Finding], vessels: np.ndarray,
-                     count: int, easy: bool = False) -> tuple[np.ndarray, list[str]]:
+def _plan_candidates(
+    rng: np.random.Generator,
+    placer: _Placer,
+    nodules: list[Finding],
+    excluded: list[Finding],
+    vessels: np.ndarray,
+    count: int,
+    easy: bool = False,
+) -> tuple[np.ndarray, list[str]]:
     """`count` candidates: local mm (count, 3) and their kinds, shuffled.
 
     easy: negatives only in lung tissue (none on vessels, excluded findings or the body).
@@ -680,8 +749,17 @@ def _plan_candidates(rng: np.random.Generator, placer: _Placer, nodules: list[Fi
     return local_mm, [kinds[i] for i in order]
 
 
-def plan_ct(index: int, *, size: int, slices: int, candidates_per_ct: int, nodules_per_ct: float,
-            seed: int, direction: str, easy: bool = False) -> CtPlan:
+def plan_ct(
+    index: int,
+    *,
+    size: int,
+    slices: int,
+    candidates_per_ct: int,
+    nodules_per_ct: float,
+    seed: int,
+    direction: str,
+    easy: bool = False,
+) -> CtPlan:
     """Plan CT number `index` of the set made with `seed`: geometry, findings, vessels, candidates.
 
     Depends only on its arguments (not on how many CTs the set has). No voxels are made.
@@ -710,26 +788,59 @@ def plan_ct(index: int, *, size: int, slices: int, candidates_per_ct: int, nodul
         return dataclasses.replace(finding, center_xyz=tuple(map(float, xyz)))
 
     return CtPlan(
-        index=index, seed=seed, series_uid=series_uid, subset=index % NUM_SUBSETS,
-        shape_irc=(slices, size, size), spacing_xyz=spacing, origin_xyz=origin_xyz,
-        direction=DIRECTIONS[direction], pad_hu=pad_hu, noise_hu=noise_hu, vessel_hu=vessel_hu,
-        anatomy=anatomy, nodules=tuple(map(located, nodules)), excluded=tuple(map(located, excluded)),
-        vessels=vessels, candidate_xyz=_to_world(image, local_mm, spacing),
+        index=index,
+        seed=seed,
+        series_uid=series_uid,
+        subset=index % NUM_SUBSETS,
+        shape_irc=(slices, size, size),
+        spacing_xyz=spacing,
+        origin_xyz=origin_xyz,
+        direction=DIRECTIONS[direction],
+        pad_hu=pad_hu,
+        noise_hu=noise_hu,
+        vessel_hu=vessel_hu,
+        anatomy=anatomy,
+        nodules=tuple(map(located, nodules)),
+        excluded=tuple(map(located, excluded)),
+        vessels=vessels,
+        candidate_xyz=_to_world(image, local_mm, spacing),
         candidate_class=np.array([k == KIND_NODULE for k in kinds], dtype=np.int8),
         candidate_kind=tuple(kinds),
     )
 
 
-def plan_dataset(*, num_cts: int = DEFAULT_NUM_CTS, size: int = DEFAULT_SIZE, slices: int = DEFAULT_SLICES,
-                 candidates_per_ct: int = DEFAULT_CANDIDATES_PER_CT,
-                 nodules_per_ct: float = DEFAULT_NODULES_PER_CT, seed: int = 0,
-                 direction: str = "identity", easy: bool = False) -> tuple[CtPlan, ...]:
+def plan_dataset(
+    *,
+    num_cts: int = DEFAULT_NUM_CTS,
+    size: int = DEFAULT_SIZE,
+    slices: int = DEFAULT_SLICES,
+    candidates_per_ct: int = DEFAULT_CANDIDATES_PER_CT,
+    nodules_per_ct: float = DEFAULT_NODULES_PER_CT,
+    seed: int = 0,
+    direction: str = "identity",
+    easy: bool = False,
+) -> tuple[CtPlan, ...]:
     """Plan a whole set without making voxels (fast: what `generate` would write, minus the CTs)."""
-    check_settings(num_cts=num_cts, size=size, slices=slices, candidates_per_ct=candidates_per_ct,
-                   nodules_per_ct=nodules_per_ct, seed=seed, direction=direction)
+    check_settings(
+        num_cts=num_cts,
+        size=size,
+        slices=slices,
+        candidates_per_ct=candidates_per_ct,
+        nodules_per_ct=nodules_per_ct,
+        seed=seed,
+        direction=direction,
+    )
     plans = tuple(
-        plan_ct(k, size=size, slices=slices, candidates_per_ct=candidates_per_ct,
-                nodules_per_ct=nodules_per_ct, seed=seed, direction=direction, easy=easy)
+        plan_ct(
+            k,
+            size=size,
+            slices=slices,
+            candidates_per_ct=candidates_per_ct,
+            nodules_per_ct=nodules_per_ct,
+            seed=seed,
+            direction=direction,
+            easy=easy,
+        )
         for k in range(num_cts)
     )
     uids = {p.series_uid for p in plans}
@@ -779,8 +890,7 @@ def _draw_finding(hu: np.ndarray, finding: Finding, spacing: np.ndarray, shape_x
     inv = 1.0 / np.maximum(dist, np.float32(1e-3))
     ux, uy, uz = dx * inv, dy * inv, dz * inv
     k = [np.float32(v) for v in finding.lobes]
-    shape = 1.0 + k[0] * (ux**2 - uy**2) + k[1] * ux * uy + k[2] * ux * uz + k[3] * uy * uz \
-        + k[4] * (1.5 * uz**2 - 0.5)
+    shape = 1.0 + k[0] * (ux**2 - uy**2) + k[1] * ux * uy + k[2] * ux * uz + k[3] * uy * uz + k[4] * (1.5 * uz**2 - 0.5)
     sub = hu[region]
     alpha = _soft(dist - np.float32(radius) * shape)
     np.maximum(sub, sub + (np.float32(finding.hu) - sub) * alpha, out=sub)
@@ -801,22 +911,24 @@ def render_ct(plan: CtPlan) -> np.ndarray:
     hu = np.empty(plan.shape_irc, dtype=np.float32)
     slab = max(1, 2_000_000 // (n_r * n_c))
     for start in range(0, n_i, slab):
-        hu[start:start + slab] = anatomy.background_hu(x, y, z_all[start:start + slab, None, None])
+        hu[start : start + slab] = anatomy.background_hu(x, y, z_all[start : start + slab, None, None])
     for segment in plan.vessels:
         _draw_vessel(hu, segment, plan.vessel_hu, spacing, shape_xyz)
     for finding in (*plan.nodules, *plan.excluded):
         _draw_finding(hu, finding, spacing, shape_xyz)
     rng = np.random.default_rng(np.random.SeedSequence([plan.seed, plan.index, 1]))
-    outside = ((x - np.float32(anatomy.fov_x)) ** 2 + (y - np.float32(anatomy.fov_y)) ** 2
-               > np.float32(anatomy.fov_radius) ** 2)[0]
+    outside = (
+        (x - np.float32(anatomy.fov_x)) ** 2 + (y - np.float32(anatomy.fov_y)) ** 2
+        > np.float32(anatomy.fov_radius) ** 2
+    )[0]
     out = np.empty(plan.shape_irc, dtype=np.int16)
     for start in range(0, n_i, slab):
-        part = hu[start:start + slab]
+        part = hu[start : start + slab]
         part += rng.standard_normal(part.shape, dtype=np.float32) * np.float32(plan.noise_hu)
         np.rint(part, out=part)
         np.clip(part, -1024, 3071, out=part)
         part[:, outside] = plan.pad_hu
-        out[start:start + slab] = part
+        out[start : start + slab] = part
     return out
 
 
@@ -861,8 +973,7 @@ class SynthSummary:
         return self.num_positive / self.num_candidates if self.num_candidates else 0.0
 
 
-def check_settings(*, num_cts, size, slices, candidates_per_ct, nodules_per_ct, seed, direction,
-                   workers=None) -> None:
+def check_settings(*, num_cts, size, slices, candidates_per_ct, nodules_per_ct, seed, direction, workers=None) -> None:
     """Raise SynthConfigError naming the first unusable setting."""
 
     def integer(name: str, value, lo: int, hi: int) -> None:
@@ -876,8 +987,11 @@ def check_settings(*, num_cts, size, slices, candidates_per_ct, nodules_per_ct, 
     integer("seed", seed, 0, 2**63 - 1)
     if workers is not None:
         integer("workers", workers, 1, 1024)
-    if (isinstance(nodules_per_ct, bool) or not isinstance(nodules_per_ct, (int, float, np.number))
-            or not 0 <= float(nodules_per_ct) <= MAX_NODULES_PER_CT):
+    if (
+        isinstance(nodules_per_ct, bool)
+        or not isinstance(nodules_per_ct, (int, float, np.number))
+        or not 0 <= float(nodules_per_ct) <= MAX_NODULES_PER_CT
+    ):
         raise SynthConfigError(
             f"--nodules-per-ct {nodules_per_ct!r}: expected a mean number of nodules per CT from 0 to "
             f"{MAX_NODULES_PER_CT} (0 makes a set without nodules)"
@@ -929,17 +1043,24 @@ def write_csvs(plans: Sequence[CtPlan], out: str | os.PathLike[str]) -> int:
     by_uid = sorted(plans, key=lambda p: p.series_uid)
 
     def finding_rows(attr: str) -> list[str]:
-        return [",".join([p.series_uid, *map(_number, f.center_xyz), _number(f.listed_diameter_mm)])
-                for p in by_uid for f in getattr(p, attr)]
+        return [
+            ",".join([p.series_uid, *map(_number, f.center_xyz), _number(f.listed_diameter_mm)])
+            for p in by_uid
+            for f in getattr(p, attr)
+        ]
 
     candidates = [CANDIDATES_HEADER]
     for p in by_uid:
-        candidates.extend(f"{p.series_uid},{_number(x)},{_number(y)},{_number(z)},{int(c)}"
-                          for (x, y, z), c in zip(p.candidate_xyz, p.candidate_class, strict=True))
-    return (_write_text(out / ANNOTATIONS_FILE, [ANNOTATIONS_HEADER, *finding_rows("nodules")])
-            + _write_text(out / EXCLUDED_FILE, [ANNOTATIONS_HEADER, *finding_rows("excluded")])
-            + _write_text(out / CANDIDATES_FILE, candidates)
-            + _write_text(out / SERIESUIDS_FILE, [p.series_uid for p in plans]))
+        candidates.extend(
+            f"{p.series_uid},{_number(x)},{_number(y)},{_number(z)},{int(c)}"
+            for (x, y, z), c in zip(p.candidate_xyz, p.candidate_class, strict=True)
+        )
+    return (
+        _write_text(out / ANNOTATIONS_FILE, [ANNOTATIONS_HEADER, *finding_rows("nodules")])
+        + _write_text(out / EXCLUDED_FILE, [ANNOTATIONS_HEADER, *finding_rows("excluded")])
+        + _write_text(out / CANDIDATES_FILE, candidates)
+        + _write_text(out / SERIESUIDS_FILE, [p.series_uid for p in plans])
+    )
 
 
 def _default_workers() -> int:
@@ -949,10 +1070,20 @@ def _default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def generate(out: str | os.PathLike[str], *, num_cts: int = DEFAULT_NUM_CTS, size: int = DEFAULT_SIZE,
-             slices: int = DEFAULT_SLICES, candidates_per_ct: int = DEFAULT_CANDIDATES_PER_CT,
-             nodules_per_ct: float = DEFAULT_NODULES_PER_CT, seed: int = 0, workers: int | None = None,
-             direction: str = "identity", force: bool = False, easy: bool = False) -> SynthSummary:
+def generate(
+    out: str | os.PathLike[str],
+    *,
+    num_cts: int = DEFAULT_NUM_CTS,
+    size: int = DEFAULT_SIZE,
+    slices: int = DEFAULT_SLICES,
+    candidates_per_ct: int = DEFAULT_CANDIDATES_PER_CT,
+    nodules_per_ct: float = DEFAULT_NODULES_PER_CT,
+    seed: int = 0,
+    workers: int | None = None,
+    direction: str = "identity",
+    force: bool = False,
+    easy: bool = False,
+) -> SynthSummary:
     """Write a synthetic LUNA16-layout data set into `out` (see the module docstring).
 
     num_cts CTs of (slices, size, size) int16 voxels, candidates_per_ct candidates each,
@@ -965,12 +1096,28 @@ def generate(out: str | os.PathLike[str], *, num_cts: int = DEFAULT_NUM_CTS, siz
     unusable settings, OSError when writing fails.
     """
     started = time.perf_counter()
-    check_settings(num_cts=num_cts, size=size, slices=slices, candidates_per_ct=candidates_per_ct,
-                   nodules_per_ct=nodules_per_ct, seed=seed, direction=direction, workers=workers)
+    check_settings(
+        num_cts=num_cts,
+        size=size,
+        slices=slices,
+        candidates_per_ct=candidates_per_ct,
+        nodules_per_ct=nodules_per_ct,
+        seed=seed,
+        direction=direction,
+        workers=workers,
+    )
     out = Path(out)
     _prepare_out(out, force)
-    plans = plan_dataset(num_cts=num_cts, size=size, slices=slices, candidates_per_ct=candidates_per_ct,
-                         nodules_per_ct=nodules_per_ct, seed=seed, direction=direction, easy=easy)
+    plans = plan_dataset(
+        num_cts=num_cts,
+        size=size,
+        slices=slices,
+        candidates_per_ct=candidates_per_ct,
+        nodules_per_ct=nodules_per_ct,
+        seed=seed,
+        direction=direction,
+        easy=easy,
+    )
     workers = min(workers or _default_workers(), num_cts)
     if workers == 1:
         sizes = [write_ct(plan, out) for plan in plans]
@@ -982,12 +1129,17 @@ def generate(out: str | os.PathLike[str], *, num_cts: int = DEFAULT_NUM_CTS, siz
     # CSVs last: an interrupted run leaves no candidates.csv, so the pipeline says the set is incomplete.
     total = sum(sizes) + write_csvs(plans, out)
     return SynthSummary(
-        out=out, series_uids=tuple(p.series_uid for p in plans),
-        num_nodules=sum(len(p.nodules) for p in plans), num_excluded=sum(len(p.excluded) for p in plans),
+        out=out,
+        series_uids=tuple(p.series_uid for p in plans),
+        num_nodules=sum(len(p.nodules) for p in plans),
+        num_excluded=sum(len(p.excluded) for p in plans),
         num_candidates=sum(len(p.candidate_class) for p in plans),
         num_positive=int(sum(int(p.candidate_class.sum()) for p in plans)),
-        bytes_written=total, seconds=time.perf_counter() - started, workers=workers,
-        shape_irc=(slices, size, size), direction=direction,
+        bytes_written=total,
+        seconds=time.perf_counter() - started,
+        workers=workers,
+        shape_irc=(slices, size, size),
+        direction=direction,
     )
 
 
@@ -995,17 +1147,19 @@ def format_summary(summary: SynthSummary) -> str:
     """A few lines for the terminal."""
     ratio = f"1 in {1 / summary.positive_ratio:,.0f}" if summary.num_positive else "none"
     slices, rows, cols = summary.shape_irc
-    return "\n".join([
-        f"synthetic LUNA16 set in {summary.out}",
-        f"  CTs:         {len(summary.series_uids):,} of {slices}×{rows}×{cols} int16 voxels "
-        f"(slices×rows×cols), direction {summary.direction}, in subset0..{NUM_SUBSETS - 1}",
-        f"  nodules:     {summary.num_nodules:,} in {ANNOTATIONS_FILE}, "
-        f"{summary.num_excluded:,} excluded findings in {EXCLUDED_FILE}",
-        f"  candidates:  {summary.num_candidates:,} in {CANDIDATES_FILE}, "
-        f"{summary.num_positive:,} positive ({ratio})",
-        f"  written:     {summary.bytes_written / 1e6:,.1f} MB in {summary.seconds:.1f} s "
-        f"with {summary.workers} worker process{'es' if summary.workers != 1 else ''}",
-    ])
+    return "\n".join(
+        [
+            f"synthetic LUNA16 set in {summary.out}",
+            f"  CTs:         {len(summary.series_uids):,} of {slices}×{rows}×{cols} int16 voxels "
+            f"(slices×rows×cols), direction {summary.direction}, in subset0..{NUM_SUBSETS - 1}",
+            f"  nodules:     {summary.num_nodules:,} in {ANNOTATIONS_FILE}, "
+            f"{summary.num_excluded:,} excluded findings in {EXCLUDED_FILE}",
+            f"  candidates:  {summary.num_candidates:,} in {CANDIDATES_FILE}, "
+            f"{summary.num_positive:,} positive ({ratio})",
+            f"  written:     {summary.bytes_written / 1e6:,.1f} MB in {summary.seconds:.1f} s "
+            f"with {summary.workers} worker process{'es' if summary.workers != 1 else ''}",
+        ]
+    )
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -1013,37 +1167,66 @@ def get_args_parser() -> argparse.ArgumentParser:
         prog="python -m p2ch.synth",
         formatter_class=DefaultsHelpFormatter,
         description="Write a synthetic data set in LUNA16's layout (subset0..9/*.mhd+.raw, annotations.csv, "
-                    "annotations_excluded.csv, candidates.csv, seriesuids.csv).",
+        "annotations_excluded.csv, candidates.csv, seriesuids.csv).",
     )
-    parser.add_argument("--out", default=None,
-                        help="folder to write (default: the data root: $P2CH_DATA_ROOT, else "
-                             "data-unversioned/part2/luna)")
-    parser.add_argument("--num-cts", type=int, default=DEFAULT_NUM_CTS,
-                        help=f"number of CTs (default: {DEFAULT_NUM_CTS})")
-    parser.add_argument("--size", type=int, default=DEFAULT_SIZE,
-                        help=f"rows and columns per slice, {MIN_SIZE}..{MAX_SIZE} (default: {DEFAULT_SIZE})")
-    parser.add_argument("--slices", type=int, default=DEFAULT_SLICES,
-                        help=f"slices per CT, {MIN_SLICES}..{MAX_SLICES} (default: {DEFAULT_SLICES})")
-    parser.add_argument("--candidates-per-ct", type=int, default=DEFAULT_CANDIDATES_PER_CT,
-                        help=f"candidate rows per CT (default: {DEFAULT_CANDIDATES_PER_CT}, about 1 positive "
-                             "in 400 as in LUNA16)")
-    parser.add_argument("--nodules-per-ct", type=float, default=DEFAULT_NODULES_PER_CT,
-                        help=f"mean nodules per CT, 0..{MAX_NODULES_PER_CT}; CT k has none when "
-                             f"k %% 3 == 2 and at least one otherwise (default: {DEFAULT_NODULES_PER_CT}, "
-                             "as LUNA16)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="folder to write (default: the data root: $P2CH_DATA_ROOT, else data-unversioned/part2/luna)",
+    )
+    parser.add_argument(
+        "--num-cts", type=int, default=DEFAULT_NUM_CTS, help=f"number of CTs (default: {DEFAULT_NUM_CTS})"
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=DEFAULT_SIZE,
+        help=f"rows and columns per slice, {MIN_SIZE}..{MAX_SIZE} (default: {DEFAULT_SIZE})",
+    )
+    parser.add_argument(
+        "--slices",
+        type=int,
+        default=DEFAULT_SLICES,
+        help=f"slices per CT, {MIN_SLICES}..{MAX_SLICES} (default: {DEFAULT_SLICES})",
+    )
+    parser.add_argument(
+        "--candidates-per-ct",
+        type=int,
+        default=DEFAULT_CANDIDATES_PER_CT,
+        help=f"candidate rows per CT (default: {DEFAULT_CANDIDATES_PER_CT}, about 1 positive in 400 as in LUNA16)",
+    )
+    parser.add_argument(
+        "--nodules-per-ct",
+        type=float,
+        default=DEFAULT_NODULES_PER_CT,
+        help=f"mean nodules per CT, 0..{MAX_NODULES_PER_CT}; CT k has none when "
+        f"k %% 3 == 2 and at least one otherwise (default: {DEFAULT_NODULES_PER_CT}, "
+        "as LUNA16)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default: 0)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="worker processes, one CT per task; the files do not depend on it "
-                             "(default: all cores)")
-    parser.add_argument("--direction", choices=tuple(DIRECTIONS), default="identity",
-                        help="direction matrix of every CT: identity (LUNA16's), flipped (x and z axes "
-                             "reversed) or oblique (rotated 15° about z and 8° about x) (default: identity)")
-    parser.add_argument("--force", action="store_true",
-                        help="replace the data set in a non-empty --out (default: refuse)")
-    parser.add_argument("--easy", action="store_true",
-                        help="solid nodules of 6 mm or more and negatives only in lung tissue (none on "
-                             "vessels): a set a classifier learns in minutes on a CPU, to check that "
-                             "labels, crops and coordinates line up; not a realistic task (default: off)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes, one CT per task; the files do not depend on it (default: all cores)",
+    )
+    parser.add_argument(
+        "--direction",
+        choices=tuple(DIRECTIONS),
+        default="identity",
+        help="direction matrix of every CT: identity (LUNA16's), flipped (x and z axes "
+        "reversed) or oblique (rotated 15° about z and 8° about x) (default: identity)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace the data set in a non-empty --out (default: refuse)"
+    )
+    parser.add_argument(
+        "--easy",
+        action="store_true",
+        help="solid nodules of 6 mm or more and negatives only in lung tissue (none on "
+        "vessels): a set a classifier learns in minutes on a CPU, to check that "
+        "labels, crops and coordinates line up; not a realistic task (default: off)",
+    )
     return parser
 
 
@@ -1051,9 +1234,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         summary = generate(
-            resolve_data_root(args.out), num_cts=args.num_cts, size=args.size, slices=args.slices,
-            candidates_per_ct=args.candidates_per_ct, nodules_per_ct=args.nodules_per_ct, seed=args.seed,
-            workers=args.workers, direction=args.direction, force=args.force, easy=args.easy,
+            resolve_data_root(args.out),
+            num_cts=args.num_cts,
+            size=args.size,
+            slices=args.slices,
+            candidates_per_ct=args.candidates_per_ct,
+            nodules_per_ct=args.nodules_per_ct,
+            seed=args.seed,
+            workers=args.workers,
+            direction=args.direction,
+            force=args.force,
+            easy=args.easy,
         )
     except (SynthConfigError, OSError) as exc:
         print(f"p2ch.synth: {exc}", file=sys.stderr)

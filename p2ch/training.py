@@ -127,8 +127,10 @@ class TrainingConfig:
         need(self.weight_decay >= 0, f"--weight-decay must be ≥ 0, got {self.weight_decay}")
         need(self.val_every >= 1, f"--val-every must be ≥ 1, got {self.val_every}")
         need(self.images_every >= 0, f"--images-every must be ≥ 0, got {self.images_every}")
-        need(self.balance_ratio is None or self.balance_ratio >= 1,
-             f"--balance-ratio must be ≥ 1 negatives per positive, got {self.balance_ratio}")
+        need(
+            self.balance_ratio is None or self.balance_ratio >= 1,
+            f"--balance-ratio must be ≥ 1 negatives per positive, got {self.balance_ratio}",
+        )
         need(self.epoch_size is None or self.epoch_size >= 1, f"--epoch-size must be ≥ 1, got {self.epoch_size}")
         for name in ("max_train_batches", "max_val_batches"):
             value = getattr(self, name)
@@ -143,38 +145,66 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Train the LUNA16 nodule/non-nodule classifier (LunaModel) and log to TensorBoard.",
         formatter_class=DefaultsHelpFormatter,
         epilog="Example: python -m p2ch.training --epochs 10 --balanced --augmented --batch-size 256 "
-               "--num-workers 16 first-run; then: tensorboard --logdir runs",
+        "--num-workers 16 first-run; then: tensorboard --logdir runs",
     )
     parser.add_argument("comment", nargs="?", default=d.comment, help="suffix for the run directories")
 
     g = parser.add_argument_group("data")
-    g.add_argument("--data-root", default=None,
-                   help="LUNA16 root with subset*/ and the CSVs "
-                        "(default: $P2CH_DATA_ROOT or data-unversioned/part2/luna)")
-    g.add_argument("--cache-dir", default=None,
-                   help="chunk cache (default: $P2CH_CACHE_DIR or data-unversioned/cache)")
+    g.add_argument(
+        "--data-root",
+        default=None,
+        help="LUNA16 root with subset*/ and the CSVs (default: $P2CH_DATA_ROOT or data-unversioned/part2/luna)",
+    )
+    g.add_argument("--cache-dir", default=None, help="chunk cache (default: $P2CH_CACHE_DIR or data-unversioned/cache)")
 
     g = parser.add_argument_group("split (every CT entirely in one part unless --split stride)")
-    g.add_argument("--split", choices=SPLIT_MODES, default=d.split,
-                   help="series: by a stable hash of series_uid; subset: LUNA16 folds (--val-subsets); "
-                        "stride: the book's every-Nth-candidate split (leaky, for comparison only)")
+    g.add_argument(
+        "--split",
+        choices=SPLIT_MODES,
+        default=d.split,
+        help="series: by a stable hash of series_uid; subset: LUNA16 folds (--val-subsets); "
+        "stride: the book's every-Nth-candidate split (leaky, for comparison only)",
+    )
     g.add_argument("--val-fraction", type=float, default=d.val_fraction, help="fraction of series for validation")
-    g.add_argument("--val-stride", type=int, default=None,
-                   help="every Nth series (series split) or candidate (stride split) to validation")
-    g.add_argument("--val-subsets", type=int, nargs="+", default=list(d.val_subsets),
-                   help="subset folders used for validation with --split subset")
-    g.add_argument("--test-fraction", type=float, default=d.test_fraction,
-                   help="fraction of series held out as a test part that training never sees")
-    g.add_argument("--test-subsets", type=int, nargs="*", default=list(d.test_subsets),
-                   help="subset folders held out as test with --split subset")
+    g.add_argument(
+        "--val-stride",
+        type=int,
+        default=None,
+        help="every Nth series (series split) or candidate (stride split) to validation",
+    )
+    g.add_argument(
+        "--val-subsets",
+        type=int,
+        nargs="+",
+        default=list(d.val_subsets),
+        help="subset folders used for validation with --split subset",
+    )
+    g.add_argument(
+        "--test-fraction",
+        type=float,
+        default=d.test_fraction,
+        help="fraction of series held out as a test part that training never sees",
+    )
+    g.add_argument(
+        "--test-subsets",
+        type=int,
+        nargs="*",
+        default=list(d.test_subsets),
+        help="subset folders held out as test with --split subset",
+    )
 
     g = parser.add_argument_group("sampling")
     g.add_argument("--balanced", action="store_true", help="1 negative per positive, as the book")
-    g.add_argument("--balance-ratio", type=int, default=None,
-                   help="N negatives per positive (implies balanced sampling)")
-    g.add_argument("--epoch-size", type=int, default=None,
-                   help=f"training samples per epoch (default: min({BOOK_EPOCH_SIZE:,}, training candidates) "
-                        "when balanced, as the book on LUNA16; else every training candidate once)")
+    g.add_argument(
+        "--balance-ratio", type=int, default=None, help="N negatives per positive (implies balanced sampling)"
+    )
+    g.add_argument(
+        "--epoch-size",
+        type=int,
+        default=None,
+        help=f"training samples per epoch (default: min({BOOK_EPOCH_SIZE:,}, training candidates) "
+        "when balanced, as the book on LUNA16; else every training candidate once)",
+    )
 
     g = parser.add_argument_group("augmentation (batched, on the training device)")
     g.add_argument("--augmented", action="store_true", help="all of the augmentations below")
@@ -195,11 +225,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="label smoothing")
 
     g = parser.add_argument_group("speed")
-    g.add_argument("--amp", choices=AMP_MODES, default=d.amp,
-                   help="mixed precision: auto = bf16 on CUDA (fp16 if bf16 is unsupported), off on CPU")
-    g.add_argument("--channels-last", choices=("on", "off"), default=d.channels_last,
-                   help="channels_last_3d memory format for the model and batches (2.2x faster training "
-                        "on a 2-core CPU, see BENCHMARKS.md)")
+    g.add_argument(
+        "--amp",
+        choices=AMP_MODES,
+        default=d.amp,
+        help="mixed precision: auto = bf16 on CUDA (fp16 if bf16 is unsupported), off on CPU",
+    )
+    g.add_argument(
+        "--channels-last",
+        choices=("on", "off"),
+        default=d.channels_last,
+        help="channels_last_3d memory format for the model and batches (2.2x faster training "
+        "on a 2-core CPU, see BENCHMARKS.md)",
+    )
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (under torchrun: per rank)")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs (DDP only)")
@@ -209,21 +247,32 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-every", type=int, default=d.val_every, help="validate every N epochs (and after the last)")
     g.add_argument("--max-train-batches", type=int, default=None, help="stop each training epoch after N batches")
     g.add_argument("--max-val-batches", type=int, default=None, help="stop each validation after N batches")
-    g.add_argument("--select-by", choices=SELECT_BY, default=d.select_by,
-                   help="validation metric that picks best.pt (cpm falls back to f1 when validation has no nodules)")
-    g.add_argument("--images-every", type=int, default=d.images_every,
-                   help="log hardest negatives/positives as images every N epochs (0: never)")
+    g.add_argument(
+        "--select-by",
+        choices=SELECT_BY,
+        default=d.select_by,
+        help="validation metric that picks best.pt (cpm falls back to f1 when validation has no nodules)",
+    )
+    g.add_argument(
+        "--images-every",
+        type=int,
+        default=d.images_every,
+        help="log hardest negatives/positives as images every N epochs (0: never)",
+    )
 
     g = parser.add_argument_group("output")
     g.add_argument("--tb-prefix", default=d.tb_prefix, help="runs/<tb-prefix>/ groups related runs")
     g.add_argument("--runs-dir", default=None, help="TensorBoard root (default: $P2CH_RUNS_DIR or runs)")
-    g.add_argument("--checkpoint-dir", default=None,
-                   help="checkpoint root (default: $P2CH_MODELS_DIR or data-unversioned/models)")
+    g.add_argument(
+        "--checkpoint-dir", default=None, help="checkpoint root (default: $P2CH_MODELS_DIR or data-unversioned/models)"
+    )
     g.add_argument("--resume", default=None, metavar="PATH", help="continue the run saved in this checkpoint")
-    g.add_argument("--init-weights", default=None, metavar="PATH",
-                   help="start a new run from this checkpoint's model weights")
-    g.add_argument("--log-level", default=d.log_level, choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                   help="logging level")
+    g.add_argument(
+        "--init-weights", default=None, metavar="PATH", help="start a new run from this checkpoint's model weights"
+    )
+    g.add_argument(
+        "--log-level", default=d.log_level, choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level"
+    )
     return parser
 
 
@@ -306,8 +355,10 @@ def resolve_device(name: str, dist_info_local_rank: int = 0) -> torch.device:
         raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name} asked for CUDA, but torch sees no CUDA GPU "
-                              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); use --device cpu")
+            raise ConfigError(
+                f"--device {name} asked for CUDA, but torch sees no CUDA GPU "
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); use --device cpu"
+            )
         if device.index is None:
             device = torch.device("cuda", dist_info_local_rank if "WORLD_SIZE" in os.environ else 0)
         elif device.index >= torch.cuda.device_count():
@@ -357,14 +408,20 @@ class LunaTrainingApp:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if config.sync_bn and self.device.type != "cuda":
-            raise ConfigError("--sync-bn needs CUDA devices (torch's SyncBatchNorm works only on GPUs); "
-                              f"drop it for --device {self.device.type}")
+            raise ConfigError(
+                "--sync-bn needs CUDA devices (torch's SyncBatchNorm works only on GPUs); "
+                f"drop it for --device {self.device.type}"
+            )
         self.dist = init_distributed(self.device)
         self.amp_dtype = resolve_amp(config.amp, self.device)
         self.channels_last = config.channels_last == "on"
         self.augment = AugmentConfig.from_flags(
-            augmented=config.augmented, flip=config.augment_flip, offset=config.augment_offset,
-            scale=config.augment_scale, rotate=config.augment_rotate, noise=config.augment_noise,
+            augmented=config.augmented,
+            flip=config.augment_flip,
+            offset=config.augment_offset,
+            scale=config.augment_scale,
+            rotate=config.augment_rotate,
+            noise=config.augment_noise,
         )
         self.epoch = 0
         self.samples_seen = 0
@@ -406,7 +463,8 @@ class LunaTrainingApp:
             if config.sync_bn:
                 self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             self.train_model = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         if config.compile:
             self.train_model = torch.compile(self.train_model)
 
@@ -415,8 +473,9 @@ class LunaTrainingApp:
         if config.resume:  # a resumed run keeps writing next to the checkpoint it came from
             self.checkpoint_dir = Path(config.resume).resolve().parent
         else:
-            self.checkpoint_dir = resolve_models_dir(config.checkpoint_dir) / config.tb_prefix / \
-                f"{self.run_time}-{config.comment}"
+            self.checkpoint_dir = (
+                resolve_models_dir(config.checkpoint_dir) / config.tb_prefix / f"{self.run_time}-{config.comment}"
+            )
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -436,9 +495,14 @@ class LunaTrainingApp:
         self.data_root = resolve_data_root(config.data_root)
         self.candidates = get_candidate_arrays(self.data_root)
         self.split = split_candidates(
-            self.candidates, config.split, val_fraction=config.val_fraction, val_stride=config.val_stride,
-            val_subsets=config.val_subsets, test_fraction=config.test_fraction,
-            test_subsets=config.test_subsets, data_root=self.data_root,
+            self.candidates,
+            config.split,
+            val_fraction=config.val_fraction,
+            val_stride=config.val_stride,
+            val_subsets=config.val_subsets,
+            test_fraction=config.test_fraction,
+            test_subsets=config.test_subsets,
+            data_root=self.data_root,
         )
         self.source = ChunkCache(resolve_cache_dir(config.cache_dir), self.data_root)
         self.train_ds = LunaDataset(self.candidates, self.split.train, self.source, config.width_irc)
@@ -446,24 +510,37 @@ class LunaTrainingApp:
         rank, world = self.dist.rank, self.dist.world_size
         if config.balanced:
             self.train_sampler = BalancedSampler(
-                self.train_ds.labels, ratio=config.balance_ratio or 1,
-                epoch_size=config.epoch_size, seed=config.seed, rank=rank, world_size=world)
+                self.train_ds.labels,
+                ratio=config.balance_ratio or 1,
+                epoch_size=config.epoch_size,
+                seed=config.seed,
+                rank=rank,
+                world_size=world,
+            )
         else:
-            self.train_sampler = ShuffleSampler(len(self.train_ds), seed=config.seed, rank=rank,
-                                                world_size=world, epoch_size=config.epoch_size)
+            self.train_sampler = ShuffleSampler(
+                len(self.train_ds), seed=config.seed, rank=rank, world_size=world, epoch_size=config.epoch_size
+            )
         self.val_sampler = EvalSampler(len(self.val_ds), rank=rank, world_size=world)
         pin = self.device.type == "cuda"
-        self.train_loader = create_loader(self.train_ds, self.train_sampler, batch_size=config.batch_size,
-                                          num_workers=config.num_workers, pin_memory=pin)
-        self.val_loader = create_loader(self.val_ds, self.val_sampler, batch_size=config.batch_size,
-                                        num_workers=config.num_workers, pin_memory=pin)
+        self.train_loader = create_loader(
+            self.train_ds,
+            self.train_sampler,
+            batch_size=config.batch_size,
+            num_workers=config.num_workers,
+            pin_memory=pin,
+        )
+        self.val_loader = create_loader(
+            self.val_ds, self.val_sampler, batch_size=config.batch_size, num_workers=config.num_workers, pin_memory=pin
+        )
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         config = self.config
         if config.optimizer == "adam":
             return torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        return torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
-                               weight_decay=config.weight_decay)
+        return torch.optim.SGD(
+            self.model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -498,8 +575,10 @@ class LunaTrainingApp:
     def _log_hparams(self) -> None:
         from torch.utils.tensorboard.summary import hparams
 
-        flat = {k: (str(v) if not isinstance(v, (int, float, str, bool)) or v is None else v)
-                for k, v in self.config.to_dict().items()}
+        flat = {
+            k: (str(v) if not isinstance(v, (int, float, str, bool)) or v is None else v)
+            for k, v in self.config.to_dict().items()
+        }
         metrics = {"hparam/val_f1": float("nan"), "hparam/val_auc": float("nan"), "hparam/val_cpm": float("nan")}
         exp, ssi, sei = hparams(flat, metrics)
         writer = self.writers["val"].file_writer
@@ -535,8 +614,12 @@ class LunaTrainingApp:
         wait = 0.0
         start = time.perf_counter()
         seen = 0
-        with Progress(min(batches * self.config.batch_size, len(sampler_order)), f"epoch {epoch} train",
-                      "samples", enabled=self.dist.is_main) as progress:
+        with Progress(
+            min(batches * self.config.batch_size, len(sampler_order)),
+            f"epoch {epoch} train",
+            "samples",
+            enabled=self.dist.is_main,
+        ) as progress:
             fetch_start = time.perf_counter()
             for batch_index, (chunks, label, _uids, _irc) in enumerate(self.train_loader):
                 wait += time.perf_counter() - fetch_start
@@ -546,8 +629,7 @@ class LunaTrainingApp:
                     x = augment_batch(x, self.augment, generator=self.aug_generator)
                 with self._autocast():
                     logits, prob = self.train_model(x)
-                loss = F.cross_entropy(logits.float(), y, reduction="none",
-                                       label_smoothing=self.config.label_smoothing)
+                loss = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=self.config.label_smoothing)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss.mean()).backward()
                 self.scaler.step(self.optimizer)
@@ -579,8 +661,12 @@ class LunaTrainingApp:
         wait = 0.0
         seen = 0
         start = time.perf_counter()
-        with Progress(min(batches * self.config.batch_size, len(order)), f"epoch {epoch} validation",
-                      "samples", enabled=self.dist.is_main) as progress:
+        with Progress(
+            min(batches * self.config.batch_size, len(order)),
+            f"epoch {epoch} validation",
+            "samples",
+            enabled=self.dist.is_main,
+        ) as progress:
             fetch_start = time.perf_counter()
             for batch_index, (chunks, label, _uids, _irc) in enumerate(self.val_loader):
                 wait += time.perf_counter() - fetch_start
@@ -633,9 +719,15 @@ class LunaTrainingApp:
         if self._val_annotations.empty or outputs.count == 0:
             return float("nan")
         predictions = predictions_frame(
-            self.candidates, self.split.val[outputs.positions.cpu().numpy()], outputs.prob_pos.cpu().numpy())
-        result = froc(predictions, self._val_annotations, self._val_excluded,
-                      series_uids=sorted(set(self.split.val_series)), bootstrap=0)
+            self.candidates, self.split.val[outputs.positions.cpu().numpy()], outputs.prob_pos.cpu().numpy()
+        )
+        result = froc(
+            predictions,
+            self._val_annotations,
+            self._val_excluded,
+            series_uids=sorted(set(self.split.val_series)),
+            bootstrap=0,
+        )
         return float(result.cpm)
 
     def log_epoch(self, mode: str, epoch: int, outputs: EpochOutputs, extra: dict[str, float]) -> dict[str, float]:
@@ -644,8 +736,9 @@ class LunaTrainingApp:
         summary = classification_summary(outputs.labels, outputs.prob_pos, outputs.losses)
         summary.update(extra)
         summary["perf/samples_per_sec"] = outputs.count / outputs.seconds if outputs.seconds > 0 else float("nan")
-        summary["perf/data_wait_fraction"] = outputs.data_wait_seconds / outputs.seconds if outputs.seconds > 0 \
-            else float("nan")
+        summary["perf/data_wait_fraction"] = (
+            outputs.data_wait_seconds / outputs.seconds if outputs.seconds > 0 else float("nan")
+        )
         if not self.dist.is_main:
             return summary
         writer = self.writers[mode]
@@ -665,10 +758,20 @@ class LunaTrainingApp:
         log.info(
             "E%d %s %s samples: loss %.4f, correct %.1f%% (neg %.1f%%, pos %.1f%%), precision %.3f, "
             "recall %.3f, F1 %.3f, AUC %.3f%s, %.0f samples/s, data wait %.0f%%",
-            epoch, mode, f"{outputs.count:,}", summary["loss/all"], summary["correct/all"], summary["correct/neg"],
-            summary["correct/pos"], summary["pr/precision"], summary["pr/recall"], summary["pr/f1_score"],
-            summary["pr/auc"], f", CPM {summary['froc/cpm']:.3f}" if "froc/cpm" in summary else "",
-            summary["perf/samples_per_sec"], 100 * summary["perf/data_wait_fraction"],
+            epoch,
+            mode,
+            f"{outputs.count:,}",
+            summary["loss/all"],
+            summary["correct/all"],
+            summary["correct/neg"],
+            summary["correct/pos"],
+            summary["pr/precision"],
+            summary["pr/recall"],
+            summary["pr/f1_score"],
+            summary["pr/auc"],
+            f", CPM {summary['froc/cpm']:.3f}" if "froc/cpm" in summary else "",
+            summary["perf/samples_per_sec"],
+            100 * summary["perf/data_wait_fraction"],
         )
         return summary
 
@@ -680,8 +783,10 @@ class LunaTrainingApp:
         probs = outputs.prob_pos.cpu().numpy()
         positions = outputs.positions.cpu().numpy()
         low, high = LUNG_WINDOW_HU
-        for tag, mask, descending in (("val/hardest_negatives", ~labels, True),
-                                      ("val/hardest_positives", labels, False)):
+        for tag, mask, descending in (
+            ("val/hardest_negatives", ~labels, True),
+            ("val/hardest_positives", labels, False),
+        ):
             idx = np.flatnonzero(mask)
             if len(idx) == 0:
                 continue
@@ -705,8 +810,11 @@ class LunaTrainingApp:
         name, value = next(((n, v) for n, v in candidates if not math.isnan(v)), candidates[-1])
         if name != self.config.select_by and name not in self._fallback_warned:
             self._fallback_warned.add(name)
-            log.warning("validation %s is undefined (no nodules or no positives); selecting best.pt by %s",
-                        self.config.select_by, "F1" if name == "f1" else "lowest loss")
+            log.warning(
+                "validation %s is undefined (no nodules or no positives); selecting best.pt by %s",
+                self.config.select_by,
+                "F1" if name == "f1" else "lowest loss",
+            )
         return name, value
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -739,8 +847,9 @@ class LunaTrainingApp:
         log.info("saved %s (epoch %d, sha1 %s)", self.checkpoint_dir / LAST_NAME, self.epoch, sha1)
         if is_best:
             sha1 = save_checkpoint(state, self.checkpoint_dir / BEST_NAME)
-            log.info("saved %s (%s %.4f, sha1 %s)", self.checkpoint_dir / BEST_NAME, self.best_by,
-                     self.best_metric, sha1)
+            log.info(
+                "saved %s (%s %.4f, sha1 %s)", self.checkpoint_dir / BEST_NAME, self.best_by, self.best_metric, sha1
+            )
 
     # -- main ----------------------------------------------------------------------------------
 
@@ -750,9 +859,20 @@ class LunaTrainingApp:
         log.info(
             "device %s, AMP %s, channels-last %s, compile %s, world size %d; data %s: %d candidates; "
             "split %s: train %d candidates (%d series, %d positive), val %d (%d series, %d positive), test %d",
-            self.device, self.amp_dtype or "off", self.channels_last, self.config.compile, self.dist.world_size,
-            self.data_root, len(self.candidates), split.mode, len(split.train), len(split.train_series),
-            int(self.train_ds.labels.sum()), len(split.val), len(split.val_series), int(self.val_ds.labels.sum()),
+            self.device,
+            self.amp_dtype or "off",
+            self.channels_last,
+            self.config.compile,
+            self.dist.world_size,
+            self.data_root,
+            len(self.candidates),
+            split.mode,
+            len(split.train),
+            len(split.train_series),
+            int(self.train_ds.labels.sum()),
+            len(split.val),
+            len(split.val_series),
+            int(self.val_ds.labels.sum()),
             len(split.test),
         )
 
@@ -808,8 +928,7 @@ class LunaTrainingApp:
                 dist.destroy_process_group()
 
 
-def is_improvement(name: str, value: float, loss: float, best_name: str, best_value: float,
-                   best_loss: float) -> bool:
+def is_improvement(name: str, value: float, loss: float, best_name: str, best_value: float, best_loss: float) -> bool:
     """Whether a validation result (selection metric `name` = `value`, loss `loss`) beats the best so far.
 
     A higher value wins; an equal value wins with a lower loss (CPM and F1 sit on plateaus early in
@@ -829,18 +948,23 @@ def predictions_frame(candidates, indices: np.ndarray, prob_pos: np.ndarray):
     import pandas as pd
 
     xyz = candidates.center_xyz[indices]
-    return pd.DataFrame({
-        "seriesuid": candidates.series_uids[candidates.series_index[indices]],
-        "coordX": xyz[:, 0], "coordY": xyz[:, 1], "coordZ": xyz[:, 2],
-        "probability": np.asarray(prob_pos, dtype=np.float64),
-    })
+    return pd.DataFrame(
+        {
+            "seriesuid": candidates.series_uids[candidates.series_index[indices]],
+            "coordX": xyz[:, 0],
+            "coordY": xyz[:, 1],
+            "coordZ": xyz[:, 2],
+            "probability": np.asarray(prob_pos, dtype=np.float64),
+        }
+    )
 
 
 def configure_logging(level: str) -> None:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
         level=getattr(logging, level) if rank == 0 else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if rank == 0
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        if rank == 0
         else f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s",
         stream=sys.stderr,
     )
@@ -866,8 +990,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         where = app.checkpoint_dir / LAST_NAME if app is not None else None
-        print(f"p2ch.training: interrupted; resume with --resume {where}" if where and where.exists()
-              else "p2ch.training: interrupted before the first checkpoint", file=sys.stderr)
+        print(
+            f"p2ch.training: interrupted; resume with --resume {where}"
+            if where and where.exists()
+            else "p2ch.training: interrupted before the first checkpoint",
+            file=sys.stderr,
+        )
         return 130
     finally:
         if app is not None:

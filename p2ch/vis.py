@@ -58,8 +58,11 @@ class Finding:
         where = f"{short_uid(self.series_uid)}  ({x:.1f}, {y:.1f}, {z:.1f}) mm"
         if self.kind == FALSE_POSITIVE:
             return f"false positive {self.rank}/{total}: p = {self.probability:.3f}\n{where}"
-        best = "no candidate within its radius" if math.isnan(self.probability) \
+        best = (
+            "no candidate within its radius"
+            if math.isnan(self.probability)
             else f"best candidate p = {self.probability:.3f}"
+        )
         return f"missed nodule {self.rank}/{total}: d = {self.diameter_mm:.1f} mm, {best}\n{where}"
 
 
@@ -86,7 +89,7 @@ def select_false_positives(predictions: pd.DataFrame, match, count: int) -> list
     """
     rows = np.flatnonzero(match.is_false_positive)
     probability = predictions["probability"].to_numpy(dtype=np.float64)
-    rows = rows[np.argsort(-probability[rows], kind="stable")][:max(0, count)]
+    rows = rows[np.argsort(-probability[rows], kind="stable")][: max(0, count)]
     xyz = predictions[["coordX", "coordY", "coordZ"]].to_numpy(dtype=np.float64)
     uids = predictions["seriesuid"].astype(str).to_numpy()
     return [
@@ -114,7 +117,7 @@ def select_missed_nodules(annotations: pd.DataFrame, match, threshold: float, co
     annotations: seriesuid, coordX, coordY, coordZ (mm), diameter_mm, in the row order `match`
     was computed with.
     """
-    rows = missed_nodule_rows(match, threshold)[:max(0, count)]
+    rows = missed_nodule_rows(match, threshold)[: max(0, count)]
     xyz = annotations[["coordX", "coordY", "coordZ"]].to_numpy(dtype=np.float64)
     diameter = annotations["diameter_mm"].to_numpy(dtype=np.float64)
     uids = annotations["seriesuid"].astype(str).to_numpy()
@@ -183,7 +186,9 @@ def orthogonal_slices(ct, center_xyz: Sequence[float], context_mm: float = CONTE
     coronal = _crop2d(plane(1, r), (i, c), (half_i, half_c))
     sagittal = _crop2d(plane(2, c), (i, r), (half_i, half_r))
     return OrthoSlices(
-        axial=axial, coronal=coronal, sagittal=sagittal,
+        axial=axial,
+        coronal=coronal,
+        sagittal=sagittal,
         spacing_mm={"axial": (sy, sx), "coronal": (sz, sx), "sagittal": (sz, sy)},
         center_irc=center_irc,
     )
@@ -211,11 +216,17 @@ def _draw_panel(ax, image: np.ndarray, spacing: tuple[float, float], view: str, 
     # Beyond the CT volume is drawn in a colour of its own, so it is not mistaken for air.
     pixels = np.ma.masked_array(lung_window(image), mask=image == OUTSIDE_HU)
     cmap = matplotlib.colormaps["gray"].with_extremes(bad=_OUTSIDE_COLOUR)
-    ax.imshow(pixels, cmap=cmap, vmin=0.0, vmax=1.0, origin=origin,
-              extent=(-half_w, half_w, -half_h, half_h), interpolation="nearest")
+    ax.imshow(
+        pixels,
+        cmap=cmap,
+        vmin=0.0,
+        vmax=1.0,
+        origin=origin,
+        extent=(-half_w, half_w, -half_h, half_h),
+        interpolation="nearest",
+    )
     if finding.kind == MISSED_NODULE and math.isfinite(finding.diameter_mm):
-        ax.add_patch(Circle((0.0, 0.0), finding.diameter_mm / 2.0, fill=False, edgecolor=_MARK_COLOUR,
-                            linewidth=1.2))
+        ax.add_patch(Circle((0.0, 0.0), finding.diameter_mm / 2.0, fill=False, edgecolor=_MARK_COLOUR, linewidth=1.2))
     else:
         inner, outer = 3.0, 9.0
         for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1)):
@@ -270,8 +281,15 @@ def write_sheets(
             for col, view in enumerate(_VIEWS):
                 ax = fig.add_axes((col / 3.0 + 0.005, bottom + 0.005, 1.0 / 3.0 - 0.01, panel_h - 0.01))
                 _draw_panel(ax, getattr(slices[k], view), slices[k].spacing_mm[view], view, findings[k])
-            fig.text(0.01, bottom + panel_h + 0.003, findings[k].label(len(findings)), fontsize=8, va="bottom",
-                     ha="left", family="monospace")
+            fig.text(
+                0.01,
+                bottom + panel_h + 0.003,
+                findings[k].label(len(findings)),
+                fontsize=8,
+                va="bottom",
+                ha="left",
+                family="monospace",
+            )
         path = out_dir / f"{prefix}_{sheet:02d}.png"
         fig.savefig(path, dpi=DPI, facecolor="white")
         written.append((path, [findings[k] for k in on_sheet]))
@@ -326,15 +344,28 @@ def write_pictures(
     for path, on_sheet in [*fp_sheets, *missed_sheets]:
         for row, finding in enumerate(on_sheet, start=1):
             x, y, z = finding.center_xyz
-            rows.append({"kind": finding.kind, "rank": finding.rank, "sheet": path.name, "row": row,
-                         "seriesuid": finding.series_uid, "coordX": x, "coordY": y, "coordZ": z,
-                         "diameter_mm": finding.diameter_mm, "probability": finding.probability})
-    columns = ["kind", "rank", "sheet", "row", "seriesuid", "coordX", "coordY", "coordZ", "diameter_mm",
-               "probability"]
+            rows.append(
+                {
+                    "kind": finding.kind,
+                    "rank": finding.rank,
+                    "sheet": path.name,
+                    "row": row,
+                    "seriesuid": finding.series_uid,
+                    "coordX": x,
+                    "coordY": y,
+                    "coordZ": z,
+                    "diameter_mm": finding.diameter_mm,
+                    "probability": finding.probability,
+                }
+            )
+    columns = ["kind", "rank", "sheet", "row", "seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "probability"]
     index = out_dir / "index.csv"
     pd.DataFrame(rows, columns=columns).to_csv(index, index=False)
     return PicturesResult(
-        false_positive_sheets=[p for p, _ in fp_sheets], missed_nodule_sheets=[p for p, _ in missed_sheets],
-        index=index, false_positives=len(false_positives), missed_nodules=len(missed),
+        false_positive_sheets=[p for p, _ in fp_sheets],
+        missed_nodule_sheets=[p for p, _ in missed_sheets],
+        index=index,
+        false_positives=len(false_positives),
+        missed_nodules=len(missed),
         missed_nodules_total=len(missed_nodule_rows(match, threshold)),
     )

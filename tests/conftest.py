@@ -80,19 +80,27 @@ def tiny_root(tmp_path: Path) -> Path:
 
     big = xyz_a(20, 30, 34)
     small = xyz_a(10, 10, 50)
-    write_csv(root / "annotations.csv", ANNOTATIONS_HEADER, [
-        (uid_a, *big, 10.0),
-        (uid_a, *small, 5.0),
-    ])
-    write_csv(root / "candidates.csv", CANDIDATES_HEADER, [
-        (uid_a, big[0] + 1.0, big[1], big[2], 1),  # 1 mm off: matches the 10 mm nodule
-        (uid_a, small[0], small[1] + 2.0, small[2], 1),  # 2 mm off: matches the 5 mm nodule
-        (uid_a, big[0] + 20.0, big[1], big[2], 1),  # positive far from any annotation
-        (uid_a, *xyz_a(5, 5, 5), 0),
-        (uid_a, *xyz_a(39, 63, 63), 0),
-        (uid_b, -200.0 + 30 * 0.9, -150.0 + 25 * 0.8, 900.0 + 15 * 2.0, 0),
-        (uid_b, -200.0 + 2 * 0.9, -150.0 + 2 * 0.8, 900.0 + 1 * 2.0, 0),
-    ])
+    write_csv(
+        root / "annotations.csv",
+        ANNOTATIONS_HEADER,
+        [
+            (uid_a, *big, 10.0),
+            (uid_a, *small, 5.0),
+        ],
+    )
+    write_csv(
+        root / "candidates.csv",
+        CANDIDATES_HEADER,
+        [
+            (uid_a, big[0] + 1.0, big[1], big[2], 1),  # 1 mm off: matches the 10 mm nodule
+            (uid_a, small[0], small[1] + 2.0, small[2], 1),  # 2 mm off: matches the 5 mm nodule
+            (uid_a, big[0] + 20.0, big[1], big[2], 1),  # positive far from any annotation
+            (uid_a, *xyz_a(5, 5, 5), 0),
+            (uid_a, *xyz_a(39, 63, 63), 0),
+            (uid_b, -200.0 + 30 * 0.9, -150.0 + 25 * 0.8, 900.0 + 15 * 2.0, 0),
+            (uid_b, -200.0 + 2 * 0.9, -150.0 + 2 * 0.8, 900.0 + 1 * 2.0, 0),
+        ],
+    )
     return root
 
 
@@ -116,17 +124,30 @@ def make_model(seed: int = 0) -> LunaModel:
     return model
 
 
-def write_checkpoint(path: Path, model: LunaModel, config: TrainingConfig, *, arch: str | None = None,
-                     epoch: int = 3) -> Path:
+def write_checkpoint(
+    path: Path, model: LunaModel, config: TrainingConfig, *, arch: str | None = None, epoch: int = 3
+) -> Path:
     """A checkpoint shaped like the training app's (see LunaTrainingApp._state)."""
     import torch
 
     from p2ch.checkpoint import save_checkpoint
     from p2ch.model import arch_signature
 
-    save_checkpoint({
-        "arch": arch or arch_signature(model), "model": model.state_dict(), "optimizer": {}, "scaler": None,
-        "epoch": epoch, "samples_seen": 1000, "best_metric": 0.25, "best_epoch": epoch, "selected_by": "cpm",
-        "config": config.to_dict(), "run_time": "2025-01-01_00.00.00", "rng": {"torch": torch.get_rng_state()},
-    }, path)
+    save_checkpoint(
+        {
+            "arch": arch or arch_signature(model),
+            "model": model.state_dict(),
+            "optimizer": {},
+            "scaler": None,
+            "epoch": epoch,
+            "samples_seen": 1000,
+            "best_metric": 0.25,
+            "best_epoch": epoch,
+            "selected_by": "cpm",
+            "config": config.to_dict(),
+            "run_time": "2025-01-01_00.00.00",
+            "rng": {"torch": torch.get_rng_state()},
+        },
+        path,
+    )
     return path

@@ -51,6 +51,7 @@ def center_of_mass_irc(volume: torch.Tensor) -> torch.Tensor:
 
 # -- config -----------------------------------------------------------------------------------
 
+
 def test_config_presets_and_flags():
     assert not AugmentConfig.none().enabled
     assert AugmentConfig.none() == AugmentConfig()
@@ -86,6 +87,7 @@ def test_config_rejects_bad_values(kwargs, words):
 
 
 # -- matrices ---------------------------------------------------------------------------------
+
 
 def test_each_sample_gets_its_own_matrix():
     theta = random_affine(16, AugmentConfig.book(), generator=gen(0))
@@ -131,8 +133,7 @@ def test_rotation_is_about_the_index_axis_and_covers_all_angles():
 
 def test_rotation_is_rigid_in_voxels_on_a_non_square_plane():
     shape_irc = (8, 40, 48)
-    theta = random_affine(50, AugmentConfig(rotate=True), generator=gen(4), dtype=torch.float64,
-                          shape_irc=shape_irc)
+    theta = random_affine(50, AugmentConfig(rotate=True), generator=gen(4), dtype=torch.float64, shape_irc=shape_irc)
     half = torch.diag(torch.tensor([48 / 2, 40 / 2, 8 / 2], dtype=torch.float64))  # (x, y, z) half-extents
     voxel = half @ theta[:, :, :3] @ torch.linalg.inv(half)
     eye = torch.eye(3, dtype=torch.float64).expand(50, 3, 3)
@@ -147,6 +148,7 @@ def test_switching_noise_on_does_not_change_the_matrices():
 
 
 # -- augment_batch: identity, flips -------------------------------------------------------------
+
 
 def test_disabled_returns_the_input_exactly():
     x = torch.randn(3, 1, 6, 7, 8, generator=gen(0)) * 400
@@ -204,8 +206,7 @@ def test_flip_batch_keeps_channels_together():
 
 def test_flip_batch_matches_torch_flip_on_distinct_samples():
     x = torch.randn(4, 1, 5, 6, 7, generator=gen(2))
-    flips = torch.tensor([[True, False, False], [False, True, False], [False, False, True],
-                          [True, True, True]])
+    flips = torch.tensor([[True, False, False], [False, True, False], [False, False, True], [True, True, True]])
     out = flip_batch(x, flips)
     assert torch.equal(out[0], torch.flip(x[0], dims=(3,)))  # col: last axis of a sample
     assert torch.equal(out[1], torch.flip(x[1], dims=(2,)))  # row
@@ -221,6 +222,7 @@ def test_grid_flip_agrees_with_exact_flip():
 
 
 # -- augment_batch: geometry --------------------------------------------------------------------
+
 
 def test_identity_matrix_resamples_to_the_input():
     x = torch.randn(2, 1, 6, 7, 8, generator=gen(0)) * 300
@@ -294,6 +296,7 @@ def test_quarter_turn_maps_rows_and_cols_as_documented():
 
 # -- noise, reproducibility, dtypes -------------------------------------------------------------
 
+
 def test_noise_has_the_requested_sigma_and_zero_mean():
     x = torch.full((4, 1, *SHAPE_IRC), -500.0)
     before = x.clone()
@@ -360,6 +363,7 @@ def test_empty_batch_passes_through():
 
 # -- bad input ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("batch", "words"),
     [
@@ -394,6 +398,7 @@ def test_bad_arguments_give_clear_errors():
 
 # -- GPU ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.gpu
 @cuda
 def test_cuda_resampling_matches_cpu_for_the_same_matrices():
@@ -403,8 +408,7 @@ def test_cuda_resampling_matches_cpu_for_the_same_matrices():
     on_gpu = apply_affine(x.cuda(), theta.cuda())
     assert on_gpu.device.type == "cuda"
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=0.05, rtol=0)
-    flips = torch.diagonal(random_affine(6, AugmentConfig(flip=True), generator=gen(82))[:, :, :3],
-                           dim1=1, dim2=2) < 0
+    flips = torch.diagonal(random_affine(6, AugmentConfig(flip=True), generator=gen(82))[:, :, :3], dim1=1, dim2=2) < 0
     assert torch.equal(flip_batch(x.cuda(), flips.cuda()).cpu(), flip_batch(x, flips))
 
 
@@ -417,8 +421,12 @@ def test_cuda_augment_is_reproducible_and_stays_on_the_device():
         b = augment_batch(x.to(dtype), AugmentConfig.book(), generator=gen(91, "cuda"))
         assert a.device == x.device and a.dtype == dtype and a.shape == x.shape
         assert torch.equal(a, b)
-    noise = augment_batch(torch.full((4, 1, *SHAPE_IRC), -500.0, device="cuda"), AugmentConfig(noise=25.0),
-                          generator=gen(92, "cuda")) + 500
+    noise = (
+        augment_batch(
+            torch.full((4, 1, *SHAPE_IRC), -500.0, device="cuda"), AugmentConfig(noise=25.0), generator=gen(92, "cuda")
+        )
+        + 500
+    )
     assert noise.double().std().item() == pytest.approx(25.0, rel=0.01)
     with pytest.raises(ConfigError, match="generator is on cpu"):
         augment_batch(x, AugmentConfig.book(), generator=gen(0))

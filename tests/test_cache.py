@@ -138,7 +138,7 @@ def test_stored_value_is_int16_bytes_with_header(tiny_root, tmp_path):
     decoded, decoded_irc = decode_chunk(value, (32, 48, 48))
     np.testing.assert_array_equal(decoded, chunk)
     assert decoded_irc == center_irc
-    np.testing.assert_array_equal(np.frombuffer(value[HEADER.size:], dtype="<i2").reshape(32, 48, 48), chunk)
+    np.testing.assert_array_equal(np.frombuffer(value[HEADER.size :], dtype="<i2").reshape(32, 48, 48), chunk)
     # The value file holds exactly the voxels: half of the book's float32 chunk.
     (file,) = value_files(cache.cache_dir)
     assert file.stat().st_size == CHUNK_BYTES

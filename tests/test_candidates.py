@@ -36,7 +36,9 @@ def test_list_matches_by_luna_hit_rule_and_sorts(tiny_root):
     assert all(isinstance(c, CandidateInfoTuple) for c in result)
     # Nodules first, annotated ones first, largest first.
     assert [(c.is_nodule, c.has_annotation, c.diameter_mm) for c in result[:3]] == [
-        (True, True, 10.0), (True, True, 5.0), (True, False, 0.0)
+        (True, True, 10.0),
+        (True, True, 5.0),
+        (True, False, 0.0),
     ]
     assert all(not c.is_nodule and c.diameter_mm == 0.0 for c in result[3:])
     assert result[0].series_uid == make_uid(1)
@@ -49,18 +51,36 @@ def test_list_matches_by_luna_hit_rule_and_sorts(tiny_root):
 
 def test_hit_rule_boundary_and_nearest(tmp_path):
     uid = make_uid(3)
-    annotations = read_annotations(write_csv(tmp_path / "a.csv", ANNOTATIONS_HEADER, [
-        (uid, 0.0, 0.0, 0.0, 10.0),
-        (uid, 6.0, 0.0, 0.0, 20.0),
-    ]))
-    candidates = read_candidates(write_csv(tmp_path / "c.csv", CANDIDATES_HEADER, [
-        (uid, 4.0, 0.0, 0.0, 1),  # within both radii; nearer the 20 mm one (distance 2)
-        (uid, 0.0, 5.0, 0.0, 1),  # exactly on the 10 mm one's radius: outside it (strict <), so the 20 mm one (7.8)
-        (uid, -4.9, 0.0, 0.0, 1),  # inside the 10 mm one only (dist 4.9 < 5; 10.9 > 10)
-        (uid, -30.0, 0.0, 0.0, 1),  # matches nothing
-        (uid, 1.0, 0.0, 0.0, 0),  # negatives are never matched
-        (make_uid(4), 0.0, 0.0, 0.0, 1),  # other series: no annotations
-    ]))
+    annotations = read_annotations(
+        write_csv(
+            tmp_path / "a.csv",
+            ANNOTATIONS_HEADER,
+            [
+                (uid, 0.0, 0.0, 0.0, 10.0),
+                (uid, 6.0, 0.0, 0.0, 20.0),
+            ],
+        )
+    )
+    candidates = read_candidates(
+        write_csv(
+            tmp_path / "c.csv",
+            CANDIDATES_HEADER,
+            [
+                (uid, 4.0, 0.0, 0.0, 1),  # within both radii; nearer the 20 mm one (distance 2)
+                (
+                    uid,
+                    0.0,
+                    5.0,
+                    0.0,
+                    1,
+                ),  # exactly on the 10 mm one's radius: outside it (strict <), so the 20 mm one (7.8)
+                (uid, -4.9, 0.0, 0.0, 1),  # inside the 10 mm one only (dist 4.9 < 5; 10.9 > 10)
+                (uid, -30.0, 0.0, 0.0, 1),  # matches nothing
+                (uid, 1.0, 0.0, 0.0, 0),  # negatives are never matched
+                (make_uid(4), 0.0, 0.0, 0.0, 1),  # other series: no annotations
+            ],
+        )
+    )
     diameter, matched = cmod.match_annotations(candidates, annotations)
     np.testing.assert_array_equal(matched, [True, True, True, False, False, False])
     np.testing.assert_array_equal(diameter, [20.0, 20.0, 10.0, 0.0, 0.0, 0.0])
@@ -152,8 +172,9 @@ def test_candidates_v2_is_accepted(tiny_root):
 
 def test_bom_and_crlf_are_accepted(tmp_path):
     uid = make_uid(1)
-    path = write_csv(tmp_path / "c.csv", CANDIDATES_HEADER, [(uid, 1.5, -2, 3e1, 1), (uid, 0, 0, 0, 0)],
-                     newline="\r\n", bom=True)
+    path = write_csv(
+        tmp_path / "c.csv", CANDIDATES_HEADER, [(uid, 1.5, -2, 3e1, 1), (uid, 0, 0, 0, 0)], newline="\r\n", bom=True
+    )
     frame = read_candidates(path)
     assert list(frame.columns) == ["seriesuid", "coordX", "coordY", "coordZ", "class"]
     assert frame["seriesuid"].tolist() == [uid, uid]
@@ -174,15 +195,19 @@ def test_duplicate_rows_accepted_and_reported(tiny_root, caplog):
 BAD_CANDIDATES = [
     ("seriesuid,coordX,coordY,coordZ\n1.2.3,0,0,0\n", r"missing column\(s\) class"),
     ("seriesuid,coordX,coordY,coordZ,label\n1.2.3,0,0,0,1\n", r"missing column\(s\) class.*got .*label"),
-    ("seriesuid,coordX,coordY,coordZ,class\n1.2.3,0,0,0,1\n1.2.3,abc,0,0,0\n",
-     r"line 3: coordX is 'abc'; expected a number"),
+    (
+        "seriesuid,coordX,coordY,coordZ,class\n1.2.3,0,0,0,1\n1.2.3,abc,0,0,0\n",
+        r"line 3: coordX is 'abc'; expected a number",
+    ),
     ("seriesuid,coordX,coordY,coordZ,class\n1.2.3,0,,0,1\n", r"line 2: coordY is ''"),
     ("seriesuid,coordX,coordY,coordZ,class\n1.2.3,0,0,nan,1\n", r"line 2: coordZ is 'nan'"),
     ("seriesuid,coordX,coordY,coordZ,class\n1.2.3,0,0,inf,1\n", r"line 2: coordZ is 'inf'"),
     ("seriesuid,coordX,coordY,coordZ,class\n1.2.3,0,0,0,2\n", r"line 2: class is 2; expected 0 or 1"),
     ("seriesuid,coordX,coordY,coordZ,class\n1.2.3,0,0,0,0.5\n", r"class is 0.5; expected 0 or 1"),
-    ("seriesuid,coordX,coordY,coordZ,class\n../../etc,0,0,0,1\n",
-     r"line 2: seriesuid '\.\./\.\./etc' is not a series uid"),
+    (
+        "seriesuid,coordX,coordY,coordZ,class\n../../etc,0,0,0,1\n",
+        r"line 2: seriesuid '\.\./\.\./etc' is not a series uid",
+    ),
     ("seriesuid,coordX,coordY,coordZ,class\n1.2.3/4,0,0,0,1\n", r"is not a series uid"),
     ("seriesuid,coordX,coordY,coordZ,class\n", r"no candidate rows after the header"),
     ("", r"empty file; expected the header seriesuid,coordX,coordY,coordZ,class"),
@@ -198,11 +223,14 @@ def test_bad_candidates_csv(tmp_path, text, message):
     assert str(path) in str(info.value)
 
 
-@pytest.mark.parametrize(("row", "message"), [
-    ("1.2.3,0,0,0,0", r"line 2: diameter_mm is 0.0; expected a positive diameter"),
-    ("1.2.3,0,0,0,-4", r"diameter_mm is -4.0"),
-    ("1.2.3,0,0,0,x", r"diameter_mm is 'x'; expected a number"),
-])
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ("1.2.3,0,0,0,0", r"line 2: diameter_mm is 0.0; expected a positive diameter"),
+        ("1.2.3,0,0,0,-4", r"diameter_mm is -4.0"),
+        ("1.2.3,0,0,0,x", r"diameter_mm is 'x'; expected a number"),
+    ],
+)
 def test_bad_annotations_csv(tmp_path, row, message):
     path = tmp_path / "annotations.csv"
     path.write_text(f"{ANNOTATIONS_HEADER}\n{row}\n")

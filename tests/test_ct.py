@@ -114,8 +114,7 @@ def test_crop_with_oblique_direction_uses_true_inverse(tmp_path):
     hu = np.full((30, 40, 50), -900, dtype=np.int16)
     hu[12, 17, 33] = 777
     direction = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
-    path = write_ct(tmp_path, uid, hu, spacing_xyz=(0.6, 0.9, 1.5), origin_xyz=(10, 20, 30),
-                    direction=direction)
+    path = write_ct(tmp_path, uid, hu, spacing_xyz=(0.6, 0.9, 1.5), origin_xyz=(10, 20, 30), direction=direction)
     point = sitk.ReadImage(str(path)).TransformIndexToPhysicalPoint((33, 17, 12))
     ct = Ct(uid, tmp_path)
     chunk, center_irc = ct.get_raw_candidate(point, width_irc=(4, 4, 4))

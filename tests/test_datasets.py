@@ -193,8 +193,9 @@ def test_loader_batches_and_collate():
 def test_spawned_workers_give_the_same_batches():
     candidates = make_candidates(4, 3)
     ds = LunaDataset(candidates, np.arange(11, -1, -1), FakeSource(), SMALL_WIDTH)
-    loader = create_loader(ds, EvalSampler(len(ds)), batch_size=5, num_workers=2,
-                           multiprocessing_context="spawn", persistent_workers=False)
+    loader = create_loader(
+        ds, EvalSampler(len(ds)), batch_size=5, num_workers=2, multiprocessing_context="spawn", persistent_workers=False
+    )
     got = list(loader)
     want = [collate_luna([ds[k] for k in range(s, min(s + 5, 12))]) for s in (0, 5, 10)]
     assert len(got) == 3
@@ -220,8 +221,9 @@ def test_create_loader_defaults_and_bad_arguments():
 @pytest.mark.parametrize("freeze_gc", [True, False])
 def test_loader_freezes_gc_before_starting_workers(freeze_gc):
     ds = LunaDataset(make_candidates(2, 2), None, FakeSource(), SMALL_WIDTH)
-    loader = create_loader(ds, EvalSampler(4), batch_size=2, num_workers=1, persistent_workers=False,
-                           freeze_gc=freeze_gc)
+    loader = create_loader(
+        ds, EvalSampler(4), batch_size=2, num_workers=1, persistent_workers=False, freeze_gc=freeze_gc
+    )
     gc.unfreeze()
     try:
         assert gc.get_freeze_count() == 0
@@ -282,7 +284,8 @@ def test_series_split_keeps_every_series_in_one_part():
     counts = {p: list(parts.values()).count(p) for p in ("train", "val", "test")}
     assert 20 <= counts["val"] <= 60 and 5 <= counts["test"] <= 35 and counts["train"] >= 100
     assert split.counts(candidates)["val"] == {
-        "candidates": len(split.val), "positives": int(candidates.is_nodule[split.val].sum()),
+        "candidates": len(split.val),
+        "positives": int(candidates.is_nodule[split.val].sum()),
         "series": counts["val"],
     }
 
@@ -291,8 +294,9 @@ def test_series_fraction_is_pinned():
     # Changing the rule would move series between parts of saved runs: these values must hold.
     assert series_fraction(make_uid(1)) == pytest.approx(0.977844946063106, abs=1e-15)
     assert series_fraction(make_uid(2)) == pytest.approx(0.3333607621399226, abs=1e-15)
-    assert series_fraction("1.3.6.1.4.1.14519.5.2.1.6279.6001.100225287222365663678666836860") == \
-        pytest.approx(0.6918682505065986, abs=1e-15)
+    assert series_fraction("1.3.6.1.4.1.14519.5.2.1.6279.6001.100225287222365663678666836860") == pytest.approx(
+        0.6918682505065986, abs=1e-15
+    )
 
 
 def test_series_split_is_stable_when_series_come_and_go():
@@ -315,8 +319,7 @@ def test_series_split_is_deterministic_and_order_free():
     for name in ("train", "val", "test", "train_series", "val_series"):
         np.testing.assert_array_equal(getattr(one, name), getattr(two, name))
     shuffled = candidates.take(np.random.default_rng(3).permutation(len(candidates)))
-    assert part_of_series(shuffled, split_candidates(shuffled, val_fraction=0.25)) == \
-        part_of_series(candidates, one)
+    assert part_of_series(shuffled, split_candidates(shuffled, val_fraction=0.25)) == part_of_series(candidates, one)
 
 
 def test_val_stride_in_series_mode_is_a_fraction():
@@ -380,16 +383,19 @@ def test_stride_split_is_the_books_and_leaks():
         split_candidates(candidates, "stride", test_fraction=0.1)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"val_fraction": 1.0}, r"val_fraction .*\[0, 1\)"),
-    ({"val_fraction": -0.1}, r"val_fraction .*\[0, 1\)"),
-    ({"test_fraction": 1.5}, r"test_fraction .*\[0, 1\)"),
-    ({"val_fraction": 0.6, "test_fraction": 0.4}, "leave nothing for training"),
-    ({"mode": "random"}, "unknown; expected one of series, subset, stride"),
-    ({"val_stride": 1}, "val_stride"),
-    ({"test_subsets": (8,)}, "--test-fraction"),
-    ({"val_subsets": (-1,)}, "val_subsets"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"val_fraction": 1.0}, r"val_fraction .*\[0, 1\)"),
+        ({"val_fraction": -0.1}, r"val_fraction .*\[0, 1\)"),
+        ({"test_fraction": 1.5}, r"test_fraction .*\[0, 1\)"),
+        ({"val_fraction": 0.6, "test_fraction": 0.4}, "leave nothing for training"),
+        ({"mode": "random"}, "unknown; expected one of series, subset, stride"),
+        ({"val_stride": 1}, "val_stride"),
+        ({"test_subsets": (8,)}, "--test-fraction"),
+        ({"val_subsets": (-1,)}, "val_subsets"),
+    ],
+)
 def test_split_bad_arguments(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         split_candidates(make_candidates(20, 2), **kwargs)
@@ -415,7 +421,7 @@ def test_split_empty_parts_say_what_to_change():
 
 
 def blocks(sequence: np.ndarray, size: int):
-    return [sequence[s:s + size] for s in range(0, len(sequence) - size + 1, size)]
+    return [sequence[s : s + size] for s in range(0, len(sequence) - size + 1, size)]
 
 
 def test_balanced_sampler_ratio_and_cycles():
@@ -469,8 +475,9 @@ def test_balanced_sampler_ddp_shards():
     # Every rank still gets a balanced shard (contiguous, not strided).
     assert all(abs(labels[s].sum() - len(s) / 2) <= 1 for s in shards)
     # Same sequence as a single rank would draw for an epoch of the rounded size.
-    np.testing.assert_array_equal(BalancedSampler(labels, epoch_size=1004, seed=7).global_indices(2),
-                                  full.global_indices(2))
+    np.testing.assert_array_equal(
+        BalancedSampler(labels, epoch_size=1004, seed=7).global_indices(2), full.global_indices(2)
+    )
 
 
 def test_balanced_sampler_default_epoch_size():
@@ -480,16 +487,19 @@ def test_balanced_sampler_default_epoch_size():
     assert len(BalancedSampler(big)) == BOOK_EPOCH_SIZE
 
 
-@pytest.mark.parametrize(("labels", "kwargs", "match"), [
-    (np.zeros(10, dtype=bool), {}, "0 positives and 10 negatives"),
-    (np.ones(10, dtype=bool), {}, "10 positives and 0 negatives"),
-    (np.arange(10) % 2 == 0, {"ratio": 0}, "ratio"),
-    (np.arange(10) % 2 == 0, {"epoch_size": 0}, "epoch_size"),
-    (np.arange(10) % 2 == 0, {"rank": 2, "world_size": 2}, r"rank 2 .* world_size 2"),
-    (np.arange(10) % 2 == 0, {"seed": -1}, "seed"),
-    (np.zeros((2, 5), dtype=bool), {}, r"\(M,\) bool"),
-    (np.arange(10), {}, "0 or 1"),
-])
+@pytest.mark.parametrize(
+    ("labels", "kwargs", "match"),
+    [
+        (np.zeros(10, dtype=bool), {}, "0 positives and 10 negatives"),
+        (np.ones(10, dtype=bool), {}, "10 positives and 0 negatives"),
+        (np.arange(10) % 2 == 0, {"ratio": 0}, "ratio"),
+        (np.arange(10) % 2 == 0, {"epoch_size": 0}, "epoch_size"),
+        (np.arange(10) % 2 == 0, {"rank": 2, "world_size": 2}, r"rank 2 .* world_size 2"),
+        (np.arange(10) % 2 == 0, {"seed": -1}, "seed"),
+        (np.zeros((2, 5), dtype=bool), {}, r"\(M,\) bool"),
+        (np.arange(10), {}, "0 or 1"),
+    ],
+)
 def test_balanced_sampler_bad_arguments(labels, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         BalancedSampler(labels, **kwargs)

@@ -47,10 +47,18 @@ def world(tmp_path_factory):
     val_nodules = [int(per_series.get(uid, 0)) for uid in split.val_series]
     # What the tests below rely on: val holds scans with and without nodules, and there is a test part.
     assert sum(val_nodules) >= 2 and min(val_nodules) == 0 and len(split.test) > 0
-    return {"base": base, "root": root, "config": config, "model": model, "checkpoint": checkpoint,
-            "candidates": candidates, "split": split, "annotations": annotations,
-            "excluded": read_excluded(root / "annotations_excluded.csv"),
-            "no_nodule_series": [u for u, n in zip(split.val_series, val_nodules, strict=True) if n == 0]}
+    return {
+        "base": base,
+        "root": root,
+        "config": config,
+        "model": model,
+        "checkpoint": checkpoint,
+        "candidates": candidates,
+        "split": split,
+        "annotations": annotations,
+        "excluded": read_excluded(root / "annotations_excluded.csv"),
+        "no_nodule_series": [u for u, n in zip(split.val_series, val_nodules, strict=True) if n == 0],
+    }
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
@@ -80,18 +88,41 @@ def strict_json(path: Path) -> dict:
 @pytest.fixture(scope="module")
 def val_run(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("val_run") / "out"
-    rc = evaluate.main(["--checkpoint", str(world["checkpoint"]), "--out", str(out), "--bootstrap", str(BOOTSTRAP),
-                        "--pictures", str(PICTURES), "--batch-size", "16", "--log-level", "WARNING",
-                        "--no-progress"])
+    rc = evaluate.main(
+        [
+            "--checkpoint",
+            str(world["checkpoint"]),
+            "--out",
+            str(out),
+            "--bootstrap",
+            str(BOOTSTRAP),
+            "--pictures",
+            str(PICTURES),
+            "--batch-size",
+            "16",
+            "--log-level",
+            "WARNING",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
-    return {"out": out, "metrics": strict_json(out / "metrics.json"),
-            "submission": read_submission(out / "submission.csv")}
+    return {
+        "out": out,
+        "metrics": strict_json(out / "metrics.json"),
+        "submission": read_submission(out / "submission.csv"),
+    }
 
 
 def _key_frame(candidates, rows) -> pd.DataFrame:
     xyz = candidates.center_xyz[rows]
-    return pd.DataFrame({"seriesuid": candidates.series_uids[candidates.series_index[rows]],
-                         "coordX": xyz[:, 0], "coordY": xyz[:, 1], "coordZ": xyz[:, 2]})
+    return pd.DataFrame(
+        {
+            "seriesuid": candidates.series_uids[candidates.series_index[rows]],
+            "coordX": xyz[:, 0],
+            "coordY": xyz[:, 1],
+            "coordZ": xyz[:, 2],
+        }
+    )
 
 
 def _sorted_keys(frame: pd.DataFrame) -> list[tuple]:
@@ -106,9 +137,24 @@ def test_help_lists_flags(capsys):
         evaluate.main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--checkpoint", "--models-dir", "--split", "--series", "--data-root", "--cache-dir", "--no-cache",
-                 "--batch-size", "--num-workers", "--device", "--amp", "--threshold", "--bootstrap", "--seed",
-                 "--out", "--pictures"):
+    for flag in (
+        "--checkpoint",
+        "--models-dir",
+        "--split",
+        "--series",
+        "--data-root",
+        "--cache-dir",
+        "--no-cache",
+        "--batch-size",
+        "--num-workers",
+        "--device",
+        "--amp",
+        "--threshold",
+        "--bootstrap",
+        "--seed",
+        "--out",
+        "--pictures",
+    ):
         assert flag in out
 
 
@@ -168,10 +214,18 @@ def test_classification_metrics_by_hand(world, val_run):
     submission = val_run["submission"]
     candidates = world["candidates"]
     uids = candidates.series_uids[candidates.series_index]
-    label_of = {(str(u), *xyz): bool(n) for u, xyz, n in zip(uids, candidates.center_xyz.tolist(),
-                                                               candidates.is_nodule, strict=True)}
-    labels = np.array([label_of[key] for key in zip(submission["seriesuid"], submission["coordX"],
-                                                    submission["coordY"], submission["coordZ"], strict=True)])
+    label_of = {
+        (str(u), *xyz): bool(n)
+        for u, xyz, n in zip(uids, candidates.center_xyz.tolist(), candidates.is_nodule, strict=True)
+    }
+    labels = np.array(
+        [
+            label_of[key]
+            for key in zip(
+                submission["seriesuid"], submission["coordX"], submission["coordY"], submission["coordZ"], strict=True
+            )
+        ]
+    )
     prob = submission["probability"].to_numpy()
     pos, neg = prob[labels], prob[~labels]
     assert len(pos) and len(neg)
@@ -235,8 +289,9 @@ def test_pictures(world, val_run):
     assert len(index[index["kind"] == "missed_nodule"]) == expected_missed
     sheets = sorted(p.name for p in out.glob("*.png"))
     n_fp, n_missed = math.ceil(expected_fp / vis.SHEET_ROWS), math.ceil(expected_missed / vis.SHEET_ROWS)
-    assert sheets == [f"false_positives_{k:02d}.png" for k in range(1, n_fp + 1)] + \
-        [f"missed_nodules_{k:02d}.png" for k in range(1, n_missed + 1)]
+    assert sheets == [f"false_positives_{k:02d}.png" for k in range(1, n_fp + 1)] + [
+        f"missed_nodules_{k:02d}.png" for k in range(1, n_missed + 1)
+    ]
     for sheet in sheets:
         assert png_size(out / sheet) == vis.sheet_size_px()
     assert set(index["sheet"]) == set(sheets)
@@ -248,8 +303,20 @@ def test_no_cache_scores_match_and_write_no_cache(world, val_run, tmp_path, caps
     uid = world["no_nodule_series"][0]
     cache = tmp_path / "never"
     out = tmp_path / "out"
-    rc, _, err = run(capsys, "--checkpoint", str(world["checkpoint"]), "--series", uid, "--no-cache",
-                     "--cache-dir", str(cache), "--out", str(out), "--bootstrap", "0")
+    rc, _, err = run(
+        capsys,
+        "--checkpoint",
+        str(world["checkpoint"]),
+        "--series",
+        uid,
+        "--no-cache",
+        "--cache-dir",
+        str(cache),
+        "--out",
+        str(out),
+        "--bootstrap",
+        "0",
+    )
     assert rc == 0, err
     assert not cache.exists()
     mine = read_submission(out / "submission.csv")
@@ -261,8 +328,17 @@ def test_no_cache_scores_match_and_write_no_cache(world, val_run, tmp_path, caps
 
 def test_scans_without_nodules_give_null_cpm(world, tmp_path, capsys):
     out = tmp_path / "out"
-    rc, stdout, err = run(capsys, "--checkpoint", str(world["checkpoint"]), "--series", *world["no_nodule_series"],
-                          "--out", str(out), "--bootstrap", "50")
+    rc, stdout, err = run(
+        capsys,
+        "--checkpoint",
+        str(world["checkpoint"]),
+        "--series",
+        *world["no_nodule_series"],
+        "--out",
+        str(out),
+        "--bootstrap",
+        "50",
+    )
     assert rc == 0, err
     metrics = strict_json(out / "metrics.json")
     assert metrics["cpm"] is None and metrics["froc"]["cpm"] is None
@@ -277,8 +353,17 @@ def test_scans_without_nodules_give_null_cpm(world, tmp_path, capsys):
 
 def test_test_and_all_splits(world, val_run, tmp_path, capsys):
     split = world["split"]
-    rc, _, err = run(capsys, "--checkpoint", str(world["checkpoint"]), "--split", "test", "--out",
-                     str(tmp_path / "test"), "--bootstrap", "0")
+    rc, _, err = run(
+        capsys,
+        "--checkpoint",
+        str(world["checkpoint"]),
+        "--split",
+        "test",
+        "--out",
+        str(tmp_path / "test"),
+        "--bootstrap",
+        "0",
+    )
     assert rc == 0, err
     submission = read_submission(tmp_path / "test" / "submission.csv")
     assert _sorted_keys(submission) == _sorted_keys(_key_frame(world["candidates"], split.test))
@@ -286,23 +371,42 @@ def test_test_and_all_splits(world, val_run, tmp_path, capsys):
     assert metrics["selection"]["series_in_training"] == 0 and metrics["counts"]["scans"] == len(split.test_series)
 
     # A run folder as --checkpoint, and a DataLoader worker process reading the cache.
-    rc, _, err = run(capsys, "--checkpoint", str(world["checkpoint"].parent), "--split", "all", "--out",
-                     str(tmp_path / "all"), "--bootstrap", "0", "--num-workers", "1")
+    rc, _, err = run(
+        capsys,
+        "--checkpoint",
+        str(world["checkpoint"].parent),
+        "--split",
+        "all",
+        "--out",
+        str(tmp_path / "all"),
+        "--bootstrap",
+        "0",
+        "--num-workers",
+        "1",
+    )
     assert rc == 0, err
     metrics = strict_json(tmp_path / "all" / "metrics.json")
     assert metrics["counts"]["candidates"] == len(world["candidates"]) and metrics["device"]["num_workers"] == 1
     assert metrics["selection"]["series_in_training"] == len(split.train_series) > 0
     everything = read_submission(tmp_path / "all" / "submission.csv")
-    merged = val_run["submission"].merge(everything, on=["seriesuid", "coordX", "coordY", "coordZ"],
-                                         suffixes=("", "_all"))
+    merged = val_run["submission"].merge(
+        everything, on=["seriesuid", "coordX", "coordY", "coordZ"], suffixes=("", "_all")
+    )
     assert len(merged) == len(val_run["submission"])
     np.testing.assert_allclose(merged["probability"], merged["probability_all"], rtol=0, atol=1e-6)
 
 
 def test_default_checkpoint_and_out_dir(world, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    rc, _, err = run(capsys, "--models-dir", str(world["base"] / "models"), "--series", world["no_nodule_series"][0],
-                     "--bootstrap", "0")
+    rc, _, err = run(
+        capsys,
+        "--models-dir",
+        str(world["base"] / "models"),
+        "--series",
+        world["no_nodule_series"][0],
+        "--bootstrap",
+        "0",
+    )
     assert rc == 0, err
     (out,) = (tmp_path / "data-unversioned" / "eval").iterdir()
     assert out.name.startswith("2025-01-01_00.00.00-test-best-series-")
@@ -314,8 +418,9 @@ def bad_checkpoints(world, tmp_path):
     other = LunaModel(conv_channels=4)
     paths = {
         "other_arch": write_checkpoint(tmp_path / "other.pt", other, world["config"]),
-        "no_test_part": write_checkpoint(tmp_path / "no_test.pt", world["model"],
-                                         TrainingConfig(data_root=str(world["root"]), val_fraction=0.4)),
+        "no_test_part": write_checkpoint(
+            tmp_path / "no_test.pt", world["model"], TrainingConfig(data_root=str(world["root"]), val_fraction=0.4)
+        ),
         "garbage": tmp_path / "garbage.pt",
     }
     paths["garbage"].write_bytes(b"not a checkpoint at all")
@@ -323,8 +428,20 @@ def bad_checkpoints(world, tmp_path):
     return paths
 
 
-@pytest.mark.parametrize("case", ["missing_file", "no_checkpoint_found", "other_arch", "garbage", "unknown_series",
-                                  "bad_uid", "empty_split", "bad_threshold", "bad_batch_size"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing_file",
+        "no_checkpoint_found",
+        "other_arch",
+        "garbage",
+        "unknown_series",
+        "bad_uid",
+        "empty_split",
+        "bad_threshold",
+        "bad_batch_size",
+    ],
+)
 def test_bad_input_exits_2_with_one_clear_line(case, world, bad_checkpoints, tmp_path, capsys):
     checkpoint = str(world["checkpoint"])
     args, names = {
@@ -354,17 +471,48 @@ def test_cpm_equals_what_training_logged(tmp_path, capsys):
 
     root = tmp_path / "luna"
     generate(root, num_cts=4, size=96, slices=48, candidates_per_ct=40, nodules_per_ct=2, seed=11, workers=1)
-    rc = training.main(["--data-root", str(root), "--cache-dir", str(tmp_path / "cache"), "--runs-dir",
-                        str(tmp_path / "runs"), "--checkpoint-dir", str(tmp_path / "models"), "--epochs", "1",
-                        "--max-train-batches", "2", "--batch-size", "8", "--num-workers", "0", "--val-fraction",
-                        "0.5", "--images-every", "0", "--log-level", "WARNING"])
+    rc = training.main(
+        [
+            "--data-root",
+            str(root),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--checkpoint-dir",
+            str(tmp_path / "models"),
+            "--epochs",
+            "1",
+            "--max-train-batches",
+            "2",
+            "--batch-size",
+            "8",
+            "--num-workers",
+            "0",
+            "--val-fraction",
+            "0.5",
+            "--images-every",
+            "0",
+            "--log-level",
+            "WARNING",
+        ]
+    )
     assert rc == 0
     capsys.readouterr()
     (best,) = (tmp_path / "models").rglob("best.pt")
     state = load_checkpoint(best)
     assert state["selected_by"] == "cpm"  # the val split of this set has nodules
-    rc, _, err = run(capsys, "--models-dir", str(tmp_path / "models"), "--out", str(tmp_path / "out"),
-                     "--bootstrap", "0", "--batch-size", "8")
+    rc, _, err = run(
+        capsys,
+        "--models-dir",
+        str(tmp_path / "models"),
+        "--out",
+        str(tmp_path / "out"),
+        "--bootstrap",
+        "0",
+        "--batch-size",
+        "8",
+    )
     assert rc == 0, err
     metrics = strict_json(tmp_path / "out" / "metrics.json")
     assert metrics["froc"]["cpm"] == pytest.approx(state["best_metric"], abs=1e-9)
@@ -376,8 +524,19 @@ def test_cpm_equals_what_training_logged(tmp_path, capsys):
 def test_gpu_bf16_scores_close_to_cpu(world, val_run, tmp_path, capsys):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    rc, _, err = run(capsys, "--checkpoint", str(world["checkpoint"]), "--device", "cuda", "--amp", "bf16",
-                     "--out", str(tmp_path / "gpu"), "--bootstrap", "0")
+    rc, _, err = run(
+        capsys,
+        "--checkpoint",
+        str(world["checkpoint"]),
+        "--device",
+        "cuda",
+        "--amp",
+        "bf16",
+        "--out",
+        str(tmp_path / "gpu"),
+        "--bootstrap",
+        "0",
+    )
     assert rc == 0, err
     gpu = read_submission(tmp_path / "gpu" / "submission.csv")
     merged = gpu.merge(val_run["submission"], on=["seriesuid", "coordX", "coordY", "coordZ"], suffixes=("", "_cpu"))

@@ -35,6 +35,7 @@ def nan_equal(a: float, b: float) -> bool:
 
 # -- reference implementations written from the definitions, one pair / threshold at a time --
 
+
 def brute_auc(labels, scores) -> float:
     pos = [s for s, y in zip(scores, labels, strict=True) if y]
     neg = [s for s, y in zip(scores, labels, strict=True) if not y]
@@ -60,6 +61,7 @@ def brute_ap(labels, scores) -> float:
 
 
 # -- Part 1: classification metrics ----------------------------------------------------------
+
 
 def test_confusion_counts_by_hand_and_threshold_is_strict():
     labels = torch.tensor([1, 1, 0, 0, 1, 0])
@@ -140,8 +142,13 @@ def test_classification_summary_by_hand():
     assert s["pr/auc"] == pytest.approx(brute_auc(labels.tolist(), probs.tolist()))
     assert s["pr/average_precision"] == pytest.approx(brute_ap(labels.numpy(), probs.numpy()))
     assert {k: s[k] for k in SUMMARY_KEYS if k.startswith("count/")} == {
-        "count/all": 6, "count/neg": 3, "count/pos": 3,
-        "count/tp": 1, "count/fp": 1, "count/tn": 2, "count/fn": 2,
+        "count/all": 6,
+        "count/neg": 3,
+        "count/pos": 3,
+        "count/tp": 1,
+        "count/fp": 1,
+        "count/tn": 2,
+        "count/fn": 2,
     }
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in s.values())
 
@@ -180,14 +187,17 @@ def test_classification_summary_syncs_with_the_host_once(monkeypatch):
     assert s["count/all"] == 10_000
 
 
-@pytest.mark.parametrize("bad, message", [
-    ((torch.tensor([1, 0, 1]), torch.tensor([0.1, 0.2])), "same length"),
-    ((torch.tensor([[1, 0]]), torch.tensor([[0.1, 0.2]])), "1-D"),
-    ((torch.tensor([1, 2, 0]), torch.tensor([0.1, 0.2, 0.3])), "other than 0 and 1"),
-    ((torch.tensor([1.0, 0.0]), torch.tensor([0.1, 0.2])), "bool or an integer"),
-    ((torch.tensor([1, 0]), torch.tensor([1, 0])), "floating-point"),
-    ((torch.tensor([1, 0]), torch.tensor([0.1, float("nan")])), "NaN"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ((torch.tensor([1, 0, 1]), torch.tensor([0.1, 0.2])), "same length"),
+        ((torch.tensor([[1, 0]]), torch.tensor([[0.1, 0.2]])), "1-D"),
+        ((torch.tensor([1, 2, 0]), torch.tensor([0.1, 0.2, 0.3])), "other than 0 and 1"),
+        ((torch.tensor([1.0, 0.0]), torch.tensor([0.1, 0.2])), "bool or an integer"),
+        ((torch.tensor([1, 0]), torch.tensor([1, 0])), "floating-point"),
+        ((torch.tensor([1, 0]), torch.tensor([0.1, float("nan")])), "NaN"),
+    ],
+)
 def test_bad_tensors_raise_clear_errors(bad, message):
     for fn in (confusion_counts, roc_auc, average_precision, classification_summary):
         with pytest.raises(DataFormatError, match=message):
@@ -241,8 +251,9 @@ def test_froc_points_are_lunas():
 def test_perfect_predictions_give_cpm_one():
     a, b = UIDS[:2]
     annotations = anns([(a, 0, 0, 0, 6.0), (a, 40, 0, 0, 10.0), (b, 5, 5, 5, 8.0)])
-    predictions = preds([(a, 0, 0, 0, 0.9), (a, 40, 0, 0, 0.8), (b, 5, 5, 5, 0.95),
-                         (a, 100, 0, 0, 0.1), (b, -50, 0, 0, 0.2)])
+    predictions = preds(
+        [(a, 0, 0, 0, 0.9), (a, 40, 0, 0, 0.8), (b, 5, 5, 5, 0.95), (a, 100, 0, 0, 0.1), (b, -50, 0, 0, 0.2)]
+    )
     result = froc(predictions, annotations, bootstrap=0)
     assert result.cpm == 1.0
     assert result.sensitivities == dict.fromkeys(FROC_FPS_PER_SCAN, 1.0)
@@ -281,19 +292,23 @@ def test_double_hits_count_once_with_the_highest_probability():
 def test_predictions_on_excluded_findings_are_neither_hits_nor_false_positives():
     a = UIDS[0]
     annotations = anns([(a, 0, 0, 0, 10.0)])
-    excluded = anns([
-        (a, 100, 0, 0, 6.0),   # radius 3
-        (a, 0, 100, 0, -1.0),  # unknown size: LUNA16 uses 10 mm, radius 5
-        (a, 2, 0, 0, 20.0),    # overlaps the nodule: a hit stays a hit
-    ])
-    predictions = preds([
-        (a, 1, 0, 0, 0.4),       # hit (also inside the third excluded finding)
-        (a, 101, 0, 0, 0.99),    # on excluded finding 0: ignored
-        (a, 0, 104.9, 0, 0.98),  # 4.9 mm from the -1 finding: ignored
-        (a, 0, 105, 0, 0.97),    # exactly 5 mm: outside, false positive
-        (a, 0, 105.1, 0, 0.96),  # outside: false positive
-        (a, 9, 0, 0, 0.95),      # inside excluded finding 2 only (7 mm from it, 9 from the nodule): ignored
-    ])
+    excluded = anns(
+        [
+            (a, 100, 0, 0, 6.0),  # radius 3
+            (a, 0, 100, 0, -1.0),  # unknown size: LUNA16 uses 10 mm, radius 5
+            (a, 2, 0, 0, 20.0),  # overlaps the nodule: a hit stays a hit
+        ]
+    )
+    predictions = preds(
+        [
+            (a, 1, 0, 0, 0.4),  # hit (also inside the third excluded finding)
+            (a, 101, 0, 0, 0.99),  # on excluded finding 0: ignored
+            (a, 0, 104.9, 0, 0.98),  # 4.9 mm from the -1 finding: ignored
+            (a, 0, 105, 0, 0.97),  # exactly 5 mm: outside, false positive
+            (a, 0, 105.1, 0, 0.96),  # outside: false positive
+            (a, 9, 0, 0, 0.95),  # inside excluded finding 2 only (7 mm from it, 9 from the nodule): ignored
+        ]
+    )
     match = match_predictions(predictions, annotations, excluded)
     np.testing.assert_array_equal(match.is_hit, [True, False, False, False, False, False])
     np.testing.assert_array_equal(match.is_excluded, [False, True, True, False, False, True])
@@ -372,31 +387,35 @@ def test_missed_nodules_cap_the_sensitivity():
 
 def test_froc_curve_and_cpm_by_hand():
     s1, s2, s3, s4 = UIDS[:4]
-    annotations = anns([
-        (s1, 0, 0, 0, 6.0),      # N1, radius 3
-        (s1, 50, 0, 0, 8.0),     # N2, radius 4
-        (s2, 10, 10, 10, 10.0),  # N3, radius 5
-        (s2, -40, 0, 0, 4.0),    # N4, radius 2: missed
-    ])
-    predictions = preds([
-        (s1, 1, 0, 0, 0.95),     # N1 (d² 1)
-        (s1, 0, 1, 1, 0.40),     # N1 again (d² 2): ignored, N1 keeps 0.95
-        (s1, 52, 0, 0, 0.60),    # N2 (d² 4)
-        (s1, 20, 0, 0, 0.90),    # FP
-        (s1, 30, 0, 0, 0.30),    # FP
-        (s2, 10, 10, 13, 0.85),  # N3 (d² 9)
-        (s2, -40, 0, 3, 0.70),   # FP: 3 mm from N4 is outside its 2 mm radius
-        (s2, 0, 0, 0, 0.20),     # FP
-        (s3, 5, 5, 5, 0.80),     # FP on a scan without nodules
-        (s3, 6, 6, 6, 0.60),     # FP, tied with N2's 0.60
-    ])
+    annotations = anns(
+        [
+            (s1, 0, 0, 0, 6.0),  # N1, radius 3
+            (s1, 50, 0, 0, 8.0),  # N2, radius 4
+            (s2, 10, 10, 10, 10.0),  # N3, radius 5
+            (s2, -40, 0, 0, 4.0),  # N4, radius 2: missed
+        ]
+    )
+    predictions = preds(
+        [
+            (s1, 1, 0, 0, 0.95),  # N1 (d² 1)
+            (s1, 0, 1, 1, 0.40),  # N1 again (d² 2): ignored, N1 keeps 0.95
+            (s1, 52, 0, 0, 0.60),  # N2 (d² 4)
+            (s1, 20, 0, 0, 0.90),  # FP
+            (s1, 30, 0, 0, 0.30),  # FP
+            (s2, 10, 10, 13, 0.85),  # N3 (d² 9)
+            (s2, -40, 0, 3, 0.70),  # FP: 3 mm from N4 is outside its 2 mm radius
+            (s2, 0, 0, 0, 0.20),  # FP
+            (s3, 5, 5, 5, 0.80),  # FP on a scan without nodules
+            (s3, 6, 6, 6, 0.60),  # FP, tied with N2's 0.60
+        ]
+    )
     result = froc(predictions, annotations, series_uids=[s1, s2, s3, s4], bootstrap=0)
     # sorted: .95 N, .90 F, .85 N, .80 F, .70 F, .60 N+F, .30 F, .20 F; 4 scans, 4 nodules
-    np.testing.assert_array_equal(result.thresholds, [np.inf, .95, .90, .85, .80, .70, .60, .30, .20])
-    np.testing.assert_array_equal(result.fps_per_scan, [0, 0, .25, .25, .5, .75, 1, 1.25, 1.5])
-    np.testing.assert_array_equal(result.sensitivity, [0, .25, .25, .5, .5, .5, .75, .75, .75])
+    np.testing.assert_array_equal(result.thresholds, [np.inf, 0.95, 0.90, 0.85, 0.80, 0.70, 0.60, 0.30, 0.20])
+    np.testing.assert_array_equal(result.fps_per_scan, [0, 0, 0.25, 0.25, 0.5, 0.75, 1, 1.25, 1.5])
+    np.testing.assert_array_equal(result.sensitivity, [0, 0.25, 0.25, 0.5, 0.5, 0.5, 0.75, 0.75, 0.75])
     # 1/8: between (0, .25) and (.25, .25); 1/4: the upper of the two points at .25; beyond 1.5 flat
-    expected = {0.125: .25, 0.25: .5, 0.5: .5, 1: .75, 2: .75, 4: .75, 8: .75}
+    expected = {0.125: 0.25, 0.25: 0.5, 0.5: 0.5, 1: 0.75, 2: 0.75, 4: 0.75, 8: 0.75}
     assert result.sensitivities == pytest.approx(expected)
     assert result.cpm == pytest.approx(4.25 / 7)
     assert (result.num_scans, result.num_nodules, result.num_predictions) == (4, 4, 10)
@@ -408,14 +427,23 @@ def test_interpolation_between_curve_points():
     a, b = UIDS[:2]
     annotations = anns([(a, 0, 0, 0, 10.0), (b, 0, 0, 0, 10.0)])
     # one FP per scan (fps 1) then nodule 1, then 2 more FPs per scan (fps 3) then nodule 2
-    predictions = preds([(a, 50, 0, 0, 0.9), (b, 50, 0, 0, 0.9), (a, 0, 0, 0, 0.8),
-                         (a, 60, 0, 0, 0.7), (a, 70, 0, 0, 0.7), (b, 60, 0, 0, 0.7), (b, 70, 0, 0, 0.7),
-                         (b, 1, 0, 0, 0.6)])
+    predictions = preds(
+        [
+            (a, 50, 0, 0, 0.9),
+            (b, 50, 0, 0, 0.9),
+            (a, 0, 0, 0, 0.8),
+            (a, 60, 0, 0, 0.7),
+            (a, 70, 0, 0, 0.7),
+            (b, 60, 0, 0, 0.7),
+            (b, 70, 0, 0, 0.7),
+            (b, 1, 0, 0, 0.6),
+        ]
+    )
     result = froc(predictions, annotations, bootstrap=0)
     np.testing.assert_array_equal(result.fps_per_scan, [0, 1, 1, 3, 3])
-    np.testing.assert_array_equal(result.sensitivity, [0, 0, .5, .5, 1])
+    np.testing.assert_array_equal(result.sensitivity, [0, 0, 0.5, 0.5, 1])
     # 1/8..1/2 on the segment (0,0)-(1,0): 0; at 1 the upper point: .5; at 2 halfway (1,.5)-(3,.5): .5
-    assert [result.sensitivities[fp] for fp in FROC_FPS_PER_SCAN] == [0, 0, 0, .5, .5, 1, 1]
+    assert [result.sensitivities[fp] for fp in FROC_FPS_PER_SCAN] == [0, 0, 0, 0.5, 0.5, 1, 1]
 
 
 def test_empty_predictions():
@@ -449,6 +477,7 @@ def test_to_dict_is_strict_json():
 
 
 # -- bootstrap ------------------------------------------------------------------------------------
+
 
 def random_case(seed: int, scans: int = 30, per_scan: int = 40, excluded: bool = True):
     rng = np.random.default_rng(seed)
@@ -584,6 +613,7 @@ def test_interval_uses_lunas_order_statistics():
 
 
 # -- bad input --------------------------------------------------------------------------------------
+
 
 def good():
     a = UIDS[0]

@@ -42,11 +42,15 @@ def test_block_and_state_dict_names_are_stable():
     model = LunaModel()
     names = [name for name, _ in model.named_children()]
     assert names == ["tail_batchnorm", "block1", "block2", "block3", "block4", "head_linear"]
-    expected = ["tail_batchnorm.weight", "tail_batchnorm.bias", "tail_batchnorm.running_mean",
-                "tail_batchnorm.running_var", "tail_batchnorm.num_batches_tracked"]
+    expected = [
+        "tail_batchnorm.weight",
+        "tail_batchnorm.bias",
+        "tail_batchnorm.running_mean",
+        "tail_batchnorm.running_var",
+        "tail_batchnorm.num_batches_tracked",
+    ]
     for k in range(1, 5):
-        expected += [f"block{k}.conv1.weight", f"block{k}.conv1.bias",
-                     f"block{k}.conv2.weight", f"block{k}.conv2.bias"]
+        expected += [f"block{k}.conv1.weight", f"block{k}.conv1.bias", f"block{k}.conv2.weight", f"block{k}.conv2.bias"]
     expected += ["head_linear.weight", "head_linear.bias"]
     assert list(model.state_dict()) == expected
     assert tuple(model.block4.conv2.weight.shape) == (64, 64, 3, 3, 3)
@@ -76,8 +80,9 @@ def test_train_mode_backward_reaches_every_parameter():
 
 def test_init_is_deterministic_with_a_seed():
     a, b, c = seeded_model(7), seeded_model(7), seeded_model(8)
-    for (name, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values(),
-                                  strict=True):
+    for (name, pa), pb, pc in zip(
+        a.state_dict().items(), b.state_dict().values(), c.state_dict().values(), strict=True
+    ):
         assert torch.equal(pa, pb), name
         if name.endswith("conv1.weight"):
             assert not torch.equal(pa, pc), name

@@ -57,8 +57,18 @@ def test_help(capsys):
         predict.main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--checkpoint", "--models-dir", "--data-root", "--series", "--candidates", "--out", "--outside",
-                 "--batch-size", "--device", "--amp"):
+    for flag in (
+        "--checkpoint",
+        "--models-dir",
+        "--data-root",
+        "--series",
+        "--candidates",
+        "--out",
+        "--outside",
+        "--batch-size",
+        "--device",
+        "--amp",
+    ):
         assert flag in out
 
 
@@ -88,9 +98,25 @@ def test_all_series_match_evaluate_and_create_no_cache(world, tmp_path, monkeypa
     pd.testing.assert_frame_equal(got[KEYS], world["candidates"][KEYS])
 
     # evaluate, through the chunk cache, gives the same probabilities for the same candidates.
-    rc = evaluate.main(["--checkpoint", str(world["checkpoint"]), "--split", "all", "--out", str(tmp_path / "eval"),
-                        "--cache-dir", str(tmp_path / "cache"), "--bootstrap", "0", "--num-workers", "0",
-                        "--log-level", "WARNING", "--no-progress"])
+    rc = evaluate.main(
+        [
+            "--checkpoint",
+            str(world["checkpoint"]),
+            "--split",
+            "all",
+            "--out",
+            str(tmp_path / "eval"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--bootstrap",
+            "0",
+            "--num-workers",
+            "0",
+            "--log-level",
+            "WARNING",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     assert (tmp_path / "cache").exists()
     submission = pd.read_csv(tmp_path / "eval" / "submission.csv", dtype={"seriesuid": str})
@@ -115,8 +141,17 @@ def test_detector_csv_without_class_skips_outside_and_absent_series(world, tmp_p
     pd.testing.assert_frame_equal(got[KEYS], inside[KEYS])  # input order, skipped rows left out
     np.testing.assert_allclose(got["probability"], model_probabilities(world, inside), rtol=0, atol=1e-6)
 
-    rc, _, err = run(capsys, "--checkpoint", str(world["checkpoint"]), "--candidates", str(path), "--out",
-                     str(tmp_path / "strict.csv"), "--outside", "error")
+    rc, _, err = run(
+        capsys,
+        "--checkpoint",
+        str(world["checkpoint"]),
+        "--candidates",
+        str(path),
+        "--out",
+        str(tmp_path / "strict.csv"),
+        "--outside",
+        "error",
+    )
     assert rc == 2 and "outside CT" in err
     assert not (tmp_path / "strict.csv").exists()
 
@@ -143,13 +178,24 @@ def bad_files(world, tmp_path):
     header_only.write_text("seriesuid,coordX,coordY,coordZ\n")
     other_arch = tmp_path / "other.pt"
     model = LunaModel(conv_channels=4)
-    save_checkpoint({"arch": arch_signature(model), "model": model.state_dict(),
-                     "config": TrainingConfig().to_dict()}, other_arch)
+    save_checkpoint(
+        {"arch": arch_signature(model), "model": model.state_dict(), "config": TrainingConfig().to_dict()}, other_arch
+    )
     return {"no_coordz": no_class, "header_only": header_only, "other_arch": other_arch}
 
 
-@pytest.mark.parametrize("case", ["missing_columns", "no_rows", "missing_csv", "unknown_series", "series_not_in_csv",
-                                  "missing_checkpoint", "other_arch"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing_columns",
+        "no_rows",
+        "missing_csv",
+        "unknown_series",
+        "series_not_in_csv",
+        "missing_checkpoint",
+        "other_arch",
+    ],
+)
 def test_bad_input_exits_2_with_one_clear_line(case, world, bad_files, tmp_path, capsys):
     ck = ["--checkpoint", str(world["checkpoint"])]
     lonely_uid = world["candidates"]["seriesuid"].iloc[0]
@@ -162,8 +208,10 @@ def test_bad_input_exits_2_with_one_clear_line(case, world, bad_files, tmp_path,
         "unknown_series": ([*ck, "--series", UNKNOWN_UID], UNKNOWN_UID),
         "series_not_in_csv": ([*ck, "--series", lonely_uid, "--candidates", str(only_other)], lonely_uid),
         "missing_checkpoint": (["--checkpoint", str(tmp_path / "nope.pt")], str(tmp_path / "nope.pt")),
-        "other_arch": (["--checkpoint", str(bad_files["other_arch"]), "--data-root", str(world["root"])],
-                       "architecture"),
+        "other_arch": (
+            ["--checkpoint", str(bad_files["other_arch"]), "--data-root", str(world["root"])],
+            "architecture",
+        ),
     }[case]
     out = tmp_path / "scores.csv"
     rc, stdout, err = run(capsys, *args, "--out", str(out))

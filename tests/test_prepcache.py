@@ -41,8 +41,14 @@ def data_root(tmp_path_factory) -> Path:
     for k in range(N_CTS):
         uid = make_uid(10 + k)
         shape = (40, 56, 60)
-        write_ct(root, uid, rng.integers(-1000, 1001, shape, dtype=np.int16), subset=k % 2,
-                 spacing_xyz=(0.8, 0.8, 1.5), origin_xyz=(-100.0, -90.0, 200.0))
+        write_ct(
+            root,
+            uid,
+            rng.integers(-1000, 1001, shape, dtype=np.int16),
+            subset=k % 2,
+            spacing_xyz=(0.8, 0.8, 1.5),
+            origin_xyz=(-100.0, -90.0, 200.0),
+        )
         for i, r, c in rng.permutation(np.indices(shape).reshape(3, -1).T)[:PER_CT]:
             rows.append((uid, -100.0 + 0.8 * c, -90.0 + 0.8 * r, 200.0 + 1.5 * i, int(rng.random() < 0.2)))
     write_csv(root / "candidates.csv", CANDIDATES_HEADER, rows)
@@ -62,8 +68,21 @@ def snapshot(cache_dir: Path, root: Path) -> dict:
 def reference(data_root, tmp_path_factory) -> dict:
     """{key: value bytes} of a complete, uninterrupted in-process prefill."""
     cache_dir = tmp_path_factory.mktemp("reference") / "cache"
-    assert prepcache.main(["--data-root", str(data_root), "--cache-dir", str(cache_dir),
-                           "--num-workers", "0", "--log-level", "WARNING"]) == 0
+    assert (
+        prepcache.main(
+            [
+                "--data-root",
+                str(data_root),
+                "--cache-dir",
+                str(cache_dir),
+                "--num-workers",
+                "0",
+                "--log-level",
+                "WARNING",
+            ]
+        )
+        == 0
+    )
     ct_module.clear_series_index()
     clear_candidate_cache()
     return snapshot(cache_dir, data_root)
@@ -107,11 +126,18 @@ def start_prefill(tmp_path, root, cache_dir, delay, *more):
     site = tmp_path / "site"
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(SLOW_SITE)
-    env = dict(os.environ, P2CH_TEST_WRITE_DELAY=str(delay),
-               PYTHONPATH=os.pathsep.join([str(site), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        P2CH_TEST_WRITE_DELAY=str(delay),
+        PYTHONPATH=os.pathsep.join([str(site), str(REPO), os.environ.get("PYTHONPATH", "")]),
+    )
     return subprocess.Popen(
         [sys.executable, "-m", "p2ch.prepcache", *args(root, cache_dir, *more)],
-        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
 
 
@@ -130,8 +156,18 @@ def test_help_exits_zero(capsys):
         prepcache.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--num-workers", "--data-root", "--cache-dir", "--subsets", "--width-irc", "--clear",
-                 "--dry-run", "--force", "--prune", "--log-level"):
+    for flag in (
+        "--num-workers",
+        "--data-root",
+        "--cache-dir",
+        "--subsets",
+        "--width-irc",
+        "--clear",
+        "--dry-run",
+        "--force",
+        "--prune",
+        "--log-level",
+    ):
         assert flag in out
 
 

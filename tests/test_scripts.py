@@ -25,7 +25,7 @@ def test_scripts_parse_and_answer_help(script):
 def _value(output: str, prefix: str) -> str:
     lines = [line for line in output.splitlines() if line.startswith(prefix)]
     assert lines, f"no line starting with {prefix!r}"
-    return lines[0][len(prefix):].strip()
+    return lines[0][len(prefix) :].strip()
 
 
 def test_explore_counts(tiny_root):
@@ -36,7 +36,7 @@ def test_explore_counts(tiny_root):
     assert _value(out, "positive (class 1):") == "3"
     assert _value(out, "negative (class 0):") == "4"
     assert _value(out, "series with candidates:") == "2"
-    assert _value(out, "count") .split()[:6] == ["2", "min", "5.00", "median", "7.50", "max"]
+    assert _value(out, "count").split()[:6] == ["2", "min", "5.00", "median", "7.50", "max"]
     assert _value(out, "named in CSVs:").split() == ["2", "on", "disk:", "2", "missing", "on", "disk:", "0"]
     top = [line.split() for line in out.split("== candidates per series (top 10)")[1].splitlines()[1:3]]
     assert [int(n) for n, _ in top] == [5, 2]
@@ -78,8 +78,18 @@ def test_quickstart_tiny(tmp_path):
     import sys
 
     env = dict(os.environ, P2CH_VENV=str(Path(sys.executable).parents[1]), P2CH_RUNS_DIR=str(tmp_path / "runs"))
-    result = run(REPO / "scripts/quickstart.sh", "--tiny", "--no-setup", "--device", "cpu", "--num-workers", "1",
-                 "--work", tmp_path / "work", env=env)
+    result = run(
+        REPO / "scripts/quickstart.sh",
+        "--tiny",
+        "--no-setup",
+        "--device",
+        "cpu",
+        "--num-workers",
+        "1",
+        "--work",
+        tmp_path / "work",
+        env=env,
+    )
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     work = tmp_path / "work"
     assert len(list((work / "luna").glob("subset*/*.mhd"))) == 4

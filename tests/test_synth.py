@@ -80,11 +80,14 @@ def test_layout_headers_and_uids(tiny):
         assert (root / f"subset{k % 10}" / f"{uid}.mhd").is_file()
         assert (root / f"subset{k % 10}" / f"{uid}.raw").stat().st_size == 64 * 64 * 40 * 2
     assert sorted(p.name for p in root.glob("subset*/*")) == sorted(
-        f"{uid}.{ext}" for uid in summary.series_uids for ext in ("mhd", "raw"))
+        f"{uid}.{ext}" for uid in summary.series_uids for ext in ("mhd", "raw")
+    )
     assert {p.name for p in root.iterdir() if p.is_dir()} == {f"subset{k}" for k in range(10)}
-    for name, header in (("annotations.csv", "seriesuid,coordX,coordY,coordZ,diameter_mm"),
-                         ("annotations_excluded.csv", "seriesuid,coordX,coordY,coordZ,diameter_mm"),
-                         ("candidates.csv", "seriesuid,coordX,coordY,coordZ,class")):
+    for name, header in (
+        ("annotations.csv", "seriesuid,coordX,coordY,coordZ,diameter_mm"),
+        ("annotations_excluded.csv", "seriesuid,coordX,coordY,coordZ,diameter_mm"),
+        ("candidates.csv", "seriesuid,coordX,coordY,coordZ,class"),
+    ):
         data = (root / name).read_bytes()
         assert data.split(b"\n", 1)[0] == header.encode(), name
         assert b"\r" not in data and data.endswith(b"\n")
@@ -197,8 +200,9 @@ def test_candidate_kinds_read_their_tissue(nodular):
     for plan in plans:
         rows = [row for row in candidates if row[0] == plan.series_uid]
         assert len(rows) == len(plan.candidate_kind)
-        for row, xyz, kind, cls in zip(rows, plan.candidate_xyz, plan.candidate_kind, plan.candidate_class,
-                                       strict=True):
+        for row, xyz, kind, cls in zip(
+            rows, plan.candidate_xyz, plan.candidate_kind, plan.candidate_class, strict=True
+        ):
             assert [float(v) for v in row[1:4]] == pytest.approx(xyz, abs=1e-5)
             assert int(row[4]) == int(cls) == int(kind == synth.KIND_NODULE)
             by_kind.setdefault(kind, []).append(volumes.hu_at(plan.series_uid, xyz))
@@ -278,8 +282,12 @@ def test_other_directions_keep_annotations_on_nodules(tmp_path, direction):
         for plan, uid in zip(identity, summary.series_uids, strict=True):
             image, _ = volumes.image(uid)
             size = image.GetSize()
-            corners = [image.TransformIndexToPhysicalPoint((a, b, c)) for a in (0, size[0] - 1)
-                       for b in (0, size[1] - 1) for c in (0, size[2] - 1)]
+            corners = [
+                image.TransformIndexToPhysicalPoint((a, b, c))
+                for a in (0, size[0] - 1)
+                for b in (0, size[1] - 1)
+                for c in (0, size[2] - 1)
+            ]
             lo = np.array(plan.origin_xyz)
             hi = lo + (np.array(size) - 1) * np.array(plan.spacing_xyz)
             assert np.min(corners, axis=0) == pytest.approx(lo)
@@ -290,8 +298,20 @@ def test_refuses_to_overwrite_without_force(tiny, tmp_path, capsys):
     root = tmp_path / "luna"
     generate(root, workers=1, **{**TINY, "num_cts": 2})
     before = tree_bytes(root)
-    args = ["--out", str(root), "--num-cts", "1", "--size", "32", "--slices", "16",
-            "--candidates-per-ct", "5", "--workers", "1"]
+    args = [
+        "--out",
+        str(root),
+        "--num-cts",
+        "1",
+        "--size",
+        "32",
+        "--slices",
+        "16",
+        "--candidates-per-ct",
+        "5",
+        "--workers",
+        "1",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(root) in err and "--force" in err
@@ -309,19 +329,46 @@ def test_refuses_to_overwrite_without_force(tiny, tmp_path, capsys):
 
 def test_main_defaults_to_the_data_root(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("P2CH_DATA_ROOT", str(tmp_path / "root"))
-    assert main(["--num-cts", "1", "--size", "32", "--slices", "16", "--candidates-per-ct", "7",
-                 "--nodules-per-ct", "0", "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "--num-cts",
+                "1",
+                "--size",
+                "32",
+                "--slices",
+                "16",
+                "--candidates-per-ct",
+                "7",
+                "--nodules-per-ct",
+                "0",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     _, candidates = read_rows(tmp_path / "root" / "candidates.csv")
     assert len(candidates) == 7 and all(row[4] == "0" for row in candidates)
     assert read_rows(tmp_path / "root" / "annotations.csv")[1] == []
     assert capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize(("flag", "value"), [
-    ("--num-cts", "0"), ("--size", "16"), ("--size", "5000"), ("--slices", "4"),
-    ("--candidates-per-ct", "0"), ("--nodules-per-ct", "-1"), ("--nodules-per-ct", "nan"),
-    ("--nodules-per-ct", "11"), ("--seed", "-3"), ("--workers", "0"),
-])
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--num-cts", "0"),
+        ("--size", "16"),
+        ("--size", "5000"),
+        ("--slices", "4"),
+        ("--candidates-per-ct", "0"),
+        ("--nodules-per-ct", "-1"),
+        ("--nodules-per-ct", "nan"),
+        ("--nodules-per-ct", "11"),
+        ("--seed", "-3"),
+        ("--workers", "0"),
+    ],
+)
 def test_bad_flag_values_give_one_clear_line(tmp_path, capsys, flag, value):
     out = tmp_path / "luna"
     assert main(["--out", str(out), flag, value]) == 2
@@ -381,8 +428,26 @@ def test_easy_set_has_only_lung_negatives_and_solid_nodules():
 
 def test_easy_flag_on_the_command_line(tmp_path, capsys):
     out = tmp_path / "easy"
-    assert main(["--out", str(out), "--num-cts", "2", "--size", "64", "--slices", "40",
-                 "--candidates-per-ct", "20", "--easy", "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "--out",
+                str(out),
+                "--num-cts",
+                "2",
+                "--size",
+                "64",
+                "--slices",
+                "40",
+                "--candidates-per-ct",
+                "20",
+                "--easy",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     _, rows = read_rows(out / "annotations.csv")
     assert rows and all(float(r[4]) >= 6.0 - 1e-6 for r in rows)
 
@@ -392,8 +457,10 @@ def test_generator_depends_on_nothing_else_in_the_package():
     import subprocess
     import sys
 
-    code = ("import sys, p2ch.synth; print(sorted(m for m in sys.modules if m.startswith('p2ch')));"
-            "print('torch' in sys.modules, 'pandas' in sys.modules)")
+    code = (
+        "import sys, p2ch.synth; print(sorted(m for m in sys.modules if m.startswith('p2ch')));"
+        "print('torch' in sys.modules, 'pandas' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0] == "['p2ch', 'p2ch.config', 'p2ch.synth']"
     assert out[1] == "False False"

@@ -19,13 +19,36 @@ from p2ch.synth import generate
 
 REPO = Path(__file__).resolve().parents[1]
 SCALAR_TAGS = {
-    "loss/all", "loss/neg", "loss/pos", "correct/all", "correct/neg", "correct/pos",
-    "pr/precision", "pr/recall", "pr/f1_score", "pr/auc", "pr/average_precision",
-    "perf/samples_per_sec", "perf/data_wait_fraction",
+    "loss/all",
+    "loss/neg",
+    "loss/pos",
+    "correct/all",
+    "correct/neg",
+    "correct/pos",
+    "pr/precision",
+    "pr/recall",
+    "pr/f1_score",
+    "pr/auc",
+    "pr/average_precision",
+    "perf/samples_per_sec",
+    "perf/data_wait_fraction",
 }
 CHECKPOINT_KEYS = {
-    "format", "arch", "model", "optimizer", "scaler", "epoch", "samples_seen", "best_metric",
-    "best_epoch", "best_loss", "selected_by", "config", "run_time", "rng", "versions",
+    "format",
+    "arch",
+    "model",
+    "optimizer",
+    "scaler",
+    "epoch",
+    "samples_seen",
+    "best_metric",
+    "best_epoch",
+    "best_loss",
+    "selected_by",
+    "config",
+    "run_time",
+    "rng",
+    "versions",
 }
 BATCH = 4
 TRAIN_BATCHES = 3
@@ -41,10 +64,25 @@ def tiny(tmp_path_factory):
 
 def _args(root: Path, work: Path, *extra: str) -> list[str]:
     return [
-        "--data-root", str(root), "--cache-dir", str(root.parent / "cache"),
-        "--runs-dir", str(work / "runs"), "--checkpoint-dir", str(work / "models"),
-        "--batch-size", str(BATCH), "--num-workers", "0", "--images-every", "1",
-        "--val-fraction", "0.5", "--log-level", "WARNING", *extra,
+        "--data-root",
+        str(root),
+        "--cache-dir",
+        str(root.parent / "cache"),
+        "--runs-dir",
+        str(work / "runs"),
+        "--checkpoint-dir",
+        str(work / "models"),
+        "--batch-size",
+        str(BATCH),
+        "--num-workers",
+        "0",
+        "--images-every",
+        "1",
+        "--val-fraction",
+        "0.5",
+        "--log-level",
+        "WARNING",
+        *extra,
     ]
 
 
@@ -72,13 +110,45 @@ def test_help_lists_groups_and_defaults(capsys):
         training.main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--batch-size", "--num-workers", "--epochs", "--balanced", "--augmented", "--augment-flip",
-                 "--augment-offset", "--augment-scale", "--augment-rotate", "--augment-noise", "--tb-prefix",
-                 "--data-root", "--cache-dir", "--split", "--val-fraction", "--val-stride", "--val-subsets",
-                 "--balance-ratio", "--epoch-size", "--optimizer", "--lr", "--weight-decay",
-                 "--label-smoothing", "--amp", "--device", "--seed", "--val-every", "--checkpoint-dir",
-                 "--resume", "--init-weights", "--max-train-batches", "--max-val-batches", "--compile",
-                 "--log-level", "--select-by", "--sync-bn", "comment"):
+    for flag in (
+        "--batch-size",
+        "--num-workers",
+        "--epochs",
+        "--balanced",
+        "--augmented",
+        "--augment-flip",
+        "--augment-offset",
+        "--augment-scale",
+        "--augment-rotate",
+        "--augment-noise",
+        "--tb-prefix",
+        "--data-root",
+        "--cache-dir",
+        "--split",
+        "--val-fraction",
+        "--val-stride",
+        "--val-subsets",
+        "--balance-ratio",
+        "--epoch-size",
+        "--optimizer",
+        "--lr",
+        "--weight-decay",
+        "--label-smoothing",
+        "--amp",
+        "--device",
+        "--seed",
+        "--val-every",
+        "--checkpoint-dir",
+        "--resume",
+        "--init-weights",
+        "--max-train-batches",
+        "--max-val-batches",
+        "--compile",
+        "--log-level",
+        "--select-by",
+        "--sync-bn",
+        "comment",
+    ):
         assert flag in out, flag
     assert "(default: 32)" in out and "(default: sgd)" in out and "(default: 0.001)" in out
     for group in ("data:", "split", "sampling:", "augmentation", "optimisation:", "speed:", "output:"):
@@ -158,8 +228,20 @@ def test_init_weights_starts_a_new_run(tiny, tmp_path):
     base = _args(tiny, tmp_path / "a", "--max-train-batches", "1", "--max-val-batches", "1")
     assert training.main([*base, "--epochs", "1"]) == 0
     source = _run_dir(tmp_path / "a") / "last.pt"
-    assert training.main([*_args(tiny, tmp_path / "b", "--max-train-batches", "1", "--max-val-batches", "1"),
-                          "--epochs", "1", "--lr", "1e-12", "--init-weights", str(source)]) == 0
+    assert (
+        training.main(
+            [
+                *_args(tiny, tmp_path / "b", "--max-train-batches", "1", "--max-val-batches", "1"),
+                "--epochs",
+                "1",
+                "--lr",
+                "1e-12",
+                "--init-weights",
+                str(source),
+            ]
+        )
+        == 0
+    )
     new = load_checkpoint(_run_dir(tmp_path / "b") / "last.pt")
     old = load_checkpoint(source)
     assert new["epoch"] == 1 and new["samples_seen"] == BATCH  # a new run, not a continuation
@@ -181,13 +263,16 @@ def test_resume_refuses_other_architecture(tiny, tmp_path, capsys):
     assert "OtherModel-v9" in err and "LunaModel-v1" in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize(("extra", "expected"), [
-    (["--batch-size", "0"], "--batch-size must be ≥ 1, got 0"),
-    (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
-    (["--resume", "x.pt", "--init-weights", "y.pt"], "either --resume or --init-weights"),
-    (["--resume", "no-such.pt"], "no-such.pt: no such checkpoint file"),
-    (["--sync-bn", "--device", "cpu"], "--sync-bn needs CUDA devices"),
-])
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--batch-size", "0"], "--batch-size must be ≥ 1, got 0"),
+        (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
+        (["--resume", "x.pt", "--init-weights", "y.pt"], "either --resume or --init-weights"),
+        (["--resume", "no-such.pt"], "no-such.pt: no such checkpoint file"),
+        (["--sync-bn", "--device", "cpu"], "--sync-bn needs CUDA devices"),
+    ],
+)
 def test_bad_flags(tiny, tmp_path, capsys, extra, expected):
     assert training.main([*_args(tiny, tmp_path), *extra]) == 2
     err = capsys.readouterr().err
@@ -242,10 +327,30 @@ def _env() -> dict[str, str]:
 
 def test_ddp_two_cpu_processes(tiny, tmp_path):
     """torchrun with 2 gloo processes: disjoint shards, gathered metrics, rank 0 writes alone."""
-    args = _args(tiny, tmp_path, "--balanced", "--max-train-batches", "2", "--epochs", "1", "--device", "cpu",
-                 "--log-level", "INFO", "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "p2ch.training", *args]
+    args = _args(
+        tiny,
+        tmp_path,
+        "--balanced",
+        "--max-train-batches",
+        "2",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--log-level",
+        "INFO",
+        "ddp",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "p2ch.training",
+        *args,
+    ]
     done = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "world size 2" in done.stderr
@@ -265,8 +370,13 @@ def test_ddp_two_cpu_processes(tiny, tmp_path):
 def test_sigkill_mid_run_then_resume(tiny, tmp_path):
     """A run killed with SIGKILL loses at most the epoch in progress."""
     args = _args(tiny, tmp_path, "--max-train-batches", "2", "--max-val-batches", "1", "--epochs", "1000")
-    proc = subprocess.Popen([sys.executable, "-m", "p2ch.training", *args], cwd=tmp_path, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "p2ch.training", *args],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 120
         last = None
@@ -298,10 +408,36 @@ def test_learns_easy_synthetic_set(tmp_path):
     root = tmp_path / "luna"
     generate(root, num_cts=24, size=128, slices=96, candidates_per_ct=30, nodules_per_ct=6, seed=8, easy=True)
     args = [
-        "--data-root", str(root), "--cache-dir", str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs"),
-        "--checkpoint-dir", str(tmp_path / "models"), "--num-workers", "1", "--batch-size", "16",
-        "--balanced", "--optimizer", "adam", "--epochs", "6", "--epoch-size", "256", "--val-every", "3",
-        "--val-fraction", "0.25", "--images-every", "0", "--device", "cpu", "--log-level", "WARNING", "learn",
+        "--data-root",
+        str(root),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--checkpoint-dir",
+        str(tmp_path / "models"),
+        "--num-workers",
+        "1",
+        "--batch-size",
+        "16",
+        "--balanced",
+        "--optimizer",
+        "adam",
+        "--epochs",
+        "6",
+        "--epoch-size",
+        "256",
+        "--val-every",
+        "3",
+        "--val-fraction",
+        "0.25",
+        "--images-every",
+        "0",
+        "--device",
+        "cpu",
+        "--log-level",
+        "WARNING",
+        "learn",
     ]
     assert training.main(args) == 0
     auc = [e.value for e in _events(_tb_dirs(tmp_path)["val"]).Scalars("pr/auc")]

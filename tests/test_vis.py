@@ -48,9 +48,9 @@ def test_orthogonal_slices_inside(noise_ct):
     slices = vis.orthogonal_slices(noise_ct["ct"], xyz_of((i, r, c)), context_mm=20.0)
     hi, hr, hc = math.ceil(10 / 2.0), math.ceil(10 / 0.7), math.ceil(10 / 0.8)  # half widths in voxels
     assert slices.center_irc == (i, r, c)
-    np.testing.assert_array_equal(slices.axial, hu[i, r - hr:r + hr + 1, c - hc:c + hc + 1])
-    np.testing.assert_array_equal(slices.coronal, hu[i - hi:i + hi + 1, r, c - hc:c + hc + 1])
-    np.testing.assert_array_equal(slices.sagittal, hu[i - hi:i + hi + 1, r - hr:r + hr + 1, c])
+    np.testing.assert_array_equal(slices.axial, hu[i, r - hr : r + hr + 1, c - hc : c + hc + 1])
+    np.testing.assert_array_equal(slices.coronal, hu[i - hi : i + hi + 1, r, c - hc : c + hc + 1])
+    np.testing.assert_array_equal(slices.sagittal, hu[i - hi : i + hi + 1, r - hr : r + hr + 1, c])
     assert slices.spacing_mm == {"axial": (0.7, 0.8), "coronal": (2.0, 0.8), "sagittal": (2.0, 0.7)}
     # Every view spans (about) the same 20 mm in both directions.
     for view in ("axial", "coronal", "sagittal"):
@@ -66,8 +66,8 @@ def test_orthogonal_slices_at_the_edge_and_outside(noise_ct):
     axial = slices.axial
     assert axial.shape == (2 * hr + 1, 2 * hc + 1)
     # rows 2 - hr .. -1 and columns past 109 are beyond the volume
-    np.testing.assert_array_equal(axial[hr - 2:, :hc + 1], hu[0, 0:hr + 3, 109 - hc:110])
-    assert (axial[:hr - 2] == vis.OUTSIDE_HU).all() and (axial[:, hc + 1:] == vis.OUTSIDE_HU).all()
+    np.testing.assert_array_equal(axial[hr - 2 :, : hc + 1], hu[0, 0 : hr + 3, 109 - hc : 110])
+    assert (axial[: hr - 2] == vis.OUTSIDE_HU).all() and (axial[:, hc + 1 :] == vis.OUTSIDE_HU).all()
     assert (slices.coronal[:5] == vis.OUTSIDE_HU).all()  # below slice 0
     far = vis.orthogonal_slices(noise_ct["ct"], xyz_of((-40, 60, 50)), context_mm=20.0)
     assert (far.axial == vis.OUTSIDE_HU).all()
@@ -86,20 +86,28 @@ def test_short_uid():
 
 
 def _tables(uid_a: str, uid_b: str):
-    annotations = pd.DataFrame({
-        "seriesuid": [uid_a, uid_a, uid_b],
-        "coordX": [0.0, 50.0, 0.0], "coordY": [0.0, 0.0, 0.0], "coordZ": [0.0, 0.0, 0.0],
-        "diameter_mm": [10.0, 6.0, 8.0],
-    })
-    excluded = pd.DataFrame({"seriesuid": [uid_b], "coordX": [30.0], "coordY": [0.0], "coordZ": [0.0],
-                             "diameter_mm": [-1.0]})
-    predictions = pd.DataFrame({
-        "seriesuid": [uid_a, uid_a, uid_a, uid_b, uid_b, uid_b, uid_a],
-        "coordX": [1.0, -2.0, 20.0, 31.0, 60.0, 0.5, 80.0],
-        "coordY": [0.0] * 7, "coordZ": [0.0] * 7,
-        #           hit A0  hit A0 FP    excl.  FP   hit B0 FP
-        "probability": [0.9, 0.95, 0.7, 0.99, 0.7, 0.2, 0.4],
-    })
+    annotations = pd.DataFrame(
+        {
+            "seriesuid": [uid_a, uid_a, uid_b],
+            "coordX": [0.0, 50.0, 0.0],
+            "coordY": [0.0, 0.0, 0.0],
+            "coordZ": [0.0, 0.0, 0.0],
+            "diameter_mm": [10.0, 6.0, 8.0],
+        }
+    )
+    excluded = pd.DataFrame(
+        {"seriesuid": [uid_b], "coordX": [30.0], "coordY": [0.0], "coordZ": [0.0], "diameter_mm": [-1.0]}
+    )
+    predictions = pd.DataFrame(
+        {
+            "seriesuid": [uid_a, uid_a, uid_a, uid_b, uid_b, uid_b, uid_a],
+            "coordX": [1.0, -2.0, 20.0, 31.0, 60.0, 0.5, 80.0],
+            "coordY": [0.0] * 7,
+            "coordZ": [0.0] * 7,
+            #           hit A0  hit A0 FP    excl.  FP   hit B0 FP
+            "probability": [0.9, 0.95, 0.7, 0.99, 0.7, 0.2, 0.4],
+        }
+    )
     return predictions, annotations, excluded
 
 
@@ -110,7 +118,10 @@ def test_select_false_positives_and_missed_nodules():
     fps = vis.select_false_positives(predictions, match, 10)
     # The excluded finding (0.99) and the hits are not false positives; equal scores keep their order.
     assert [(f.series_uid, f.center_xyz[0], f.probability) for f in fps] == [
-        (uid_a, 20.0, 0.7), (uid_b, 60.0, 0.7), (uid_a, 80.0, 0.4)]
+        (uid_a, 20.0, 0.7),
+        (uid_b, 60.0, 0.7),
+        (uid_a, 80.0, 0.4),
+    ]
     assert [f.rank for f in fps] == [1, 2, 3] and all(f.kind == vis.FALSE_POSITIVE for f in fps)
     assert len(vis.select_false_positives(predictions, match, 2)) == 2
     # A0 best 0.95 (found), A1 never hit, B0 best 0.2: missed at 0.5 are A1 (no hit) then B0.
@@ -129,8 +140,10 @@ def test_write_pictures_sheets(tiny_root, tmp_path):
     def world(ct, irc):
         return tuple(float(o + v * s) for o, v, s in zip(ct.origin_xyz, irc[::-1], ct.vx_size_xyz, strict=True))
 
-    annotations = pd.DataFrame([(uid_a, *world(ct_a, (20, 30, 34)), 10.0), (uid_a, *world(ct_a, (10, 10, 50)), 5.0)],
-                               columns=["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"])
+    annotations = pd.DataFrame(
+        [(uid_a, *world(ct_a, (20, 30, 34)), 10.0), (uid_a, *world(ct_a, (10, 10, 50)), 5.0)],
+        columns=["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"],
+    )
     rows = []
     for k in range(6):  # false positives in both CTs, distinct scores
         ct, uid = (ct_a, uid_a) if k % 2 else (ct_b, uid_b)
@@ -144,8 +157,11 @@ def test_write_pictures_sheets(tiny_root, tmp_path):
     assert result.false_positives == 5 and result.missed_nodules == 1 == result.missed_nodules_total
     assert [p.name for p in result.false_positive_sheets] == ["false_positives_01.png", "false_positives_02.png"]
     assert [p.name for p in result.missed_nodule_sheets] == ["missed_nodules_01.png"]
-    assert sorted(p.name for p in out.glob("*.png")) == ["false_positives_01.png", "false_positives_02.png",
-                                                         "missed_nodules_01.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "false_positives_01.png",
+        "false_positives_02.png",
+        "missed_nodules_01.png",
+    ]
     for path in out.glob("*.png"):
         assert png_size(path) == vis.sheet_size_px() == (750, 1180)
     index = pd.read_csv(out / "index.csv", dtype={"seriesuid": str})
@@ -163,8 +179,9 @@ def test_write_pictures_sheets(tiny_root, tmp_path):
 def test_no_findings_write_no_sheets(tiny_root, tmp_path):
     uid_a = make_uid(1)
     empty = pd.DataFrame(columns=["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"])
-    predictions = pd.DataFrame({"seriesuid": [uid_a], "coordX": [0.0], "coordY": [0.0], "coordZ": [0.0],
-                                "probability": [0.3]})
+    predictions = pd.DataFrame(
+        {"seriesuid": [uid_a], "coordX": [0.0], "coordY": [0.0], "coordZ": [0.0], "probability": [0.3]}
+    )
     result = vis.write_pictures(predictions, empty, None, tiny_root, tmp_path / "p", count=0)
     assert result.false_positive_sheets == [] and result.missed_nodule_sheets == []
     assert list((tmp_path / "p").glob("*.png")) == [] and len(pd.read_csv(result.index)) == 0
