@@ -41,8 +41,8 @@ import numpy as np
 from p2ch import ct as ct_module
 from p2ch.cache import BOOK_CHUNK_BYTES, ChunkCache
 from p2ch.candidates import clear_candidate_cache, get_candidate_arrays
-from p2ch.ct import DEFAULT_WIDTH_IRC
 from p2ch.errors import P2chError
+from p2ch.geometry import DEFAULT_WIDTH_IRC
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -228,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"synthetic data: {args.num_cts} CTs of {args.slices}x{args.size}x{args.size} int16, "
                 f"{args.candidates_per_ct} candidates each ({time.perf_counter() - t0:.1f} s to make)"
             )
-        ct_module.clear_series_index()
+        ct_module.clear_caches()
         clear_candidate_cache()
         items = candidate_list(data_root, args.limit)
         results: dict = {

@@ -37,8 +37,8 @@ import torch
 
 def make_checkpoint(path: Path, data_root: Path, cache_dir: Path) -> Path:
     from p2ch.checkpoint import save_checkpoint
+    from p2ch.config import TrainingConfig
     from p2ch.model import LunaModel, arch_signature
-    from p2ch.training import TrainingConfig
 
     torch.manual_seed(0)
     model = LunaModel()
@@ -86,11 +86,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from p2ch.cache import ChunkCache
     from p2ch.candidates import get_candidate_arrays
+    from p2ch.candidates import submission_frame as predictions_frame
     from p2ch.ct import Ct
     from p2ch.evaluate import main as evaluate_main
     from p2ch.evaluate import prefill_cache, score_from_cache
     from p2ch.predict import load_model, make_scorer, predict_locations
-    from p2ch.training import predictions_frame
 
     with tempfile.TemporaryDirectory(prefix="p2ch-bench-evaluate-") as tmp_name:
         tmp = Path(tmp_name)

@@ -81,9 +81,10 @@ from diskcache import UNKNOWN, Disk, FanoutCache
 from diskcache.core import MODE_BINARY
 
 from p2ch.config import CACHE_DIR_ENV, resolve_cache_dir, resolve_data_root
-from p2ch.ct import DEFAULT_WIDTH_IRC, Ct, check_series_uid, find_mhd, read_mhd_header, series_index
+from p2ch.ct import Ct, clear_caches, read_mhd_header
 from p2ch.errors import ConfigError, DataFormatError, DataNotFoundError, P2chError
-from p2ch.geometry import IrcTuple
+from p2ch.geometry import DEFAULT_WIDTH_IRC, IrcTuple
+from p2ch.luna import check_series_uid, find_mhd, no_data_message, series_index
 
 log = logging.getLogger(__name__)
 
@@ -582,13 +583,11 @@ class ChunkCache:
 
         Call after replacing or adding CT files while this process keeps running.
         """
-        from p2ch.ct import clear_series_index
-
         with self._lock:
             self._prefixes.clear()
             self._identities.clear()
             self._cts.clear()
-        clear_series_index()
+        clear_caches()
 
     # --- statistics ----------------------------------------------------------------------------
 
@@ -884,8 +883,6 @@ class ChunkCache:
             return PruneResult(0, 0, 0, 0, 0)
         on_disk = series_index(self.data_root)
         if not on_disk:
-            from p2ch.ct import no_data_message
-
             raise DataNotFoundError(no_data_message(self.data_root) + "; refusing to prune against it")
         cache = self.diskcache
         current: dict[str, str | None] = {}

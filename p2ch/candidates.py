@@ -19,33 +19,44 @@ import dataclasses
 import functools
 import logging
 import os
-from collections import namedtuple
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from p2ch.config import resolve_data_root
-from p2ch.ct import is_valid_series_uid, no_data_message, series_index
 from p2ch.errors import DataFormatError, DataNotFoundError
+from p2ch.geometry import XyzTuple
+from p2ch.luna import (
+    ANNOTATION_COLUMNS,
+    ANNOTATIONS_FILE,
+    CANDIDATE_COLUMNS,
+    EXCLUDED_FILE,
+    find_candidates_file,
+    is_valid_series_uid,
+    no_data_message,
+    series_index,
+)
 
 log = logging.getLogger(__name__)
 
-CandidateInfoTuple = namedtuple(
-    "CandidateInfoTuple", ["is_nodule", "has_annotation", "diameter_mm", "series_uid", "center_xyz"]
-)
-CandidateInfoTuple.__doc__ = """One candidate location.
 
-is_nodule: bool, `class` 1 in candidates.csv. has_annotation: bool, matched an annotation
-(so `diameter_mm` is that annotation's). diameter_mm: float, 0.0 when unmatched.
-series_uid: str. center_xyz: XyzTuple-like (x, y, z) in mm.
-"""
 
-ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
-CANDIDATE_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "class")
-CANDIDATE_FILES = ("candidates.csv", "candidates_V2.csv")
-ANNOTATIONS_FILE = "annotations.csv"
-EXCLUDED_FILE = "annotations_excluded.csv"
+class CandidateInfoTuple(NamedTuple):
+    """One candidate location (the book's fields, in the book's order).
+
+    is_nodule: `class` 1 in candidates.csv. has_annotation: matched an annotation (so
+    `diameter_mm` is that annotation's). diameter_mm: mm, 0.0 when unmatched. center_xyz:
+    (x, y, z) in mm.
+    """
+
+    is_nodule: bool
+    has_annotation: bool
+    diameter_mm: float
+    series_uid: str
+    center_xyz: XyzTuple
+
 _COORDS = ["coordX", "coordY", "coordZ"]
 
 
@@ -152,17 +163,6 @@ def _read_candidates(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, int]:
     return _drop_duplicates(frame, Path(path))
 
 
-def find_candidates_file(data_root: Path) -> Path:
-    """`candidates.csv` if present, else `candidates_V2.csv`, in the data root."""
-    for name in CANDIDATE_FILES:
-        if (data_root / name).is_file():
-            return data_root / name
-    raise DataNotFoundError(
-        f"no {' or '.join(CANDIDATE_FILES)} in {data_root}; put LUNA16's CSVFILES there, or make "
-        f"a synthetic set with `python -m p2ch.synth --out {data_root}`"
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class CandidateStats:
     """What building the candidate list found (logged once, shown by the commands)."""
@@ -208,13 +208,13 @@ class CandidateArrays:
             bool(self.has_annotation[k]),
             float(self.diameter_mm[k]),
             self.series_uid(k),
-            tuple(float(v) for v in self.center_xyz[k]),
+            XyzTuple(*(float(v) for v in self.center_xyz[k])),
         )
 
     def to_list(self) -> list[CandidateInfoTuple]:
         uids = [str(u) for u in self.series_uids]
         return [
-            CandidateInfoTuple(n, a, d, uids[s], tuple(c))
+            CandidateInfoTuple(n, a, d, uids[s], XyzTuple(*c))
             for n, a, d, s, c in zip(
                 self.is_nodule.tolist(),
                 self.has_annotation.tolist(),
@@ -412,3 +412,48 @@ def clear_candidate_cache() -> None:
     """Forget cached candidate lists (after the CSVs changed)."""
     _load.cache_clear()
     _as_list.cache_clear()
+
+
+def group_rows(keys: np.ndarray) -> list[np.ndarray]:
+    """Positions of equal keys, one array per distinct key (in key order), positions ascending.
+
+    keys: (N,) int (e.g. `CandidateArrays.series_index`) or str (series uids). Used wherever work
+    goes CT by CT (one CT load per group).
+    """
+    keys = np.asarray(keys)
+    if len(keys) == 0:
+        return []
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    return np.split(order, np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1)
+
+
+def submission_frame(candidates: CandidateArrays, indices: np.ndarray, probability: np.ndarray) -> pd.DataFrame:
+    """LUNA16 submission rows (seriesuid, coordX, coordY, coordZ, probability) for candidates[indices].
+
+    indices: (n,) int rows of `candidates`; probability: (n,) float P(nodule), same order.
+    """
+    xyz = candidates.center_xyz[indices]
+    return pd.DataFrame(
+        {
+            "seriesuid": candidates.series_uids[candidates.series_index[indices]],
+            "coordX": xyz[:, 0],
+            "coordY": xyz[:, 1],
+            "coordZ": xyz[:, 2],
+            "probability": np.asarray(probability, dtype=np.float64),
+        }
+    )
+
+
+def read_reference(data_root: Path, series_uids) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The reference for FROC/CPM over `series_uids`: their rows of annotations.csv and of
+    annotations_excluded.csv (None when the data root has no such file), index reset.
+    """
+    wanted = set(np.asarray(series_uids, dtype=str).tolist())
+    annotations = read_annotations(data_root / ANNOTATIONS_FILE)
+    annotations = annotations[annotations["seriesuid"].isin(wanted)].reset_index(drop=True)
+    excluded_path = data_root / EXCLUDED_FILE
+    if not excluded_path.is_file():
+        return annotations, None
+    excluded = read_excluded(excluded_path)
+    return annotations, excluded[excluded["seriesuid"].isin(wanted)].reset_index(drop=True)

@@ -9,8 +9,12 @@ repository root, as the README does).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
+from typing import Any
+
+from p2ch.errors import ConfigError
 
 DATA_ROOT_ENV = "P2CH_DATA_ROOT"
 CACHE_DIR_ENV = "P2CH_CACHE_DIR"
@@ -24,6 +28,10 @@ DEFAULT_MODELS_DIR = Path("data-unversioned/models")
 
 AMP_MODES = ("auto", "off", "bf16", "fp16")  # --amp of training, evaluation and prediction
 DEFAULT_BATCH_SIZE = 64  # candidates per forward pass in evaluation and prediction
+SPLIT_MODES = ("series", "subset", "stride")  # see p2ch.datasets.split_candidates
+SELECT_BY = ("cpm", "f1")  # the validation metric that picks best.pt
+OPTIMIZERS = ("sgd", "adam")
+DEFAULT_EVAL_DIR = Path("data-unversioned/eval")
 
 
 def _resolve(value: str | os.PathLike[str] | None, env: str, default: Path) -> Path:
@@ -97,3 +105,100 @@ def add_inference_arguments(group: argparse._ArgumentGroup) -> None:
         default="on",
         help="channels_last_3d memory format for the model and batches",
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    """Every setting of a training run; saved with each checkpoint and logged once."""
+
+    comment: str = "dwlpt"
+    # data
+    data_root: str | None = None
+    cache_dir: str | None = None
+    width_irc: tuple[int, int, int] = (32, 48, 48)
+    # split
+    split: str = "series"
+    val_fraction: float = 0.1
+    val_stride: int | None = None
+    val_subsets: tuple[int, ...] = (9,)
+    test_fraction: float = 0.0
+    test_subsets: tuple[int, ...] = ()
+    # sampling
+    balanced: bool = False
+    balance_ratio: int | None = None
+    epoch_size: int | None = None
+    # augmentation
+    augmented: bool = False
+    augment_flip: bool = False
+    augment_offset: bool = False
+    augment_scale: bool = False
+    augment_rotate: bool = False
+    augment_noise: bool = False
+    # optimisation
+    batch_size: int = 32
+    num_workers: int = 8
+    epochs: int = 1
+    optimizer: str = "sgd"
+    lr: float = 0.001
+    momentum: float = 0.99
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    # speed
+    amp: str = "auto"
+    channels_last: str = "on"
+    compile: bool = False
+    device: str = "auto"
+    sync_bn: bool = False
+    # run control
+    seed: int = 0
+    val_every: int = 1
+    max_train_batches: int | None = None
+    max_val_batches: int | None = None
+    select_by: str = "cpm"
+    images_every: int = 5
+    # output
+    tb_prefix: str = "p2ch"
+    runs_dir: str | None = None
+    checkpoint_dir: str | None = None
+    resume: str | None = None
+    init_weights: str | None = None
+    log_level: str = "INFO"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples as lists) for checkpoints and hparams."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainingConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        clean = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields}
+        return cls(**clean)
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the flag for any unusable value."""
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        need(self.split in SPLIT_MODES, f"--split {self.split!r}: expected one of {', '.join(SPLIT_MODES)}")
+        need(self.select_by in SELECT_BY, f"--select-by {self.select_by!r}: expected one of {', '.join(SELECT_BY)}")
+        need(self.optimizer in OPTIMIZERS, f"--optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+        need(self.amp in AMP_MODES, f"--amp {self.amp!r}: expected one of {', '.join(AMP_MODES)}")
+        need(self.batch_size >= 1, f"--batch-size must be ≥ 1, got {self.batch_size}")
+        need(self.num_workers >= 0, f"--num-workers must be ≥ 0, got {self.num_workers}")
+        need(self.epochs >= 1, f"--epochs must be ≥ 1, got {self.epochs}")
+        need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        need(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        need(self.weight_decay >= 0, f"--weight-decay must be ≥ 0, got {self.weight_decay}")
+        need(self.val_every >= 1, f"--val-every must be ≥ 1, got {self.val_every}")
+        need(self.images_every >= 0, f"--images-every must be ≥ 0, got {self.images_every}")
+        need(
+            self.balance_ratio is None or self.balance_ratio >= 1,
+            f"--balance-ratio must be ≥ 1 negatives per positive, got {self.balance_ratio}",
+        )
+        need(self.epoch_size is None or self.epoch_size >= 1, f"--epoch-size must be ≥ 1, got {self.epoch_size}")
+        for name in ("max_train_batches", "max_val_batches"):
+            value = getattr(self, name)
+            need(value is None or value >= 1, f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
+        need(not (self.resume and self.init_weights), "use either --resume or --init-weights, not both")

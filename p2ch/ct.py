@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,18 +18,14 @@ import numpy as np
 
 from p2ch.config import resolve_data_root
 from p2ch.errors import CandidateOutsideCtError, DataFormatError, DataNotFoundError
-from p2ch.geometry import IrcTuple, XyzTuple, xyz2irc
+from p2ch.geometry import DEFAULT_WIDTH_IRC, IrcTuple, XyzTuple, check_width_irc, inside_volume, xyz2irc
+from p2ch.luna import check_series_uid, clear_series_index, find_mhd
 
 log = logging.getLogger(__name__)
 
 HU_MIN = -1000
 HU_MAX = 1000
-DEFAULT_WIDTH_IRC = (32, 48, 48)
 CT_CACHE_SIZE = 3
-
-# DICOM UIDs: digits and dots, at most 64 characters. Checked before a uid goes into a path.
-SERIES_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-SERIES_UID_MAX_LEN = 64
 
 _ELEMENT_BYTES = {
     "MET_CHAR": 1,
@@ -46,84 +41,6 @@ _ELEMENT_BYTES = {
     "MET_FLOAT": 4,
     "MET_DOUBLE": 8,
 }
-
-
-def is_valid_series_uid(series_uid: str) -> bool:
-    """True for a DICOM-style uid (digits and dots, ≤ 64 characters): safe to put in a path."""
-    return (
-        isinstance(series_uid, str)
-        and len(series_uid) <= SERIES_UID_MAX_LEN
-        and SERIES_UID_RE.match(series_uid) is not None
-    )
-
-
-def check_series_uid(series_uid: str) -> str:
-    """Return `series_uid` unchanged, or raise DataFormatError if it is not digits and dots."""
-    if not is_valid_series_uid(series_uid):
-        raise DataFormatError(
-            f"invalid series_uid {series_uid!r}: expected a LUNA16/DICOM uid of digits and dots "
-            f"(at most {SERIES_UID_MAX_LEN} characters)"
-        )
-    return series_uid
-
-
-def no_data_message(data_root: Path) -> str:
-    return (
-        f"no .mhd files under {data_root}/subset*/; download LUNA16 there "
-        "(or point --data-root / P2CH_DATA_ROOT at it), or make a synthetic set with "
-        f"`python -m p2ch.synth --out {data_root}`"
-    )
-
-
-@functools.lru_cache(maxsize=8)
-def _series_index(root: str) -> dict[str, Path]:
-    index: dict[str, Path] = {}
-    root_path = Path(root)
-    if not root_path.is_dir():
-        return index
-    for subset in sorted(p for p in root_path.glob("subset*") if p.is_dir()):
-        for mhd in sorted(subset.glob("*.mhd")):
-            uid = mhd.stem
-            if not is_valid_series_uid(uid):
-                log.warning("ignoring %s: its name is not a series uid (digits and dots)", mhd)
-                continue
-            if uid in index:
-                log.warning("series %s is in both %s and %s; using the first", uid, index[uid].parent, subset)
-                continue
-            index[uid] = mhd
-    return index
-
-
-def series_index(data_root: str | os.PathLike[str] | None = None) -> dict[str, Path]:
-    """Map every series_uid found as `<root>/subset*/<uid>.mhd` to its path.
-
-    Built once per data root per process (one directory scan, not a glob per CT); call
-    `clear_series_index()` after adding files. Returns a copy that callers may modify.
-    """
-    root = resolve_data_root(data_root)
-    return dict(_series_index(str(root.resolve())))
-
-
-def clear_series_index() -> None:
-    """Forget the cached subset scans and loaded CTs (after files were added or replaced)."""
-    _series_index.cache_clear()
-    _get_ct.cache_clear()
-
-
-def find_mhd(series_uid: str, data_root: str | os.PathLike[str] | None = None) -> Path:
-    """Path of `<root>/subset*/<series_uid>.mhd`, or DataNotFoundError saying where it looked."""
-    check_series_uid(series_uid)
-    root = resolve_data_root(data_root)
-    index = _series_index(str(root.resolve()))
-    if not index:
-        raise DataNotFoundError(no_data_message(root))
-    try:
-        return index[series_uid]
-    except KeyError:
-        raise DataNotFoundError(
-            f"series {series_uid} not found: no {series_uid}.mhd under {root}/subset*/ "
-            f"({len(index)} series there); is its subset downloaded and unpacked?"
-        ) from None
 
 
 def read_mhd_header(mhd_path: str | os.PathLike[str]) -> dict[str, str]:
@@ -197,8 +114,8 @@ class Ct:
             than bone is noise for nodule finding; clipping also folds LUNA16's out-of-field
             padding (-3024 or -2000) into air. Clipping happens on int16, before any float
             conversion, so a volume never exists as float32.
-        origin_xyz: XyzTuple, mm. vx_size_xyz: XyzTuple, mm per voxel along (x, y, z).
-        direction_a: (3, 3) float64 direction matrix.
+        origin_xyz: XyzTuple, mm. voxel_size_xyz: XyzTuple, mm per voxel along (x, y, z).
+        direction: (3, 3) float64 direction matrix.
     """
 
     def __init__(self, series_uid: str, data_root: str | os.PathLike[str] | None = None):
@@ -228,11 +145,11 @@ class Ct:
             hu = np.clip(hu, HU_MIN, HU_MAX).astype(np.int16)
         self.hu = hu
         self.origin_xyz = XyzTuple(*image.GetOrigin())
-        self.vx_size_xyz = XyzTuple(*image.GetSpacing())
-        self.direction_a = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+        self.voxel_size_xyz = XyzTuple(*image.GetSpacing())
+        self.direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
 
     def __repr__(self) -> str:
-        return f"Ct({self.series_uid!r}, shape={self.hu.shape}, spacing={tuple(self.vx_size_xyz)})"
+        return f"Ct({self.series_uid!r}, shape={self.hu.shape}, spacing={tuple(self.voxel_size_xyz)})"
 
     @property
     def shape_irc(self) -> IrcTuple:
@@ -240,11 +157,19 @@ class Ct:
 
     def xyz2irc(self, center_xyz) -> IrcTuple | np.ndarray:
         """World mm (3 values or (N, 3)) → rounded voxel index of this CT."""
-        return xyz2irc(center_xyz, self.origin_xyz, self.vx_size_xyz, self.direction_a)
+        return xyz2irc(center_xyz, self.origin_xyz, self.voxel_size_xyz, self.direction)
+
+    def locate(self, centers_xyz) -> tuple[np.ndarray, np.ndarray]:
+        """Voxels of many centres and whether each lies inside this CT.
+
+        centers_xyz: (N, 3) float mm. Returns `(centers_irc, inside)`: (N, 3) int64 and (N,) bool.
+        """
+        centers_irc = np.atleast_2d(np.asarray(self.xyz2irc(np.atleast_2d(centers_xyz))))
+        return centers_irc, inside_volume(centers_irc, self.hu.shape)
 
     def _check_inside(self, centers_irc: np.ndarray, centers_xyz: np.ndarray) -> None:
-        shape = np.asarray(self.hu.shape)
-        outside = np.any((centers_irc < 0) | (centers_irc >= shape), axis=1)
+        shape = self.hu.shape
+        outside = ~inside_volume(centers_irc, shape)
         if outside.any():
             k = int(np.flatnonzero(outside)[0])
             raise CandidateOutsideCtError(
@@ -269,7 +194,7 @@ class Ct:
         is padded with air (-1000 HU) at the far end.
         """
         centers_xyz = np.atleast_2d(np.asarray(centers_xyz, dtype=np.float64))
-        width = _check_width(width_irc)
+        width = np.asarray(check_width_irc(width_irc), dtype=np.int64)
         centers_irc = np.atleast_2d(np.asarray(self.xyz2irc(centers_xyz)))
         self._check_inside(centers_irc, centers_xyz)
         starts = self._window_starts(centers_irc, width)
@@ -290,13 +215,6 @@ class Ct:
         return chunks[0], IrcTuple(*(int(v) for v in centers_irc[0]))
 
 
-def _check_width(width_irc: Sequence[int]) -> np.ndarray:
-    width = np.asarray(width_irc)
-    if width.shape != (3,) or not np.issubdtype(width.dtype, np.integer) or (width < 1).any():
-        raise ValueError(f"width_irc must be 3 positive integers (index, row, col), got {width_irc!r}")
-    return width.astype(np.int64)
-
-
 @functools.lru_cache(maxsize=CT_CACHE_SIZE)
 def _get_ct(series_uid: str, root: str) -> Ct:
     return Ct(series_uid, root)
@@ -306,3 +224,9 @@ def get_ct(series_uid: str, data_root: str | os.PathLike[str] | None = None) -> 
     """A `Ct`, kept in a small per-process LRU (a CT is ~150 MB as int16; a few fit)."""
     root = resolve_data_root(data_root)
     return _get_ct(check_series_uid(series_uid), str(root.resolve()))
+
+
+def clear_caches() -> None:
+    """Forget the series index and the CTs kept by `get_ct` (after CT files were added or replaced)."""
+    clear_series_index()
+    _get_ct.cache_clear()

@@ -49,7 +49,6 @@ import gc
 import hashlib
 import itertools
 import math
-import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -58,13 +57,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from p2ch.candidates import CandidateArrays
-from p2ch.ct import DEFAULT_WIDTH_IRC, series_index
+from p2ch.config import SPLIT_MODES
 from p2ch.errors import ConfigError, DataFormatError, DataNotFoundError
+from p2ch.geometry import DEFAULT_WIDTH_IRC, check_width_irc
+from p2ch.luna import series_index, subset_of
 
 BOOK_EPOCH_SIZE = 200_000
-SPLIT_MODES = ("series", "subset", "stride")
 DEFAULT_VAL_STRIDE = 10
-_SUBSET_RE = re.compile(r"^subset(\d+)$")
 # Stream ids keep the permutation streams of different samplers independent for one seed.
 _STREAM_POSITIVE, _STREAM_NEGATIVE, _STREAM_SHUFFLE = 0, 1, 2
 # Permutations are drawn in blocks of about this many elements (see _permutation_stream).
@@ -105,19 +104,6 @@ class LunaBatch(NamedTuple):
     label: torch.Tensor
     series_uid: list[str]
     center_irc: torch.Tensor
-
-
-def _check_width(width_irc: Sequence[int]) -> tuple[int, int, int]:
-    try:
-        width = tuple(int(v) for v in width_irc)
-        exact = all(int(v) == v and not isinstance(v, bool) for v in width_irc)
-    except (TypeError, ValueError):
-        width, exact = (), False
-    if len(width) != 3 or not exact or min(width) < 1:
-        raise ConfigError(
-            f"width_irc {width_irc!r}: expected 3 positive integers (index, row, col), e.g. {DEFAULT_WIDTH_IRC}"
-        )
-    return width  # type: ignore[return-value]
 
 
 def _check_candidates(candidates: Any) -> CandidateArrays:
@@ -180,7 +166,7 @@ class LunaDataset(Dataset):
         if indices is None:
             indices = np.arange(len(candidates), dtype=np.int64)
         self.indices = _check_indices(indices, len(candidates))
-        self.width_irc = _check_width(width_irc)
+        self.width_irc = check_width_irc(width_irc)
         self.source = source
         self._series_uids = np.asarray(candidates.series_uids, dtype=str)
         self._series_index = np.ascontiguousarray(candidates.series_index[self.indices])
@@ -336,13 +322,13 @@ def _series_subsets(uids: np.ndarray, data_root) -> np.ndarray:
         if path is None:
             missing.append(uid)
             continue
-        match = _SUBSET_RE.match(path.parent.name)
-        if match is None:
+        subset = subset_of(path)
+        if subset is None:
             raise DataFormatError(
                 f"series {uid} is in {path.parent}, whose name is not subset<k>; the subset split "
                 "needs LUNA16's subset0 … subset9 folders (or use --split series)"
             )
-        subsets[n] = int(match.group(1))
+        subsets[n] = subset
     if missing:
         raise DataNotFoundError(
             f"subset split: {len(missing)} of {len(uids)} series have no .mhd under the data root's "

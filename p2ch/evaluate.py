@@ -151,7 +151,7 @@ def select_candidates(
     candidates: `CandidateArrays`. train_config: the checkpoint's `TrainingConfig`. Raises
     ConfigError for an empty split, DataNotFoundError for a series without candidates.
     """
-    from p2ch.ct import check_series_uid
+    from p2ch.luna import check_series_uid
 
     all_uids = np.asarray(candidates.series_uids, dtype=str)
     split_obj = None
@@ -165,7 +165,7 @@ def select_candidates(
         known = set(all_uids.tolist())
         absent = [uid for uid in wanted if uid not in known]
         if absent:
-            from p2ch.ct import series_index
+            from p2ch.luna import series_index
 
             where = "has no .mhd under" if absent[0] not in series_index(data_root) else "has no candidates in"
             raise DataNotFoundError(
@@ -764,7 +764,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from p2ch.training import configure_logging
+    from p2ch.runtime import configure_logging
 
     args = get_args_parser().parse_args(argv)
     configure_logging(args.log_level)

@@ -13,20 +13,65 @@ identity or symmetric; LUNA16's CTs have identity directions, which hid the bug.
 
 from __future__ import annotations
 
-from collections import namedtuple
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
-XyzTuple = namedtuple("XyzTuple", ["x", "y", "z"])
-IrcTuple = namedtuple("IrcTuple", ["index", "row", "col"])
+from p2ch.errors import ConfigError
+
+# The book's chunk: 32 slices of 48 x 48 voxels around a candidate.
+DEFAULT_WIDTH_IRC = (32, 48, 48)
+MAX_WIDTH = 0xFFFF  # the chunk cache's header stores each side in 16 bits
 
 
-def _as_matrix(direction_a) -> np.ndarray:
-    direction = np.asarray(direction_a, dtype=np.float64)
+class XyzTuple(NamedTuple):
+    """A point in patient (world) space, mm."""
+
+    x: float
+    y: float
+    z: float
+
+
+class IrcTuple(NamedTuple):
+    """A voxel position: index (slice, z), row (y), col (x)."""
+
+    index: int
+    row: int
+    col: int
+
+
+def check_width_irc(width_irc: Sequence[int]) -> tuple[int, int, int]:
+    """`width_irc` as 3 Python ints (index, row, col), or ConfigError.
+
+    Accepts ints, numpy integers and integral floats (32.0, as a JSON config may spell it);
+    refuses bools, fractions, sides < 1 or > 65535.
+    """
+    try:
+        values = list(width_irc)
+        exact = all(not isinstance(v, (bool, np.bool_)) and float(v) == int(v) for v in values)
+        width = tuple(int(v) for v in values)
+    except (TypeError, ValueError, OverflowError):
+        width, exact = (), False
+    if len(width) != 3 or not exact or min(width) < 1 or max(width) > MAX_WIDTH:
+        raise ConfigError(
+            f"width_irc {width_irc!r}: expected 3 positive integers (index, row, col), e.g. {DEFAULT_WIDTH_IRC}"
+        )
+    return width  # type: ignore[return-value]
+
+
+def inside_volume(centers_irc, shape_irc: Sequence[int]) -> np.ndarray:
+    """Which voxel positions lie inside a volume: centers_irc (N, 3) int → (N,) bool."""
+    centers = np.atleast_2d(np.asarray(centers_irc))
+    return np.all((centers >= 0) & (centers < np.asarray(shape_irc)), axis=1)
+
+
+def _as_matrix(direction) -> np.ndarray:
+    direction = np.asarray(direction, dtype=np.float64)
     if direction.shape == (9,):
         direction = direction.reshape(3, 3)
     if direction.shape != (3, 3):
-        raise ValueError(f"direction_a must be a 3x3 matrix (or 9 values), got shape {direction.shape}")
+        raise ValueError(f"direction must be a 3x3 matrix (or 9 values), got shape {direction.shape}")
     return direction
 
 
@@ -38,21 +83,21 @@ def _as_points(coords) -> tuple[np.ndarray, bool]:
     return np.atleast_2d(points), single
 
 
-def xyz2irc(coord_xyz, origin_xyz, vx_size_xyz, direction_a, *, rounded: bool = True):
+def xyz2irc(coord_xyz, origin_xyz, voxel_size_xyz, direction, *, rounded: bool = True):
     """World mm → voxel index.
 
-    coord_xyz: 3 values or (N, 3) array, mm (x, y, z). origin_xyz, vx_size_xyz: 3 values, mm.
-    direction_a: (3, 3) direction matrix (or its 9 values as SimpleITK returns them).
+    coord_xyz: 3 values or (N, 3) array, mm (x, y, z). origin_xyz, voxel_size_xyz: 3 values, mm.
+    direction: (3, 3) direction matrix (or its 9 values as SimpleITK returns them).
     Returns an `IrcTuple` of ints for one point, an (N, 3) int64 array (index, row, col) for
     many. With `rounded=False` the continuous index is returned instead (floats), the exact
     inverse of `irc2xyz` for any point.
     """
     points, single = _as_points(coord_xyz)
     origin = np.asarray(origin_xyz, dtype=np.float64)
-    spacing = np.asarray(vx_size_xyz, dtype=np.float64)
-    direction = _as_matrix(direction_a)
+    spacing = np.asarray(voxel_size_xyz, dtype=np.float64)
+    matrix = _as_matrix(direction)
     # (D^-1 @ (p - o)) for row vectors is (p - o) @ D^-1.T; solve() avoids forming the inverse.
-    index_xyz = np.linalg.solve(direction, (points - origin).T).T / spacing
+    index_xyz = np.linalg.solve(matrix, (points - origin).T).T / spacing
     irc = index_xyz[:, ::-1]
     if rounded:
         irc = np.rint(irc).astype(np.int64)
@@ -64,7 +109,7 @@ def xyz2irc(coord_xyz, origin_xyz, vx_size_xyz, direction_a, *, rounded: bool = 
     return np.ascontiguousarray(irc)
 
 
-def irc2xyz(coord_irc, origin_xyz, vx_size_xyz, direction_a):
+def irc2xyz(coord_irc, origin_xyz, voxel_size_xyz, direction):
     """Voxel index (index, row, col), integer or continuous → world mm.
 
     coord_irc: 3 values or (N, 3) array. Returns an `XyzTuple` of floats for one point, an
@@ -72,10 +117,10 @@ def irc2xyz(coord_irc, origin_xyz, vx_size_xyz, direction_a):
     """
     points, single = _as_points(coord_irc)
     origin = np.asarray(origin_xyz, dtype=np.float64)
-    spacing = np.asarray(vx_size_xyz, dtype=np.float64)
-    direction = _as_matrix(direction_a)
+    spacing = np.asarray(voxel_size_xyz, dtype=np.float64)
+    matrix = _as_matrix(direction)
     index_xyz = points[:, ::-1]
-    xyz = (index_xyz * spacing) @ direction.T + origin
+    xyz = (index_xyz * spacing) @ matrix.T + origin
     if single:
         return XyzTuple(*(float(v) for v in xyz[0]))
     return xyz

@@ -127,8 +127,8 @@ def load_model(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, Checkpoin
     are not p2ch training checkpoints or whose weights or config do not load.
     """
     from p2ch.checkpoint import load_checkpoint, sha1_of
+    from p2ch.config import TrainingConfig
     from p2ch.model import LunaModel, arch_signature
-    from p2ch.training import TrainingConfig
 
     path = Path(path).absolute()
     try:
@@ -233,7 +233,7 @@ class Scorer:
 
 def make_scorer(model: torch.nn.Module, device: str = "auto", amp: str = "auto", channels_last: str = "on") -> Scorer:
     """A Scorer from the command-line spellings (--device auto|cpu|cuda|cuda:N, --amp, --channels-last)."""
-    from p2ch.training import resolve_amp, resolve_device
+    from p2ch.runtime import resolve_amp, resolve_device
 
     if amp not in AMP_MODES:
         raise ConfigError(f"--amp {amp!r}: expected one of {', '.join(AMP_MODES)}")
@@ -285,7 +285,8 @@ def predict_locations(
     (counted) or "error" (CandidateOutsideCtError). skip_missing_series: False makes a series
     without a .mhd under `data_root` an error (DataNotFoundError) instead of skipped rows.
     """
-    from p2ch.ct import Ct, series_index
+    from p2ch.ct import Ct
+    from p2ch.luna import series_index
     from p2ch.progress import Progress
 
     if outside not in OUTSIDE_MODES:
@@ -311,7 +312,7 @@ def predict_locations(
             not_on_disk += len(rows)
             not_on_disk_series += 1
         else:
-            from p2ch.ct import find_mhd
+            from p2ch.luna import find_mhd
 
             find_mhd(uid, data_root)  # raises DataNotFoundError saying where it looked
     if not_on_disk:
@@ -462,10 +463,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from p2ch.candidates import find_candidates_file
     from p2ch.config import resolve_data_root
-    from p2ch.ct import check_series_uid, find_mhd
-    from p2ch.training import configure_logging
+    from p2ch.luna import check_series_uid, find_candidates_file, find_mhd
+    from p2ch.runtime import configure_logging
 
     args = get_args_parser().parse_args(argv)
     configure_logging(args.log_level)

@@ -37,8 +37,9 @@ import numpy as np
 from p2ch.cache import CacheError, CacheFullError, ChunkCache, FillResult, _free_bytes
 from p2ch.candidates import get_candidate_arrays
 from p2ch.config import DefaultsHelpFormatter, resolve_cache_dir, resolve_data_root
-from p2ch.ct import DEFAULT_WIDTH_IRC, series_index
 from p2ch.errors import ConfigError, P2chError
+from p2ch.geometry import DEFAULT_WIDTH_IRC
+from p2ch.luna import series_index
 from p2ch.progress import Progress
 
 log = logging.getLogger(__name__)

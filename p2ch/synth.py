@@ -59,15 +59,23 @@ from pathlib import Path
 import numpy as np
 
 from p2ch.config import DefaultsHelpFormatter, resolve_data_root
+from p2ch.errors import ConfigError
+from p2ch.luna import (
+    ANNOTATION_COLUMNS,
+    ANNOTATIONS_FILE,
+    CANDIDATE_COLUMNS,
+    CANDIDATE_FILES,
+    EXCLUDED_FILE,
+    NUM_SUBSETS,
+    SERIESUIDS_FILE,
+    SUBSET_GLOB,
+    subset_name,
+)
 
 UID_PREFIX = "1.3.6.1.4.1.14519.5.2.1.6279.6001."
-NUM_SUBSETS = 10
-ANNOTATIONS_HEADER = "seriesuid,coordX,coordY,coordZ,diameter_mm"
-CANDIDATES_HEADER = "seriesuid,coordX,coordY,coordZ,class"
-ANNOTATIONS_FILE = "annotations.csv"
-EXCLUDED_FILE = "annotations_excluded.csv"
-CANDIDATES_FILE = "candidates.csv"
-SERIESUIDS_FILE = "seriesuids.csv"
+ANNOTATIONS_HEADER = ",".join(ANNOTATION_COLUMNS)
+CANDIDATES_HEADER = ",".join(CANDIDATE_COLUMNS)
+CANDIDATES_FILE = CANDIDATE_FILES[0]
 CSV_FILES = (ANNOTATIONS_FILE, EXCLUDED_FILE, CANDIDATES_FILE, SERIESUIDS_FILE)
 
 DEFAULT_NUM_CTS = 10
@@ -104,7 +112,7 @@ _EDGE_MM = 0.8  # width of the soft (partial-volume) edge of every structure
 _AIR_HU = -1000.0
 
 
-class SynthConfigError(ValueError):
+class SynthConfigError(ConfigError):
     """A setting of the synthetic data generator has an unusable value (the message says which)."""
 
 
@@ -374,7 +382,7 @@ class CtPlan:
 
     @property
     def mhd_name(self) -> str:
-        return f"subset{self.subset}/{self.series_uid}.mhd"
+        return f"{subset_name(self.subset)}/{self.series_uid}.mhd"
 
 
 def _reference_image(spacing_xyz, origin_xyz, direction):
@@ -1012,14 +1020,14 @@ def _prepare_out(out: Path, force: bool) -> None:
                     f"--out {out}: not empty (holds {shown}); pass --force to replace the data set there "
                     "(its subset*/*.mhd/.raw and CSV files), or choose a new folder"
                 )
-            for subset in out.glob("subset*"):
+            for subset in out.glob(SUBSET_GLOB):
                 if subset.is_dir():
                     for path in (*subset.glob("*.mhd"), *subset.glob("*.raw")):
                         path.unlink()
             for name in CSV_FILES:
                 (out / name).unlink(missing_ok=True)
     for k in range(NUM_SUBSETS):
-        (out / f"subset{k}").mkdir(parents=True, exist_ok=True)
+        (out / subset_name(k)).mkdir(parents=True, exist_ok=True)
 
 
 def _number(value: float) -> str:

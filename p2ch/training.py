@@ -32,110 +32,22 @@ import torch.nn.functional as F
 from p2ch.checkpoint import BEST_NAME, LAST_NAME, load_checkpoint, save_checkpoint
 from p2ch.config import (
     AMP_MODES,
+    SELECT_BY,
+    SPLIT_MODES,
     DefaultsHelpFormatter,
+    TrainingConfig,
     resolve_cache_dir,
     resolve_data_root,
     resolve_models_dir,
     resolve_runs_dir,
 )
-from p2ch.datasets import BOOK_EPOCH_SIZE, SPLIT_MODES, to_device_batch
+from p2ch.datasets import BOOK_EPOCH_SIZE, to_device_batch
 from p2ch.errors import ConfigError, P2chError
+from p2ch.runtime import configure_logging, gather_cat, init_distributed, resolve_amp, resolve_device
 
 log = logging.getLogger("p2ch.training")
 
-SELECT_BY = ("cpm", "f1")
 LUNG_WINDOW_HU = (-1000.0, 400.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainingConfig:
-    """Every setting of a training run; saved with each checkpoint and logged once."""
-
-    comment: str = "dwlpt"
-    # data
-    data_root: str | None = None
-    cache_dir: str | None = None
-    width_irc: tuple[int, int, int] = (32, 48, 48)
-    # split
-    split: str = "series"
-    val_fraction: float = 0.1
-    val_stride: int | None = None
-    val_subsets: tuple[int, ...] = (9,)
-    test_fraction: float = 0.0
-    test_subsets: tuple[int, ...] = ()
-    # sampling
-    balanced: bool = False
-    balance_ratio: int | None = None
-    epoch_size: int | None = None
-    # augmentation
-    augmented: bool = False
-    augment_flip: bool = False
-    augment_offset: bool = False
-    augment_scale: bool = False
-    augment_rotate: bool = False
-    augment_noise: bool = False
-    # optimisation
-    batch_size: int = 32
-    num_workers: int = 8
-    epochs: int = 1
-    optimizer: str = "sgd"
-    lr: float = 0.001
-    momentum: float = 0.99
-    weight_decay: float = 0.0
-    label_smoothing: float = 0.0
-    # speed
-    amp: str = "auto"
-    channels_last: str = "on"
-    compile: bool = False
-    device: str = "auto"
-    sync_bn: bool = False
-    # run control
-    seed: int = 0
-    val_every: int = 1
-    max_train_batches: int | None = None
-    max_val_batches: int | None = None
-    select_by: str = "cpm"
-    images_every: int = 5
-    # output
-    tb_prefix: str = "p2ch"
-    runs_dir: str | None = None
-    checkpoint_dir: str | None = None
-    resume: str | None = None
-    init_weights: str | None = None
-    log_level: str = "INFO"
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (tuples as lists) for checkpoints and hparams."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainingConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        clean = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields}
-        return cls(**clean)
-
-    def validate(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(message)
-
-        need(self.batch_size >= 1, f"--batch-size must be ≥ 1, got {self.batch_size}")
-        need(self.num_workers >= 0, f"--num-workers must be ≥ 0, got {self.num_workers}")
-        need(self.epochs >= 1, f"--epochs must be ≥ 1, got {self.epochs}")
-        need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
-        need(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        need(self.weight_decay >= 0, f"--weight-decay must be ≥ 0, got {self.weight_decay}")
-        need(self.val_every >= 1, f"--val-every must be ≥ 1, got {self.val_every}")
-        need(self.images_every >= 0, f"--images-every must be ≥ 0, got {self.images_every}")
-        need(
-            self.balance_ratio is None or self.balance_ratio >= 1,
-            f"--balance-ratio must be ≥ 1 negatives per positive, got {self.balance_ratio}",
-        )
-        need(self.epoch_size is None or self.epoch_size >= 1, f"--epoch-size must be ≥ 1, got {self.epoch_size}")
-        for name in ("max_train_batches", "max_val_batches"):
-            value = getattr(self, name)
-            need(value is None or value >= 1, f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
-        need(not (self.resume and self.init_weights), "use either --resume or --init-weights, not both")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -285,99 +197,6 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
     config = TrainingConfig(**values)
     config.validate()
     return config
-
-
-# ---------------------------------------------------------------------------------------------
-# distributed helpers
-
-
-@dataclasses.dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group torchrun set up (WORLD_SIZE > 1), else a single process."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return DistInfo()
-    import torch.distributed as dist
-
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def gather_cat(tensor: torch.Tensor, dist_info: DistInfo) -> torch.Tensor:
-    """Concatenate a 1-D (or N-D along dim 0) tensor from every rank, rank order, uneven sizes."""
-    if not dist_info.enabled:
-        return tensor
-    import torch.distributed as dist
-
-    if tensor.dtype == torch.bool:  # gloo cannot gather bool tensors
-        return gather_cat(tensor.to(torch.uint8), dist_info).bool()
-
-    size = torch.tensor([tensor.shape[0]], device=tensor.device)
-    sizes = [torch.zeros_like(size) for _ in range(dist_info.world_size)]
-    dist.all_gather(sizes, size)
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    padded[: tensor.shape[0]] = tensor
-    parts = [torch.zeros_like(padded) for _ in range(dist_info.world_size)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
-
-
-# ---------------------------------------------------------------------------------------------
-# the app
-
-
-def resolve_device(name: str, dist_info_local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            index = dist_info_local_rank if "WORLD_SIZE" in os.environ else torch.cuda.current_device()
-            return torch.device("cuda", index)
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"--device {name} asked for CUDA, but torch sees no CUDA GPU "
-                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); use --device cpu"
-            )
-        if device.index is None:
-            device = torch.device("cuda", dist_info_local_rank if "WORLD_SIZE" in os.environ else 0)
-        elif device.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif device.type != "cpu":
-        raise ConfigError(f"--device {name}: only cpu and cuda devices are supported")
-    return device
-
-
-def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
-    if mode == "off":
-        return None
-    if mode == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if mode == "fp16" and device.type != "cuda":
-        raise ConfigError("--amp fp16 needs a CUDA device; use --amp bf16 or off on the CPU")
-    return torch.bfloat16 if mode == "bf16" else torch.float16
 
 
 @dataclasses.dataclass
@@ -956,17 +775,6 @@ def predictions_frame(candidates, indices: np.ndarray, prob_pos: np.ndarray):
             "coordZ": xyz[:, 2],
             "probability": np.asarray(prob_pos, dtype=np.float64),
         }
-    )
-
-
-def configure_logging(level: str) -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=getattr(logging, level) if rank == 0 else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        if rank == 0
-        else f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s",
-        stream=sys.stderr,
     )
 
 

@@ -173,7 +173,7 @@ def orthogonal_slices(ct, center_xyz: Sequence[float], context_mm: float = CONTE
     with LUNA16's identity direction matrices it is `context_mm` along x, y and z.
     """
     center_irc = tuple(int(v) for v in ct.xyz2irc(tuple(float(v) for v in center_xyz)))
-    sx, sy, sz = (float(v) for v in ct.vx_size_xyz)
+    sx, sy, sz = (float(v) for v in ct.voxel_size_xyz)
     half_i, half_r, half_c = (max(1, math.ceil(context_mm / 2.0 / s)) for s in (sz, sy, sx))
     i, r, c = center_irc
     hu = ct.hu

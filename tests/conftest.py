@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 if TYPE_CHECKING:
+    from p2ch.config import TrainingConfig
     from p2ch.model import LunaModel
-    from p2ch.training import TrainingConfig
 
 UID_PREFIX = "1.3.6.1.4.1.14519.5.2.1.6279.6001."
 

@@ -26,6 +26,7 @@ from p2ch.candidates import clear_candidate_cache, get_candidate_arrays
 from p2ch.ct import Ct
 from p2ch.errors import CandidateOutsideCtError, ConfigError, DataFormatError, DataNotFoundError
 from p2ch.geometry import IrcTuple
+from p2ch.luna import find_mhd
 
 from conftest import make_uid, write_ct
 
@@ -35,11 +36,11 @@ CHUNK_BYTES = 32 * 48 * 48 * 2
 
 @pytest.fixture(autouse=True)
 def _fresh_state(monkeypatch):
-    ct_module.clear_series_index()
+    ct_module.clear_caches()
     clear_candidate_cache()
     monkeypatch.setattr(cache_module, "_DEFAULT_CACHES", {})
     yield
-    ct_module.clear_series_index()
+    ct_module.clear_caches()
     clear_candidate_cache()
 
 
@@ -154,14 +155,14 @@ def test_invalidated_when_ct_file_is_rewritten(tiny_root, tmp_path):
     uid, xyz = candidates_of(tiny_root)[0]
     old, _ = cache.get_ct_raw_candidate(uid, xyz)
     old_key = cache.key(uid, xyz)
-    mhd = ct_module.find_mhd(uid, tiny_root)
+    mhd = find_mhd(uid, tiny_root)
     hu = Ct(uid, tiny_root).hu.copy() + 7  # same size on disk, different voxels
     write_ct(tiny_root, uid, hu, subset=0)
     stat = mhd.with_suffix(".raw").stat()
     os.utime(mhd.with_suffix(".raw"), ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     # The same process remembers the old identity until refresh(); a new cache (or process) does not.
     fresh = ChunkCache(tmp_path / "cache", tiny_root)
-    ct_module.clear_series_index()
+    ct_module.clear_caches()
     new, _ = fresh.get_ct_raw_candidate(uid, xyz)
     assert fresh.stats()["misses"] == 1
     np.testing.assert_array_equal(new, direct(tiny_root, uid, xyz)[0])
@@ -184,7 +185,7 @@ def test_ct_loaded_before_a_rewrite_is_not_reused(tiny_root, tmp_path):
     cache.get_ct_raw_candidate(uid, xyz)  # loads CT A into the cache's in-memory LRU
     hu = Ct(uid, tiny_root).hu.copy() - 5
     write_ct(tiny_root, uid, hu, subset=0)
-    raw = ct_module.find_mhd(uid, tiny_root).with_suffix(".raw")
+    raw = find_mhd(uid, tiny_root).with_suffix(".raw")
     os.utime(raw, ns=(raw.stat().st_atime_ns, raw.stat().st_mtime_ns + 10**9))
     cache.refresh()
     other_xyz = next(x for u, x in items[1:] if u == uid)

@@ -24,10 +24,10 @@ from conftest import ANNOTATIONS_HEADER, CANDIDATES_HEADER, make_uid, write_csv
 @pytest.fixture(autouse=True)
 def _fresh_caches():
     cmod.clear_candidate_cache()
-    ct_module.clear_series_index()
+    ct_module.clear_caches()
     yield
     cmod.clear_candidate_cache()
-    ct_module.clear_series_index()
+    ct_module.clear_caches()
 
 
 def test_list_matches_by_luna_hit_rule_and_sorts(tiny_root):
@@ -132,7 +132,7 @@ def test_deterministic_order_independent_of_csv_order(tiny_root):
 def test_require_on_disk_skips_missing_series(tiny_root):
     for path in (tiny_root / "subset1").iterdir():
         path.unlink()
-    ct_module.clear_series_index()
+    ct_module.clear_caches()
     result = get_candidate_info_list(tiny_root)
     assert len(result) == 5 and {c.series_uid for c in result} == {make_uid(1)}
     stats = get_candidate_stats(tiny_root)

@@ -3,18 +3,19 @@ import pytest
 import SimpleITK as sitk
 
 from p2ch import ct as ct_module
-from p2ch.ct import Ct, find_mhd, get_ct, read_mhd_header, series_index
-from p2ch.errors import CandidateOutsideCtError, DataFormatError, DataNotFoundError
+from p2ch.ct import Ct, get_ct, read_mhd_header
+from p2ch.errors import CandidateOutsideCtError, ConfigError, DataFormatError, DataNotFoundError
 from p2ch.geometry import IrcTuple, XyzTuple, irc2xyz
+from p2ch.luna import find_mhd, series_index
 
 from conftest import make_uid, write_ct
 
 
 @pytest.fixture(autouse=True)
 def _fresh_index():
-    ct_module.clear_series_index()
+    ct_module.clear_caches()
     yield
-    ct_module.clear_series_index()
+    ct_module.clear_caches()
 
 
 def test_series_index_and_find(tiny_root):
@@ -60,8 +61,8 @@ def test_ct_loads_clips_and_matches_simpleitk(tiny_root):
     assert ct.hu[0, 0, 0] == -1000 and ct.hu[1, 0, 0] == 1000
     assert ct.hu.min() >= -1000 and ct.hu.max() <= 1000
     assert isinstance(ct.origin_xyz, XyzTuple) and ct.origin_xyz == (-180.0, -170.0, -320.0)
-    np.testing.assert_allclose(ct.vx_size_xyz, (0.7, 0.7, 1.25))
-    np.testing.assert_array_equal(ct.direction_a, np.eye(3))
+    np.testing.assert_allclose(ct.voxel_size_xyz, (0.7, 0.7, 1.25))
+    np.testing.assert_array_equal(ct.direction, np.eye(3))
     image = sitk.ReadImage(str(ct.mhd_path))
     point = image.TransformIndexToPhysicalPoint((34, 30, 20))
     assert ct.xyz2irc(point) == IrcTuple(20, 30, 34)
@@ -69,7 +70,7 @@ def test_ct_loads_clips_and_matches_simpleitk(tiny_root):
 
 def test_crop_centre_and_edges(tiny_root):
     ct = Ct(make_uid(1), tiny_root)
-    center = irc2xyz((20, 30, 34), ct.origin_xyz, ct.vx_size_xyz, ct.direction_a)
+    center = irc2xyz((20, 30, 34), ct.origin_xyz, ct.voxel_size_xyz, ct.direction)
     chunk, center_irc = ct.get_raw_candidate(center)
     assert chunk.dtype == np.int16 and chunk.shape == (32, 48, 48)
     assert center_irc == (20, 30, 34)
@@ -77,11 +78,11 @@ def test_crop_centre_and_edges(tiny_root):
     np.testing.assert_array_equal(chunk, ct.hu[4:36, 6:54, 10:58])
     assert chunk[16, 24, 24] == 100
     # Near an edge the window shifts inside the volume: index 35 + 16 > 40.
-    near_edge = irc2xyz((35, 30, 34), ct.origin_xyz, ct.vx_size_xyz, ct.direction_a)
+    near_edge = irc2xyz((35, 30, 34), ct.origin_xyz, ct.voxel_size_xyz, ct.direction)
     chunk, center_irc = ct.get_raw_candidate(near_edge)
     assert center_irc == (35, 30, 34)
     np.testing.assert_array_equal(chunk, ct.hu[8:40, 6:54, 10:58])
-    corner = irc2xyz((39, 63, 63), ct.origin_xyz, ct.vx_size_xyz, ct.direction_a)
+    corner = irc2xyz((39, 63, 63), ct.origin_xyz, ct.voxel_size_xyz, ct.direction)
     chunk, center_irc = ct.get_raw_candidate(corner, width_irc=(8, 10, 12))
     np.testing.assert_array_equal(chunk, ct.hu[32:40, 54:64, 52:64])
     origin_chunk, _ = ct.get_raw_candidate(ct.origin_xyz, width_irc=(4, 6, 8))
@@ -102,7 +103,7 @@ def test_crop_thinner_than_window_pads_with_air(tmp_path):
 def test_many_crops_equal_single_crops(tiny_root):
     ct = Ct(make_uid(1), tiny_root)
     irc = np.array([[20, 30, 34], [0, 0, 0], [39, 63, 63], [5, 40, 10]])
-    xyz = irc2xyz(irc, ct.origin_xyz, ct.vx_size_xyz, ct.direction_a)
+    xyz = irc2xyz(irc, ct.origin_xyz, ct.voxel_size_xyz, ct.direction)
     chunks, centers = ct.get_raw_candidates(xyz)
     np.testing.assert_array_equal(centers, irc)
     for k in range(len(irc)):
@@ -127,8 +128,8 @@ def test_centre_outside_ct_is_a_clear_error(tiny_root):
     with pytest.raises(CandidateOutsideCtError, match=r"outside CT .* volume \(40, 64, 64\)"):
         ct.get_raw_candidate((0.0, 0.0, 0.0))
     with pytest.raises(CandidateOutsideCtError):
-        ct.get_raw_candidate(irc2xyz((40, 0, 0), ct.origin_xyz, ct.vx_size_xyz, ct.direction_a))
-    with pytest.raises(ValueError, match="width_irc must be 3 positive integers"):
+        ct.get_raw_candidate(irc2xyz((40, 0, 0), ct.origin_xyz, ct.voxel_size_xyz, ct.direction))
+    with pytest.raises(ConfigError, match="expected 3 positive integers"):
         ct.get_raw_candidate(ct.origin_xyz, width_irc=(32, 48))
 
 
@@ -192,5 +193,5 @@ def test_non_int16_voxels_are_clipped_then_converted(tmp_path):
 def test_get_ct_is_cached_and_cleared(tiny_root):
     a = get_ct(make_uid(1), tiny_root)
     assert get_ct(make_uid(1), tiny_root) is a
-    ct_module.clear_series_index()
+    ct_module.clear_caches()
     assert get_ct(make_uid(1), tiny_root) is not a

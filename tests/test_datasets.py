@@ -36,9 +36,9 @@ def make_uid(n: int) -> str:
 
 @pytest.fixture(autouse=True)
 def _fresh_index():
-    ct_module.clear_series_index()
+    ct_module.clear_caches()
     yield
-    ct_module.clear_series_index()
+    ct_module.clear_caches()
 
 
 class FakeSource:
@@ -359,7 +359,7 @@ def test_subset_split_errors(tmp_path):
     write_subsets(tmp_path, {0: uids[:6], 1: uids[6:11]})  # the last series has no .mhd
     with pytest.raises(DataNotFoundError, match=r"1 of 12 series .*" + uids[11].replace(".", r"\.")):
         split_candidates(candidates, "subset", val_subsets=(1,), data_root=tmp_path)
-    ct_module.clear_series_index()
+    ct_module.clear_caches()
     write_subsets(tmp_path, {1: uids[11:]})
     with pytest.raises(ConfigError, match=r"none of the 12 series is in val_subsets \[9\].*\[0, 1\]"):
         split_candidates(candidates, "subset", data_root=tmp_path)

@@ -16,12 +16,12 @@ import torch
 
 from p2ch import evaluate, vis
 from p2ch.candidates import get_candidate_arrays, read_annotations, read_excluded
+from p2ch.config import TrainingConfig
 from p2ch.ct import Ct
 from p2ch.datasets import split_candidates
 from p2ch.metrics import FROC_FPS_PER_SCAN, froc
 from p2ch.model import LunaModel, arch_signature
 from p2ch.synth import generate
-from p2ch.training import TrainingConfig
 
 from conftest import make_model, write_checkpoint
 

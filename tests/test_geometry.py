@@ -98,5 +98,5 @@ def test_bad_coordinate_shapes(bad):
 
 
 def test_bad_direction_shape():
-    with pytest.raises(ValueError, match="direction_a must be a 3x3"):
+    with pytest.raises(ValueError, match="direction must be a 3x3"):
         irc2xyz((1, 2, 3), (0, 0, 0), (1, 1, 1), np.eye(2))

@@ -11,10 +11,10 @@ import torch
 
 from p2ch import evaluate, predict
 from p2ch.checkpoint import save_checkpoint
+from p2ch.config import TrainingConfig
 from p2ch.ct import Ct
 from p2ch.model import LunaModel, arch_signature
 from p2ch.synth import generate
-from p2ch.training import TrainingConfig
 
 from conftest import make_model, write_checkpoint
 

@@ -15,6 +15,7 @@ from p2ch import prepcache
 from p2ch.cache import ChunkCache, decode_chunk
 from p2ch.candidates import clear_candidate_cache, get_candidate_arrays
 from p2ch.ct import Ct
+from p2ch.luna import find_mhd
 
 from conftest import ANNOTATIONS_HEADER, CANDIDATES_HEADER, make_uid, write_csv, write_ct
 
@@ -25,10 +26,10 @@ N_CTS, PER_CT = 4, 15
 
 @pytest.fixture(autouse=True)
 def _fresh_state():
-    ct_module.clear_series_index()
+    ct_module.clear_caches()
     clear_candidate_cache()
     yield
-    ct_module.clear_series_index()
+    ct_module.clear_caches()
     clear_candidate_cache()
 
 
@@ -83,7 +84,7 @@ def reference(data_root, tmp_path_factory) -> dict:
         )
         == 0
     )
-    ct_module.clear_series_index()
+    ct_module.clear_caches()
     clear_candidate_cache()
     return snapshot(cache_dir, data_root)
 
@@ -251,7 +252,7 @@ def test_clear_and_prune_flags(tiny_root, tmp_path):
     assert len(cache) == 7
     assert prepcache.main(args(tiny_root, cache_dir, "--prune")) == 0
     assert len(cache) == 7
-    raw = ct_module.find_mhd(UID_B, tiny_root).with_suffix(".raw")
+    raw = find_mhd(UID_B, tiny_root).with_suffix(".raw")
     os.utime(raw, ns=(raw.stat().st_atime_ns, raw.stat().st_mtime_ns + 10**9))
     assert prepcache.main(args(tiny_root, cache_dir, "--prune", "--dry-run")) == 0
     assert len(cache) == 7
@@ -288,7 +289,7 @@ def test_full_disk_stops_with_exit_2(tiny_root, tmp_path, monkeypatch, capsys):
 
 
 def test_unreadable_ct_is_reported_and_the_others_cached(tiny_root, tmp_path):
-    raw = ct_module.find_mhd(UID_B, tiny_root).with_suffix(".raw")
+    raw = find_mhd(UID_B, tiny_root).with_suffix(".raw")
     raw.write_bytes(raw.read_bytes()[:100])
     cache_dir = tmp_path / "cache"
     assert prepcache.main(args(tiny_root, cache_dir, "--num-workers", "0")) == 2

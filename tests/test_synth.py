@@ -453,7 +453,7 @@ def test_easy_flag_on_the_command_line(tmp_path, capsys):
 
 
 def test_generator_depends_on_nothing_else_in_the_package():
-    """p2ch.synth needs numpy + SimpleITK and only p2ch.config (stdlib-only path defaults)."""
+    """p2ch.synth needs numpy + SimpleITK and only stdlib-only p2ch modules (paths, errors, LUNA16 layout)."""
     import subprocess
     import sys
 
@@ -462,5 +462,5 @@ def test_generator_depends_on_nothing_else_in_the_package():
         "print('torch' in sys.modules, 'pandas' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
-    assert out[0] == "['p2ch', 'p2ch.config', 'p2ch.synth']"
+    assert out[0] == "['p2ch', 'p2ch.config', 'p2ch.errors', 'p2ch.luna', 'p2ch.synth']"
     assert out[1] == "False False"

@@ -138,7 +138,7 @@ def test_write_pictures_sheets(tiny_root, tmp_path):
     ct_a, ct_b = Ct(uid_a, tiny_root), Ct(uid_b, tiny_root)
 
     def world(ct, irc):
-        return tuple(float(o + v * s) for o, v, s in zip(ct.origin_xyz, irc[::-1], ct.vx_size_xyz, strict=True))
+        return tuple(float(o + v * s) for o, v, s in zip(ct.origin_xyz, irc[::-1], ct.voxel_size_xyz, strict=True))
 
     annotations = pd.DataFrame(
         [(uid_a, *world(ct_a, (20, 30, 34)), 10.0), (uid_a, *world(ct_a, (10, 10, 50)), 5.0)],

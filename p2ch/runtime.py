@@ -1,0 +1,173 @@
+"""What every command needs around its work: device, mixed precision, distributed ranks, logging,
+and one wrapper that turns expected failures into one line.
+
+- `resolve_device` / `resolve_amp`: the --device and --amp spellings to torch objects.
+- `DistInfo`, `init_distributed`, `gather_cat`: torchrun's process group (NCCL on GPUs, gloo on
+  CPUs) and gathering per-sample results of uneven length across ranks.
+- `configure_logging`: rank 0 logs at the chosen level, other ranks warnings only.
+- `run_cli`: a command's body runs inside it; a `P2chError` becomes `prog: error: <one line>`
+  (exit 2), Ctrl-C a one-line note (exit 130). Anything else is a bug in p2ch and keeps its
+  traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from p2ch.errors import ConfigError, P2chError
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (some library messages embedded in ours span several)."""
+    return " ".join(str(exc).split())
+
+
+def run_cli(prog: str, body: Callable[[], int], interrupted: Callable[[], str] | str = "interrupted") -> int:
+    """Run a command's body: its exit code, 2 with one line for a P2chError, 130 on Ctrl-C.
+
+    interrupted: what to print after `prog: ` on Ctrl-C (a callable is asked then, so it can say
+    where to resume). Other exceptions propagate with their traceback: they are bugs.
+    """
+    try:
+        return body()
+    except P2chError as exc:
+        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted() if callable(interrupted) else interrupted}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def configure_logging(level: str) -> None:
+    """Log to stderr: rank 0 at `level`, other torchrun ranks at WARNING with their rank in each line."""
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=getattr(logging, level) if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        if rank == 0
+        else f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """--device auto|cpu|cuda|cuda:N → a torch.device (under torchrun, auto and cuda mean cuda:LOCAL_RANK)."""
+    under_torchrun = "WORLD_SIZE" in os.environ
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank if under_torchrun else torch.cuda.current_device())
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"--device {name} asked for CUDA, but torch sees no CUDA GPU "
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); use --device cpu"
+            )
+        if device.index is None:
+            device = torch.device("cuda", local_rank if under_torchrun else 0)
+        elif device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif device.type != "cpu":
+        raise ConfigError(f"--device {name}: only cpu and cuda devices are supported")
+    return device
+
+
+def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
+    """--amp auto|off|bf16|fp16 → the autocast dtype, or None for float32.
+
+    auto: bf16 on CUDA (fp16 where bf16 is unsupported), off on the CPU.
+    """
+    if mode == "off":
+        return None
+    if mode == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if mode == "fp16" and device.type != "cuda":
+        raise ConfigError("--amp fp16 needs a CUDA device; use --amp bf16 or off on the CPU")
+    if mode not in ("bf16", "fp16"):
+        raise ConfigError(f"--amp {mode!r}: expected one of auto, off, bf16, fp16")
+    return torch.bfloat16 if mode == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """torch.autocast for `dtype` on `device`'s type, or a no-op context for float32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    """This process's place among torchrun's ranks (a single process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def local_rank() -> int:
+    """torchrun's LOCAL_RANK (0 outside torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group torchrun set up (WORLD_SIZE > 1), else a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank())
+
+
+def close_distributed(info: DistInfo) -> None:
+    """Leave the process group joined by `init_distributed` (nothing for a single process)."""
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_cat(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Concatenate a tensor along dim 0 from every rank, in rank order; ranks may hold different lengths."""
+    if not info.enabled:
+        return tensor
+    if tensor.dtype == torch.bool:  # gloo cannot gather bool tensors
+        return gather_cat(tensor.to(torch.uint8), info).bool()
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(info.world_size)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.zeros_like(padded) for _ in range(info.world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work on `device` (so a wall-clock reading covers it); nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
