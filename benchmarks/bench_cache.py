@@ -10,8 +10,8 @@ then measures, on one core unless noted:
 - warm reads: the same calls on a full cache in random order, CRC check on and off, and the
   book's format read with stock diskcache for comparison;
 - compressed mode (zlib level 1): size, cold and warm rates;
-- prefill: `python -m p2ch.prepcache`'s code path with each `--workers-list` count: seconds, MB/s
-  of CT read, chunks/s.
+- prefill: `python -m p2ch.prepcache`'s code path (`p2ch.prefill.run_prefill`) with each
+  `--workers-list` count: seconds, MB/s of CT read, chunks/s.
 
     .venv/bin/python benchmarks/bench_cache.py
     .venv/bin/python benchmarks/bench_cache.py --workers-list 1 2 16 --num-cts 16
@@ -135,7 +135,7 @@ def cold(cache: ChunkCache, items) -> dict:
     for uid, xyz in items:
         if uid != previous:  # time the CT load apart: it is the same for any cache
             t0 = time.perf_counter()
-            cache._cached_ct(uid)
+            cache._sources_here().ct(uid)
             ct_seconds += time.perf_counter() - t0
             previous = uid
         cache.get_ct_raw_candidate(uid, xyz)
@@ -183,12 +183,12 @@ def book_format(work: Path, cache: ChunkCache, items) -> dict:
 
 
 def prefill(data_root: Path, work: Path, workers: int, limit: int | None) -> dict:
-    from p2ch import prepcache
+    from p2ch import prefill as prefill_lib
 
     cache_dir = work / f"prefill-{workers}"
     shutil.rmtree(cache_dir, ignore_errors=True)
     cache = ChunkCache(cache_dir, data_root)
-    plan = prepcache.make_plan(cache)
+    plan = prefill_lib.make_plan(cache)
     if limit:  # whole CTs until `limit` chunks
         tasks, total = [], 0
         for task in plan.tasks:
@@ -197,8 +197,8 @@ def prefill(data_root: Path, work: Path, workers: int, limit: int | None) -> dic
             tasks.append(task)
             total += len(task.centers_xyz)
         plan = dataclasses.replace(plan, tasks=tasks)
-    summary = prepcache.Summary()
-    prepcache.run_prefill(cache, plan, workers, summary, log_level=40)
+    summary = prefill_lib.Summary()
+    prefill_lib.run_prefill(cache, plan, workers, summary, log_level=40)
     seconds = summary.seconds
     result = {
         "workers": workers,

@@ -1,8 +1,8 @@
 """DataLoader throughput (samples/s) from a warm chunk cache, for several worker counts.
 
 Makes a synthetic LUNA16-layout data set with `p2ch.synth.generate` in a temporary folder (or
-uses `--data-root`), fills a `ChunkCache` by reading every candidate's chunk once (series by
-series, so each CT is loaded once), then times full passes over all candidates in a shuffled
+uses `--data-root`), fills a `ChunkCache` with `p2ch.prefill.fill_missing` (series by series,
+so each CT is loaded once), then times full passes over all candidates in a shuffled
 order, as training reads them, through `p2ch.datasets.create_loader` with 0, 2 and 8 workers.
 The first pass of each worker count (worker start-up included) is reported apart from the
 timed passes. Batches are int16 chunks (see p2ch.datasets); nothing is copied to a GPU.
@@ -59,13 +59,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def prefill(cache, candidates, width_irc) -> tuple[float, int]:
-    """Read every candidate's chunk once, series by series. Returns (seconds, chunks)."""
-    order = np.argsort(candidates.series_index, kind="stable")
+    """Cache every candidate's chunk with `p2ch.prefill.fill_missing` (one CT load per CT, in this
+    process). Returns (seconds, chunks written).
+    """
+    from p2ch.prefill import fill_missing
+
     start = time.perf_counter()
-    for k in order.tolist():
-        center_xyz = tuple(candidates.center_xyz[k].tolist())
-        cache.get_ct_raw_candidate(candidates.series_uid(k), center_xyz, width_irc)
-    return time.perf_counter() - start, len(order)
+    written = fill_missing(cache, candidates, np.arange(len(candidates)), width_irc, progress=False)
+    return time.perf_counter() - start, written
 
 
 def time_loader(dataset, *, workers: int, batch_size: int, passes: int, context) -> dict:
@@ -146,7 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             fill_s, chunks = prefill(cache, candidates, width)
             fill_stats = dict(cache.stats())
             print(
-                f"prefill: {chunks} chunks in {fill_s:.1f} s ({chunks / fill_s:.0f}/s); cache {fill_stats}", flush=True
+                f"prefill: {chunks} chunks written in {fill_s:.1f} s ({chunks / max(fill_s, 1e-9):.0f}/s); "
+                f"cache {fill_stats}",
+                flush=True,
             )
             dataset = LunaDataset(candidates, None, cache, width)
             results = []

@@ -42,7 +42,6 @@ from p2ch.luna import (
 log = logging.getLogger(__name__)
 
 
-
 class CandidateInfoTuple(NamedTuple):
     """One candidate location (the book's fields, in the book's order).
 
@@ -56,6 +55,7 @@ class CandidateInfoTuple(NamedTuple):
     diameter_mm: float
     series_uid: str
     center_xyz: XyzTuple
+
 
 _COORDS = ["coordX", "coordY", "coordZ"]
 

@@ -1,5 +1,9 @@
 """Checkpoints: plain dicts of tensors and plain values, written atomically, loaded weights-only.
 
+Writing and reading (`save_checkpoint`, `load_checkpoint`, `find_latest`) serve training;
+finding and loading a trained model (`resolve_checkpoint`, `load_model`, `CheckpointInfo`)
+serve evaluation and prediction.
+
 A checkpoint is what `torch.load(path, weights_only=True)` can read without executing code:
 model and optimizer state dicts, GradScaler state, RNG states as tensors, counters, the run's
 config as a dict of str/int/float/bool/list, and library versions. It is written to a temporary
@@ -9,16 +13,22 @@ mid-write leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 import os
 import platform
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 
+from p2ch import __version__
+from p2ch.config import TrainingConfig, resolve_models_dir
 from p2ch.errors import ConfigError, DataFormatError, DataNotFoundError
 from p2ch.fileio import atomic_writer
+from p2ch.model import LunaModel, arch_signature
 
 CHECKPOINT_FORMAT = "p2ch-checkpoint-v1"
 LAST_NAME = "last.pt"
@@ -26,10 +36,7 @@ BEST_NAME = "best.pt"
 
 
 def versions() -> dict[str, str]:
-    import numpy
-
-    from p2ch import __version__
-
+    """Versions of p2ch, torch, numpy and Python, as saved in checkpoints and metrics.json."""
     return {
         "p2ch": str(__version__),
         "torch": str(torch.__version__),
@@ -39,6 +46,7 @@ def versions() -> dict[str, str]:
 
 
 def sha1_of(path: str | os.PathLike[str]) -> str:
+    """SHA1 of a file's bytes (40 hex digits), read in 1 MiB blocks."""
     digest = hashlib.sha1()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -87,3 +95,134 @@ def find_latest(checkpoint_dir: str | os.PathLike[str], name: str = BEST_NAME) -
             f"no {name} under {root}; train first (python -m p2ch.training) or pass --checkpoint PATH"
         )
     return found[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# finding and loading a trained model (evaluation, prediction)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """What a loaded checkpoint says about itself (for reports and metrics.json).
+
+    path: absolute path; sha1: of the file; config: the training run's settings.
+    """
+
+    path: Path
+    sha1: str
+    arch: str
+    epoch: int | None
+    samples_seen: int | None
+    run_time: str | None
+    selected_by: str | None
+    best_metric: float | None
+    config: TrainingConfig
+    versions: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary (no config; a non-finite best_metric becomes None)."""
+        best = self.best_metric
+        return {
+            "path": str(self.path),
+            "sha1": self.sha1,
+            "arch": self.arch,
+            "epoch": self.epoch,
+            "samples_seen": self.samples_seen,
+            "run_time": self.run_time,
+            "selected_by": self.selected_by,
+            "best_metric": best if best is not None and math.isfinite(best) else None,
+            "versions": dict(self.versions),
+        }
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike[str] | None, models_dir: str | os.PathLike[str] | None) -> Path:
+    """The checkpoint file to use.
+
+    checkpoint: a .pt file, or a folder (then the newest best.pt under it); None: the newest
+    best.pt under `models_dir` (argument, else $P2CH_MODELS_DIR, else data-unversioned/models).
+    Raises DataNotFoundError naming the path and how to get a checkpoint.
+    """
+    if checkpoint is not None and str(checkpoint) != "":
+        path = Path(checkpoint).expanduser()
+        if path.is_dir():
+            return find_latest(path).absolute()
+        if not path.is_file():
+            raise DataNotFoundError(
+                f"--checkpoint {path}: no such file or folder; pass a best.pt or last.pt written by "
+                "python -m p2ch.training (or its run folder), or leave --checkpoint out to use the newest "
+                "best.pt under --models-dir"
+            )
+        return path.absolute()
+    return find_latest(resolve_models_dir(models_dir)).absolute()
+
+
+def load_model(path: str | os.PathLike[str]) -> tuple[LunaModel, CheckpointInfo]:
+    """A `LunaModel` (CPU, eval mode) with the checkpoint's weights, and what the checkpoint says.
+
+    Refuses (ConfigError) a checkpoint of another architecture, and (DataFormatError) files that
+    are not p2ch training checkpoints or whose weights or config do not load.
+    """
+    path = Path(path).absolute()
+    state = _load_training_checkpoint(path)
+    model = LunaModel()
+    found = state.get("arch")
+    versions_found = {str(k): str(v) for k, v in (state.get("versions") or {}).items()}
+    expected = arch_signature(model)
+    if found != expected:
+        raise ConfigError(
+            f"{path}: checkpoint is for model architecture {found!r}, but this p2ch's LunaModel is {expected!r}; "
+            f"score it with the p2ch version that trained it (p2ch {versions_found.get('p2ch', '?')}), or train anew"
+        )
+    missing = [key for key in ("model", "config") if not isinstance(state.get(key), dict)]
+    if missing:
+        raise DataFormatError(
+            f"{path}: checkpoint has no {' or '.join(missing)} entry; expected a checkpoint written by "
+            "python -m p2ch.training (best.pt or last.pt)"
+        )
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        reason = str(exc).splitlines()[0][:300]
+        raise DataFormatError(f"{path}: the model weights do not load into LunaModel ({reason})") from None
+    try:
+        config = TrainingConfig.from_dict(state["config"])
+    except (TypeError, ValueError) as exc:
+        raise DataFormatError(f"{path}: the training config stored in the checkpoint is unusable ({exc})") from None
+    model.eval()
+    return model, _checkpoint_info(path, state, config, versions_found)
+
+
+def _load_training_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return load_checkpoint(path)
+    except DataFormatError as exc:
+        if "not a readable checkpoint" not in str(exc):
+            raise
+        # torch's own message here is long and suggests weights_only=False, which would run code from the file.
+        raise DataFormatError(
+            f"{path}: not a checkpoint that torch.load(weights_only=True) can read; expected a best.pt or last.pt "
+            "written by python -m p2ch.training"
+        ) from None
+
+
+def _optional(state: dict[str, Any], key: str, kind: type) -> Any:
+    """state[key] as `kind` when it is a plain number or string (not a bool), else None."""
+    value = state.get(key)
+    return kind(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+
+
+def _checkpoint_info(
+    path: Path, state: dict[str, Any], config: TrainingConfig, versions_found: dict[str, str]
+) -> CheckpointInfo:
+    return CheckpointInfo(
+        path=path,
+        sha1=sha1_of(path),
+        arch=str(state.get("arch")),
+        epoch=_optional(state, "epoch", int),
+        samples_seen=_optional(state, "samples_seen", int),
+        run_time=_optional(state, "run_time", str),
+        selected_by=_optional(state, "selected_by", str),
+        best_metric=_optional(state, "best_metric", float),
+        config=config,
+        versions=versions_found,
+    )

@@ -202,3 +202,88 @@ class TrainingConfig:
             value = getattr(self, name)
             need(value is None or value >= 1, f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
         need(not (self.resume and self.init_weights), "use either --resume or --init-weights, not both")
+
+
+# Settings that decide which data a run trains and validates on, and where it writes: a resumed
+# run must keep them, or its metrics and best.pt no longer compare with the epochs before.
+RESUME_GUARDED = (
+    "data_root",
+    "width_irc",
+    "split",
+    "val_fraction",
+    "val_stride",
+    "val_subsets",
+    "test_fraction",
+    "test_subsets",
+    "tb_prefix",
+    "runs_dir",
+    "comment",
+)
+PATH_SETTINGS = ("data_root", "cache_dir", "runs_dir", "checkpoint_dir", "resume", "init_weights")
+
+
+def absolute_paths(config: TrainingConfig) -> TrainingConfig:
+    """`config` with every path setting absolute (defaults and environment variables resolved).
+
+    Checkpoints and metrics store these, so that evaluate/predict run from another working
+    directory find the same files. Symbolic links are kept as given.
+    """
+    resolved = {
+        "data_root": resolve_data_root(config.data_root),
+        "cache_dir": resolve_cache_dir(config.cache_dir),
+        "runs_dir": resolve_runs_dir(config.runs_dir),
+        "checkpoint_dir": resolve_models_dir(config.checkpoint_dir),
+        "resume": Path(config.resume).expanduser() if config.resume else None,
+        "init_weights": Path(config.init_weights).expanduser() if config.init_weights else None,
+    }
+    return dataclasses.replace(config, **{k: str(v.absolute()) if v else None for k, v in resolved.items()})
+
+
+def resume_config(
+    saved: dict[str, Any], given: dict[str, Any], resume: str, allow_changes: bool = False
+) -> TrainingConfig:
+    """The settings of a resumed run: the checkpoint's, updated by the flags given on the command line.
+
+    saved: the checkpoint's config dict. given: only the settings set explicitly now (flag → value,
+    field names). A given value of a `RESUME_GUARDED` setting that differs from the checkpoint's
+    raises ConfigError naming each change, unless `allow_changes`. Paths compare as absolute.
+    """
+    try:
+        base = absolute_paths(TrainingConfig.from_dict(saved))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"--resume {resume}: the settings stored in the checkpoint are unusable ({exc})") from None
+    fields = {f.name for f in dataclasses.fields(TrainingConfig)}
+    updates = {
+        k: tuple(v) if isinstance(v, list) else v
+        for k, v in given.items()
+        if k in fields and k not in ("resume", "init_weights")
+    }
+    candidate = absolute_paths(dataclasses.replace(base, **updates, resume=resume, init_weights=None))
+    candidate.validate()
+    changed = [
+        f"--{name.replace('_', '-')} {_show(getattr(base, name))} → {_show(getattr(candidate, name))}"
+        for name in RESUME_GUARDED
+        if name in updates and getattr(candidate, name) != getattr(base, name)
+    ]
+    if changed and not allow_changes:
+        raise ConfigError(
+            f"--resume {resume}: this run was trained with other settings ({'; '.join(changed)}); "
+            "leave those flags out to continue it as it was, start a new run, or pass --allow-config-change"
+        )
+    return candidate
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return " ".join(str(v) for v in value) or "(none)"
+    return display_path(value) if isinstance(value, str) and os.sep in value else str(value)
+
+
+def display_path(path: str | os.PathLike[str]) -> str:
+    """`path` relative to the working directory when that is shorter, else as given."""
+    text = str(path)
+    try:
+        relative = os.path.relpath(text)
+    except ValueError:  # another drive on Windows
+        return text
+    return relative if len(relative) < len(text) else text

@@ -47,22 +47,46 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
 
-from p2ch.config import DEFAULT_BATCH_SIZE, DefaultsHelpFormatter, add_inference_arguments, add_model_arguments
+from p2ch.cache import ChunkCache
+from p2ch.candidates import CandidateArrays, get_candidate_arrays, read_reference, submission_frame
+from p2ch.checkpoint import CheckpointInfo, load_model, resolve_checkpoint, versions
+from p2ch.cli import configure_logging, run_cli
+from p2ch.config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_EVAL_DIR,
+    DefaultsHelpFormatter,
+    TrainingConfig,
+    add_inference_arguments,
+    add_model_arguments,
+    resolve_cache_dir,
+    resolve_data_root,
+)
+from p2ch.datasets import Split, split_candidates
 from p2ch.errors import ConfigError, DataNotFoundError, P2chError
+from p2ch.fileio import write_text_atomic
+from p2ch.geometry import check_width_irc
+from p2ch.inference import Scorer, make_scorer, predict_locations, score_from_cache
+from p2ch.luna import check_series_uid, find_candidates_file, series_index
+from p2ch.metrics import FROC_FPS_PER_SCAN, FrocResult, classification_summary, froc
+from p2ch.prefill import fill_missing
+from p2ch.vis import write_pictures
 
 log = logging.getLogger("p2ch.evaluate")
 
 PROG = "python -m p2ch.evaluate"
 METRICS_FORMAT = "p2ch-eval-v1"
 SPLITS = ("val", "test", "all")
-DEFAULT_EVAL_DIR = Path("data-unversioned/eval")
 SUBMISSION_FILE = "submission.csv"
 METRICS_FILE = "metrics.json"
 FROC_PLOT_FILE = "froc.png"
 FROC_CURVE_FILE = "froc_curve.csv"
 REPORT_FILE = "report.txt"
 PICTURES_DIR = "pictures"
+SPLIT_SETTINGS = ("split", "val_fraction", "val_stride", "val_subsets", "test_fraction", "test_subsets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,9 +152,7 @@ class Selection:
     split_mode: str | None
 
 
-def _split_of(candidates, train_config, data_root):
-    from p2ch.datasets import split_candidates
-
+def _split_of(candidates: CandidateArrays, train_config: TrainingConfig, data_root: Path) -> Split:
     return split_candidates(
         candidates,
         train_config.split,
@@ -143,132 +165,202 @@ def _split_of(candidates, train_config, data_root):
     )
 
 
+def _rows_of_series(
+    candidates: CandidateArrays, series: Sequence[str], data_root: Path
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, sorted uids) of the CTs named by --series; DataNotFoundError for one without candidates."""
+    all_uids = np.asarray(candidates.series_uids, dtype=str)
+    wanted = list(dict.fromkeys(check_series_uid(str(uid).strip()) for uid in series))
+    known = set(all_uids.tolist())
+    absent = [uid for uid in wanted if uid not in known]
+    if absent:
+        where = "has no .mhd under" if absent[0] not in series_index(data_root) else "has no candidates in"
+        raise DataNotFoundError(
+            f"--series {absent[0]} {where} the data root {data_root} ({len(known)} series with candidates "
+            f"there{f'; {len(absent)} of the {len(wanted)} requested are unknown' if len(absent) > 1 else ''}); "
+            "check the uid and --data-root"
+        )
+    rows = np.flatnonzero(np.isin(all_uids[candidates.series_index], wanted))
+    return rows, np.array(sorted(wanted), dtype=str)
+
+
+def _rows_of_split(
+    candidates: CandidateArrays, split_obj: Split, split: str, train_config: TrainingConfig, data_root: Path
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, sorted uids) of one part of the checkpoint's split ("all": every candidate)."""
+    if split == "all":
+        all_uids = np.asarray(candidates.series_uids, dtype=str)
+        rows, uids = np.arange(len(candidates), dtype=np.int64), np.unique(all_uids[candidates.series_index])
+    else:
+        rows, uids = getattr(split_obj, split), getattr(split_obj, f"{split}_series")
+    if len(rows) == 0:
+        raise ConfigError(
+            f"--split {split}: the checkpoint's split ({train_config.split}, test_fraction "
+            f"{train_config.test_fraction:g}, test_subsets {list(train_config.test_subsets)}) has no {split} "
+            f"part on {data_root}; train with --test-fraction or --test-subsets to hold out a test part, or "
+            "evaluate --split val, --split all or --series UID"
+        )
+    return rows, uids
+
+
 def select_candidates(
-    candidates, train_config, data_root: Path, split: str = "val", series: Sequence[str] = ()
+    candidates: CandidateArrays,
+    train_config: TrainingConfig,
+    data_root: Path,
+    split: str = "val",
+    series: Sequence[str] = (),
 ) -> Selection:
     """The candidate rows of `split` (recomputed with the checkpoint's split settings) or of `series`.
 
-    candidates: `CandidateArrays`. train_config: the checkpoint's `TrainingConfig`. Raises
-    ConfigError for an empty split, DataNotFoundError for a series without candidates.
+    Raises ConfigError for an empty split, DataNotFoundError for a series without candidates.
     """
-    from p2ch.luna import check_series_uid
-
-    all_uids = np.asarray(candidates.series_uids, dtype=str)
     split_obj = None
-    split_error: P2chError | None = None
     try:
         split_obj = _split_of(candidates, train_config, data_root)
-    except P2chError as exc:  # explicit --series still works when the stored split does not apply here
-        split_error = exc
+    except P2chError:  # explicit --series still works when the stored split does not apply here
+        if not series:
+            raise
     if series:
-        wanted = list(dict.fromkeys(check_series_uid(str(uid).strip()) for uid in series))
-        known = set(all_uids.tolist())
-        absent = [uid for uid in wanted if uid not in known]
-        if absent:
-            from p2ch.luna import series_index
-
-            where = "has no .mhd under" if absent[0] not in series_index(data_root) else "has no candidates in"
-            raise DataNotFoundError(
-                f"--series {absent[0]} {where} the data root {data_root} ({len(known)} series with candidates "
-                f"there{f'; {len(absent)} of the {len(wanted)} requested are unknown' if len(absent) > 1 else ''}); "
-                "check the uid and --data-root"
-            )
-        mask = np.isin(all_uids[candidates.series_index], wanted)
-        name, rows = "series", np.flatnonzero(mask)
-        uids = np.array(sorted(wanted), dtype=str)
+        name, (rows, uids) = "series", _rows_of_series(candidates, series, data_root)
     else:
-        if split_obj is None:
-            assert split_error is not None
-            raise split_error
-        if split == "all":
-            rows, uids = np.arange(len(candidates), dtype=np.int64), np.unique(all_uids[candidates.series_index])
-        else:
-            rows, uids = getattr(split_obj, split), getattr(split_obj, f"{split}_series")
-        name = split
-        if len(rows) == 0:
-            raise ConfigError(
-                f"--split {split}: the checkpoint's split ({train_config.split}, test_fraction "
-                f"{train_config.test_fraction:g}, test_subsets {list(train_config.test_subsets)}) has no {split} "
-                f"part on {data_root}; train with --test-fraction or --test-subsets to hold out a test part, or "
-                "evaluate --split val, --split all or --series UID"
-            )
+        assert split_obj is not None
+        name, (rows, uids) = split, _rows_of_split(candidates, split_obj, split, train_config, data_root)
     rows = np.asarray(rows, dtype=np.int64)
     # Grouped by series, so a cold cache loads each CT once and pictures come CT by CT.
     rows = rows[np.argsort(candidates.series_index[rows], kind="stable")]
-    in_training = None
-    if split_obj is not None:
-        in_training = int(np.isin(uids, split_obj.train_series).sum())
-    return Selection(
-        name, rows, np.asarray(uids, dtype=str), in_training, split_obj.mode if split_obj is not None else None
-    )
+    in_training = None if split_obj is None else int(np.isin(uids, split_obj.train_series).sum())
+    mode = None if split_obj is None else split_obj.mode
+    return Selection(name, rows, np.asarray(uids, dtype=str), in_training, mode)
 
 
 # ---------------------------------------------------------------------------------------------
 # scoring
 
 
-def prefill_cache(cache, candidates, indices: np.ndarray, width_irc: Sequence[int], progress: bool = True) -> int:
-    """Crop and store the chunks of `indices` that the cache lacks, one CT load per CT; returns how many.
+@dataclasses.dataclass(frozen=True)
+class EvalInputs:
+    """What one evaluation scores, with what, and against what; all resolved before the first chunk is read.
 
-    cache: `p2ch.cache.ChunkCache`. candidates: `CandidateArrays`. indices: (n,) int64 rows.
+    checkpoint: absolute path of the .pt file. width_irc: the chunk size the model was trained on.
+    annotations / excluded: the reference rows of the evaluated scans (excluded None without
+    annotations_excluded.csv). out_dir: where the files go (checked, not created yet).
     """
-    from p2ch.progress import Progress
 
-    series_index = candidates.series_index[indices]
-    order = np.argsort(series_index, kind="stable")
-    groups = np.split(indices[order], np.flatnonzero(np.diff(series_index[order])) + 1) if len(indices) else []
-    todo = []
-    for rows in groups:
-        uid = candidates.series_uid(int(rows[0]))
-        missing = cache.missing(uid, candidates.center_xyz[rows], width_irc)
-        if missing.any():
-            todo.append((uid, rows[missing]))
-    total = sum(len(rows) for _, rows in todo)
-    if not total:
-        return 0
-    log.info("caching %d chunk(s) of %d CT(s) not in %s yet", total, len(todo), cache.cache_dir)
-    written = 0
-    with Progress(total, "caching", "chunks", enabled=progress) as bar:
-        for uid, rows in todo:
-            written += cache.fill_series(uid, candidates.center_xyz[rows], width_irc).written
-            bar.update(len(rows))
-    return written
+    checkpoint: Path
+    info: CheckpointInfo
+    data_root: Path
+    candidates: CandidateArrays
+    selection: Selection
+    annotations: pd.DataFrame
+    excluded: pd.DataFrame | None
+    scorer: Scorer
+    width_irc: tuple[int, int, int]
+    out_dir: Path
 
 
-def score_from_cache(
-    scorer,
-    candidates,
-    indices: np.ndarray,
-    cache,
-    *,
-    width_irc: Sequence[int],
-    batch_size: int,
-    num_workers: int,
-    progress: bool = True,
-) -> np.ndarray:
-    """P(nodule) of candidates[indices] read through the chunk cache: (n,) float64, in `indices` order."""
-    import torch
+@dataclasses.dataclass(frozen=True)
+class Scores:
+    """What `score_selection` produced.
 
-    from p2ch.datasets import EvalSampler, LunaDataset, create_loader
-    from p2ch.progress import Progress
+    probability: (n,) float64 P(nodule), in `Selection.indices` order. seconds: inference time
+    (without filling the cache). chunks_cached_now: chunks written to the cache first.
+    cache_dir / num_workers: None with --no-cache.
+    """
 
-    if len(indices) == 0:
-        return np.zeros(0, dtype=np.float64)
-    dataset = LunaDataset(candidates, indices, cache, width_irc)
-    loader = create_loader(
-        dataset,
-        EvalSampler(len(dataset)),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        pin_memory=scorer.device.type == "cuda",
-        persistent_workers=False,
+    probability: np.ndarray
+    seconds: float
+    chunks_cached_now: int
+    cache_dir: str | None
+    num_workers: int | None
+
+
+def default_out_dir(checkpoint: Path, selection_name: str, series: Sequence[str] = ()) -> Path:
+    """`data-unversioned/eval/<run folder>-<checkpoint stem>-<split>` (for --series: `series-<hash>`)."""
+    label = selection_name
+    if selection_name == "series":
+        label = "series-" + hashlib.sha1("\n".join(sorted(series)).encode()).hexdigest()[:8]
+    return DEFAULT_EVAL_DIR / f"{checkpoint.parent.name}-{checkpoint.stem}-{label}"
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """ConfigError when `out_dir`, or the nearest part of it that exists, is not a folder."""
+    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"--out {out_dir}: {existing} is a file, not a folder; pass another --out")
+
+
+def prepare(config: EvalConfig) -> EvalInputs:
+    """Load the checkpoint, the candidates and the reference, and choose what to score (nothing scored yet)."""
+    checkpoint = resolve_checkpoint(config.checkpoint, config.models_dir)
+    model, info = load_model(checkpoint)
+    data_root = resolve_data_root(config.data_root or info.config.data_root)
+    candidates = get_candidate_arrays(data_root)
+    selection = select_candidates(candidates, info.config, data_root, config.split, config.series)
+    annotations, excluded = read_reference(data_root, selection.series_uids)
+    out_dir = Path(config.out) if config.out else default_out_dir(checkpoint, selection.name, config.series)
+    check_out_dir(out_dir)
+    return EvalInputs(
+        checkpoint=checkpoint,
+        info=info,
+        data_root=data_root,
+        candidates=candidates,
+        selection=selection,
+        annotations=annotations,
+        excluded=excluded,
+        scorer=make_scorer(model, config.device, config.amp, config.channels_last),
+        width_irc=check_width_irc(info.config.width_irc),
+        out_dir=out_dir,
     )
-    parts = []
-    with Progress(len(dataset), "scoring", "candidates", enabled=progress) as bar:
-        for batch in loader:
-            parts.append(scorer(batch.chunk))
-            bar.update(len(batch.label))
-    return torch.cat(parts).cpu().numpy().astype(np.float64)
+
+
+def _default_num_workers(device: torch.device) -> int:
+    # On the CPU the model is the bottleneck and 2 workers gain 10-20% (BENCHMARKS.md); a GPU needs more.
+    return min(2 if device.type == "cpu" else 8, os.cpu_count() or 1)
+
+
+def _score_through_cache(inputs: EvalInputs, config: EvalConfig) -> Scores:
+    cache_dir = resolve_cache_dir(config.cache_dir or inputs.info.config.cache_dir)
+    cache = ChunkCache(cache_dir, inputs.data_root)
+    indices = inputs.selection.indices
+    # Serially, one CT load per CT: the cache is then warm for the DataLoader workers below.
+    written = fill_missing(cache, inputs.candidates, indices, inputs.width_irc, progress=config.progress)
+    started = time.perf_counter()  # the rate reported is inference from the (now warm) cache
+    workers = config.num_workers if config.num_workers is not None else _default_num_workers(inputs.scorer.device)
+    probability = score_from_cache(
+        inputs.scorer,
+        inputs.candidates,
+        indices,
+        cache,
+        width_irc=inputs.width_irc,
+        batch_size=config.batch_size,
+        num_workers=workers,
+        progress=config.progress,
+    )
+    return Scores(probability, time.perf_counter() - started, written, str(cache.cache_dir), workers)
+
+
+def _score_from_cts(inputs: EvalInputs, config: EvalConfig) -> Scores:
+    started = time.perf_counter()
+    indices = inputs.selection.indices
+    probability, _ = predict_locations(
+        inputs.scorer,
+        inputs.data_root,
+        submission_frame(inputs.candidates, indices, np.zeros(len(indices))),
+        width_irc=inputs.width_irc,
+        batch_size=config.batch_size,
+        outside="error",
+        skip_missing_series=False,
+        progress=config.progress,
+    )
+    return Scores(probability, time.perf_counter() - started, 0, None, None)
+
+
+def score_selection(inputs: EvalInputs, config: EvalConfig) -> Scores:
+    """P(nodule) of every selected candidate: through the chunk cache (filled first), or with
+    --no-cache cropped from the CTs in memory (one load per CT, nothing written)."""
+    if config.no_cache:
+        return _score_from_cts(inputs, config)
+    return _score_through_cache(inputs, config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,26 +373,22 @@ def _number(value: Any) -> float | None:
 
 
 def compute_metrics(
-    predictions,
+    predictions: pd.DataFrame,
     labels: np.ndarray,
-    annotations,
-    excluded,
+    annotations: pd.DataFrame,
+    excluded: pd.DataFrame | None,
     series_uids: Sequence[str],
     *,
     threshold: float,
     bootstrap: int,
     seed: int,
     confidence: float,
-):
+) -> tuple[FrocResult, dict[str, Any]]:
     """(FrocResult, classification dict) for one evaluation.
 
     predictions: submission rows; labels: (n,) bool, candidate k is a nodule (candidates.csv class);
     annotations / excluded: rows of the evaluated scans; series_uids: the evaluated scans.
     """
-    import torch
-
-    from p2ch.metrics import classification_summary, froc
-
     result = froc(
         predictions,
         annotations,
@@ -329,12 +417,8 @@ def _fp_label(fp: float) -> str:
     return f"1/{round(1 / fp)}" if fp < 1 else f"{fp:g}"
 
 
-def plot_froc(result, path: Path, title: str) -> None:
-    """Write the FROC curve of `result` (`p2ch.metrics.FrocResult`) as a PNG (700×500 px)."""
-    from matplotlib.figure import Figure
-
-    from p2ch.metrics import FROC_FPS_PER_SCAN
-
+def plot_froc(result: FrocResult, path: Path, title: str) -> None:
+    """Write the FROC curve of `result` as a PNG (700×500 px)."""
     fig = Figure(figsize=(7, 5), dpi=100, facecolor="white")
     ax = fig.add_subplot(1, 1, 1)
     points = np.asarray(FROC_FPS_PER_SCAN, dtype=np.float64)
@@ -358,26 +442,7 @@ def plot_froc(result, path: Path, title: str) -> None:
         )
         ax.set_title(title, fontsize=10)
     else:
-        fps, sens = result.fps_per_scan, result.sensitivity
-        # Beyond the last threshold the curve stays flat (numpy.interp holds the last value), as CPM reads it.
-        if fps[-1] < points[-1] * 1.15:
-            fps, sens = np.append(fps, points[-1] * 1.15), np.append(sens, sens[-1])
-        keep = fps > 0
-        ax.plot(fps[keep], sens[keep], color="#1f77b4", linewidth=1.5, label="FROC")
-        at = np.array([result.sensitivities[p] for p in FROC_FPS_PER_SCAN])
-        ci = np.array([result.sensitivities_ci[p] for p in FROC_FPS_PER_SCAN], dtype=np.float64)
-        if np.isfinite(ci).all():
-            ax.fill_between(
-                points,
-                ci[:, 0],
-                ci[:, 1],
-                color="#1f77b4",
-                alpha=0.15,
-                label=f"{result.confidence:.0%} CI (bootstrap over scans, n={result.bootstrap})",
-            )
-        ax.plot(points, at, "o", color="#d62728", markersize=5, label="LUNA16 operating points")
-        for p, s in zip(points, at, strict=True):
-            ax.annotate(f"{s:.2f}", (p, s), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7)
+        _draw_froc(ax, result, points)
         cpm = f"CPM {result.cpm:.3f}"
         if all(math.isfinite(v) for v in result.cpm_ci):
             cpm += f" [{result.cpm_ci[0]:.3f}, {result.cpm_ci[1]:.3f}]"
@@ -387,13 +452,37 @@ def plot_froc(result, path: Path, title: str) -> None:
     fig.savefig(path, dpi=100, facecolor="white")
 
 
+def _draw_froc(ax, result: FrocResult, points: np.ndarray) -> None:
+    """The curve, its CI band at LUNA16's seven operating points (`points`, FPs per scan), and those points."""
+    fps, sens = result.fps_per_scan, result.sensitivity
+    # Beyond the last threshold the curve stays flat (numpy.interp holds the last value), as CPM reads it.
+    if fps[-1] < points[-1] * 1.15:
+        fps, sens = np.append(fps, points[-1] * 1.15), np.append(sens, sens[-1])
+    keep = fps > 0
+    ax.plot(fps[keep], sens[keep], color="#1f77b4", linewidth=1.5, label="FROC")
+    at = np.array([result.sensitivities[p] for p in FROC_FPS_PER_SCAN])
+    ci = np.array([result.sensitivities_ci[p] for p in FROC_FPS_PER_SCAN], dtype=np.float64)
+    if np.isfinite(ci).all():
+        ax.fill_between(
+            points,
+            ci[:, 0],
+            ci[:, 1],
+            color="#1f77b4",
+            alpha=0.15,
+            label=f"{result.confidence:.0%} CI (bootstrap over scans, n={result.bootstrap})",
+        )
+    ax.plot(points, at, "o", color="#d62728", markersize=5, label="LUNA16 operating points")
+    for p, s in zip(points, at, strict=True):
+        ax.annotate(f"{s:.2f}", (p, s), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7)
+
+
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
 def format_report(metrics: dict[str, Any]) -> str:
     """The human summary of a metrics.json dict (a few lines, also printed)."""
-    ck, sel, counts, froc, cls = (metrics[k] for k in ("checkpoint", "selection", "counts", "froc", "classification"))
+    ck, sel, counts, fr, cls = (metrics[k] for k in ("checkpoint", "selection", "counts", "froc", "classification"))
     nodules = f"{counts['nodules']:,} annotated nodule{'' if counts['nodules'] == 1 else 's'}"
     lines = [
         f"p2ch evaluation of {ck['path']} (epoch {ck['epoch']}, sha1 {ck['sha1'][:12]})",
@@ -406,24 +495,24 @@ def format_report(metrics: dict[str, Any]) -> str:
             f"WARNING: {sel['series_in_training']} of these scans were in the checkpoint's training part; "
             "the scores below are optimistic"
         )
-    if froc["cpm"] is None:
+    if fr["cpm"] is None:
         lines.append("CPM: undefined (no annotated nodules in these scans)")
     else:
-        ci = froc["cpm_ci"]
+        ci = fr["cpm_ci"]
         interval = (
-            f" ({froc['confidence']:.0%} CI {_fmt(ci[0])}–{_fmt(ci[1])}, {froc['bootstrap']} bootstraps)"
+            f" ({fr['confidence']:.0%} CI {_fmt(ci[0])}–{_fmt(ci[1])}, {fr['bootstrap']} bootstraps)"
             if ci[0] is not None
             else ""
         )
-        lines.append(f"CPM {_fmt(froc['cpm'])}{interval}")
-        sens = froc["sensitivities"]
+        lines.append(f"CPM {_fmt(fr['cpm'])}{interval}")
+        sens = fr["sensitivities"]
         lines.append(
             "sensitivity at " + ", ".join(f"{_fp_label(float(k))}: {_fmt(v, 2)}" for k, v in sens.items()) + " FPs/scan"
         )
-        if froc["num_detected"] < froc["num_nodules"]:
+        if fr["num_detected"] < fr["num_nodules"]:
             lines.append(
-                f"candidates hit {froc['num_detected']} of {froc['num_nodules']} nodules; the other "
-                f"{froc['num_nodules'] - froc['num_detected']} are missed at any threshold"
+                f"candidates hit {fr['num_detected']} of {fr['num_nodules']} nodules; the other "
+                f"{fr['num_nodules'] - fr['num_detected']} are missed at any threshold"
             )
     lines.append(f"AUC {_fmt(cls['auc'])}, average precision {_fmt(cls['average_precision'])}")
     lines.append(
@@ -452,158 +541,48 @@ class EvalResult:
     out_dir: Path
 
 
-def default_out_dir(checkpoint: Path, selection_name: str, series: Sequence[str] = ()) -> Path:
-    """`data-unversioned/eval/<run folder>-<checkpoint stem>-<split>` (for --series: `series-<hash>`)."""
-    label = selection_name
-    if selection_name == "series":
-        label = "series-" + hashlib.sha1("\n".join(sorted(series)).encode()).hexdigest()[:8]
-    return DEFAULT_EVAL_DIR / f"{checkpoint.parent.name}-{checkpoint.stem}-{label}"
+def _what_was_scored(inputs: EvalInputs, scores: Scores) -> dict[str, Any]:
+    """The "selection" and "data" parts of metrics.json."""
+    selection, train_config = inputs.selection, inputs.info.config
+    return {
+        "selection": {
+            "name": selection.name,
+            "split_mode": selection.split_mode,
+            "split_settings": {k: v for k, v in train_config.to_dict().items() if k in SPLIT_SETTINGS},
+            "series_in_training": selection.series_in_training,
+        },
+        "data": {
+            "data_root": str(inputs.data_root.absolute()),
+            "cache_dir": scores.cache_dir,
+            "candidates_file": find_candidates_file(inputs.data_root).name,
+            "width_irc": list(inputs.width_irc),
+        },
+    }
 
 
-def evaluate(config: EvalConfig) -> EvalResult:
-    """Run one evaluation (see the module docstring) and write its files; returns the metrics."""
-    import pandas as pd
-
-    from p2ch.candidates import (
-        ANNOTATIONS_FILE,
-        EXCLUDED_FILE,
-        find_candidates_file,
-        get_candidate_arrays,
-        read_annotations,
-        read_excluded,
-    )
-    from p2ch.checkpoint import versions
-    from p2ch.config import resolve_cache_dir, resolve_data_root
-    from p2ch.fileio import write_text_atomic
-    from p2ch.predict import load_model, make_scorer, predict_locations, resolve_checkpoint
-    from p2ch.training import predictions_frame
-
-    config.validate()
-    started = time.perf_counter()
-    checkpoint = resolve_checkpoint(config.checkpoint, config.models_dir)
-    model, info = load_model(checkpoint)
-    train_config = info.config
-    data_root = resolve_data_root(config.data_root or train_config.data_root)
-    candidates = get_candidate_arrays(data_root)
-    selection = select_candidates(candidates, train_config, data_root, config.split, config.series)
-    annotations = read_annotations(data_root / ANNOTATIONS_FILE)
-    annotations = annotations[annotations["seriesuid"].isin(selection.series_uids)].reset_index(drop=True)
-    excluded_path = data_root / EXCLUDED_FILE
-    excluded = read_excluded(excluded_path) if excluded_path.is_file() else None
-    if excluded is not None:
-        excluded = excluded[excluded["seriesuid"].isin(selection.series_uids)].reset_index(drop=True)
-    out_dir = Path(config.out) if config.out else default_out_dir(checkpoint, selection.name, config.series)
-    scorer = make_scorer(model, config.device, config.amp, config.channels_last)
-    width = tuple(int(v) for v in train_config.width_irc)
-    indices = selection.indices
-    log.info(
-        "evaluating %s (epoch %s) on %s: %d scans, %d candidates, %d nodules; device %s, AMP %s; output %s",
-        checkpoint,
-        info.epoch,
-        selection.name,
-        len(selection.series_uids),
-        len(indices),
-        len(annotations),
-        scorer.device,
-        scorer.amp_dtype or "off",
-        out_dir,
-    )
-
-    cache_dir = workers = None
-    score_started = time.perf_counter()
-    if config.no_cache:
-        locations = predictions_frame(candidates, indices, np.zeros(len(indices)))
-        prob, _ = predict_locations(
-            scorer,
-            data_root,
-            locations,
-            width_irc=width,
-            batch_size=config.batch_size,
-            outside="error",
-            skip_missing_series=False,
-            progress=config.progress,
-        )
-        prefilled = 0
-    else:
-        from p2ch.cache import ChunkCache
-
-        cache = ChunkCache(resolve_cache_dir(config.cache_dir or train_config.cache_dir), data_root)
-        cache_dir = str(cache.cache_dir)
-        prefilled = prefill_cache(cache, candidates, indices, width, progress=config.progress)
-        score_started = time.perf_counter()  # the rate below is inference from the (now warm) cache
-        workers = config.num_workers
-        if workers is None:
-            workers = min(2 if scorer.device.type == "cpu" else 8, os.cpu_count() or 1)
-        prob = score_from_cache(
-            scorer,
-            candidates,
-            indices,
-            cache,
-            width_irc=width,
-            batch_size=config.batch_size,
-            num_workers=workers,
-            progress=config.progress,
-        )
-    scoring_seconds = time.perf_counter() - score_started
-
-    predictions = predictions_frame(candidates, indices, prob)
-    labels = candidates.is_nodule[indices]
-    result, classification = compute_metrics(
-        predictions,
-        labels,
-        annotations,
-        excluded,
-        selection.series_uids,
-        threshold=config.threshold,
-        bootstrap=config.bootstrap,
-        seed=config.seed,
-        confidence=config.confidence,
-    )
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / SUBMISSION_FILE, predictions.to_csv(index=False))
-    pd.DataFrame(
-        {"fps_per_scan": result.fps_per_scan, "sensitivity": result.sensitivity, "threshold": result.thresholds}
-    ).to_csv(out_dir / FROC_CURVE_FILE, index=False)
-    title = (
-        f"{checkpoint.parent.name}/{checkpoint.name} (epoch {info.epoch}) on {selection.name}: "
-        f"{len(selection.series_uids)} scans, {result.num_nodules} nodules"
-    )
-    plot_froc(result, out_dir / FROC_PLOT_FILE, title)
-
+def build_metrics_dict(
+    config: EvalConfig, inputs: EvalInputs, scores: Scores, result: FrocResult, classification: dict[str, Any]
+) -> dict[str, Any]:
+    """The content of metrics.json (without "pictures" and timing.total_seconds, which come last)."""
+    indices, scorer = inputs.selection.indices, inputs.scorer
     froc_dict = result.to_dict(include_curve=False)
-    metrics: dict[str, Any] = {
+    return {
         "format": METRICS_FORMAT,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "cpm": froc_dict["cpm"],
         "cpm_ci": froc_dict["cpm_ci"],
-        "checkpoint": info.to_dict(),
-        "selection": {
-            "name": selection.name,
-            "split_mode": selection.split_mode,
-            "split_settings": {
-                k: v
-                for k, v in train_config.to_dict().items()
-                if k in ("split", "val_fraction", "val_stride", "val_subsets", "test_fraction", "test_subsets")
-            },
-            "series_in_training": selection.series_in_training,
-        },
-        "data": {
-            "data_root": str(data_root.absolute()),
-            "cache_dir": cache_dir,
-            "candidates_file": find_candidates_file(data_root).name,
-            "width_irc": list(width),
-        },
+        "checkpoint": inputs.info.to_dict(),
+        **_what_was_scored(inputs, scores),
         "counts": {
-            "scans": len(selection.series_uids),
+            "scans": len(inputs.selection.series_uids),
             "candidates": len(indices),
-            "positives": int(labels.sum()),
+            "positives": int(inputs.candidates.is_nodule[indices].sum()),
             "nodules": result.num_nodules,
             "nodules_hit_by_candidates": result.num_detected,
-            "excluded_findings": 0 if excluded is None else len(excluded),
+            "excluded_findings": 0 if inputs.excluded is None else len(inputs.excluded),
             "predictions_on_excluded": result.num_excluded_predictions,
             "false_positives": result.num_false_positives,
-            "chunks_cached_now": prefilled,
+            "chunks_cached_now": scores.chunks_cached_now,
         },
         "froc": froc_dict,
         "classification": classification,
@@ -611,35 +590,110 @@ def evaluate(config: EvalConfig) -> EvalResult:
             "name": str(scorer.device),
             "amp": str(scorer.amp_dtype).replace("torch.", "") if scorer.amp_dtype else "off",
             "channels_last": scorer.channels_last,
-            "num_workers": workers,
+            "num_workers": scores.num_workers,
         },
         "timing": {
-            "scoring_seconds": round(scoring_seconds, 3),
-            "candidates_per_sec": round(len(indices) / scoring_seconds, 1) if scoring_seconds > 0 else None,
+            "scoring_seconds": round(scores.seconds, 3),
+            "candidates_per_sec": round(len(indices) / scores.seconds, 1) if scores.seconds > 0 else None,
         },
         "settings": config.to_dict(),
         "versions": versions(),
     }
-    if config.pictures:
-        from p2ch.vis import write_pictures
 
-        pictures = write_pictures(
-            predictions, annotations, excluded, data_root, out_dir / PICTURES_DIR, config.pictures, config.threshold
-        )
-        metrics["pictures"] = {
-            "dir": PICTURES_DIR,
-            "false_positives": pictures.false_positives,
-            "missed_nodules": pictures.missed_nodules,
-            "missed_nodules_total": pictures.missed_nodules_total,
-            "sheets": [p.name for p in [*pictures.false_positive_sheets, *pictures.missed_nodule_sheets]],
-        }
+
+def _write_pictures(config: EvalConfig, inputs: EvalInputs, predictions: pd.DataFrame) -> dict[str, Any]:
+    """Draw the --pictures sheets; returns the "pictures" part of metrics.json."""
+    pictures = write_pictures(
+        predictions,
+        inputs.annotations,
+        inputs.excluded,
+        inputs.data_root,
+        inputs.out_dir / PICTURES_DIR,
+        config.pictures,
+        config.threshold,
+    )
+    return {
+        "dir": PICTURES_DIR,
+        "false_positives": pictures.false_positives,
+        "missed_nodules": pictures.missed_nodules,
+        "missed_nodules_total": pictures.missed_nodules_total,
+        "sheets": [p.name for p in [*pictures.false_positive_sheets, *pictures.missed_nodule_sheets]],
+    }
+
+
+def write_outputs(
+    config: EvalConfig,
+    inputs: EvalInputs,
+    predictions: pd.DataFrame,
+    result: FrocResult,
+    metrics: dict[str, Any],
+    started: float,
+) -> str:
+    """Write every file into `inputs.out_dir` (metrics.json and report.txt last); returns the report.
+
+    Adds "pictures" (with --pictures) and timing.total_seconds (since `started`, a perf_counter) to `metrics`.
+    """
+    out_dir = inputs.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / SUBMISSION_FILE, predictions.to_csv(index=False))
+    pd.DataFrame(
+        {"fps_per_scan": result.fps_per_scan, "sensitivity": result.sensitivity, "threshold": result.thresholds}
+    ).to_csv(out_dir / FROC_CURVE_FILE, index=False)
+    checkpoint, selection = inputs.checkpoint, inputs.selection
+    title = (
+        f"{checkpoint.parent.name}/{checkpoint.name} (epoch {inputs.info.epoch}) on {selection.name}: "
+        f"{len(selection.series_uids)} scans, {result.num_nodules} nodules"
+    )
+    plot_froc(result, out_dir / FROC_PLOT_FILE, title)
+    if config.pictures:
+        metrics["pictures"] = _write_pictures(config, inputs, predictions)
     metrics["timing"]["total_seconds"] = round(time.perf_counter() - started, 3)
     report = format_report(metrics)
     report += f"wrote {out_dir}/: {SUBMISSION_FILE}, {METRICS_FILE}, {FROC_PLOT_FILE}, {REPORT_FILE}"
     report += f", {PICTURES_DIR}/ ({len(metrics['pictures']['sheets'])} sheets)\n" if config.pictures else "\n"
     write_text_atomic(out_dir / METRICS_FILE, json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     write_text_atomic(out_dir / REPORT_FILE, report)
-    return EvalResult(metrics=metrics, report=report, out_dir=out_dir)
+    return report
+
+
+def _log_start(inputs: EvalInputs) -> None:
+    log.info(
+        "evaluating %s (epoch %s) on %s: %d scans, %d candidates, %d nodules; device %s, AMP %s; output %s",
+        inputs.checkpoint,
+        inputs.info.epoch,
+        inputs.selection.name,
+        len(inputs.selection.series_uids),
+        len(inputs.selection.indices),
+        len(inputs.annotations),
+        inputs.scorer.device,
+        inputs.scorer.amp_dtype or "off",
+        inputs.out_dir,
+    )
+
+
+def evaluate(config: EvalConfig) -> EvalResult:
+    """Run one evaluation (see the module docstring): prepare → score → metrics → write; returns the metrics."""
+    config.validate()
+    started = time.perf_counter()
+    inputs = prepare(config)
+    _log_start(inputs)
+    scores = score_selection(inputs, config)
+    indices = inputs.selection.indices
+    predictions = submission_frame(inputs.candidates, indices, scores.probability)
+    result, classification = compute_metrics(
+        predictions,
+        inputs.candidates.is_nodule[indices],
+        inputs.annotations,
+        inputs.excluded,
+        inputs.selection.series_uids,
+        threshold=config.threshold,
+        bootstrap=config.bootstrap,
+        seed=config.seed,
+        confidence=config.confidence,
+    )
+    metrics = build_metrics_dict(config, inputs, scores, result, classification)
+    report = write_outputs(config, inputs, predictions, result, metrics, started)
+    return EvalResult(metrics=metrics, report=report, out_dir=inputs.out_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,7 +701,6 @@ def evaluate(config: EvalConfig) -> EvalResult:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    d = EvalConfig()
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Evaluate a LunaModel checkpoint the LUNA16 way: FROC/CPM with a bootstrap confidence "
@@ -659,8 +712,17 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--pictures 16 --out eval-test",
     )
     add_model_arguments(parser)
+    _add_selection_arguments(
+        parser.add_argument_group("what to score (the split is recomputed from the checkpoint's settings)")
+    )
+    _add_data_arguments(parser.add_argument_group("data"))
+    _add_metrics_arguments(parser.add_argument_group("metrics"))
+    _add_speed_arguments(parser.add_argument_group("speed"))
+    _add_output_arguments(parser.add_argument_group("output"))
+    return parser
 
-    g = parser.add_argument_group("what to score (the split is recomputed from the checkpoint's settings)")
+
+def _add_selection_arguments(g: argparse._ArgumentGroup) -> None:
     which = g.add_mutually_exclusive_group()
     which.add_argument(
         "--split",
@@ -671,7 +733,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     which.add_argument("--series", nargs="+", default=None, metavar="UID", help="score these CTs instead of a split")
 
-    g = parser.add_argument_group("data")
+
+def _add_data_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--data-root",
         default=None,
@@ -689,7 +752,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="crop chunks from the CTs in memory (one load per CT) and write no cache",
     )
 
-    g = parser.add_argument_group("metrics")
+
+def _add_metrics_arguments(g: argparse._ArgumentGroup) -> None:
+    d = EvalConfig()
     g.add_argument(
         "--threshold",
         type=float,
@@ -705,7 +770,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--confidence", type=float, default=d.confidence, help="confidence level of the intervals")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of the bootstrap")
 
-    g = parser.add_argument_group("speed")
+
+def _add_speed_arguments(g: argparse._ArgumentGroup) -> None:
     add_inference_arguments(g)
     g.add_argument(
         "--num-workers",
@@ -715,7 +781,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "the bottleneck and 2 workers gain 10-20%%; min(8, CPUs) with a GPU)",
     )
 
-    g = parser.add_argument_group("output")
+
+def _add_output_arguments(g: argparse._ArgumentGroup) -> None:
+    d = EvalConfig()
     g.add_argument(
         "--out",
         default=None,
@@ -733,7 +801,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--log-level", default=d.log_level, choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level"
     )
-    return parser
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
@@ -763,26 +830,20 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     return config
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from p2ch.runtime import configure_logging
+def run(args: argparse.Namespace) -> int:
+    """The command's work for parsed arguments: evaluate and print the report; returns 0."""
+    config = config_from_args(args)
+    log.info("settings: %s", json.dumps(config.to_dict(), sort_keys=True))
+    result = evaluate(config)
+    sys.stdout.write(result.report)
+    sys.stdout.flush()
+    return 0
 
+
+def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     configure_logging(args.log_level)
-    try:
-        config = config_from_args(args)
-        log.info("settings: %s", json.dumps(config.to_dict(), sort_keys=True))
-        result = evaluate(config)
-        sys.stdout.write(result.report)
-        sys.stdout.flush()
-        return 0
-    except P2chError as exc:
-        from p2ch.predict import one_line
-
-        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; the output folder may hold files of an earlier run", file=sys.stderr)
-        return 130
+    return run_cli(PROG, lambda: run(args), "interrupted; the output folder may hold files of an earlier run")
 
 
 if __name__ == "__main__":

@@ -255,54 +255,70 @@ def classification_summary(
         (~torch.isfinite(prob_pos)).sum(),
     ]
     if losses is not None:
-        losses = _as_tensor(losses)
-        if losses.shape != labels.shape or not losses.dtype.is_floating_point:
-            raise DataFormatError(
-                f"losses shape {tuple(losses.shape)} dtype {losses.dtype}: expected a float tensor of shape "
-                f"{tuple(labels.shape)}, one loss per sample"
-            )
-        losses = losses.to(device=labels.device, dtype=torch.float64)
-        terms += [losses.sum(), losses[~is_pos].sum(), losses[is_pos].sum(), (~torch.isfinite(losses)).sum()]
+        terms += _loss_terms(losses, labels, is_pos)
     values = torch.stack([t.to(torch.float64) for t in terms]).tolist()
     tp, fp, tn, fn = (int(v) for v in values[:4])
     rank_sum2, ap_sum, bad_labels, bad_probs = values[4:8]
     _raise_if_bad(bad_labels, bad_probs, "prob_pos")
     counts = ConfusionCounts(tp=tp, fp=fp, tn=tn, fn=fn)
+    summary: dict[str, float] = {}
+    if losses is not None:
+        summary.update(_loss_summary(values[8:12], counts))
+    summary.update(_prediction_summary(counts, rank_sum2, ap_sum))
+    return summary
+
+
+def _loss_terms(losses: Any, labels: torch.Tensor, is_pos: torch.Tensor) -> list[torch.Tensor]:
+    """[sum of all, negative, positive losses, count of non-finite ones], each () float64 on labels' device.
+
+    losses: (N,) float per-sample loss; DataFormatError unless it is a float tensor shaped like labels.
+    """
+    losses = _as_tensor(losses)
+    if losses.shape != labels.shape or not losses.dtype.is_floating_point:
+        raise DataFormatError(
+            f"losses shape {tuple(losses.shape)} dtype {losses.dtype}: expected a float tensor of shape "
+            f"{tuple(labels.shape)}, one loss per sample"
+        )
+    losses = losses.to(device=labels.device, dtype=torch.float64)
+    return [losses.sum(), losses[~is_pos].sum(), losses[is_pos].sum(), (~torch.isfinite(losses)).sum()]
+
+
+def _loss_summary(loss_values: Sequence[float], counts: ConfusionCounts) -> dict[str, float]:
+    """The loss/* keys of `classification_summary` from the host values of `_loss_terms`."""
+    loss_all, loss_neg, loss_pos, bad_losses = loss_values
+    if bad_losses:
+        raise DataFormatError(f"losses: {int(bad_losses)} NaN or infinite value(s); expected finite ones")
+    positives, negatives = counts.tp + counts.fn, counts.tn + counts.fp
+    return {
+        "loss/all": _ratio(loss_all, positives + negatives),
+        "loss/neg": _ratio(loss_neg, negatives),
+        "loss/pos": _ratio(loss_pos, positives),
+    }
+
+
+def _prediction_summary(counts: ConfusionCounts, rank_sum2: float, ap_sum: float) -> dict[str, float]:
+    """The correct/*, pr/* and count/* keys of `classification_summary`."""
+    tp, fp, tn, fn = counts.tp, counts.fp, counts.tn, counts.fn
     positives, negatives = tp + fn, tn + fp
     total = positives + negatives
     precision, recall, f1 = precision_recall_f1(counts)
-    summary: dict[str, float] = {}
-    if losses is not None:
-        loss_all, loss_neg, loss_pos, bad_losses = values[8:12]
-        if bad_losses:
-            raise DataFormatError(f"losses: {int(bad_losses)} NaN or infinite value(s); expected finite ones")
-        summary.update(
-            {
-                "loss/all": _ratio(loss_all, total),
-                "loss/neg": _ratio(loss_neg, negatives),
-                "loss/pos": _ratio(loss_pos, positives),
-            }
-        )
-    summary.update(
-        {
-            "correct/all": _ratio(100.0 * (tp + tn), total),
-            "correct/neg": _ratio(100.0 * tn, negatives),
-            "correct/pos": _ratio(100.0 * tp, positives),
-            "pr/precision": precision,
-            "pr/recall": recall,
-            "pr/f1_score": f1,
-            "pr/auc": _auc_from(rank_sum2, positives, negatives),
-            "pr/average_precision": _ratio(ap_sum, positives),
-            "count/all": total,
-            "count/neg": negatives,
-            "count/pos": positives,
-            "count/tp": tp,
-            "count/fp": fp,
-            "count/tn": tn,
-            "count/fn": fn,
-        }
-    )
-    return summary
+    return {
+        "correct/all": _ratio(100.0 * (tp + tn), total),
+        "correct/neg": _ratio(100.0 * tn, negatives),
+        "correct/pos": _ratio(100.0 * tp, positives),
+        "pr/precision": precision,
+        "pr/recall": recall,
+        "pr/f1_score": f1,
+        "pr/auc": _auc_from(rank_sum2, positives, negatives),
+        "pr/average_precision": _ratio(ap_sum, positives),
+        "count/all": total,
+        "count/neg": negatives,
+        "count/pos": positives,
+        "count/tp": tp,
+        "count/fp": fp,
+        "count/tn": tn,
+        "count/fn": fn,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -712,10 +728,60 @@ def froc(
     bootstrap: number of resamples of the scans for the confidence interval (0: none).
     seed: seeds the resampling, so the interval is reproducible. confidence: e.g. 0.95.
     """
+    _check_froc_options(bootstrap, confidence)
+    uids, pred, pred_scan, ann, ann_scan, exc = _evaluated_findings(predictions, annotations, excluded, series_uids)
+    match = _match(pred, ann, exc)
+    detected = match.is_detected
+    false_positive = match.is_false_positive
+    entries = _froc_entries(
+        scan=np.concatenate([ann_scan[detected], pred_scan[false_positive]]).astype(np.int64),
+        is_nodule=np.repeat([True, False], [int(detected.sum()), int(false_positive.sum())]),
+        probability=np.concatenate([match.nodule_probability[detected], pred.value[false_positive]]),
+        nodules_per_scan=np.bincount(ann_scan, minlength=len(uids)).astype(np.int64),
+    )
+    fps, sensitivity, thresholds = _froc_curve(entries)
+    at_points = _sensitivities_at(fps, sensitivity)
+    # No interval without nodules: every resample's sensitivity would be nan.
+    cpm_ci, points_ci = _bootstrap_intervals(entries, int(bootstrap) if len(ann_scan) else 0, seed, confidence)
+    return FrocResult(
+        cpm=float(np.mean(at_points)),
+        sensitivities={fp: float(s) for fp, s in zip(FROC_FPS_PER_SCAN, at_points, strict=True)},
+        cpm_ci=cpm_ci,
+        sensitivities_ci=dict(zip(FROC_FPS_PER_SCAN, points_ci, strict=True)),
+        fps_per_scan=fps,
+        sensitivity=sensitivity,
+        thresholds=thresholds,
+        num_scans=len(uids),
+        num_nodules=len(ann_scan),
+        num_predictions=len(pred.series),
+        num_hits=int(match.is_hit.sum()),
+        num_detected=int(detected.sum()),
+        num_excluded_predictions=int(match.is_excluded.sum()),
+        num_false_positives=int(false_positive.sum()),
+        bootstrap=int(bootstrap),
+        confidence=float(confidence),
+        seed=int(seed),
+    )
+
+
+def _check_froc_options(bootstrap: Any, confidence: Any) -> None:
+    """ConfigError unless bootstrap is a whole number >= 0 and 0 < confidence < 1."""
     if isinstance(bootstrap, bool) or not isinstance(bootstrap, (int, np.integer)) or bootstrap < 0:
         raise ConfigError(f"bootstrap is {bootstrap!r}; expected a whole number >= 0 (0 turns it off)")
     if not 0.0 < confidence < 1.0:
         raise ConfigError(f"confidence is {confidence!r}; expected a number between 0 and 1, like 0.95")
+
+
+def _evaluated_findings(
+    predictions: Any, annotations: Any, excluded: Any, series_uids: Sequence[str] | None
+) -> tuple[pd.Index, _Table, np.ndarray, _Table, np.ndarray, _Table | None]:
+    """`froc`'s tables, checked and kept to the evaluated scans.
+
+    Returns (uids, pred, pred_scan, ann, ann_scan, exc): uids (S,) the evaluated scans;
+    pred_scan (P,) int64 and ann_scan (A,) int64 the scan index of each prediction and kept
+    annotation. Annotations and excluded findings on other scans are dropped; predictions on
+    other scans raise DataFormatError.
+    """
     pred = _read_predictions(predictions)
     ann = _read_annotations(annotations)
     exc = None if excluded is None else _read_excluded(excluded)
@@ -734,42 +800,20 @@ def froc(
     ann_scan = ann_scan[ann_scan >= 0]
     if exc is not None:
         exc = exc.take(uids.get_indexer(exc.series) >= 0)
-    match = _match(pred, ann, exc)
+    return uids, pred, pred_scan, ann, ann_scan, exc
 
-    detected = match.is_detected
-    false_positive = match.is_false_positive
-    entries = _froc_entries(
-        scan=np.concatenate([ann_scan[detected], pred_scan[false_positive]]).astype(np.int64),
-        is_nodule=np.repeat([True, False], [int(detected.sum()), int(false_positive.sum())]),
-        probability=np.concatenate([match.nodule_probability[detected], pred.value[false_positive]]),
-        nodules_per_scan=np.bincount(ann_scan, minlength=len(uids)).astype(np.int64),
-    )
-    fps, sensitivity, thresholds = _froc_curve(entries)
-    at_points = _sensitivities_at(fps, sensitivity)
-    cpm = float(np.mean(at_points))
-    cpm_ci: tuple[float, float] = (math.nan, math.nan)
-    points_ci = [(math.nan, math.nan)] * len(FROC_FPS_PER_SCAN)
-    if bootstrap and len(ann_scan):
-        weights = _bootstrap_weights(len(uids), int(bootstrap), np.random.default_rng(seed))
-        resampled = _weighted_sensitivities(entries, weights)
-        cpm_ci = _interval(resampled.mean(axis=1), confidence)
-        points_ci = [_interval(resampled[:, k], confidence) for k in range(len(FROC_FPS_PER_SCAN))]
-    return FrocResult(
-        cpm=cpm,
-        sensitivities={fp: float(s) for fp, s in zip(FROC_FPS_PER_SCAN, at_points, strict=True)},
-        cpm_ci=cpm_ci,
-        sensitivities_ci=dict(zip(FROC_FPS_PER_SCAN, points_ci, strict=True)),
-        fps_per_scan=fps,
-        sensitivity=sensitivity,
-        thresholds=thresholds,
-        num_scans=len(uids),
-        num_nodules=len(ann_scan),
-        num_predictions=len(pred.series),
-        num_hits=int(match.is_hit.sum()),
-        num_detected=int(detected.sum()),
-        num_excluded_predictions=int(match.is_excluded.sum()),
-        num_false_positives=int(false_positive.sum()),
-        bootstrap=int(bootstrap),
-        confidence=float(confidence),
-        seed=int(seed),
-    )
+
+def _bootstrap_intervals(
+    entries: _FrocEntries, bootstrap: int, seed: int, confidence: float
+) -> tuple[tuple[float, float], list[tuple[float, float]]]:
+    """(CPM interval, [interval of each of the 7 sensitivities]) from `bootstrap` seeded resamples of the scans.
+
+    With bootstrap 0 every interval is (nan, nan).
+    """
+    if bootstrap == 0:
+        return (math.nan, math.nan), [(math.nan, math.nan)] * len(FROC_FPS_PER_SCAN)
+    weights = _bootstrap_weights(entries.num_scans, bootstrap, np.random.default_rng(seed))
+    resampled = _weighted_sensitivities(entries, weights)
+    cpm_ci = _interval(resampled.mean(axis=1), confidence)
+    points_ci = [_interval(resampled[:, k], confidence) for k in range(len(FROC_FPS_PER_SCAN))]
+    return cpm_ci, points_ci

@@ -46,6 +46,9 @@ class Progress:
         self.log = logger or log
         self.start = time.perf_counter()
         self._last_log = self.start
+        # The count of the last logged line: close() logs the final line only if update() has
+        # not just logged it (the interval can elapse exactly at the last item).
+        self._logged_count: int | None = None
         self._bar = None
         if enabled and (sys.stderr.isatty() if bar is None else bar):
             from tqdm import tqdm
@@ -79,6 +82,7 @@ class Progress:
         return f"{self.desc}: {self.count} {self.unit}, {rate:,.1f} {self.unit}/s"
 
     def update(self, n: int = 1) -> None:
+        """Count `n` more units done; log a line if `interval` seconds have passed since the last."""
         self.count += n
         if not self.enabled:
             return
@@ -88,16 +92,21 @@ class Progress:
         now = time.perf_counter()
         if now - self._last_log >= self.interval:
             self._last_log = now
-            self.log.info("%s", self.line())
+            self._log_line()
+
+    def _log_line(self) -> None:
+        self._logged_count = self.count
+        self.log.info("%s", self.line())
 
     def set_postfix(self, **values) -> None:
         if self._bar is not None:
             self._bar.set_postfix(values, refresh=False)
 
     def close(self) -> None:
+        """Close the bar, or log the final line (once: not again if update() just logged it)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif self.enabled and self.count:
-            self.log.info("%s", self.line())
+        elif self.enabled and self.count and self.count != self._logged_count:
+            self._log_line()
         self.enabled = False

@@ -1,64 +1,23 @@
-"""What every command needs around its work: device, mixed precision, distributed ranks, logging,
-and one wrapper that turns expected failures into one line.
+"""What every command that runs a model needs around its work: device, mixed precision,
+distributed ranks, logging.
 
 - `resolve_device` / `resolve_amp`: the --device and --amp spellings to torch objects.
 - `DistInfo`, `init_distributed`, `gather_cat`: torchrun's process group (NCCL on GPUs, gloo on
   CPUs) and gathering per-sample results of uneven length across ranks.
-- `configure_logging`: rank 0 logs at the chosen level, other ranks warnings only.
-- `run_cli`: a command's body runs inside it; a `P2chError` becomes `prog: error: <one line>`
-  (exit 2), Ctrl-C a one-line note (exit 130). Anything else is a bug in p2ch and keeps its
-  traceback.
+(A command's logging set-up and the wrapper that turns its expected failures into one line are in
+`p2ch.cli`, which needs no torch.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import os
-import sys
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
-from p2ch.errors import ConfigError, P2chError
-
-EXIT_ERROR = 2
-EXIT_INTERRUPTED = 130
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception's message on one line (some library messages embedded in ours span several)."""
-    return " ".join(str(exc).split())
-
-
-def run_cli(prog: str, body: Callable[[], int], interrupted: Callable[[], str] | str = "interrupted") -> int:
-    """Run a command's body: its exit code, 2 with one line for a P2chError, 130 on Ctrl-C.
-
-    interrupted: what to print after `prog: ` on Ctrl-C (a callable is asked then, so it can say
-    where to resume). Other exceptions propagate with their traceback: they are bugs.
-    """
-    try:
-        return body()
-    except P2chError as exc:
-        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print(f"{prog}: {interrupted() if callable(interrupted) else interrupted}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-
-
-def configure_logging(level: str) -> None:
-    """Log to stderr: rank 0 at `level`, other torchrun ranks at WARNING with their rank in each line."""
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=getattr(logging, level) if rank == 0 else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        if rank == 0
-        else f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+from p2ch.errors import ConfigError
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

@@ -58,6 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
+from p2ch.cli import run_cli
 from p2ch.config import DefaultsHelpFormatter, resolve_data_root
 from p2ch.errors import ConfigError
 from p2ch.luna import (
@@ -1127,15 +1128,24 @@ def generate(
         easy=easy,
     )
     workers = min(workers or _default_workers(), num_cts)
-    if workers == 1:
-        sizes = [write_ct(plan, out) for plan in plans]
-    else:
-        # spawn: safe whatever threads the caller runs (torch, SimpleITK); start-up is under a second.
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            sizes = list(pool.map(write_ct, plans, [str(out)] * len(plans)))
+    sizes = _write_cts(plans, out, workers)
     # CSVs last: an interrupted run leaves no candidates.csv, so the pipeline says the set is incomplete.
     total = sum(sizes) + write_csvs(plans, out)
+    seconds = time.perf_counter() - started
+    return _summarize(plans, out, total, seconds, workers=workers, shape_irc=(slices, size, size), direction=direction)
+
+
+def _summarize(
+    plans: Sequence[CtPlan],
+    out: Path,
+    bytes_written: int,
+    seconds: float,
+    *,
+    workers: int,
+    shape_irc: tuple[int, int, int],
+    direction: str,
+) -> SynthSummary:
+    """The `SynthSummary` of a set written from `plans`: counts of series, findings and candidates."""
     return SynthSummary(
         out=out,
         series_uids=tuple(p.series_uid for p in plans),
@@ -1143,12 +1153,22 @@ def generate(
         num_excluded=sum(len(p.excluded) for p in plans),
         num_candidates=sum(len(p.candidate_class) for p in plans),
         num_positive=int(sum(int(p.candidate_class.sum()) for p in plans)),
-        bytes_written=total,
-        seconds=time.perf_counter() - started,
+        bytes_written=bytes_written,
+        seconds=seconds,
         workers=workers,
-        shape_irc=(slices, size, size),
+        shape_irc=shape_irc,
         direction=direction,
     )
+
+
+def _write_cts(plans: Sequence[CtPlan], out: Path, workers: int) -> list[int]:
+    """Write every planned CT under `out` with `workers` processes (1: in this one); bytes written per CT."""
+    if workers == 1:
+        return [write_ct(plan, out) for plan in plans]
+    # spawn: safe whatever threads the caller runs (torch, SimpleITK); start-up is under a second.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        return list(pool.map(write_ct, plans, [str(out)] * len(plans)))
 
 
 def format_summary(summary: SynthSummary) -> str:
@@ -1182,6 +1202,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=None,
         help="folder to write (default: the data root: $P2CH_DATA_ROOT, else data-unversioned/part2/luna)",
     )
+    _add_size_arguments(parser)
+    _add_generation_arguments(parser)
+    _add_switch_arguments(parser)
+    return parser
+
+
+def _add_size_arguments(parser: argparse.ArgumentParser) -> None:
+    """--num-cts, --size, --slices, --candidates-per-ct, --nodules-per-ct: how much is written."""
     parser.add_argument(
         "--num-cts", type=int, default=DEFAULT_NUM_CTS, help=f"number of CTs (default: {DEFAULT_NUM_CTS})"
     )
@@ -1211,6 +1239,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         f"k %% 3 == 2 and at least one otherwise (default: {DEFAULT_NODULES_PER_CT}, "
         "as LUNA16)",
     )
+
+
+def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    """--seed, --workers, --direction: how the CTs are made."""
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default: 0)")
     parser.add_argument(
         "--workers",
@@ -1225,6 +1257,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="direction matrix of every CT: identity (LUNA16's), flipped (x and z axes "
         "reversed) or oblique (rotated 15° about z and 8° about x) (default: identity)",
     )
+
+
+def _add_switch_arguments(parser: argparse.ArgumentParser) -> None:
+    """--force, --easy: on/off switches."""
     parser.add_argument(
         "--force", action="store_true", help="replace the data set in a non-empty --out (default: refuse)"
     )
@@ -1235,30 +1271,33 @@ def get_args_parser() -> argparse.ArgumentParser:
         "vessels): a set a classifier learns in minutes on a CPU, to check that "
         "labels, crops and coordinates line up; not a realistic task (default: off)",
     )
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
-        summary = generate(
-            resolve_data_root(args.out),
-            num_cts=args.num_cts,
-            size=args.size,
-            slices=args.slices,
-            candidates_per_ct=args.candidates_per_ct,
-            nodules_per_ct=args.nodules_per_ct,
-            seed=args.seed,
-            workers=args.workers,
-            direction=args.direction,
-            force=args.force,
-            easy=args.easy,
-        )
-    except (SynthConfigError, OSError) as exc:
-        print(f"p2ch.synth: {exc}", file=sys.stderr)
-        return 2
-    print(format_summary(summary))
-    return 0
+
+    def body() -> int:
+        out = resolve_data_root(args.out)
+        try:
+            summary = generate(
+                out,
+                num_cts=args.num_cts,
+                size=args.size,
+                slices=args.slices,
+                candidates_per_ct=args.candidates_per_ct,
+                nodules_per_ct=args.nodules_per_ct,
+                seed=args.seed,
+                workers=args.workers,
+                direction=args.direction,
+                force=args.force,
+                easy=args.easy,
+            )
+        except OSError as exc:  # e.g. a read-only or full disk: the user's to fix
+            raise ConfigError(f"cannot write the synthetic set to {out} ({exc}); choose another --out") from None
+        print(format_summary(summary))
+        return 0
+
+    return run_cli("p2ch.synth", body, "interrupted; rerun with --force to start the set again")
 
 
 if __name__ == "__main__":

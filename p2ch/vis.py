@@ -340,25 +340,13 @@ def write_pictures(
     missed = select_missed_nodules(annotations, match, threshold, count)
     fp_sheets = write_sheets(false_positives, data_root, out_dir, "false_positives", context_mm=context_mm)
     missed_sheets = write_sheets(missed, data_root, out_dir, "missed_nodules", context_mm=context_mm)
-    rows = []
-    for path, on_sheet in [*fp_sheets, *missed_sheets]:
-        for row, finding in enumerate(on_sheet, start=1):
-            x, y, z = finding.center_xyz
-            rows.append(
-                {
-                    "kind": finding.kind,
-                    "rank": finding.rank,
-                    "sheet": path.name,
-                    "row": row,
-                    "seriesuid": finding.series_uid,
-                    "coordX": x,
-                    "coordY": y,
-                    "coordZ": z,
-                    "diameter_mm": finding.diameter_mm,
-                    "probability": finding.probability,
-                }
-            )
+    # One index row per drawn finding, in sheet order.
     columns = ["kind", "rank", "sheet", "row", "seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "probability"]
+    rows = [
+        (f.kind, f.rank, path.name, row, f.series_uid, *f.center_xyz, f.diameter_mm, f.probability)
+        for path, on_sheet in [*fp_sheets, *missed_sheets]
+        for row, f in enumerate(on_sheet, start=1)
+    ]
     index = out_dir / "index.csv"
     pd.DataFrame(rows, columns=columns).to_csv(index, index=False)
     return PicturesResult(

@@ -151,3 +151,25 @@ def write_checkpoint(
         path,
     )
     return path
+
+
+@pytest.fixture(scope="session")
+def synth_set(tmp_path_factory):
+    """Factory of synthetic LUNA16-format data roots: `synth_set(num_cts=4, size=96, ...)`.
+
+    Takes `p2ch.synth.generate`'s settings; each distinct set is generated once per test run and
+    shared by every test that asks for it, so tests must not modify it (copy it first).
+    """
+    from p2ch.synth import generate
+
+    made: dict[tuple, Path] = {}
+
+    def make(**settings) -> Path:
+        key = tuple(sorted(settings.items()))
+        if key not in made:
+            root = tmp_path_factory.mktemp("synth") / "luna"
+            generate(root, **{"workers": 1, **settings})
+            made[key] = root
+        return made[key]
+
+    return make

@@ -1,9 +1,12 @@
 import concurrent.futures as cf
 import errno
+import json
 import multiprocessing
 import os
 import pickle
 import sqlite3
+import struct
+import zlib
 from pathlib import Path
 
 import diskcache
@@ -557,3 +560,102 @@ def test_prune_removes_orphan_value_files_and_rows_without_files(tiny_root, tmp_
     assert cache.prune() == cache_module.PruneResult(len(items) - 1, 0, 0, 0, 0)
     for uid, xyz in items:  # every chunk still reads right; the lost one is recomputed
         np.testing.assert_array_equal(cache.get_ct_raw_candidate(uid, xyz)[0], direct(tiny_root, uid, xyz)[0])
+
+
+# --- the on-disk format is the one the previous p2ch.cache wrote --------------------------------
+
+# encode_chunk((arange(24) * 37 - 400) as (2, 3, 4) int16, center_irc (1, -2, 3)), as written by
+# p2ch.cache before the byte store was split out of it: 36-byte header, then the voxels.
+GOLDEN_HEADER = bytes.fromhex("5032434b01000000020003000400000001000000feffffff030000003000000034ce68d6")
+GOLDEN_PAYLOAD = bytes.fromhex(
+    "70fe95febafedffe04ff29ff4eff73ff98ffbdffe2ff07002c00510076009b00c000e5000a012f01540179019e01c301"
+)
+
+
+def golden_chunk() -> np.ndarray:
+    return (np.arange(24, dtype=np.int16).reshape(2, 3, 4) * 37 - 400).astype(np.int16)
+
+
+def test_value_bytes_are_unchanged():
+    value = encode_chunk(golden_chunk(), (1, -2, 3))
+    assert value == GOLDEN_HEADER + GOLDEN_PAYLOAD
+    chunk, center_irc = decode_chunk(GOLDEN_HEADER + GOLDEN_PAYLOAD, (2, 3, 4))
+    np.testing.assert_array_equal(chunk, golden_chunk())
+    assert center_irc == (1, -2, 3)
+
+
+def legacy_key(root, uid, center_um, width=(32, 48, 48)) -> str:
+    """The key the previous code made: sizes and mtimes of the .mhd and .raw in hex, centre in µm."""
+    mhd = find_mhd(uid, root)
+    st, raw = mhd.stat(), mhd.with_suffix(".raw").stat()
+    identity = f"{st.st_size:x}.{st.st_mtime_ns:x}.{raw.st_size:x}.{raw.st_mtime_ns:x}"
+    return (
+        f"p2ch-chunk/v1/{width[0]}x{width[1]}x{width[2]}/{uid}/{identity}/{center_um[0]},{center_um[1]},{center_um[2]}"
+    )
+
+
+def test_keys_tags_and_stored_rows_are_unchanged(tiny_root, tmp_path):
+    cache = ChunkCache(tmp_path / "cache", tiny_root)
+    key = cache.key(UID_A, (-100.25, 33.3333333, 1234.0005))
+    assert key == legacy_key(tiny_root, UID_A, (-100250, 33333, 1234000))
+    assert cache.key(UID_A, (0.0004, -0.0005, -1e-9), (4, 6, 8)) == legacy_key(tiny_root, UID_A, (0, 0, 0), (4, 6, 8))
+    uid, xyz = candidates_of(tiny_root)[0]
+    chunk, center_irc = cache.get_ct_raw_candidate(uid, xyz)
+    db, file = shard_row(cache, cache.key(uid, xyz))
+    with sqlite3.connect(db) as con:
+        header, tag, mode = con.execute(
+            "SELECT value, tag, mode FROM Cache WHERE key = ?", (cache.key(uid, xyz),)
+        ).fetchone()
+    assert header == HEADER.pack(b"P2CK", 1, 0, 32, 48, 48, 0, *center_irc, CHUNK_BYTES, zlib.crc32(chunk.tobytes()))
+    assert tag == "v1/" + "/".join(cache.key(uid, xyz).split("/")[3:5]) and mode == diskcache.core.MODE_BINARY
+    assert file.read_bytes() == chunk.astype("<i2").tobytes()
+    layout = json.loads((tmp_path / "cache" / "p2ch-cache.json").read_text())
+    assert layout == {
+        "format": "p2ch chunk cache",
+        "shards": 8,
+        "note": "p2ch chunk cache (safe to delete); see p2ch/cache.py",
+    }
+
+
+class LegacyDisk(diskcache.Disk):
+    """How the previous p2ch.cache stored a value: header in the SQLite row, voxels in a value file."""
+
+    def put(self, key):
+        return key, True
+
+    def store(self, value, read, key=diskcache.core.UNKNOWN):
+        filename, full_path = self.filename(key, value)
+        self._write(full_path, (value[HEADER.size :],), "xb")
+        return len(value) - HEADER.size, diskcache.core.MODE_BINARY, filename, sqlite3.Binary(value[: HEADER.size])
+
+
+def test_reads_a_cache_written_by_the_previous_code(tiny_root, tmp_path):
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    (folder / "p2ch-cache.json").write_text(
+        '{"format": "p2ch chunk cache", "shards": 4, "note": "p2ch chunk cache (safe to delete); see p2ch/cache.py"}'
+    )
+    items = candidates_of(tiny_root)
+    old = diskcache.FanoutCache(str(folder), shards=4, disk=LegacyDisk, eviction_policy="none", tag_index=True)
+    for uid, xyz in items:
+        chunk, center_irc = direct(tiny_root, uid, xyz)
+        header = struct.pack("<4sHHHHHHiiiII", b"P2CK", 1, 0, 32, 48, 48, 0, *center_irc, CHUNK_BYTES, 0)
+        header = header[:-4] + struct.pack("<I", zlib.crc32(chunk.tobytes()))
+        key = legacy_key(tiny_root, uid, [round(v * 1000) for v in xyz])
+        identity = key.split("/")[4]
+        old.set(key, header + chunk.tobytes(), tag=f"v1/{uid}/{identity}", retry=True)
+    old.close()
+    cache = ChunkCache(folder, tiny_root)
+    for uid, xyz in items:
+        chunk, center_irc = cache.get_ct_raw_candidate(uid, xyz)
+        expected, expected_irc = direct(tiny_root, uid, xyz)
+        np.testing.assert_array_equal(chunk, expected)
+        assert center_irc == expected_irc
+    assert cache.stats()["hits"] == len(items) and cache.stats()["misses"] == 0 and cache.stats()["corrupt"] == 0
+    assert cache.prune() == cache_module.PruneResult(len(items), 0, 0, 0, 0)
+    # The old tags still group a CT's entries: a changed CT's old entries go by tag.
+    raw = find_mhd(UID_B, tiny_root).with_suffix(".raw")
+    os.utime(raw, ns=(raw.stat().st_atime_ns, raw.stat().st_mtime_ns + 10**9))
+    cache.refresh()
+    result = cache.prune()
+    assert (result.changed_ct, result.kept) == (2, len(items) - 2) and len(cache) == len(items) - 2

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from p2ch.checkpoint import (
     CHECKPOINT_FORMAT,
     find_latest,
     load_checkpoint,
+    load_model,
     save_checkpoint,
     sha1_of,
 )
@@ -89,3 +91,15 @@ def test_find_latest(tmp_path):
     save_checkpoint({}, new)
     os.utime(old, (1_000_000, 1_000_000))
     assert find_latest(tmp_path) == new
+
+
+def test_checkpoint_of_the_previous_format_loads_for_scoring():
+    """tests/fixtures/legacy-v1-last.pt was written by p2ch before the spine refactor (how: see
+    tests/test_training.py::test_checkpoint_of_the_previous_format_resumes)."""
+    legacy = Path(__file__).parent / "fixtures" / "legacy-v1-last.pt"
+    model, info = load_model(legacy)
+    assert info.epoch == 1 and info.config.width_irc == (32, 48, 48) and info.config.balanced
+    assert info.config.data_root == "luna"  # stored relative then; new runs store absolute paths
+    x = torch.zeros(2, 1, 32, 48, 48)
+    logits, prob = model(x)
+    assert logits.shape == (2, 2) and torch.allclose(prob.sum(dim=1), torch.ones(2))

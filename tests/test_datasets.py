@@ -13,6 +13,7 @@ from p2ch.datasets import (
     BalancedSampler,
     EvalSampler,
     LunaBatch,
+    LunaDataLoader,
     LunaDataset,
     ShuffleSampler,
     collate_luna,
@@ -218,19 +219,60 @@ def test_create_loader_defaults_and_bad_arguments():
         create_loader(ds, EvalSampler(4), batch_size=2, num_workers=1, multiprocessing_context="threads")
 
 
-@pytest.mark.parametrize("freeze_gc", [True, False])
-def test_loader_freezes_gc_before_starting_workers(freeze_gc):
-    ds = LunaDataset(make_candidates(2, 2), None, FakeSource(), SMALL_WIDTH)
+class WorkerGcProbe(torch.utils.data.Dataset):
+    """Item k is (k, the worker's gc.get_freeze_count(), the id its worker_init_fn recorded)."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, k: int):
+        return k, gc.get_freeze_count(), _INIT_SEEN.get("worker_id")
+
+
+_INIT_SEEN: dict[str, int] = {}
+
+
+def record_worker_init(worker_id: int) -> None:
+    _INIT_SEEN["worker_id"] = worker_id
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_loader_leaves_the_main_process_collector_unfrozen(persistent):
+    # The freeze belongs to the workers: the main process's objects must stay collectable.
+    before = gc.get_freeze_count()
     loader = create_loader(
-        ds, EvalSampler(4), batch_size=2, num_workers=1, persistent_workers=False, freeze_gc=freeze_gc
+        WorkerGcProbe(), EvalSampler(4), batch_size=2, num_workers=2, persistent_workers=persistent, collate_fn=list
     )
-    gc.unfreeze()
-    try:
-        assert gc.get_freeze_count() == 0
+    for _ in range(2):  # two epochs: persistent workers start once, the others twice
         assert len(list(loader)) == 2
-        assert (gc.get_freeze_count() > 0) == freeze_gc
-    finally:
-        gc.unfreeze()
+        assert gc.get_freeze_count() == before
+
+
+@pytest.mark.parametrize("freeze_gc", [True, False])
+def test_loader_workers_freeze_their_collector_before_reading(freeze_gc):
+    loader = create_loader(
+        WorkerGcProbe(), EvalSampler(4), batch_size=2, num_workers=1, freeze_gc=freeze_gc, collate_fn=list
+    )
+    before = gc.get_freeze_count()
+    items = [item for batch in loader for item in batch]
+    assert [k for k, _, _ in items] == [0, 1, 2, 3]
+    if freeze_gc:
+        # Everything inherited from the main process is frozen: thousands of objects.
+        assert all(frozen > 1000 for _, frozen, _ in items)
+    else:
+        # Only what the main process had frozen (frozen objects may be freed since, none added).
+        assert all(frozen <= before for _, frozen, _ in items)
+
+
+def test_loader_runs_a_given_worker_init_fn_after_the_freeze():
+    _INIT_SEEN.clear()
+    loader = LunaDataLoader(
+        WorkerGcProbe(), batch_size=2, num_workers=2, worker_init_fn=record_worker_init, collate_fn=list
+    )
+    items = [item for batch in loader for item in batch]
+    assert sorted(worker_id for _, _, worker_id in items) == [0, 0, 1, 1]
+    assert all(frozen > 1000 for _, frozen, _ in items)
+    assert "worker_id" not in _INIT_SEEN  # it ran in the workers, not here
 
 
 @pytest.mark.skipif(importlib.util.find_spec("p2ch.cache") is None, reason="p2ch.cache not written yet")

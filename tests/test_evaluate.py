@@ -21,7 +21,6 @@ from p2ch.ct import Ct
 from p2ch.datasets import split_candidates
 from p2ch.metrics import FROC_FPS_PER_SCAN, froc
 from p2ch.model import LunaModel, arch_signature
-from p2ch.synth import generate
 
 from conftest import make_model, write_checkpoint
 
@@ -32,11 +31,10 @@ UNKNOWN_UID = "1.3.6.1.4.1.14519.5.2.1.6279.6001.999999999999999999999"
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, synth_set):
     """6 synthetic CTs, a checkpoint whose series split has val (with and without nodules) and test parts."""
     base = tmp_path_factory.mktemp("evaluate")
-    root = base / "luna"
-    generate(root, num_cts=6, size=96, slices=48, candidates_per_ct=40, nodules_per_ct=2, seed=11, workers=1)
+    root = synth_set(num_cts=6, size=96, slices=48, candidates_per_ct=40, nodules_per_ct=2, seed=11)
     config = TrainingConfig(data_root=str(root), cache_dir=str(base / "cache"), val_fraction=0.4, test_fraction=0.3)
     model = make_model()
     checkpoint = write_checkpoint(base / "models" / "p2ch" / "2025-01-01_00.00.00-test" / "best.pt", model, config)
@@ -464,13 +462,26 @@ def test_bad_input_exits_2_with_one_clear_line(case, world, bad_checkpoints, tmp
     assert not (out / "metrics.json").exists()
 
 
-def test_cpm_equals_what_training_logged(tmp_path, capsys):
+def test_out_that_is_a_file_fails_before_scoring(world, tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where --out wants a folder")
+    cache = tmp_path / "cache"
+    rc, _, err = run(
+        capsys, "--checkpoint", str(world["checkpoint"]), "--out", str(blocker / "eval"), "--cache-dir", str(cache)
+    )
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m p2ch.evaluate: error: ") and str(blocker) in lines[0]
+    assert not cache.exists()  # refused before the first chunk was read or cached
+    assert blocker.read_text() == "a file where --out wants a folder"
+
+
+def test_cpm_equals_what_training_logged(synth_set, tmp_path, capsys):
     """A real training run's best.pt: evaluating its val split reproduces the CPM it was selected by."""
     from p2ch import training
     from p2ch.checkpoint import load_checkpoint
 
-    root = tmp_path / "luna"
-    generate(root, num_cts=4, size=96, slices=48, candidates_per_ct=40, nodules_per_ct=2, seed=11, workers=1)
+    root = synth_set(num_cts=4, size=96, slices=48, candidates_per_ct=40, nodules_per_ct=2, seed=11)
     rc = training.main(
         [
             "--data-root",

@@ -13,8 +13,9 @@ from p2ch import evaluate, predict
 from p2ch.checkpoint import save_checkpoint
 from p2ch.config import TrainingConfig
 from p2ch.ct import Ct
+from p2ch.errors import DataNotFoundError
+from p2ch.inference import Scorer, predict_locations
 from p2ch.model import LunaModel, arch_signature
-from p2ch.synth import generate
 
 from conftest import make_model, write_checkpoint
 
@@ -23,10 +24,9 @@ UNKNOWN_UID = "1.3.6.1.4.1.14519.5.2.1.6279.6001.999999999999999999999"
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, synth_set):
     base = tmp_path_factory.mktemp("predict")
-    root = base / "luna"
-    generate(root, num_cts=3, size=96, slices=48, candidates_per_ct=30, nodules_per_ct=2, seed=5, workers=1)
+    root = synth_set(num_cts=3, size=96, slices=48, candidates_per_ct=30, nodules_per_ct=2, seed=5)
     model = make_model()
     # The checkpoint names the data root, so commands find the CTs without --data-root.
     config = TrainingConfig(data_root=str(root), cache_dir=str(base / "cache"), val_fraction=0.5)
@@ -158,16 +158,16 @@ def test_detector_csv_without_class_skips_outside_and_absent_series(world, tmp_p
 
 def test_predict_locations_counts(world):
     model = world["model"]
-    scorer = predict.Scorer(model, torch.device("cpu"), None, channels_last=False)
+    scorer = Scorer(model, torch.device("cpu"), None, channels_last=False)
     frame = world["candidates"][KEYS].iloc[:10].copy()
     frame.loc[3, "coordX"] += 10_000.0
     frame.loc[7, "seriesuid"] = UNKNOWN_UID
-    probability, stats = predict.predict_locations(scorer, world["root"], frame, batch_size=4, progress=False)
+    probability, stats = predict_locations(scorer, world["root"], frame, batch_size=4, progress=False)
     assert np.isnan(probability[[3, 7]]).all() and np.isfinite(np.delete(probability, [3, 7])).all()
     assert (stats.rows, stats.scored, stats.outside, stats.not_on_disk, stats.not_on_disk_series) == (10, 8, 1, 1, 1)
     assert stats.cts == frame.loc[[0, 1, 2, 4, 5, 6, 8, 9], "seriesuid"].nunique()
-    with pytest.raises(predict.DataNotFoundError, match=UNKNOWN_UID):
-        predict.predict_locations(scorer, world["root"], frame, skip_missing_series=False, progress=False)
+    with pytest.raises(DataNotFoundError, match=UNKNOWN_UID):
+        predict_locations(scorer, world["root"], frame, skip_missing_series=False, progress=False)
 
 
 @pytest.fixture

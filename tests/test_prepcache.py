@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from p2ch import ct as ct_module
-from p2ch import prepcache
+from p2ch import prefill, prepcache
 from p2ch.cache import ChunkCache, decode_chunk
 from p2ch.candidates import clear_candidate_cache, get_candidate_arrays
 from p2ch.ct import Ct
+from p2ch.errors import ConfigError
 from p2ch.luna import find_mhd
 
 from conftest import ANNOTATIONS_HEADER, CANDIDATES_HEADER, make_uid, write_csv, write_ct
@@ -191,7 +192,7 @@ def test_rerun_writes_nothing(data_root, reference, tmp_path):
     assert prepcache.main(args(data_root, cache_dir, "--num-workers", "0")) == 0
     assert {p: p.stat().st_mtime_ns for p in value_files(cache_dir)} == files
     assert snapshot(cache_dir, data_root) == reference
-    plan = prepcache.make_plan(ChunkCache(cache_dir, data_root))
+    plan = prefill.make_plan(ChunkCache(cache_dir, data_root))
     assert (plan.chunks, plan.cached, plan.to_write, plan.cts_to_load) == (60, 60, 0, 0)
 
 
@@ -205,7 +206,7 @@ def test_dry_run_writes_nothing_and_counts(tiny_root, tmp_path):
     cache_dir = tmp_path / "cache"
     assert prepcache.main(args(tiny_root, cache_dir, "--dry-run")) == 0
     assert not cache_dir.exists()
-    plan = prepcache.make_plan(ChunkCache(cache_dir, tiny_root))
+    plan = prefill.make_plan(ChunkCache(cache_dir, tiny_root))
     per_chunk = 36 * 4096 + 300  # 32*48*48 int16 = exactly 36 blocks, plus the SQLite row
     assert (plan.cts, plan.chunks, plan.cached, plan.to_write) == (2, 7, 0, 7)
     assert plan.bytes_per_chunk == per_chunk and plan.bytes_to_write == 7 * per_chunk
@@ -215,7 +216,7 @@ def test_dry_run_writes_nothing_and_counts(tiny_root, tmp_path):
     files = value_files(cache_dir)
     assert prepcache.main(args(tiny_root, cache_dir, "--dry-run")) == 0
     assert value_files(cache_dir) == files
-    plan = prepcache.make_plan(ChunkCache(cache_dir, tiny_root))
+    plan = prefill.make_plan(ChunkCache(cache_dir, tiny_root))
     assert (plan.cts, plan.cts_to_load, plan.chunks, plan.cached, plan.to_write) == (2, 1, 7, 2, 5)
     assert plan.bytes_to_write == 5 * per_chunk
     assert plan.free_bytes is not None and plan.free_bytes > 0
@@ -223,7 +224,7 @@ def test_dry_run_writes_nothing_and_counts(tiny_root, tmp_path):
 
 def test_full_luna16_estimate():
     # 551,065 candidates.csv rows as int16 32x48x48 chunks: about 81 GB (the book's float32: 162 GB).
-    assert 80e9 < 551_065 * prepcache.chunk_disk_bytes((32, 48, 48)) < 84e9
+    assert 80e9 < 551_065 * prefill.chunk_disk_bytes((32, 48, 48)) < 84e9
 
 
 def test_subsets_restrict(tiny_root, tmp_path, capsys):
@@ -237,7 +238,7 @@ def test_subsets_restrict(tiny_root, tmp_path, capsys):
 
 def test_refuses_when_the_estimate_exceeds_free_space(tiny_root, tmp_path, monkeypatch):
     cache_dir = tmp_path / "cache"
-    monkeypatch.setattr(prepcache, "free_bytes", lambda path: 1_000_000)
+    monkeypatch.setattr(prefill, "free_bytes", lambda path: 1_000_000)
     assert prepcache.main(args(tiny_root, cache_dir, "--num-workers", "0")) == 2
     assert len(ChunkCache(cache_dir, tiny_root)) == 0 and not cache_dir.exists()
     assert prepcache.main(args(tiny_root, cache_dir, "--num-workers", "0", "--force")) == 0
@@ -374,3 +375,57 @@ def test_reader_never_sees_a_wrong_chunk_while_a_prefill_writes(data_root, refer
     assert proc.wait(timeout=30) == 0
     assert seen > 0 and reads > seen  # read both before and after entries appeared
     assert reader.stats()["corrupt"] == 0
+
+
+# --- p2ch.prefill.fill_missing: what evaluation calls to cache some candidates --------------------
+
+
+def test_fill_missing_caches_only_the_selected_candidates(tiny_root, tmp_path, monkeypatch):
+    arrays = get_candidate_arrays(tiny_root)
+    cache = ChunkCache(tmp_path / "cache", tiny_root)
+    chosen = np.array([5, 0, 3, 0])  # both CTs, one row twice
+    assert prefill.fill_missing(cache, arrays, chosen, (32, 48, 48), progress=False) == 3
+    keys = {cache.key(arrays.series_uid(k), arrays.center_xyz[k]) for k in range(len(arrays))}
+    wanted = {cache.key(arrays.series_uid(k), arrays.center_xyz[k]) for k in (0, 3, 5)}
+    assert set(cache.diskcache) == wanted and wanted < keys
+    for k in (0, 3, 5):
+        uid, xyz = arrays.series_uid(k), arrays.center_xyz[k]
+        np.testing.assert_array_equal(cache.get_cached(uid, xyz)[0], Ct(uid, tiny_root).get_raw_candidate(xyz)[0])
+    # Nothing missing: no CT is loaded, nothing written.
+    monkeypatch.setattr(ChunkCache, "fill_series", lambda *a, **k: pytest.fail("loaded a CT for cached chunks"))
+    assert prefill.fill_missing(cache, arrays, chosen, (32, 48, 48), progress=False) == 0
+    assert prefill.fill_missing(cache, arrays, np.array([], dtype=np.int64), (32, 48, 48), progress=False) == 0
+    monkeypatch.undo()
+    assert prefill.fill_missing(cache, arrays, np.arange(len(arrays)), (32, 48, 48), progress=False) == 4
+    assert set(cache.diskcache) == keys
+    assert prefill.fill_missing(cache, arrays, np.array([1]), (4, 6, 8), progress=False) == 1  # another width
+    assert len(cache) == len(keys) + 1
+    mask = np.zeros(len(arrays), dtype=bool)
+    mask[[1, 2, 6]] = True  # a boolean mask selects rows too
+    assert prefill.fill_missing(cache, arrays, mask, (4, 6, 8), progress=False) == 2
+    assert cache.get_cached(arrays.series_uid(6), arrays.center_xyz[6], (4, 6, 8)) is not None
+
+
+def test_fill_missing_in_worker_processes_builds_the_same_cache(data_root, reference, tmp_path):
+    arrays = get_candidate_arrays(data_root)
+    cache = ChunkCache(tmp_path / "cache", data_root)
+    first = np.arange(0, len(arrays), 3)
+    assert prefill.fill_missing(cache, arrays, first, (32, 48, 48), num_workers=2, progress=False) == len(first)
+    assert prefill.fill_missing(cache, arrays, np.arange(len(arrays)), (32, 48, 48), num_workers=2) == len(
+        arrays
+    ) - len(first)
+    assert snapshot(cache.cache_dir, data_root) == reference
+
+
+def test_fill_missing_reports_unreadable_cts_after_caching_the_others(tiny_root, tmp_path):
+    arrays = get_candidate_arrays(tiny_root)
+    raw = find_mhd(UID_B, tiny_root).with_suffix(".raw")
+    raw.write_bytes(raw.read_bytes()[:100])
+    cache = ChunkCache(tmp_path / "cache", tiny_root)
+    with pytest.raises(prefill.PrefillError, match=rf"1 of 2 CTs could not be cached \(first: {UID_B}"):
+        prefill.fill_missing(cache, arrays, np.arange(len(arrays)), (32, 48, 48), progress=False)
+    assert len(cache) == 5 and all(f"/{UID_A}/" in key for key in cache.diskcache)
+    with pytest.raises(ConfigError, match="num_workers"):
+        prefill.fill_missing(cache, arrays, np.arange(2), (32, 48, 48), num_workers=-1)
+    with pytest.raises(ConfigError, match="width_irc"):
+        prefill.fill_missing(cache, arrays, np.arange(2), (32, 48))

@@ -462,5 +462,5 @@ def test_generator_depends_on_nothing_else_in_the_package():
         "print('torch' in sys.modules, 'pandas' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
-    assert out[0] == "['p2ch', 'p2ch.config', 'p2ch.errors', 'p2ch.luna', 'p2ch.synth']"
+    assert out[0] == "['p2ch', 'p2ch.cli', 'p2ch.config', 'p2ch.errors', 'p2ch.luna', 'p2ch.synth']"
     assert out[1] == "False False"

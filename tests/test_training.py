@@ -15,7 +15,6 @@ import torch
 
 from p2ch import training
 from p2ch.checkpoint import load_checkpoint, save_checkpoint
-from p2ch.synth import generate
 
 REPO = Path(__file__).resolve().parents[1]
 SCALAR_TAGS = {
@@ -55,11 +54,9 @@ TRAIN_BATCHES = 3
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(synth_set):
     """4 small CTs (CT 2 has no nodules), 40 candidates each."""
-    root = tmp_path_factory.mktemp("train") / "luna"
-    generate(root, num_cts=4, size=96, slices=48, candidates_per_ct=40, nodules_per_ct=2, seed=11, workers=1)
-    return root
+    return synth_set(num_cts=4, size=96, slices=48, candidates_per_ct=40, nodules_per_ct=2, seed=11)
 
 
 def _args(root: Path, work: Path, *extra: str) -> list[str]:
@@ -67,7 +64,7 @@ def _args(root: Path, work: Path, *extra: str) -> list[str]:
         "--data-root",
         str(root),
         "--cache-dir",
-        str(root.parent / "cache"),
+        str(root.parent / "cache-training"),  # the data set is shared with other test files; the cache is not
         "--runs-dir",
         str(work / "runs"),
         "--checkpoint-dir",
@@ -299,10 +296,9 @@ def test_fp16_on_cpu_refused(tiny, tmp_path, capsys):
     assert "--amp fp16 needs a CUDA device" in capsys.readouterr().err
 
 
-def test_validation_without_nodules_does_not_crash(tmp_path):
+def test_validation_without_nodules_does_not_crash(synth_set, tmp_path):
     """No positives anywhere: nan-safe metrics, best.pt still chosen (by loss)."""
-    root = tmp_path / "luna"
-    generate(root, num_cts=4, size=96, slices=48, candidates_per_ct=12, nodules_per_ct=0, seed=2, workers=1)
+    root = synth_set(num_cts=4, size=96, slices=48, candidates_per_ct=12, nodules_per_ct=0, seed=2)
     args = _args(root, tmp_path, "--split", "stride", "--val-stride", "4", "--max-train-batches", "2", "--epochs", "1")
     assert training.main(args) == 0
     best = load_checkpoint(_run_dir(tmp_path) / "best.pt")
@@ -312,9 +308,8 @@ def test_validation_without_nodules_does_not_crash(tmp_path):
     assert math.isfinite(val.Scalars("loss/all")[0].value)
 
 
-def test_balanced_without_positives_is_a_clear_error(tmp_path, capsys):
-    root = tmp_path / "luna"
-    generate(root, num_cts=4, size=96, slices=48, candidates_per_ct=12, nodules_per_ct=0, seed=2, workers=1)
+def test_balanced_without_positives_is_a_clear_error(synth_set, tmp_path, capsys):
+    root = synth_set(num_cts=4, size=96, slices=48, candidates_per_ct=12, nodules_per_ct=0, seed=2)
     assert training.main(_args(root, tmp_path, "--split", "stride", "--val-stride", "4", "--balanced")) == 2
     assert "balanced sampling needs at least one positive" in capsys.readouterr().err
 
@@ -402,11 +397,10 @@ def test_sigkill_mid_run_then_resume(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_learns_easy_synthetic_set(tmp_path):
+def test_learns_easy_synthetic_set(synth_set, tmp_path):
     """About 1,500 balanced samples on an easy set reach validation AUC > 0.9 (labels, crops and
     coordinates line up; a misaligned crop or label leaves the AUC near 0.5-0.7)."""
-    root = tmp_path / "luna"
-    generate(root, num_cts=24, size=128, slices=96, candidates_per_ct=30, nodules_per_ct=6, seed=8, easy=True)
+    root = synth_set(num_cts=24, size=128, slices=96, candidates_per_ct=30, nodules_per_ct=6, seed=8, easy=True)
     args = [
         "--data-root",
         str(root),
@@ -444,28 +438,169 @@ def test_learns_easy_synthetic_set(tmp_path):
     assert len(auc) == 2 and auc[-1] > 0.9, auc
 
 
-def test_best_checkpoint_rule_breaks_ties_by_loss():
-    better = training.is_improvement
-    assert better("cpm", 0.0, 0.7, "cpm", -math.inf, math.inf)  # the first result always wins
-    assert better("cpm", 0.5, 0.9, "cpm", 0.4, 0.1)  # higher metric wins whatever the loss
-    assert not better("cpm", 0.3, 0.1, "cpm", 0.4, 0.9)
-    assert better("cpm", 0.0, 0.65, "cpm", 0.0, 0.79)  # CPM plateau at 0: lower loss wins
-    assert not better("cpm", 0.0, 0.80, "cpm", 0.0, 0.79)
-    assert better("f1", 0.1, 0.9, "cpm", 0.9, 0.1)  # metric switched: restart the comparison
-    assert not better("cpm", math.nan, 0.1, "cpm", 0.0, 0.9)
+@pytest.fixture(scope="module")
+def one_epoch(tiny, tmp_path_factory):
+    """A finished 1-epoch run to resume from: (work folder, its last.pt, the flags it ran with)."""
+    work = tmp_path_factory.mktemp("one_epoch")
+    base = _args(tiny, work, "--balanced", "--max-train-batches", "1", "--max-val-batches", "1", "first")
+    assert training.main([*base, "--epochs", "1"]) == 0
+    return work, _run_dir(work) / "last.pt", base
 
 
-def test_select_by_picks_the_metric_and_falls_back_when_undefined():
+def _copy_run(source_last: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    target = tmp_path / "models" / "p2ch" / source_last.parent.name
+    shutil.copytree(source_last.parent, target)
+    return target / "last.pt"
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (["--val-fraction", "0.25"], "--val-fraction 0.5 → 0.25"),
+        (["--split", "stride"], "--split series → stride"),
+        (["--tb-prefix", "other"], "--tb-prefix p2ch → other"),
+    ],
+)
+def test_resume_refuses_changed_split_or_run_folder_naming_it(one_epoch, tmp_path, capsys, change, named):
+    _, last, base = one_epoch
+    last = _copy_run(last, tmp_path)
+    capsys.readouterr()
+    assert training.main([*base, *change, "--epochs", "2", "--resume", str(last)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and named in err and "--allow-config-change" in err
+    assert load_checkpoint(last)["epoch"] == 1  # nothing ran
+
+
+def test_resume_refuses_another_data_root_unless_allowed(one_epoch, tiny, tmp_path, capsys):
+    import shutil
+
+    _, last, base = one_epoch
+    last = _copy_run(last, tmp_path)
+    copy = tmp_path / "copy" / "luna"
+    shutil.copytree(tiny, copy)
+    other = [*base[:1], str(copy), *base[2:]]  # base starts with --data-root ROOT
+    capsys.readouterr()
+    assert training.main([*other, "--epochs", "2", "--resume", str(last)]) == 2
+    assert "--data-root" in capsys.readouterr().err
+    assert training.main([*other, "--epochs", "2", "--resume", str(last), "--allow-config-change"]) == 0
+    state = load_checkpoint(last)
+    assert state["epoch"] == 2 and state["config"]["data_root"] == str(copy.absolute())
+
+
+def test_resume_takes_the_checkpoints_settings_and_keeps_its_tensorboard_folders(one_epoch, tmp_path):
+    work, last, _ = one_epoch
+    last = _copy_run(last, tmp_path)
+    before = {p.name for p in (work / "runs" / "p2ch").iterdir()}
+    # Only --resume and --epochs: comment, --balanced, batch size and the folders come from the checkpoint.
+    assert training.main(["--resume", str(last), "--epochs", "2", "--log-level", "WARNING"]) == 0
+    state = load_checkpoint(last)
+    assert state["epoch"] == 2 and state["samples_seen"] == 2 * BATCH
+    assert state["config"]["balanced"] is True and state["config"]["comment"] == "first"
+    after = {p.name for p in (work / "runs" / "p2ch").iterdir()}
+    assert after == before and all(name.endswith("_cls-first") for name in after)
+
+
+def test_resume_of_a_checkpoint_without_run_state_is_one_line(one_epoch, tmp_path, capsys):
+    _, last, base = one_epoch
+    state = load_checkpoint(last)
+    partial = tmp_path / "partial.pt"
+    save_checkpoint({k: state[k] for k in ("arch", "model", "config")}, partial)
+    capsys.readouterr()
+    assert training.main([*base, "--epochs", "2", "--resume", str(partial)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lacks optimizer" in err and "run_time" in err
+
+
+def test_resume_with_a_weight_of_the_wrong_shape_is_one_line(one_epoch, tmp_path, capsys):
+    from p2ch.model import arch_signature
+
+    _, last, base = one_epoch
+    state = load_checkpoint(last)
+    key = next(k for k in state["model"] if k.endswith("conv1.weight"))
+    state["model"][key] = torch.zeros(3, 3)
+    assert state["arch"] == arch_signature(training.LunaModel())  # the architecture tag still matches
+    save_checkpoint(state, tmp_path / "bad.pt")
+    capsys.readouterr()
+    assert training.main([*base, "--epochs", "2", "--resume", str(tmp_path / "bad.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "do not load into LunaModel" in err and key in err
+
+
+def test_paths_are_stored_absolute(tiny, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(tiny, tmp_path / "luna")
+    monkeypatch.chdir(tmp_path)
+    args = ["--data-root", "luna", "--cache-dir", "cache", "--runs-dir", "runs", "--checkpoint-dir", "models"]
+    args += ["--batch-size", str(BATCH), "--num-workers", "0", "--val-fraction", "0.5", "--log-level", "WARNING"]
+    assert training.main([*args, "--max-train-batches", "1", "--max-val-batches", "1"]) == 0
+    (run,) = (tmp_path / "models" / "p2ch").iterdir()
+    config = load_checkpoint(run / "last.pt")["config"]
+    for key, name in (
+        ("data_root", "luna"),
+        ("cache_dir", "cache"),
+        ("runs_dir", "runs"),
+        ("checkpoint_dir", "models"),
+    ):
+        assert config[key] == str(tmp_path / name), key
+
+
+def test_training_leaves_numpys_global_random_state_alone(one_epoch, tmp_path):
+    import numpy as np
+
+    _, _, base = one_epoch
+    np.random.seed(12345)
+    expected = np.random.get_state()[1].copy()
+    np.random.seed(12345)
+    args = [*base[:-1], "--checkpoint-dir", str(tmp_path / "m"), "--runs-dir", str(tmp_path / "r"), "--epochs", "1"]
+    assert training.main(args) == 0
+    assert (np.random.get_state()[1] == expected).all()
+
+
+def test_cut_validation_labels_its_cpm_partial(one_epoch):
+    work, _, _ = one_epoch  # ran with --max-val-batches 1 on a validation part of more than one batch
+    (val_dir,) = (work / "runs" / "p2ch").glob("*-val_cls-first")
+    val = _events(val_dir)
+    scalars = set(val.Tags()["scalars"])
+    assert "froc/cpm_partial" in scalars and "froc/cpm" not in scalars
+
+
+def test_only_rank_0_computes_cpm():
     from types import SimpleNamespace
 
-    def pick(select_by, summary):
-        app = SimpleNamespace(config=SimpleNamespace(select_by=select_by), _fallback_warned=set())
-        return training.LunaTrainingApp._selection_value(app, summary)
+    from p2ch.loop import EpochResult
+    from p2ch.runtime import DistInfo
 
-    full = {"froc/cpm": 0.4, "pr/f1_score": 0.7, "loss/all": 0.3}
-    assert pick("cpm", full) == ("cpm", 0.4)
-    assert pick("f1", full) == ("f1", 0.7)
-    no_nodules = {"froc/cpm": math.nan, "pr/f1_score": 0.7, "loss/all": 0.3}
-    assert pick("cpm", no_nodules) == ("f1", 0.7)
-    nothing = {"pr/f1_score": math.nan, "loss/all": 0.3}
-    assert pick("cpm", nothing) == ("loss", -0.3) and pick("f1", nothing) == ("loss", -0.3)
+    val = EpochResult({}, count=10, seconds=1.0, data_wait_seconds=0.0, complete=True)
+    rank1 = SimpleNamespace(dist=DistInfo(rank=1, world_size=2))
+    assert training.LunaTrainingApp._validation_extra(rank1, val) == {}
+
+
+LEGACY = Path(__file__).parent / "fixtures" / "legacy-v1-last.pt"
+
+
+def test_checkpoint_of_the_previous_format_resumes(synth_set, tmp_path, monkeypatch):
+    """tests/fixtures/legacy-v1-last.pt was written by p2ch 89d2145 (before this refactor) with
+    `python -m p2ch.synth --out luna --num-cts 4 --size 64 --slices 48 --candidates-per-ct 30` and
+    `python -m p2ch.training --data-root luna --cache-dir cache --checkpoint-dir models --runs-dir runs
+    --epochs 1 --batch-size 4 --num-workers 0 --max-train-batches 2 --max-val-batches 2 --balanced
+    --val-fraction 0.25 --tb-prefix fixture legacy`. It stored its paths relative, as that version did."""
+    import shutil
+
+    shutil.copytree(synth_set(num_cts=4, size=64, slices=48, candidates_per_ct=30), tmp_path / "luna")
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "models" / "fixture" / "legacy-run"
+    run.mkdir(parents=True)
+    shutil.copy(LEGACY, run / "last.pt")
+    old = load_checkpoint(run / "last.pt")
+    assert old["config"]["data_root"] == "luna" and "best_key" not in old
+    assert training.main(["--resume", str(run / "last.pt"), "--epochs", "2", "--log-level", "WARNING"]) == 0
+    new = load_checkpoint(run / "last.pt")
+    assert new["epoch"] == 2 and new["samples_seen"] == old["samples_seen"] + 2 * 4
+    assert new["config"]["data_root"] == str(tmp_path / "luna") and new["config"]["comment"] == "legacy"
+    assert {p.name for p in (tmp_path / "runs" / "fixture").iterdir()} == {
+        f"{old['run_time']}-trn_cls-legacy",
+        f"{old['run_time']}-val_cls-legacy",
+    }

@@ -1,0 +1,304 @@
+"""Batched scoring of candidates with a trained `LunaModel`, from the chunk cache or straight from the CTs.
+
+- `Scorer` / `make_scorer`: the model in eval mode on a device (AMP, channels_last); int16 chunk
+  batches in, P(nodule) out.
+- `score_from_cache`: candidates read through the chunk cache by DataLoader workers (evaluation).
+- `predict_locations`: candidate locations (a CSV's rows) scored CT by CT, each CT loaded once and
+  cropped in memory, nothing cached (prediction, and evaluation with --no-cache).
+- `read_locations`: such locations from a CSV (seriesuid, coordX, coordY, coordZ; other columns ignored).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from p2ch.cache import ChunkCache
+from p2ch.candidates import CandidateArrays, group_rows, read_luna_csv
+from p2ch.config import AMP_MODES, DEFAULT_BATCH_SIZE
+from p2ch.ct import Ct
+from p2ch.datasets import EvalSampler, LunaDataset, create_loader, to_device_batch
+from p2ch.errors import CandidateOutsideCtError, ConfigError, DataFormatError, DataNotFoundError
+from p2ch.geometry import DEFAULT_WIDTH_IRC, check_width_irc
+from p2ch.luna import LOCATION_COLUMNS, find_mhd, series_index
+from p2ch.progress import Progress
+from p2ch.runtime import autocast, resolve_amp, resolve_device
+
+log = logging.getLogger(__name__)
+
+OUTSIDE_MODES = ("skip", "error")  # what predict_locations does with a centre outside its CT
+
+
+class Scorer:
+    """A `LunaModel` in eval mode on `device`: int16 chunk batches in, nodule probabilities out.
+
+    amp_dtype: torch.bfloat16 / torch.float16 for autocast, or None (float32).
+    channels_last: run in channels_last_3d memory format (faster on CPUs and GPUs).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        amp_dtype: torch.dtype | None = None,
+        channels_last: bool = True,
+    ):
+        self.device = torch.device(device)
+        self.amp_dtype = amp_dtype
+        self.channels_last = channels_last
+        model = model.to(self.device).eval()
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last_3d)
+        self.model = model
+
+    @torch.inference_mode()
+    def __call__(self, chunks: torch.Tensor) -> torch.Tensor:
+        """chunks: (N, 1, I, R, C) int16 HU (CPU or device). Returns (N,) float32 P(nodule) on the device.
+
+        Results stay on the device, so a loop can collect them and copy once at the end.
+        """
+        x = to_device_batch(chunks, self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        with autocast(self.device, self.amp_dtype):
+            _, prob = self.model(x)
+        return prob[:, 1].float()
+
+
+def make_scorer(model: torch.nn.Module, device: str = "auto", amp: str = "auto", channels_last: str = "on") -> Scorer:
+    """A Scorer from the command-line spellings (--device auto|cpu|cuda|cuda:N, --amp, --channels-last)."""
+    if amp not in AMP_MODES:
+        raise ConfigError(f"--amp {amp!r}: expected one of {', '.join(AMP_MODES)}")
+    if channels_last not in ("on", "off"):
+        raise ConfigError(f"--channels-last {channels_last!r}: expected on or off")
+    torch_device = resolve_device(device)
+    return Scorer(model, torch_device, resolve_amp(amp, torch_device), channels_last == "on")
+
+
+# ---------------------------------------------------------------------------------------------
+# through the chunk cache
+
+
+def score_from_cache(
+    scorer: Scorer,
+    candidates: CandidateArrays,
+    indices: np.ndarray,
+    cache: ChunkCache,
+    *,
+    width_irc: Sequence[int],
+    batch_size: int,
+    num_workers: int,
+    progress: bool = True,
+) -> np.ndarray:
+    """P(nodule) of candidates[indices] read through the chunk cache.
+
+    indices: (n,) int64 candidate rows. Returns (n,) float64, in `indices` order. Chunks missing
+    from the cache are cropped by the workers (one CT load each); fill the cache first for speed.
+    """
+    if len(indices) == 0:
+        return np.zeros(0, dtype=np.float64)
+    dataset = LunaDataset(candidates, indices, cache, width_irc)
+    loader = create_loader(
+        dataset,
+        EvalSampler(len(dataset)),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=scorer.device.type == "cuda",
+        persistent_workers=False,
+    )
+    parts = []
+    with Progress(len(dataset), "scoring", "candidates", enabled=progress) as bar:
+        for batch in loader:
+            parts.append(scorer(batch.chunk))
+            bar.update(len(batch.label))
+    return torch.cat(parts).cpu().numpy().astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# straight from the CTs
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictStats:
+    """Counts of one `predict_locations` call.
+
+    rows: input rows; scored: rows with a probability; outside: rows skipped because their centre
+    is outside the CT; not_on_disk: rows skipped because their series has no .mhd under the root
+    (in `not_on_disk_series` series); cts: CTs loaded; seconds: wall time.
+    """
+
+    rows: int
+    scored: int
+    outside: int
+    not_on_disk: int
+    not_on_disk_series: int
+    cts: int
+    seconds: float
+
+    @property
+    def candidates_per_sec(self) -> float:
+        return self.scored / self.seconds if self.seconds > 0 else math.nan
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """The CTs to load, each with its rows (positions in the input), and what is skipped."""
+
+    todo: list[tuple[str, np.ndarray]]
+    not_on_disk: int
+    not_on_disk_series: int
+
+
+def _plan(uids: np.ndarray, data_root: str | os.PathLike[str], skip_missing_series: bool) -> _Plan:
+    """Group rows by series (in order of first appearance) and set aside series without a .mhd."""
+    codes, series = pd.factorize(uids)
+    on_disk = series_index(data_root)
+    todo: list[tuple[str, np.ndarray]] = []
+    absent: list[str] = []
+    not_on_disk = 0
+    for rows in group_rows(codes):
+        uid = str(series[codes[rows[0]]])
+        if uid in on_disk:
+            todo.append((uid, rows))
+        elif skip_missing_series:
+            not_on_disk += len(rows)
+            absent.append(uid)
+        else:
+            find_mhd(uid, data_root)  # raises DataNotFoundError saying where it looked
+    if absent:
+        log.warning(
+            "%d candidate row(s) of %d series skipped: no .mhd under %s/subset*/ (first %s)",
+            not_on_disk,
+            len(absent),
+            data_root,
+            absent[0],
+        )
+    return _Plan(todo, not_on_disk, len(absent))
+
+
+def _prefetched_cts(
+    pool: concurrent.futures.Executor, uids: Sequence[str], data_root: str | os.PathLike[str]
+) -> Iterator[Ct]:
+    """The CTs of `uids` in order; the next one is read in `pool` while the caller works on this one.
+
+    Memory stays at two CTs as long as the caller drops each CT before asking for the next.
+    """
+    # SimpleITK's read releases the GIL, so reading the next CT overlaps with scoring this one.
+    pending = pool.submit(Ct, uids[0], data_root) if uids else None
+    for position in range(len(uids)):
+        ct = pending.result()
+        pending = pool.submit(Ct, uids[position + 1], data_root) if position + 1 < len(uids) else None
+        yield ct
+        del ct
+
+
+def _inside_rows(ct: Ct, rows: np.ndarray, centers_xyz: np.ndarray, outside: str) -> np.ndarray:
+    """The rows whose centre lies inside `ct`; with outside="error", CandidateOutsideCtError for any other.
+
+    rows: (k,) positions; centers_xyz: (N, 3) float64 mm of every input row.
+    """
+    centers_irc, inside = ct.locate(centers_xyz[rows])
+    if outside == "error" and not inside.all():
+        k = int(np.flatnonzero(~inside)[0])
+        raise CandidateOutsideCtError(
+            f"candidate centre {tuple(round(float(v), 2) for v in centers_xyz[rows[k]])} mm (row "
+            f"{int(rows[k])}) lies outside CT {ct.series_uid} (voxel {tuple(int(v) for v in centers_irc[k])}, "
+            f"volume {tuple(int(v) for v in ct.hu.shape)} index/row/col; {int((~inside).sum())} of "
+            f"{len(rows)} centres are outside); check the CSV coordinates, or pass --outside skip"
+        )
+    return rows[inside]
+
+
+def _check_predict_settings(outside: str, batch_size: int) -> None:
+    if outside not in OUTSIDE_MODES:
+        raise ConfigError(f"--outside {outside!r}: expected one of {', '.join(OUTSIDE_MODES)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size!r}: expected a positive integer")
+
+
+def predict_locations(
+    scorer: Scorer,
+    data_root: str | os.PathLike[str],
+    locations: pd.DataFrame,
+    *,
+    width_irc: Sequence[int] = DEFAULT_WIDTH_IRC,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    outside: str = "skip",
+    skip_missing_series: bool = True,
+    progress: bool = True,
+) -> tuple[np.ndarray, PredictStats]:
+    """Score candidate locations straight from the CTs (one load per CT, no cache).
+
+    locations: DataFrame with seriesuid (str) and coordX, coordY, coordZ (float, mm), one row per
+        candidate; other columns are ignored.
+    Returns `(probability, stats)`: probability (N,) float64 P(nodule) per row, in row order, nan
+    for skipped rows (see `PredictStats`). outside: "skip" rows whose centre lies outside the CT
+    (counted) or "error" (CandidateOutsideCtError). skip_missing_series: False makes a series
+    without a .mhd under `data_root` an error (DataNotFoundError) instead of skipped rows.
+    """
+    _check_predict_settings(outside, batch_size)
+    width = check_width_irc(width_irc)
+    started = time.perf_counter()
+    uids = locations["seriesuid"].astype(str).to_numpy()
+    centers_xyz = locations[["coordX", "coordY", "coordZ"]].to_numpy(dtype=np.float64).reshape(-1, 3)
+    plan = _plan(uids, data_root, skip_missing_series)
+    scored: list[tuple[np.ndarray, torch.Tensor]] = []
+    outside_count = 0
+    with (
+        concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="p2ch-ct") as pool,
+        Progress(sum(len(rows) for _, rows in plan.todo), "scoring", "candidates", enabled=progress) as bar,
+    ):
+        cts = _prefetched_cts(pool, [uid for uid, _ in plan.todo], data_root)
+        for ct, (_, rows) in zip(cts, plan.todo, strict=True):
+            kept = _inside_rows(ct, rows, centers_xyz, outside)
+            outside_count += len(rows) - len(kept)
+            bar.update(len(rows) - len(kept))
+            for start in range(0, len(kept), batch_size):
+                batch_rows = kept[start : start + batch_size]
+                chunks, _ = ct.get_raw_candidates(centers_xyz[batch_rows], width)
+                scored.append((batch_rows, scorer(torch.from_numpy(chunks).unsqueeze(1))))
+                bar.update(len(batch_rows))
+            del ct
+    if outside_count:
+        log.warning("%d candidate row(s) skipped: centre outside the CT volume", outside_count)
+    probability = np.full(len(uids), np.nan, dtype=np.float64)
+    if scored:
+        rows = np.concatenate([r for r, _ in scored])
+        probability[rows] = torch.cat([p for _, p in scored]).cpu().numpy().astype(np.float64)
+    stats = PredictStats(
+        rows=len(uids),
+        scored=int(np.isfinite(probability).sum()),
+        outside=outside_count,
+        not_on_disk=plan.not_on_disk,
+        not_on_disk_series=plan.not_on_disk_series,
+        cts=len(plan.todo),
+        seconds=time.perf_counter() - started,
+    )
+    return probability, stats
+
+
+def read_locations(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Candidate locations from a CSV: seriesuid, coordX, coordY, coordZ (mm); other columns ignored.
+
+    Returns a DataFrame with exactly those columns, in file order (duplicates kept). Raises
+    DataNotFoundError for a missing file, DataFormatError for missing columns, bad values or no rows.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataNotFoundError(
+            f"--candidates {path}: no such file; expected a CSV with the columns {','.join(LOCATION_COLUMNS)}"
+        )
+    frame = read_luna_csv(path, LOCATION_COLUMNS)
+    if frame.empty:
+        raise DataFormatError(f"{path}: no candidate rows after the header {','.join(LOCATION_COLUMNS)}")
+    return frame

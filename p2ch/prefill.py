@@ -1,0 +1,339 @@
+"""Filling the chunk cache CT by CT, in parallel and resumably: the library behind `python -m p2ch.prepcache`.
+
+The book's prepcache walked the candidate list in order through a DataLoader, so every worker
+loaded CTs at random and held several; filling the cache took hours and often ran out of
+memory. Here candidates are grouped by series and each worker process loads one CT, crops all
+of its missing chunks at once (`ChunkCache.fill_series`), writes them and drops the CT, so
+memory is one CT (plus a batch of chunks) per worker. Workers send back counts only.
+
+Resumable: a chunk is committed to the cache only after its value file is complete, and
+series whose chunks are all cached are skipped without loading the CT, so after Ctrl-C or a
+kill the same call carries on where it stopped.
+
+- `make_plan` / `check_room` / `run_prefill`: the whole data set (or some subsets), as
+  `python -m p2ch.prepcache` does it, with an estimate of the disk space it needs.
+- `fill_missing`: the chunks of some candidates (e.g. an evaluation's), as other commands need.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import logging
+import multiprocessing
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from p2ch import store
+from p2ch.cache import CacheError, CacheFullError, ChunkCache, FillResult
+from p2ch.candidates import CandidateArrays, get_candidate_arrays, group_rows
+from p2ch.errors import ConfigError, P2chError
+from p2ch.geometry import DEFAULT_WIDTH_IRC, check_width_irc
+from p2ch.luna import series_index, subset_name, subset_of
+from p2ch.progress import Progress
+
+log = logging.getLogger(__name__)
+
+# On-disk cost of one chunk beyond its voxels: the value file is rounded up to 4 KiB blocks,
+# plus its SQLite row (key, header, index entries), about 300 bytes.
+_ROW_BYTES = 300
+_BLOCK = 4096
+
+
+class WorkerDiedError(P2chError):
+    """A prefill worker process died (killed for memory, or crashed)."""
+
+
+class PrefillError(P2chError):
+    """Some CTs could not be cached (missing or unreadable files); the others were."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SeriesTask:
+    """The chunks of one CT: centers_xyz (N, 3) float64 mm, `missing` of them not cached yet.
+
+    subset: the folder the CT is in (e.g. "subset3"; "" when unknown).
+    """
+
+    series_uid: str
+    subset: str
+    centers_xyz: np.ndarray
+    missing: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a prefill would do: counts over the selected series, sizes in bytes."""
+
+    tasks: list[SeriesTask]
+    width_irc: tuple[int, int, int]
+    chunks: int
+    cached: int
+    bytes_per_chunk: int
+    free_bytes: int | None
+
+    @property
+    def cts(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def to_write(self) -> int:
+        return self.chunks - self.cached
+
+    @property
+    def cts_to_load(self) -> int:
+        return sum(1 for t in self.tasks if t.missing)
+
+    @property
+    def bytes_to_write(self) -> int:
+        return self.to_write * self.bytes_per_chunk
+
+    @property
+    def fits(self) -> bool:
+        return self.free_bytes is None or self.bytes_to_write <= self.free_bytes
+
+
+def chunk_disk_bytes(width_irc: Sequence[int]) -> int:
+    """Estimated bytes on disk per uncompressed chunk: voxels in 4 KiB blocks plus its SQLite row."""
+    payload = 2 * int(np.prod([int(v) for v in width_irc]))
+    return -(-payload // _BLOCK) * _BLOCK + _ROW_BYTES
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free bytes on the disk that holds (or will hold) `path`; None when unknown."""
+    return store.free_bytes(Path(path))
+
+
+def format_gb(n: int | None) -> str:
+    """Bytes as "1,234.56 GB" ("unknown" for None)."""
+    return "unknown" if n is None else f"{n / 1e9:,.2f} GB"
+
+
+def _wanted_subsets(subsets: Sequence[int] | None, folds: dict[str, int | None], data_root: Path) -> set[int] | None:
+    """The selected folds, or ConfigError naming those without any CT on disk."""
+    if subsets is None:
+        return None
+    present = sorted({k for k in folds.values() if k is not None})
+    absent = sorted(set(subsets) - set(present))
+    if absent:
+        raise ConfigError(
+            f"--subsets: no CTs in {', '.join(subset_name(k) for k in absent)} under {data_root} (found: "
+            f"{', '.join(subset_name(k) for k in present) or 'none'}); download and unpack them, or choose others"
+        )
+    return set(subsets)
+
+
+def make_plan(
+    cache: ChunkCache,
+    width_irc: Sequence[int] = DEFAULT_WIDTH_IRC,
+    subsets: Sequence[int] | None = None,
+    check_cache: bool = True,
+) -> Plan:
+    """Group the candidates of the CTs on disk (optionally only those in subset folders `subsets`) by series.
+
+    With `check_cache`, count what is cached already (reads the cache index; creates nothing).
+    Candidates with the same centre to the µm count once.
+    """
+    width = check_width_irc(width_irc)
+    index = series_index(cache.data_root)
+    candidates = get_candidate_arrays(cache.data_root)
+    folds = {uid: subset_of(path) for uid, path in index.items()}
+    wanted = _wanted_subsets(subsets, folds, cache.data_root)
+    tasks: list[SeriesTask] = []
+    for rows in group_rows(candidates.series_index):
+        uid = candidates.series_uid(int(rows[0]))
+        if wanted is not None and folds.get(uid) not in wanted:
+            continue
+        centers = candidates.center_xyz[rows]
+        # One entry per distinct key: identical centres (to the µm) are one chunk.
+        _, unique_rows = np.unique(np.round(centers * 1000.0), axis=0, return_index=True)
+        centers = np.ascontiguousarray(centers[np.sort(unique_rows)])
+        missing = int(cache.missing(uid, centers, width).sum()) if check_cache else len(centers)
+        tasks.append(SeriesTask(uid, index[uid].parent.name if uid in index else "", centers, missing))
+    if not tasks:
+        raise ConfigError(f"no candidates to cache in the selected subsets under {cache.data_root}")
+    chunks = sum(len(t.centers_xyz) for t in tasks)
+    cached = chunks - sum(t.missing for t in tasks)
+    return Plan(tasks, width, chunks, cached, chunk_disk_bytes(width), free_bytes(cache.cache_dir))
+
+
+def check_room(plan: Plan, cache: ChunkCache, advice: str = "free some space or point the cache at a bigger disk"):
+    """Raise CacheFullError when the plan's estimate exceeds the free space on the cache's disk."""
+    if not plan.fits:
+        raise CacheFullError(
+            f"writing {plan.to_write:,} chunks needs about {format_gb(plan.bytes_to_write)} but the disk of "
+            f"{cache.cache_dir} has {format_gb(plan.free_bytes)} free; {advice}"
+        )
+
+
+# --- filling, in this process or in worker processes -------------------------------------------
+
+_WORKER_CACHE: ChunkCache | None = None
+
+
+def _init_worker(cache: ChunkCache, log_level: int) -> None:
+    global _WORKER_CACHE
+    # Ctrl-C goes to the whole process group; the main process handles it and stops the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        level=log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
+    )
+    _WORKER_CACHE = cache
+
+
+def _fill(cache: ChunkCache, task: SeriesTask, width: tuple[int, int, int]) -> FillResult | str:
+    try:
+        return cache.fill_series(task.series_uid, task.centers_xyz, width)
+    except CacheError:
+        raise  # cache full or unwritable: stop everything
+    except P2chError as exc:  # this CT is missing or unreadable: report it, go on with the others
+        return f"{task.series_uid}: {exc}"
+
+
+def _fill_in_worker(task: SeriesTask, width: tuple[int, int, int]) -> FillResult | str:
+    assert _WORKER_CACHE is not None, "worker not initialised"
+    return _fill(_WORKER_CACHE, task, width)
+
+
+@dataclasses.dataclass
+class Summary:
+    """Totals of a prefill run."""
+
+    cts: int = 0
+    written: int = 0
+    present: int = 0
+    outside: int = 0
+    ct_bytes: int = 0
+    failed: list[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, task: SeriesTask, result: FillResult | str) -> None:
+        if isinstance(result, str):
+            self.failed.append(result)
+            log.error("%s", result)
+            return
+        self.cts += 1
+        self.written += result.written
+        # Only what another writer stored since the plan was made (the plan counted the rest).
+        self.present += max(0, result.present - (len(task.centers_xyz) - task.missing))
+        self.outside += result.outside
+        self.ct_bytes += result.ct_bytes
+
+    def raise_if_failed(self, cts: int) -> None:
+        """PrefillError naming the first CT that could not be cached (of the `cts` tried), if any."""
+        if self.failed:
+            raise PrefillError(
+                f"{len(self.failed)} of {cts} CTs could not be cached (first: {self.failed[0]}); "
+                "fix or remove those files and rerun"
+            )
+
+
+def run_prefill(
+    cache: ChunkCache, plan: Plan, num_workers: int, summary: Summary, log_level: int = logging.INFO
+) -> Summary:
+    """Fill every missing chunk of `plan`, `num_workers` processes (0: in this process).
+
+    Updates `summary` as results arrive (so a caller still has the totals after Ctrl-C); its
+    `present` counts chunks found cached by the workers, beyond `plan.cached`.
+    """
+    return _run_tasks(cache, plan.tasks, plan.width_irc, num_workers, summary, log_level, progress=True)
+
+
+def _run_tasks(cache, tasks, width, num_workers, summary, log_level, progress: bool) -> Summary:
+    # Largest first, so the last CTs to finish are small ones and no worker idles at the end.
+    tasks = sorted((t for t in tasks if t.missing), key=lambda t: (-t.missing, t.series_uid))
+    start = time.perf_counter()
+    bar = Progress(sum(t.missing for t in tasks), "prefill", unit="chunk", interval=15.0, logger=log, enabled=progress)
+    try:
+        if not tasks:
+            pass
+        elif num_workers == 0:
+            for task in tasks:
+                summary.add(task, _fill(cache, task, width))
+                bar.update(task.missing)
+                bar.set_postfix(cts=summary.cts)
+        else:
+            workers = min(num_workers, len(tasks))
+            _run_pool(cache, tasks, width, workers, summary, bar, log_level)
+    finally:
+        bar.close()
+        summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _run_pool(cache, tasks, width, num_workers, summary, progress, log_level) -> None:
+    # spawn: workers start clean (no inherited SQLite handles or threads) on every platform.
+    context = multiprocessing.get_context("spawn")
+    executor = cf.ProcessPoolExecutor(
+        max_workers=num_workers, mp_context=context, initializer=_init_worker, initargs=(cache, log_level)
+    )
+    try:
+        futures = {executor.submit(_fill_in_worker, task, width): task for task in tasks}
+        for future in cf.as_completed(futures):
+            task = futures[future]
+            try:
+                result = future.result()
+            except cf.process.BrokenProcessPool:
+                raise WorkerDiedError(
+                    "a prefill worker process died (out of memory? each holds one CT, ~0.2-1 GB); "
+                    "rerun with fewer --num-workers, it resumes where it stopped"
+                ) from None
+            summary.add(task, result)
+            progress.update(task.missing)
+            progress.set_postfix(cts=summary.cts)
+    except BaseException:
+        # Stop workers now rather than after their current CT. A worker stopped mid-write leaves at
+        # most an orphan value file that no cache row names; it is never read. (`_processes` is
+        # private, but Python < 3.14 has no public way to stop a pool's workers.)
+        processes = list((getattr(executor, "_processes", None) or {}).values())
+        executor.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.join(timeout=10)
+        raise
+    executor.shutdown(wait=True)
+
+
+def fill_missing(
+    cache: ChunkCache,
+    candidates: CandidateArrays,
+    indices: np.ndarray,
+    width_irc: Sequence[int],
+    *,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> int:
+    """Cache the chunks of candidates[indices] that the cache lacks, one CT load per CT; returns how many it wrote.
+
+    indices: (n,) int rows of `candidates` (or an (N,) bool mask). width_irc: 3 ints (index, row,
+    col). num_workers: worker processes, each holding one CT (0: in this process). progress: show
+    a bar / log progress lines. Candidates whose centre lies outside their CT are skipped (and
+    logged). Raises CacheFullError / CacheDirError when the cache cannot be written, PrefillError
+    (after caching the others) when some CTs cannot be read.
+    """
+    width = check_width_irc(width_irc)
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ConfigError(f"num_workers {num_workers!r}: expected 0 or more")
+    indices = np.asarray(indices).reshape(-1)
+    indices = np.flatnonzero(indices) if indices.dtype == bool else indices.astype(np.int64, copy=False)
+    tasks = []
+    for group in group_rows(candidates.series_index[indices]):
+        rows = indices[group]
+        uid = candidates.series_uid(int(rows[0]))
+        centers = np.ascontiguousarray(candidates.center_xyz[rows])
+        missing = cache.missing(uid, centers, width)
+        if missing.any():
+            tasks.append(SeriesTask(uid, "", np.ascontiguousarray(centers[missing]), int(missing.sum())))
+    if not tasks:
+        return 0
+    total = sum(t.missing for t in tasks)
+    log.info("caching %d chunk(s) of %d CT(s) not in %s yet", total, len(tasks), cache.cache_dir)
+    summary = _run_tasks(cache, tasks, width, num_workers, Summary(), logging.getLogger().getEffectiveLevel(), progress)
+    summary.raise_if_failed(len(tasks))
+    return summary.written
