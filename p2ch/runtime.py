@@ -103,6 +103,16 @@ def init_distributed(device: torch.device) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank())
 
 
+def barrier(info: DistInfo) -> None:
+    """Wait until every rank gets here (nothing for a single process).
+
+    Ranks finish at different times (only rank 0 computes CPM and writes); leaving the group while
+    another rank still works can make gloo abort that rank with "connection closed by peer".
+    """
+    if info.enabled:
+        dist.barrier()
+
+
 def close_distributed(info: DistInfo) -> None:
     """Leave the process group joined by `init_distributed` (nothing for a single process)."""
     if info.enabled and dist.is_initialized():

@@ -66,6 +66,7 @@ from p2ch.model import LunaModel, arch_signature
 from p2ch.runtime import (
     DistInfo,
     autocast,
+    barrier,
     close_distributed,
     init_distributed,
     local_rank,
@@ -619,6 +620,7 @@ class LunaTrainingApp:
                 if epoch % config.val_every == 0 or epoch == config.epochs:
                     is_best = self.run_validation(epoch)
                 self.save(is_best)
+            barrier(self.dist)  # every rank ends together (only rank 0 computes CPM and writes)
         finally:
             self.writers.close()
 
