@@ -179,17 +179,24 @@ def load_model(path: str | os.PathLike[str]) -> tuple[LunaModel, CheckpointInfo]
             f"{path}: checkpoint has no {' or '.join(missing)} entry; expected a checkpoint written by "
             "python -m p2ch.training (best.pt or last.pt)"
         )
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, KeyError, TypeError) as exc:
-        reason = str(exc).splitlines()[0][:300]
-        raise DataFormatError(f"{path}: the model weights do not load into LunaModel ({reason})") from None
+    load_weights(model, state["model"], path)
     try:
         config = TrainingConfig.from_dict(state["config"])
     except (TypeError, ValueError) as exc:
         raise DataFormatError(f"{path}: the training config stored in the checkpoint is unusable ({exc})") from None
     model.eval()
     return model, _checkpoint_info(path, state, config, versions_found)
+
+
+def load_weights(model: torch.nn.Module, weights: Any, path: str | os.PathLike[str]) -> None:
+    """Load a checkpoint's state dict into `model`, or DataFormatError naming the file and the first mismatch."""
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
+        # torch lists every mismatch on its own line after a header line: keep the first mismatch.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = (lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__)[:300]
+        raise DataFormatError(f"{path}: the model weights do not load into {type(model).__name__} ({reason})") from None
 
 
 def _load_training_checkpoint(path: Path) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from p2ch.augment import AugmentConfig, augment_batch
 from p2ch.cache import ChunkCache
 from p2ch.candidates import CandidateArrays, get_candidate_arrays, read_reference, submission_frame
-from p2ch.checkpoint import BEST_NAME, LAST_NAME, load_checkpoint, save_checkpoint
+from p2ch.checkpoint import BEST_NAME, LAST_NAME, load_checkpoint, load_weights, save_checkpoint
 from p2ch.cli import configure_logging, run_cli
 from p2ch.config import (
     AMP_MODES,
@@ -329,17 +329,6 @@ def make_optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.opti
     if config.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-
-
-def load_weights(model: torch.nn.Module, weights: dict[str, Any], path: str) -> None:
-    """Load a state dict into `model`, or DataFormatError naming the file and the first mismatch."""
-    try:
-        model.load_state_dict(weights)
-    except (RuntimeError, KeyError, TypeError) as exc:
-        # torch lists every mismatch on its own line after a header line: keep the first one.
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        reason = (lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__)[:300]
-        raise DataFormatError(f"{path}: the model weights do not load into LunaModel ({reason})") from None
 
 
 def hardest_examples(val: EpochResult, dataset: LunaDataset, count: int = 8) -> dict[str, torch.Tensor]:

@@ -103,3 +103,20 @@ def test_checkpoint_of_the_previous_format_loads_for_scoring():
     x = torch.zeros(2, 1, 32, 48, 48)
     logits, prob = model(x)
     assert logits.shape == (2, 2) and torch.allclose(prob.sum(dim=1), torch.ones(2))
+
+
+def test_weights_of_the_wrong_shape_name_the_first_mismatch(tmp_path):
+    from p2ch.config import TrainingConfig
+
+    from conftest import make_model, write_checkpoint
+
+    model = make_model()
+    state = model.state_dict()
+    key = next(k for k in state if k.endswith("conv1.weight"))
+    state[key] = torch.zeros(3, 3)
+    path = write_checkpoint(tmp_path / "bad.pt", model, TrainingConfig())
+    saved = load_checkpoint(path)
+    saved["model"] = state
+    save_checkpoint(saved, path)
+    with pytest.raises(DataFormatError, match=rf"bad.pt: the model weights do not load into LunaModel \(.*{key}"):
+        load_model(path)
