@@ -150,10 +150,9 @@ def encode_chunk(chunk: np.ndarray, center_irc: Sequence[int], compress_level: i
     Returns `HEADER` + payload as bytes.
     """
     chunk = np.asarray(chunk)
-    if chunk.dtype != np.int16 or chunk.ndim != 3:
-        raise DataFormatError(f"encode_chunk: expected a 3-D int16 chunk, got {chunk.dtype} {chunk.shape}")
-    if max(chunk.shape) > 0xFFFF:
-        raise DataFormatError(f"encode_chunk: chunk shape {chunk.shape} too large (each side ≤ 65535)")
+    # Chunks come from Ct crops of a checked width (check_width_irc): an internal invariant, not input.
+    assert chunk.dtype == np.int16 and chunk.ndim == 3, f"expected a 3-D int16 chunk, got {chunk.dtype} {chunk.shape}"
+    assert max(chunk.shape) <= 0xFFFF, f"chunk shape {chunk.shape} too large for the header"
     chunk = np.ascontiguousarray(chunk)
     flags = 0
     payload: Any = memoryview(chunk).cast("B")
