@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 
 from p2ch.config import resolve_data_root
 from p2ch.errors import CandidateOutsideCtError, DataFormatError, DataNotFoundError
@@ -119,8 +120,6 @@ class Ct:
     """
 
     def __init__(self, series_uid: str, data_root: str | os.PathLike[str] | None = None):
-        import SimpleITK as sitk
-
         self.series_uid = check_series_uid(series_uid)
         self.mhd_path = find_mhd(series_uid, data_root)
         read_mhd_header(self.mhd_path)

@@ -6,6 +6,8 @@ import logging
 import sys
 import time
 
+from tqdm import tqdm
+
 log = logging.getLogger(__name__)
 
 
@@ -51,8 +53,6 @@ class Progress:
         self._logged_count: int | None = None
         self._bar = None
         if enabled and (sys.stderr.isatty() if bar is None else bar):
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True, file=sys.stderr)
 
     def __enter__(self) -> Progress:

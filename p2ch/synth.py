@@ -57,6 +57,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 
 from p2ch.cli import run_cli
 from p2ch.config import DefaultsHelpFormatter, resolve_data_root
@@ -388,8 +389,6 @@ class CtPlan:
 
 def _reference_image(spacing_xyz, origin_xyz, direction):
     """A 1-voxel image carrying the CT's geometry, for SimpleITK's own coordinate transforms."""
-    import SimpleITK as sitk
-
     image = sitk.Image([1, 1, 1], sitk.sitkInt16)
     image.SetSpacing(spacing_xyz)
     image.SetOrigin(origin_xyz)
@@ -943,8 +942,6 @@ def render_ct(plan: CtPlan) -> np.ndarray:
 
 def write_ct(plan: CtPlan, out: str | os.PathLike[str]) -> int:
     """Render the CT and write `<out>/subset<k>/<uid>.mhd` + `.raw` with SimpleITK; returns bytes written."""
-    import SimpleITK as sitk
-
     image = sitk.GetImageFromArray(render_ct(plan))
     image.SetSpacing(plan.spacing_xyz)
     image.SetOrigin(plan.origin_xyz)

@@ -23,6 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from p2ch.ct import Ct
+from p2ch.metrics import match_predictions
+
 LUNG_WINDOW_HU = (-1000.0, 400.0)
 OUTSIDE_HU = -32768  # fills slice pixels beyond the CT volume (CT voxels are clipped to -1000..1000 HU)
 CONTEXT_MM = 64.0
@@ -205,7 +208,7 @@ def lung_window(hu: np.ndarray, window_hu: tuple[float, float] = LUNG_WINDOW_HU)
 
 
 def _draw_panel(ax, image: np.ndarray, spacing: tuple[float, float], view: str, finding: Finding) -> None:
-    import matplotlib
+    import matplotlib  # loaded only when a picture is drawn (see write_sheets)
     from matplotlib.patches import Circle
 
     half_h = image.shape[0] * spacing[0] / 2.0
@@ -252,9 +255,7 @@ def write_sheets(
     Loads each CT once (findings of one series are drawn together). Returns [(path, findings on
     that sheet)], in order. Nothing is written for an empty list.
     """
-    from matplotlib.figure import Figure
-
-    from p2ch.ct import Ct
+    from matplotlib.figure import Figure  # matplotlib (0.4 s) is loaded only when a picture is drawn
 
     out_dir = Path(out_dir)
     if not findings:
@@ -327,8 +328,6 @@ def write_pictures(
     `missed_nodules_NN.png` and `index.csv` (kind, rank, sheet, row, seriesuid, coordX, coordY,
     coordZ, diameter_mm, probability); old sheets in `out_dir` are removed first.
     """
-    from p2ch.metrics import match_predictions
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in [*out_dir.glob("false_positives_*.png"), *out_dir.glob("missed_nodules_*.png")]:
