@@ -370,12 +370,14 @@ def log_run_description(app: LunaTrainingApp) -> None:
 class LunaTrainingApp:
     """The training run (the book's LunaTrainingApp): set-up, then per epoch train, validate, log, save.
 
-    config: the run's settings. resume_state: the checkpoint to continue (as loaded by
-    `load_resume_state`); its settings must already be merged into `config` (`resume_config`).
+    config: the run's settings (paths made absolute here). resume_state: the checkpoint to continue
+    (loaded from `config.resume` when not given); main() first merges its settings (`resume_config`).
     """
 
     def __init__(self, config: TrainingConfig, resume_state: dict[str, Any] | None = None):
         self.config = config = absolute_paths(config)
+        if config.resume and resume_state is None:  # used as a library: load what main() would
+            resume_state = load_resume_state(config.resume, arch_signature(LunaModel()))
         self.device = resolve_device(config.device, local_rank())
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
