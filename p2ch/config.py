@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from p2ch.errors import ConfigError
 
@@ -107,15 +108,26 @@ def add_inference_arguments(group: argparse._ArgumentGroup) -> None:
     )
 
 
+_Config = TypeVar("_Config", bound="RunConfig")
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
 @dataclasses.dataclass(frozen=True)
-class TrainingConfig:
-    """Every setting of a training run; saved with each checkpoint and logged once."""
+class RunConfig:
+    """The settings every training app has (data, split, augmentation, optimisation, speed, output).
+
+    Each app's config adds its own (`TrainingConfig` for the classifier, `SegTrainingConfig` for the
+    UNet); saved with each checkpoint as a plain dict and logged once.
+    """
 
     comment: str = "dwlpt"
     # data
     data_root: str | None = None
     cache_dir: str | None = None
-    width_irc: tuple[int, int, int] = (32, 48, 48)
     # split
     split: str = "series"
     val_fraction: float = 0.1
@@ -124,8 +136,6 @@ class TrainingConfig:
     test_fraction: float = 0.0
     test_subsets: tuple[int, ...] = ()
     # sampling
-    balanced: bool = False
-    balance_ratio: int | None = None
     epoch_size: int | None = None
     # augmentation
     augmented: bool = False
@@ -142,7 +152,6 @@ class TrainingConfig:
     lr: float = 0.001
     momentum: float = 0.99
     weight_decay: float = 0.0
-    label_smoothing: float = 0.0
     # speed
     amp: str = "auto"
     channels_last: str = "on"
@@ -154,7 +163,6 @@ class TrainingConfig:
     val_every: int = 1
     max_train_batches: int | None = None
     max_val_batches: int | None = None
-    select_by: str = "cpm"
     images_every: int = 5
     # output
     tb_prefix: str = "p2ch"
@@ -169,39 +177,198 @@ class TrainingConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainingConfig:
+    def from_dict(cls: type[_Config], values: dict[str, Any]) -> _Config:
         fields = {f.name for f in dataclasses.fields(cls)}
         clean = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields}
         return cls(**clean)
 
     def validate(self) -> None:
         """Raise ConfigError naming the flag for any unusable value."""
+        _need(self.split in SPLIT_MODES, f"--split {self.split!r}: expected one of {', '.join(SPLIT_MODES)}")
+        _need(self.optimizer in OPTIMIZERS, f"--optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+        _need(self.amp in AMP_MODES, f"--amp {self.amp!r}: expected one of {', '.join(AMP_MODES)}")
+        _need(self.batch_size >= 1, f"--batch-size must be ≥ 1, got {self.batch_size}")
+        _need(self.num_workers >= 0, f"--num-workers must be ≥ 0, got {self.num_workers}")
+        _need(self.epochs >= 1, f"--epochs must be ≥ 1, got {self.epochs}")
+        _need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        _need(self.weight_decay >= 0, f"--weight-decay must be ≥ 0, got {self.weight_decay}")
+        _need(self.val_every >= 1, f"--val-every must be ≥ 1, got {self.val_every}")
+        _need(self.images_every >= 0, f"--images-every must be ≥ 0, got {self.images_every}")
+        _need(self.epoch_size is None or self.epoch_size >= 1, f"--epoch-size must be ≥ 1, got {self.epoch_size}")
+        for name in ("max_train_batches", "max_val_batches"):
+            value = getattr(self, name)
+            _need(value is None or value >= 1, f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
+        _need(not (self.resume and self.init_weights), "use either --resume or --init-weights, not both")
 
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(message)
 
-        need(self.split in SPLIT_MODES, f"--split {self.split!r}: expected one of {', '.join(SPLIT_MODES)}")
-        need(self.select_by in SELECT_BY, f"--select-by {self.select_by!r}: expected one of {', '.join(SELECT_BY)}")
-        need(self.optimizer in OPTIMIZERS, f"--optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
-        need(self.amp in AMP_MODES, f"--amp {self.amp!r}: expected one of {', '.join(AMP_MODES)}")
-        need(self.batch_size >= 1, f"--batch-size must be ≥ 1, got {self.batch_size}")
-        need(self.num_workers >= 0, f"--num-workers must be ≥ 0, got {self.num_workers}")
-        need(self.epochs >= 1, f"--epochs must be ≥ 1, got {self.epochs}")
-        need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
-        need(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        need(self.weight_decay >= 0, f"--weight-decay must be ≥ 0, got {self.weight_decay}")
-        need(self.val_every >= 1, f"--val-every must be ≥ 1, got {self.val_every}")
-        need(self.images_every >= 0, f"--images-every must be ≥ 0, got {self.images_every}")
-        need(
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig(RunConfig):
+    """Every setting of a classification run (python -m p2ch.training)."""
+
+    width_irc: tuple[int, int, int] = (32, 48, 48)
+    balanced: bool = False
+    balance_ratio: int | None = None
+    label_smoothing: float = 0.0
+    select_by: str = "cpm"
+
+    def validate(self) -> None:
+        super().validate()
+        _need(self.select_by in SELECT_BY, f"--select-by {self.select_by!r}: expected one of {', '.join(SELECT_BY)}")
+        _need(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        _need(
             self.balance_ratio is None or self.balance_ratio >= 1,
             f"--balance-ratio must be ≥ 1 negatives per positive, got {self.balance_ratio}",
         )
-        need(self.epoch_size is None or self.epoch_size >= 1, f"--epoch-size must be ≥ 1, got {self.epoch_size}")
-        for name in ("max_train_batches", "max_val_batches"):
-            value = getattr(self, name)
-            need(value is None or value >= 1, f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
-        need(not (self.resume and self.init_weights), "use either --resume or --init-weights, not both")
+
+
+# ---------------------------------------------------------------------------------------------
+# the command-line spelling of RunConfig, shared by the training apps
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, cache_help: str = "chunk cache") -> argparse._ArgumentGroup:
+    """--data-root and --cache-dir (group "data")."""
+    g = parser.add_argument_group("data")
+    g.add_argument(
+        "--data-root",
+        default=None,
+        help="LUNA16 root with subset*/ and the CSVs (default: $P2CH_DATA_ROOT or data-unversioned/part2/luna)",
+    )
+    g.add_argument(
+        "--cache-dir", default=None, help=f"{cache_help} (default: $P2CH_CACHE_DIR or data-unversioned/cache)"
+    )
+    return g
+
+
+def add_split_arguments(
+    parser: argparse.ArgumentParser, d: RunConfig, modes: tuple[str, ...] = SPLIT_MODES
+) -> argparse._ArgumentGroup:
+    """--split and its fractions, strides and subsets (the same leak-free split for every model)."""
+    g = parser.add_argument_group("split (every CT entirely in one part unless --split stride)")
+    g.add_argument(
+        "--split",
+        choices=modes,
+        default=d.split,
+        help="series: by a stable hash of series_uid; subset: LUNA16 folds (--val-subsets); "
+        "stride: the book's every-Nth-candidate split (leaky, for comparison only)",
+    )
+    g.add_argument("--val-fraction", type=float, default=d.val_fraction, help="fraction of series for validation")
+    g.add_argument(
+        "--val-stride",
+        type=int,
+        default=None,
+        help="every Nth series (series split) or candidate (stride split) to validation",
+    )
+    g.add_argument(
+        "--val-subsets",
+        type=int,
+        nargs="+",
+        default=list(d.val_subsets),
+        help="subset folders used for validation with --split subset",
+    )
+    g.add_argument(
+        "--test-fraction",
+        type=float,
+        default=d.test_fraction,
+        help="fraction of series held out as a test part that training never sees",
+    )
+    g.add_argument(
+        "--test-subsets",
+        type=int,
+        nargs="*",
+        default=list(d.test_subsets),
+        help="subset folders held out as test with --split subset",
+    )
+    return g
+
+
+def add_augmentation_arguments(parser: argparse.ArgumentParser, rotate_help: str) -> argparse._ArgumentGroup:
+    """--augmented and --augment-flip|offset|scale|rotate|noise (the book's flags)."""
+    g = parser.add_argument_group("augmentation (batched, on the training device)")
+    g.add_argument("--augmented", action="store_true", help="all of the augmentations below")
+    g.add_argument("--augment-flip", action="store_true", help="random flip per axis")
+    g.add_argument("--augment-offset", action="store_true", help="random offset ±10%%")
+    g.add_argument("--augment-scale", action="store_true", help="random scale ±20%%")
+    g.add_argument("--augment-rotate", action="store_true", help=rotate_help)
+    g.add_argument("--augment-noise", action="store_true", help="Gaussian noise, σ = 25 HU")
+    return g
+
+
+def add_optimisation_arguments(parser: argparse.ArgumentParser, d: RunConfig) -> argparse._ArgumentGroup:
+    """--batch-size, --num-workers, --epochs, --optimizer, --lr, --momentum, --weight-decay."""
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per batch (per GPU)")
+    g.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader worker processes (per GPU)")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="epochs to train (in total, when resuming)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="optimizer")
+    g.add_argument("--lr", type=float, default=d.lr, help="learning rate")
+    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
+    return g
+
+
+def add_speed_arguments(parser: argparse.ArgumentParser, d: RunConfig, channels_last_help: str) -> None:
+    """--amp, --channels-last, --compile, --device, --sync-bn."""
+    g = parser.add_argument_group("speed")
+    g.add_argument(
+        "--amp",
+        choices=AMP_MODES,
+        default=d.amp,
+        help="mixed precision: auto = bf16 on CUDA (fp16 if bf16 is unsupported), off on CPU",
+    )
+    g.add_argument(
+        "--channels-last",
+        choices=("on", "off"),
+        default=d.channels_last,
+        help=channels_last_help,
+    )
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (under torchrun: per rank)")
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs (DDP only)")
+
+
+def add_run_control_arguments(
+    parser: argparse.ArgumentParser, d: RunConfig, images_help: str
+) -> argparse._ArgumentGroup:
+    """--seed, --val-every, --max-train-batches, --max-val-batches, --images-every."""
+    g = parser.add_argument_group("run control")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed for init, sampling and augmentation")
+    g.add_argument("--val-every", type=int, default=d.val_every, help="validate every N epochs (and after the last)")
+    g.add_argument("--max-train-batches", type=int, default=None, help="stop each training epoch after N batches")
+    g.add_argument("--max-val-batches", type=int, default=None, help="stop each validation after N batches")
+    g.add_argument(
+        "--images-every",
+        type=int,
+        default=d.images_every,
+        help=images_help,
+    )
+    return g
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, d: RunConfig) -> None:
+    """--tb-prefix, --runs-dir, --checkpoint-dir, --resume, --init-weights, --log-level, --allow-config-change."""
+    g = parser.add_argument_group("output")
+    g.add_argument("--tb-prefix", default=d.tb_prefix, help="runs/<tb-prefix>/ groups related runs")
+    g.add_argument("--runs-dir", default=None, help="TensorBoard root (default: $P2CH_RUNS_DIR or runs)")
+    g.add_argument(
+        "--checkpoint-dir", default=None, help="checkpoint root (default: $P2CH_MODELS_DIR or data-unversioned/models)"
+    )
+    g.add_argument(
+        "--resume",
+        default=None,
+        metavar="PATH",
+        help="continue the run saved in this checkpoint, with its settings (flags given now override)",
+    )
+    g.add_argument(
+        "--init-weights", default=None, metavar="PATH", help="start a new run from this checkpoint's model weights"
+    )
+    g.add_argument(
+        "--log-level", default=d.log_level, choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level"
+    )
+    g.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: accept a changed data root, input size, split or run folder (metrics no longer compare)",
+    )
 
 
 # Settings that decide which data a run trains and validates on, and where it writes: a resumed
@@ -209,6 +376,7 @@ class TrainingConfig:
 RESUME_GUARDED = (
     "data_root",
     "width_irc",
+    "context_slices",
     "split",
     "val_fraction",
     "val_stride",
@@ -222,7 +390,7 @@ RESUME_GUARDED = (
 PATH_SETTINGS = ("data_root", "cache_dir", "runs_dir", "checkpoint_dir", "resume", "init_weights")
 
 
-def absolute_paths(config: TrainingConfig) -> TrainingConfig:
+def absolute_paths(config: _Config) -> _Config:
     """`config` with every path setting absolute (defaults and environment variables resolved).
 
     Checkpoints and metrics store these, so that evaluate/predict run from another working
@@ -240,8 +408,12 @@ def absolute_paths(config: TrainingConfig) -> TrainingConfig:
 
 
 def resume_config(
-    saved: dict[str, Any], given: dict[str, Any], resume: str, allow_changes: bool = False
-) -> TrainingConfig:
+    saved: dict[str, Any],
+    given: dict[str, Any],
+    resume: str,
+    allow_changes: bool = False,
+    config_class: type[_Config] = TrainingConfig,  # type: ignore[assignment]
+) -> _Config:
     """The settings of a resumed run: the checkpoint's, updated by the flags given on the command line.
 
     saved: the checkpoint's config dict. given: only the settings set explicitly now (flag → value,
@@ -249,10 +421,10 @@ def resume_config(
     raises ConfigError naming each change, unless `allow_changes`. Paths compare as absolute.
     """
     try:
-        base = absolute_paths(TrainingConfig.from_dict(saved))
+        base = absolute_paths(config_class.from_dict(saved))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"--resume {resume}: the settings stored in the checkpoint are unusable ({exc})") from None
-    fields = {f.name for f in dataclasses.fields(TrainingConfig)}
+    fields = {f.name for f in dataclasses.fields(config_class)}
     updates = {
         k: tuple(v) if isinstance(v, list) else v
         for k, v in given.items()
@@ -263,7 +435,7 @@ def resume_config(
     changed = [
         f"--{name.replace('_', '-')} {_show(getattr(base, name))} → {_show(getattr(candidate, name))}"
         for name in RESUME_GUARDED
-        if name in updates and getattr(candidate, name) != getattr(base, name)
+        if name in updates and name in fields and getattr(candidate, name) != getattr(base, name)
     ]
     if changed and not allow_changes:
         raise ConfigError(
@@ -287,3 +459,29 @@ def display_path(path: str | os.PathLike[str]) -> str:
     except ValueError:  # another drive on Windows
         return text
     return relative if len(relative) < len(text) else text
+
+
+def config_from_args(args: argparse.Namespace, config_class: type[_Config]) -> _Config:
+    """A new run's settings from parsed flags (field names = flag names), validated, paths absolute."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if hasattr(args, f.name)}
+    for key in ("val_subsets", "test_subsets"):
+        if key in values:
+            values[key] = tuple(values[key])
+    if values.get("balance_ratio") is not None:
+        values["balanced"] = True
+    config = config_class(**values)
+    config.validate()
+    return absolute_paths(config)
+
+
+def explicit_settings(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> dict[str, Any]:
+    """Only the settings given on the command line (flag dest → parsed value), defaults left out.
+
+    parser: a fresh parser of the command (its defaults are overwritten here).
+    """
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    given = vars(parser.parse_args(argv))
+    if given.get("balance_ratio") is not None:
+        given["balanced"] = True
+    return given

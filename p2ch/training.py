@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import logging
 import math
@@ -30,22 +29,26 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 from p2ch.augment import AugmentConfig, augment_batch
 from p2ch.cache import ChunkCache
 from p2ch.candidates import CandidateArrays, get_candidate_arrays, read_reference, submission_frame
-from p2ch.checkpoint import BEST_NAME, LAST_NAME, load_checkpoint, load_weights, save_checkpoint
+from p2ch.checkpoint import LAST_NAME
 from p2ch.cli import configure_logging, run_cli
 from p2ch.config import (
-    AMP_MODES,
-    OPTIMIZERS,
     SELECT_BY,
-    SPLIT_MODES,
     DefaultsHelpFormatter,
     TrainingConfig,
-    absolute_paths,
+    add_augmentation_arguments,
+    add_data_arguments,
+    add_optimisation_arguments,
+    add_output_arguments,
+    add_run_control_arguments,
+    add_speed_arguments,
+    add_split_arguments,
+    config_from_args,
     display_path,
+    explicit_settings,
     resume_config,
 )
 from p2ch.datasets import (
@@ -59,21 +62,11 @@ from p2ch.datasets import (
     split_candidates,
     to_device_batch,
 )
-from p2ch.errors import ConfigError, DataFormatError
 from p2ch.loop import BestCheckpoint, EpochResult, Metric, run_epoch
 from p2ch.metrics import classification_summary, froc
 from p2ch.model import LunaModel, arch_signature
-from p2ch.runtime import (
-    DistInfo,
-    autocast,
-    barrier,
-    close_distributed,
-    init_distributed,
-    local_rank,
-    resolve_amp,
-    resolve_device,
-)
-from p2ch.tblog import RunWriters
+from p2ch.runtime import DistInfo, autocast
+from p2ch.trainer import TrainingRun, batches_of, load_resume_state
 from p2ch.vis import LUNG_WINDOW_HU
 
 log = logging.getLogger("p2ch.training")
@@ -82,8 +75,6 @@ PROG = "p2ch.training"  # as errors are prefixed
 # The ladder that picks best.pt: --select-by first, then F1, then the lowest loss (p2ch.loop).
 SELECTION_METRICS = {"cpm": Metric("cpm", "froc/cpm"), "f1": Metric("f1", "pr/f1_score")}
 HPARAM_TAGS = ("hparam/val_f1", "hparam/val_auc", "hparam/val_cpm")
-# What a checkpoint must hold for --resume (older checkpoints lack only best_loss/best_epoch/best_key).
-RESUME_KEYS = ("model", "optimizer", "epoch", "samples_seen", "config", "run_time", "rng")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -96,66 +87,30 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--num-workers 16 first-run; then: tensorboard --logdir runs",
     )
     parser.add_argument("comment", nargs="?", default=d.comment, help="suffix for the run directories")
-    _add_data_arguments(parser, d)
-    _add_split_arguments(parser, d)
+    add_data_arguments(parser)
+    add_split_arguments(parser, d)
     _add_sampling_arguments(parser, d)
-    _add_augmentation_arguments(parser, d)
-    _add_optimisation_arguments(parser, d)
-    _add_speed_arguments(parser, d)
-    _add_run_control_arguments(parser, d)
-    _add_output_arguments(parser, d)
+    add_augmentation_arguments(parser, rotate_help="random rotation about the head-foot axis")
+    optimisation = add_optimisation_arguments(parser, d)
+    optimisation.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="label smoothing")
+    add_speed_arguments(
+        parser, d, "channels_last_3d memory format for the model and batches (2.2x faster training on a 2-core CPU, "
+        "see BENCHMARKS.md)",
+    )  # fmt: skip
+    images = "log hardest negatives/positives as images every N epochs (0: never)"
+    control = add_run_control_arguments(parser, d, images)
+    control.add_argument(
+        "--select-by",
+        choices=SELECT_BY,
+        default=d.select_by,
+        help="validation metric that picks best.pt (cpm falls back to f1 when validation has no nodules)",
+    )
+    add_output_arguments(parser, d)
     return parser
 
 
-def _add_data_arguments(parser: argparse.ArgumentParser, d: TrainingConfig) -> None:
-    g = parser.add_argument_group("data")
-    g.add_argument(
-        "--data-root",
-        default=None,
-        help="LUNA16 root with subset*/ and the CSVs (default: $P2CH_DATA_ROOT or data-unversioned/part2/luna)",
-    )
-    g.add_argument("--cache-dir", default=None, help="chunk cache (default: $P2CH_CACHE_DIR or data-unversioned/cache)")
-
-
-def _add_split_arguments(parser: argparse.ArgumentParser, d: TrainingConfig) -> None:
-    g = parser.add_argument_group("split (every CT entirely in one part unless --split stride)")
-    g.add_argument(
-        "--split",
-        choices=SPLIT_MODES,
-        default=d.split,
-        help="series: by a stable hash of series_uid; subset: LUNA16 folds (--val-subsets); "
-        "stride: the book's every-Nth-candidate split (leaky, for comparison only)",
-    )
-    g.add_argument("--val-fraction", type=float, default=d.val_fraction, help="fraction of series for validation")
-    g.add_argument(
-        "--val-stride",
-        type=int,
-        default=None,
-        help="every Nth series (series split) or candidate (stride split) to validation",
-    )
-    g.add_argument(
-        "--val-subsets",
-        type=int,
-        nargs="+",
-        default=list(d.val_subsets),
-        help="subset folders used for validation with --split subset",
-    )
-    g.add_argument(
-        "--test-fraction",
-        type=float,
-        default=d.test_fraction,
-        help="fraction of series held out as a test part that training never sees",
-    )
-    g.add_argument(
-        "--test-subsets",
-        type=int,
-        nargs="*",
-        default=list(d.test_subsets),
-        help="subset folders held out as test with --split subset",
-    )
-
-
 def _add_sampling_arguments(parser: argparse.ArgumentParser, d: TrainingConfig) -> None:
+    """--balanced, --balance-ratio, --epoch-size."""
     g = parser.add_argument_group("sampling")
     g.add_argument("--balanced", action="store_true", help="1 negative per positive, as the book")
     g.add_argument(
@@ -167,94 +122,6 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, d: TrainingConfig) 
         default=None,
         help=f"training samples per epoch (default: min({BOOK_EPOCH_SIZE:,}, training candidates) "
         "when balanced, as the book on LUNA16; else every training candidate once)",
-    )
-
-
-def _add_augmentation_arguments(parser: argparse.ArgumentParser, d: TrainingConfig) -> None:
-    g = parser.add_argument_group("augmentation (batched, on the training device)")
-    g.add_argument("--augmented", action="store_true", help="all of the augmentations below")
-    g.add_argument("--augment-flip", action="store_true", help="random flip per axis")
-    g.add_argument("--augment-offset", action="store_true", help="random offset ±10%%")
-    g.add_argument("--augment-scale", action="store_true", help="random scale ±20%%")
-    g.add_argument("--augment-rotate", action="store_true", help="random rotation about the head-foot axis")
-    g.add_argument("--augment-noise", action="store_true", help="Gaussian noise, σ = 25 HU")
-
-
-def _add_optimisation_arguments(parser: argparse.ArgumentParser, d: TrainingConfig) -> None:
-    g = parser.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per batch (per GPU)")
-    g.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader worker processes (per GPU)")
-    g.add_argument("--epochs", type=int, default=d.epochs, help="epochs to train (in total, when resuming)")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="optimizer")
-    g.add_argument("--lr", type=float, default=d.lr, help="learning rate")
-    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
-    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="label smoothing")
-
-
-def _add_speed_arguments(parser: argparse.ArgumentParser, d: TrainingConfig) -> None:
-    g = parser.add_argument_group("speed")
-    g.add_argument(
-        "--amp",
-        choices=AMP_MODES,
-        default=d.amp,
-        help="mixed precision: auto = bf16 on CUDA (fp16 if bf16 is unsupported), off on CPU",
-    )
-    g.add_argument(
-        "--channels-last",
-        choices=("on", "off"),
-        default=d.channels_last,
-        help="channels_last_3d memory format for the model and batches (2.2x faster training "
-        "on a 2-core CPU, see BENCHMARKS.md)",
-    )
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (under torchrun: per rank)")
-    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs (DDP only)")
-
-
-def _add_run_control_arguments(parser: argparse.ArgumentParser, d: TrainingConfig) -> None:
-    g = parser.add_argument_group("run control")
-    g.add_argument("--seed", type=int, default=d.seed, help="seed for init, sampling and augmentation")
-    g.add_argument("--val-every", type=int, default=d.val_every, help="validate every N epochs (and after the last)")
-    g.add_argument("--max-train-batches", type=int, default=None, help="stop each training epoch after N batches")
-    g.add_argument("--max-val-batches", type=int, default=None, help="stop each validation after N batches")
-    g.add_argument(
-        "--select-by",
-        choices=SELECT_BY,
-        default=d.select_by,
-        help="validation metric that picks best.pt (cpm falls back to f1 when validation has no nodules)",
-    )
-    g.add_argument(
-        "--images-every",
-        type=int,
-        default=d.images_every,
-        help="log hardest negatives/positives as images every N epochs (0: never)",
-    )
-
-
-def _add_output_arguments(parser: argparse.ArgumentParser, d: TrainingConfig) -> None:
-    g = parser.add_argument_group("output")
-    g.add_argument("--tb-prefix", default=d.tb_prefix, help="runs/<tb-prefix>/ groups related runs")
-    g.add_argument("--runs-dir", default=None, help="TensorBoard root (default: $P2CH_RUNS_DIR or runs)")
-    g.add_argument(
-        "--checkpoint-dir", default=None, help="checkpoint root (default: $P2CH_MODELS_DIR or data-unversioned/models)"
-    )
-    g.add_argument(
-        "--resume",
-        default=None,
-        metavar="PATH",
-        help="continue the run saved in this checkpoint, with its settings (flags given now override)",
-    )
-    g.add_argument(
-        "--init-weights", default=None, metavar="PATH", help="start a new run from this checkpoint's model weights"
-    )
-    g.add_argument(
-        "--log-level", default=d.log_level, choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level"
-    )
-    g.add_argument(
-        "--allow-config-change",
-        action="store_true",
-        help="with --resume: accept a changed data root, width, split or run folder (metrics no longer compare)",
     )
 
 
@@ -324,13 +191,6 @@ def augment_config(config: TrainingConfig) -> AugmentConfig:
     )  # fmt: skip
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.Optimizer:
-    """--optimizer adam or sgd (with --momentum), --lr and --weight-decay."""
-    if config.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-
-
 def hardest_examples(val: EpochResult, dataset: LunaDataset, count: int = 8) -> dict[str, torch.Tensor]:
     """Centre slices (lung window, (n, 1, R, C) float in [0, 1]) of the highest-scoring negatives
     (`val/hardest_negatives`) and the lowest-scoring positives (`val/hardest_positives`)."""
@@ -367,96 +227,40 @@ def log_run_description(app: LunaTrainingApp) -> None:
     )  # fmt: skip
 
 
-class LunaTrainingApp:
-    """The training run (the book's LunaTrainingApp): set-up, then per epoch train, validate, log, save.
+class LunaTrainingApp(TrainingRun):
+    """The classification run (the book's LunaTrainingApp): a recipe over `TrainingRun`.
 
-    config: the run's settings (paths made absolute here). resume_state: the checkpoint to continue
-    (loaded from `config.resume` when not given); main() first merges its settings (`resume_config`).
+    Per epoch: train on balanced, augmented chunks; validate; log loss, accuracy, precision/recall/F1,
+    AUC and LUNA16's CPM; save last.pt and best.pt (by CPM, then F1, then loss).
     """
 
+    tb_kind = "cls"
+    memory_format = torch.channels_last_3d
+
     def __init__(self, config: TrainingConfig, resume_state: dict[str, Any] | None = None):
-        self.config = config = absolute_paths(config)
-        if config.resume and resume_state is None:  # used as a library: load what main() would
-            resume_state = load_resume_state(config.resume, arch_signature(LunaModel()))
-        self.device = resolve_device(config.device, local_rank())
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        if config.sync_bn and self.device.type != "cuda":
-            raise ConfigError(
-                "--sync-bn needs CUDA devices (torch's SyncBatchNorm works only on GPUs); "
-                f"drop it for --device {self.device.type}"
-            )
-        self.dist = init_distributed(self.device)
-        self.amp_dtype = resolve_amp(config.amp, self.device)
-        self.channels_last = config.channels_last == "on"
+        self.config: TrainingConfig
         self.augment = augment_config(config)
-        self.epoch = 0
-        self.samples_seen = 0
-        self.best = BestCheckpoint([SELECTION_METRICS[config.select_by], SELECTION_METRICS["f1"]])
-        self.run_time = (
-            resume_state["run_time"] if resume_state else datetime.datetime.now().strftime("%Y-%m-%d_%H.%M.%S")
-        )
-        torch.manual_seed(config.seed)
-        self.data = build_data(config, self.dist, self.device)
-        self._init_model(resume_state)
-        if config.resume:  # a resumed run keeps writing next to the checkpoint it came from
-            self.checkpoint_dir = Path(config.resume).parent
-        else:
-            self.checkpoint_dir = Path(config.checkpoint_dir) / config.tb_prefix / f"{self.run_time}-{config.comment}"
-        purge = self.samples_seen + 1 if config.resume else None  # drop events after the resumed step
-        self.writers = RunWriters(config.runs_dir, config.tb_prefix, self.run_time, config.comment, purge_step=purge)
-        self.writers.enabled = self.dist.is_main
         self._reference = None  # validation annotations for CPM, read on first use
+        self._hit_rate = math.nan
+        super().__init__(config, resume_state)
 
-    # -- set-up ------------------------------------------------------------------------------
+    # -- what TrainingRun asks for ---------------------------------------------------------------
 
-    def _init_model(self, resume_state: dict[str, Any] | None) -> None:
-        config = self.config
-        model = LunaModel()
+    def make_model(self) -> torch.nn.Module:
+        return LunaModel()
+
+    def arch_of(self, model: torch.nn.Module) -> str:
         # 'LunaModel-v1:<hash of state-dict keys and shapes>': load_checkpoint refuses any other.
-        self.arch = arch_signature(model)
-        self.model = model.to(self.device)
-        if config.init_weights:
-            init_state = load_checkpoint(config.init_weights, arch=self.arch)
-            load_weights(self.model, init_state["model"], config.init_weights)
-            log.info("initial weights from %s (epoch %s)", config.init_weights, init_state.get("epoch"))
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last_3d)
-        self.optimizer = make_optimizer(self.model, config)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        # Reseeded from (seed, epoch, rank) at every epoch, so a resumed run augments exactly as
-        # an uninterrupted one and ranks never share random transforms.
-        self.aug_generator = torch.Generator(device=self.device)
-        if resume_state is not None:
-            self._restore(resume_state)
-        self.train_model: torch.nn.Module = self.model
-        if self.dist.enabled:
-            if config.sync_bn:
-                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(self.model, device_ids=device_ids)
-        if config.compile:
-            self.train_model = torch.compile(self.train_model)
+        return arch_signature(model)
 
-    def _restore(self, state: dict[str, Any]) -> None:
-        load_weights(self.model, state["model"], self.config.resume or "checkpoint")
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-            if state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
-            torch.set_rng_state(state["rng"]["torch"])
-        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-            raise DataFormatError(
-                f"--resume {self.config.resume}: its optimizer or RNG state does not fit this run "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); start a new run "
-                "with --init-weights to keep only the weights"
-            ) from None
-        if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        self.epoch = int(state["epoch"])
-        self.samples_seen = int(state["samples_seen"])
-        self.best.load_state_dict(state)
-        log.info("resuming %s after epoch %d (%d samples seen)", self.config.resume, self.epoch, self.samples_seen)
+    def make_best(self) -> BestCheckpoint:
+        return BestCheckpoint([SELECTION_METRICS[self.config.select_by], SELECTION_METRICS["f1"]])
+
+    def build_data(self) -> None:
+        self.data = build_data(self.config, self.dist, self.device)
+
+    def hparam_tags(self) -> tuple[str, ...]:
+        return HPARAM_TAGS
 
     # -- one epoch -----------------------------------------------------------------------------
 
@@ -488,29 +292,31 @@ class LunaTrainingApp:
         loss = F.cross_entropy(logits.float(), y, reduction="none")
         return {"labels": y.bool(), "prob_pos": prob[:, 1].float(), "losses": loss}
 
-    def _batches(self, loader, limit: int | None) -> int:
-        return min(len(loader), limit) if limit else len(loader)
-
     def train_epoch(self, epoch: int) -> EpochResult:
         self.train_model.train()
         self.data.train_sampler.set_epoch(epoch)
-        self.aug_generator.manual_seed((self.config.seed * 1_000_003 + epoch) * 1009 + self.dist.rank)
+        self.seed_augmentation(epoch)
         order = self.data.train_sampler.indices()
-        batches = self._batches(self.data.train_loader, self.config.max_train_batches)
-        total = min(batches * self.config.batch_size, len(order))
-        return run_epoch(
-            self.data.train_loader, self._train_step, device=self.device, dist=self.dist, desc=f"epoch {epoch} train",
-            total_samples=total, batches=batches, positions=order,
+        batches = batches_of(self.data.train_loader, self.config.max_train_batches)
+        entries_before = len(self.data.source)
+        result = run_epoch(
+            self.data.train_loader, self._train_step, device=self.device, dist=self.dist,
+            desc=f"epoch {epoch} train", total_samples=min(batches * self.config.batch_size, len(order)),
+            batches=batches, positions=order,
         )  # fmt: skip
+        # Every miss writes one entry (in whichever worker process met it), so the growth of the
+        # cache over the epoch counts the misses of all workers and ranks.
+        self._hit_rate = max(0.0, 1.0 - (len(self.data.source) - entries_before) / max(result.count, 1))
+        return result
 
     def validate(self, epoch: int) -> EpochResult:
         self.train_model.eval()
         order = np.fromiter(iter(self.data.val_sampler), dtype=np.int64)
-        batches = self._batches(self.data.val_loader, self.config.max_val_batches)
-        total = min(batches * self.config.batch_size, len(order))
+        batches = batches_of(self.data.val_loader, self.config.max_val_batches)
         return run_epoch(
-            self.data.val_loader, self._val_step, device=self.device, dist=self.dist, desc=f"epoch {epoch} validation",
-            total_samples=total, batches=batches, positions=order,
+            self.data.val_loader, self._val_step, device=self.device, dist=self.dist,
+            desc=f"epoch {epoch} validation", total_samples=min(batches * self.config.batch_size, len(order)),
+            batches=batches, positions=order,
         )  # fmt: skip
 
     # -- logging -------------------------------------------------------------------------------
@@ -519,13 +325,16 @@ class LunaTrainingApp:
         summary = epoch_summary(result, extra)
         if self.dist.is_main:
             self.writers.scalars(mode, summary, self.samples_seen)
-            self.writers.score_distribution(
-                mode, result.outputs["labels"], result.outputs["prob_pos"], self.samples_seen
-            )
+            out = result.outputs
+            self.writers.score_distribution(mode, out["labels"], out["prob_pos"], self.samples_seen)
             self.writers.flush()
-            partial_of = None if result.complete else len(self.data.val_ds)
-            log.info("%s", format_epoch(epoch, mode, result.count, summary, partial_of if mode == "val" else None))
+            partial_of = None if result.complete or mode != "val" else len(self.data.val_ds)
+            log.info("%s", format_epoch(epoch, mode, result.count, summary, partial_of))
         return summary
+
+    def log_training(self, epoch: int, result: EpochResult) -> None:
+        extra = {"lr": self.optimizer.param_groups[0]["lr"], "cache/hit_rate": self._hit_rate}
+        self.log_epoch("trn", epoch, result, extra)
 
     def _validation_extra(self, val: EpochResult) -> dict[str, float]:
         """CPM of the validation pass (rank 0 only), tagged partial when --max-val-batches cut it."""
@@ -536,124 +345,23 @@ class LunaTrainingApp:
         cpm = cpm_of(self.data.candidates, self.data.split, self.data.data_root, val, self._reference)
         return {"froc/cpm" if val.complete else "froc/cpm_partial": cpm}
 
-    def _log_hparams(self, summary: dict[str, float]) -> None:
-        cpm = summary.get("froc/cpm", summary.get("froc/cpm_partial", math.nan))
-        values = {"hparam/val_f1": summary["pr/f1_score"], "hparam/val_auc": summary["pr/auc"], "hparam/val_cpm": cpm}
-        self.writers.scalars("val", values, self.samples_seen)
-
-    # -- checkpoints ---------------------------------------------------------------------------
-
-    def _state(self) -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {
-            "arch": self.arch,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "epoch": self.epoch,
-            "samples_seen": self.samples_seen,
-            **self.best.state_dict(),
-            "config": self.config.to_dict(),
-            "run_time": self.run_time,
-            "rng": rng,
-        }
-
-    def save(self, is_best: bool) -> None:
-        if not self.dist.is_main:
-            return
-        state = self._state()
-        sha1 = save_checkpoint(state, self.checkpoint_dir / LAST_NAME)
-        log.info("saved %s (epoch %d, sha1 %s)", display_path(self.checkpoint_dir / LAST_NAME), self.epoch, sha1)
-        if is_best:
-            sha1 = save_checkpoint(state, self.checkpoint_dir / BEST_NAME)
-            log.info(
-                "saved %s (%s %.4f, sha1 %s)", display_path(self.checkpoint_dir / BEST_NAME), self.best.name,
-                self.best.value, sha1,
-            )  # fmt: skip
-
-    # -- the run -------------------------------------------------------------------------------
-
     def run_validation(self, epoch: int) -> bool:
-        """Validate, log, and say whether this epoch is the best so far."""
         val = self.validate(epoch)
         summary = self.log_epoch("val", epoch, val, self._validation_extra(val))
+        cpm = summary.get("froc/cpm", summary.get("froc/cpm_partial", math.nan))
         if self.dist.is_main:
-            self._log_hparams(summary)
+            hparams = {"hparam/val_f1": summary["pr/f1_score"], "hparam/val_auc": summary["pr/auc"]}
+            self.writers.scalars("val", {**hparams, "hparam/val_cpm": cpm}, self.samples_seen)
             every = self.config.images_every
             if every and (epoch % every == 0 or epoch == self.config.epochs):
                 for tag, images in hardest_examples(val, self.data.val_ds).items():
                     self.writers.images("val", tag, images, self.samples_seen)
-        ranked = {**summary, "froc/cpm": summary.get("froc/cpm", summary.get("froc/cpm_partial", math.nan))}
-        return self.best.update(ranked, epoch)
+        return self.best.update({**summary, "froc/cpm": cpm}, epoch)
 
     def run(self) -> None:
-        """Train until epoch `config.epochs`, validating every `val_every` epochs and after the last."""
-        config = self.config
         if self.dist.is_main:
             log_run_description(self)
-            if not config.resume:
-                self.writers.hparams(config.to_dict(), HPARAM_TAGS)
-        try:
-            for epoch in range(self.epoch + 1, config.epochs + 1):
-                entries_before = len(self.data.source)
-                trn = self.train_epoch(epoch)
-                self.samples_seen += trn.count
-                # Every miss writes one entry (in whichever worker process met it), so the growth of
-                # the cache over the epoch counts the misses of all workers and ranks.
-                hit_rate = max(0.0, 1.0 - (len(self.data.source) - entries_before) / max(trn.count, 1))
-                self.log_epoch(
-                    "trn", epoch, trn, {"lr": self.optimizer.param_groups[0]["lr"], "cache/hit_rate": hit_rate}
-                )
-                self.epoch = epoch
-                is_best = False
-                if epoch % config.val_every == 0 or epoch == config.epochs:
-                    is_best = self.run_validation(epoch)
-                self.save(is_best)
-            barrier(self.dist)  # every rank ends together (only rank 0 computes CPM and writes)
-        finally:
-            self.writers.close()
-
-    def close(self) -> None:
-        close_distributed(self.dist)
-
-
-def config_from_args(args: argparse.Namespace) -> TrainingConfig:
-    """A new run's settings from the parsed flags, paths made absolute."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingConfig) if hasattr(args, f.name)}
-    for key in ("val_subsets", "test_subsets"):
-        values[key] = tuple(values[key])
-    if values.get("balance_ratio") is not None:
-        values["balanced"] = True
-    config = TrainingConfig(**values)
-    config.validate()
-    return absolute_paths(config)
-
-
-def explicit_settings(argv: Sequence[str] | None) -> dict[str, Any]:
-    """Only the settings given on the command line (flag dest → parsed value), defaults left out."""
-    probe = get_args_parser()
-    for action in probe._actions:
-        action.default = argparse.SUPPRESS
-    given = vars(probe.parse_args(argv))
-    if given.get("balance_ratio") is not None:
-        given["balanced"] = True
-    return given
-
-
-def load_resume_state(path: str, arch: str) -> dict[str, Any]:
-    """The checkpoint to resume, refused with one line when it lacks what a resume needs."""
-    if not Path(path).is_file():
-        raise ConfigError(f"--resume {path}: no such checkpoint file")
-    state = load_checkpoint(path, arch=arch)
-    missing = [key for key in RESUME_KEYS if key not in state]
-    if missing:
-        raise DataFormatError(
-            f"--resume {path}: the checkpoint lacks {', '.join(missing)}, so the run cannot continue from it; "
-            "pass a last.pt written by python -m p2ch.training, or start a new run with --init-weights"
-        )
-    return state
+        super().run()
 
 
 def cpm_of(candidates: CandidateArrays, split: Split, data_root: Path, val: EpochResult, reference=None) -> float:
@@ -700,13 +408,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     holder: dict[str, LunaTrainingApp] = {}
 
     def body() -> int:
-        config = config_from_args(args)
+        config = config_from_args(args, TrainingConfig)
         resume_state = None
         if config.resume:
             resume_state = load_resume_state(config.resume, arch_signature(LunaModel()))
-            config = resume_config(
-                resume_state["config"], explicit_settings(argv), config.resume, args.allow_config_change
-            )
+            given = explicit_settings(get_args_parser(), argv)
+            config = resume_config(resume_state["config"], given, config.resume, args.allow_config_change)
         app = holder["app"] = LunaTrainingApp(config, resume_state=resume_state)
         app.run()
         if app.dist.is_main:

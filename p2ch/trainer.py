@@ -1,0 +1,254 @@
+"""`TrainingRun`: what every training app shares, written once.
+
+Device, DDP and mixed-precision set-up; the model on the device (memory format, initial weights,
+DDP and torch.compile wrapping); the optimizer and GradScaler; checkpoints with exact resume
+(model, optimizer, scaler, RNG, counters, the best-checkpoint policy, the run's settings);
+TensorBoard writers in the run's own folders; and the epoch schedule (`run`: train, validate every
+`val_every` epochs and after the last, save last.pt and best.pt, end every DDP rank together).
+
+An app (`p2ch.training.LunaTrainingApp`, `p2ch.seg_training.SegmentationTrainingApp`) subclasses it
+and supplies what differs: `build_data`, `make_model`, `make_best`, `train_epoch`,
+`log_training` and `run_validation` — a recipe over `p2ch.loop.run_epoch` and `p2ch.tblog`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from p2ch.checkpoint import BEST_NAME, LAST_NAME, load_checkpoint, load_weights, save_checkpoint
+from p2ch.config import RunConfig, absolute_paths, display_path
+from p2ch.errors import ConfigError, DataFormatError
+from p2ch.loop import BestCheckpoint, EpochResult
+from p2ch.runtime import (
+    barrier,
+    close_distributed,
+    init_distributed,
+    local_rank,
+    resolve_amp,
+    resolve_device,
+)
+from p2ch.tblog import RunWriters
+
+log = logging.getLogger(__name__)
+
+# What a checkpoint must hold for --resume (older checkpoints lack only best_loss/best_epoch/best_key).
+RESUME_KEYS = ("model", "optimizer", "epoch", "samples_seen", "config", "run_time", "rng")
+
+
+def load_resume_state(path: str, arch: str) -> dict[str, Any]:
+    """The checkpoint to resume, refused with one line when it is missing, of another model, or lacks run state."""
+    if not Path(path).is_file():
+        raise ConfigError(f"--resume {path}: no such checkpoint file")
+    state = load_checkpoint(path, arch=arch)
+    missing = [key for key in RESUME_KEYS if key not in state]
+    if missing:
+        raise DataFormatError(
+            f"--resume {path}: the checkpoint lacks {', '.join(missing)}, so the run cannot continue from it; "
+            "pass a last.pt written by the same training command, or start a new run with --init-weights"
+        )
+    return state
+
+
+def make_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+    """--optimizer adam or sgd (with --momentum), --lr and --weight-decay."""
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def batches_of(loader: Any, limit: int | None) -> int:
+    """How many batches of `loader` an epoch runs (all, or at most --max-*-batches)."""
+    return min(len(loader), limit) if limit else len(loader)
+
+
+class TrainingRun:
+    """One training run of some model: the shared set-up, checkpoints and schedule (see the module doc).
+
+    config: the run's settings (paths made absolute here). resume_state: the checkpoint to continue
+    (loaded from `config.resume` when not given); main() first merges its settings (`resume_config`).
+    Subclasses set `tb_kind` (TensorBoard folder kind, e.g. "cls") and `memory_format`.
+    """
+
+    tb_kind = "cls"
+    memory_format = torch.channels_last_3d
+
+    def __init__(self, config: RunConfig, resume_state: dict[str, Any] | None = None):
+        self.config = config = absolute_paths(config)
+        self.device = resolve_device(config.device, local_rank())
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if config.sync_bn and self.device.type != "cuda":
+            raise ConfigError(
+                "--sync-bn needs CUDA devices (torch's SyncBatchNorm works only on GPUs); "
+                f"drop it for --device {self.device.type}"
+            )
+        self.dist = init_distributed(self.device)
+        self.amp_dtype = resolve_amp(config.amp, self.device)
+        self.channels_last = config.channels_last == "on"
+        self.epoch = 0
+        self.samples_seen = 0
+        self.best = self.make_best()
+        torch.manual_seed(config.seed)
+        model = self.make_model()  # before the data: its weights must not depend on data set-up
+        self.arch = self.arch_of(model)
+        if config.resume and resume_state is None:  # used as a library: load what main() would
+            resume_state = load_resume_state(config.resume, self.arch)
+        self.run_time = (
+            resume_state["run_time"] if resume_state else datetime.datetime.now().strftime("%Y-%m-%d_%H.%M.%S")
+        )
+        self.build_data()
+        self._init_model(model, resume_state)
+        if config.resume:  # a resumed run keeps writing next to the checkpoint it came from
+            self.checkpoint_dir = Path(config.resume).parent
+        else:
+            self.checkpoint_dir = Path(config.checkpoint_dir) / config.tb_prefix / f"{self.run_time}-{config.comment}"
+        purge = self.samples_seen + 1 if config.resume else None  # drop events after the resumed step
+        self.writers = RunWriters(
+            config.runs_dir, config.tb_prefix, self.run_time, config.comment, kind=self.tb_kind, purge_step=purge
+        )
+        self.writers.enabled = self.dist.is_main
+
+    # -- what an app supplies --------------------------------------------------------------------
+
+    def make_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def arch_of(self, model: torch.nn.Module) -> str:
+        """The architecture tag checkpoints carry (load_checkpoint refuses another)."""
+        raise NotImplementedError
+
+    def make_best(self) -> BestCheckpoint:
+        raise NotImplementedError
+
+    def build_data(self) -> None:
+        raise NotImplementedError
+
+    def train_epoch(self, epoch: int) -> EpochResult:
+        raise NotImplementedError
+
+    def log_training(self, epoch: int, result: EpochResult) -> None:
+        raise NotImplementedError
+
+    def run_validation(self, epoch: int) -> bool:
+        """Validate, log, and say whether this epoch is the best so far."""
+        raise NotImplementedError
+
+    # -- model, optimizer, resume ------------------------------------------------------------------
+
+    def _init_model(self, model: torch.nn.Module, resume_state: dict[str, Any] | None) -> None:
+        config = self.config
+        self.model = model.to(self.device)
+        if config.init_weights:
+            init_state = load_checkpoint(config.init_weights, arch=self.arch)
+            load_weights(self.model, init_state["model"], config.init_weights)
+            log.info("initial weights from %s (epoch %s)", config.init_weights, init_state.get("epoch"))
+        if self.channels_last:
+            self.model = self.model.to(memory_format=self.memory_format)
+        self.optimizer = make_optimizer(self.model, config)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        # Reseeded from (seed, epoch, rank) at every epoch, so a resumed run augments exactly as
+        # an uninterrupted one and ranks never share random transforms.
+        self.aug_generator = torch.Generator(device=self.device)
+        if resume_state is not None:
+            self._restore(resume_state)
+        self.train_model: torch.nn.Module = self.model
+        if self.dist.enabled:
+            if config.sync_bn:
+                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=device_ids)
+        if config.compile:
+            self.train_model = torch.compile(self.train_model)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        load_weights(self.model, state["model"], self.config.resume or "checkpoint")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["rng"]["torch"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise DataFormatError(
+                f"--resume {self.config.resume}: its optimizer or RNG state does not fit this run "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); start a new run "
+                "with --init-weights to keep only the weights"
+            ) from None
+        if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.epoch = int(state["epoch"])
+        self.samples_seen = int(state["samples_seen"])
+        self.best.load_state_dict(state)
+        log.info("resuming %s after epoch %d (%d samples seen)", self.config.resume, self.epoch, self.samples_seen)
+
+    def seed_augmentation(self, epoch: int) -> None:
+        """Reseed the device generator from (seed, epoch, rank): resumed runs augment as uninterrupted ones."""
+        self.aug_generator.manual_seed((self.config.seed * 1_000_003 + epoch) * 1009 + self.dist.rank)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "arch": self.arch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "epoch": self.epoch,
+            "samples_seen": self.samples_seen,
+            **self.best.state_dict(),
+            "config": self.config.to_dict(),
+            "run_time": self.run_time,
+            "rng": rng,
+        }
+
+    def save(self, is_best: bool) -> None:
+        if not self.dist.is_main:
+            return
+        state = self._state()
+        sha1 = save_checkpoint(state, self.checkpoint_dir / LAST_NAME)
+        log.info("saved %s (epoch %d, sha1 %s)", display_path(self.checkpoint_dir / LAST_NAME), self.epoch, sha1)
+        if is_best:
+            sha1 = save_checkpoint(state, self.checkpoint_dir / BEST_NAME)
+            log.info(
+                "saved %s (%s %.4f, sha1 %s)", display_path(self.checkpoint_dir / BEST_NAME), self.best.name,
+                self.best.value, sha1,
+            )  # fmt: skip
+
+    # -- the schedule ------------------------------------------------------------------------------
+
+    def hparam_tags(self) -> tuple[str, ...]:
+        """The metrics TensorBoard's HPARAMS tab lists for this app."""
+        return ()
+
+    def run(self) -> None:
+        """Train until epoch `config.epochs`, validating every `val_every` epochs and after the last."""
+        config = self.config
+        if self.dist.is_main:
+            log.info("config: %s", json.dumps(config.to_dict(), sort_keys=True))
+            if not config.resume:
+                self.writers.hparams(config.to_dict(), self.hparam_tags())
+        try:
+            for epoch in range(self.epoch + 1, config.epochs + 1):
+                trn = self.train_epoch(epoch)
+                self.samples_seen += trn.count
+                self.log_training(epoch, trn)
+                self.epoch = epoch
+                is_best = False
+                if epoch % config.val_every == 0 or epoch == config.epochs:
+                    is_best = self.run_validation(epoch)
+                self.save(is_best)
+            barrier(self.dist)  # every rank ends together (only rank 0 computes some metrics and writes)
+        finally:
+            self.writers.close()
+
+    def close(self) -> None:
+        close_distributed(self.dist)
