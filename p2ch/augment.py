@@ -46,6 +46,19 @@ square row/col plane (the 48 × 48 chunk) that is the plain rotation matrix in n
 Outside the chunk the border voxels are repeated (`padding_mode='border'`), as the book does.
 When only flips are on, they are applied with `torch.flip`, which is exact, instead of through
 a sampling grid (which is off by rounding).
+
+2D (segmentation, chapter 13)
+-----------------------------
+`augment_2d` does the same for `(N, C, H, W)` slices (C = the slice and its neighbours) and
+their `(N, 1, H, W)` bool nodule masks: one random `(N, 2, 3)` matrix per sample, axes
+`(x, y) = (col, row)`, `q = Rot @ Scale @ Flip @ p + t` as above with the rotation in the only
+plane there is. Image and mask go through the same sampling grid, so they stay aligned: the
+image bilinearly, the mask as 0/1 floats, bilinearly, then thresholded at 0.5, so it stays
+binary and its edge moves with the image's edge (`padding_mode='border'` for both). Noise goes
+on the image only. The book's chapter-13 magnitudes (`Augment2dConfig.book()`) are those of
+chapter 12 except the offset, 0.03 (±1 pixel on a 64-pixel crop); the book's 2D version, too,
+draws one transform for the whole batch and never applies its offset. `random_crop_2d` cuts a
+random `size × size` window per sample (the book's 64 × 64 training crop from 96 × 96).
 """
 
 from __future__ import annotations
@@ -62,6 +75,7 @@ from p2ch.errors import ConfigError, DataFormatError
 
 # The book's magnitudes for its --augment-* switches.
 BOOK_OFFSET = 0.1
+BOOK_OFFSET_2D = 0.03  # chapter 13 (segmentation); its scale and noise are chapter 12's
 BOOK_SCALE = 0.2
 BOOK_NOISE_HU = 25.0
 
@@ -72,8 +86,34 @@ _OFFSET = slice(3, 6)
 _SCALE = slice(6, 9)
 _ANGLE = 9
 _DRAWS = 10
+# The same for `random_affine_2d`'s (N, 7) draw, columns in (x, y) = (col, row) order.
+_FLIP_2D = slice(0, 2)
+_OFFSET_2D = slice(2, 4)
+_SCALE_2D = slice(4, 6)
+_ANGLE_2D = 6
+_DRAWS_2D = 7
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _check_fields(config: AugmentConfig | Augment2dConfig) -> None:
+    """Validate a config's fields in place (numbers become float); ConfigError naming the field."""
+    kind = type(config).__name__
+    for name in ("flip", "rotate"):
+        if not isinstance(getattr(config, name), bool):
+            raise ConfigError(f"{kind}.{name} is {getattr(config, name)!r}; expected True or False")
+    limits = {
+        "offset": (0.0, 1.0, "at most 1 (a whole half-extent)"),
+        "scale": (0.0, 0.99, "below 1 (a factor 1 - scale must stay positive)"),
+        "noise": (0.0, math.inf, "a finite number of HU"),
+    }
+    for name, (low, high, what) in limits.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{kind}.{name} is {value!r}; expected a number >= 0, {what}")
+        if not (math.isfinite(value) and low <= value <= high):
+            raise ConfigError(f"{kind}.{name} is {value!r}; expected a number >= 0, {what}")
+        object.__setattr__(config, name, float(value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,21 +135,7 @@ class AugmentConfig:
     noise: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("flip", "rotate"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"AugmentConfig.{name} is {getattr(self, name)!r}; expected True or False")
-        limits = {
-            "offset": (0.0, 1.0, "at most 1 (a whole half-extent)"),
-            "scale": (0.0, 0.99, "below 1 (a factor 1 - scale must stay positive)"),
-            "noise": (0.0, math.inf, "a finite number of HU"),
-        }
-        for name, (low, high, what) in limits.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"AugmentConfig.{name} is {value!r}; expected a number >= 0, {what}")
-            if not (math.isfinite(value) and low <= value <= high):
-                raise ConfigError(f"AugmentConfig.{name} is {value!r}; expected a number >= 0, {what}")
-            object.__setattr__(self, name, float(value))
+        _check_fields(self)
 
     @classmethod
     def none(cls) -> AugmentConfig:
@@ -332,11 +358,10 @@ def flip_batch(batch: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     return _keep_memory_format(out.permute(0, 4, 1, 2, 3), x)
 
 
-def _check_generator(generator: Any, device: torch.device) -> None:
+def _check_generator(generator: Any, device: torch.device, what: str = "augment_batch") -> None:
     if not isinstance(generator, torch.Generator):
         raise ConfigError(
-            f"augment_batch: generator is a {type(generator).__name__}; expected a "
-            f"torch.Generator(device={str(device)!r})"
+            f"{what}: generator is a {type(generator).__name__}; expected a torch.Generator(device={str(device)!r})"
         )
     gen_device = generator.device
     same = gen_device.type == device.type and (
@@ -344,7 +369,7 @@ def _check_generator(generator: Any, device: torch.device) -> None:
     )
     if not same:
         raise ConfigError(
-            f"augment_batch: generator is on {gen_device}, the batch on {device}; create it "
+            f"{what}: generator is on {gen_device}, the batch on {device}; create it "
             f"with torch.Generator(device={str(device)!r})"
         )
 
@@ -381,3 +406,224 @@ def augment_batch(batch: torch.Tensor, config: AugmentConfig, *, generator: torc
         noisy = noise.mul_(config.noise).add_(out.to(work))
         out = _keep_memory_format(noisy.to(x.dtype), x)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 2D: slices and their masks (segmentation)
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment2dConfig:
+    """Which 2D augmentations run, and how strongly (all off by default).
+
+    flip: random flip of rows and of cols, each with probability 0.5.
+    offset: largest translation per axis, in affine_grid's normalised units (0.03 = ±3% of the
+        half-extent, ±1 pixel on 64), 0 for none.
+    scale: largest relative scale change per axis (0.2 = ±20%), 0 for none; below 1.
+    rotate: random rotation by 0..2π in the slice plane.
+    noise: standard deviation of Gaussian noise added to the image (never the mask), in HU.
+    """
+
+    flip: bool = False
+    offset: float = 0.0
+    scale: float = 0.0
+    rotate: bool = False
+    noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+    @classmethod
+    def none(cls) -> Augment2dConfig:
+        """No augmentation at all."""
+        return cls()
+
+    @classmethod
+    def book(cls) -> Augment2dConfig:
+        """Chapter 13's `--augmented`: flip, offset 0.03, scale 0.2, rotate, noise 25 HU."""
+        return cls(flip=True, offset=BOOK_OFFSET_2D, scale=BOOK_SCALE, rotate=True, noise=BOOK_NOISE_HU)
+
+    @classmethod
+    def from_flags(
+        cls,
+        *,
+        augmented: bool = False,
+        flip: bool = False,
+        offset: bool = False,
+        scale: bool = False,
+        rotate: bool = False,
+        noise: bool = False,
+    ) -> Augment2dConfig:
+        """The config for chapter 13's switches (`--augmented`, `--augment-flip` …), its magnitudes."""
+        if augmented:
+            return cls.book()
+        return cls(
+            flip=bool(flip),
+            offset=BOOK_OFFSET_2D if offset else 0.0,
+            scale=BOOK_SCALE if scale else 0.0,
+            rotate=bool(rotate),
+            noise=BOOK_NOISE_HU if noise else 0.0,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """True when any augmentation is on."""
+        return self.flip or self.resamples or self.noise > 0
+
+    @property
+    def resamples(self) -> bool:
+        """True when the slices must be resampled through a grid (offset, scale or rotation on)."""
+        return self.offset > 0 or self.scale > 0 or self.rotate
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for logs and checkpoints."""
+        return dataclasses.asdict(self)
+
+
+def random_affine_2d(
+    n: int,
+    config: Augment2dConfig,
+    *,
+    generator: torch.Generator,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    shape_hw: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """One random 2D affine matrix per sample, for `F.affine_grid` (module docstring, 2D).
+
+    n: number of samples. generator: source of the random numbers (drawn on its device).
+    device: where the result lives (default: the generator's device).
+    shape_hw: the slices' (H, W), to keep the rotation rigid in pixels on a non-square slice;
+        None means square.
+    Returns theta: (n, 2, 3) `dtype`, axes in (col, row) = (x, y) order, translation in normalised
+        units; the identity for a disabled config.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ConfigError(f"random_affine_2d: n is {n!r}; expected a sample count >= 0")
+    if not isinstance(config, Augment2dConfig):
+        raise ConfigError(f"random_affine_2d: config is a {type(config).__name__}; expected an Augment2dConfig")
+    if dtype not in (torch.float32, torch.float64):
+        raise ConfigError(f"random_affine_2d: dtype is {dtype}; expected torch.float32 or torch.float64")
+    aspect = 1.0  # H / W
+    if shape_hw is not None:
+        if len(shape_hw) != 2 or min(int(s) for s in shape_hw) < 1:
+            raise ConfigError(f"random_affine_2d: shape_hw is {tuple(shape_hw)!r}; expected (H, W) > 0")
+        aspect = int(shape_hw[0]) / int(shape_hw[1])
+    device = torch.device(device) if device is not None else generator.device
+    draw = torch.rand((n, _DRAWS_2D), generator=generator, device=generator.device, dtype=torch.float64)
+
+    factors = torch.ones((n, 2), dtype=torch.float64, device=draw.device)
+    if config.flip:
+        factors = torch.where(draw[:, _FLIP_2D] < 0.5, -factors, factors)
+    if config.scale > 0:
+        factors = factors * (1.0 + config.scale * (2.0 * draw[:, _SCALE_2D] - 1.0))
+    linear = torch.diag_embed(factors)
+    if config.rotate:
+        angle = draw[:, _ANGLE_2D] * (2.0 * math.pi)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        # Rigid in pixels: conjugated by diag(W/2, H/2), as in `random_affine`.
+        rotation = torch.stack([torch.stack([cos, -sin * aspect], 1), torch.stack([sin / aspect, cos], 1)], 1)
+        linear = rotation @ linear
+    translation = torch.zeros((n, 2, 1), dtype=torch.float64, device=draw.device)
+    if config.offset > 0:
+        translation = (config.offset * (2.0 * draw[:, _OFFSET_2D] - 1.0)).unsqueeze(-1)
+    return torch.cat([linear, translation], dim=2).to(device=device, dtype=dtype)
+
+
+def _check_slices(images: Any, masks: Any, what: str) -> torch.Tensor:
+    """Validate an (images, masks) pair; return the images as float (int16 becomes float32)."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        found = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise DataFormatError(f"{what}: images is {found}; expected a (N, C, H, W) float tensor of HU")
+    n, _, h, w = images.shape
+    if not isinstance(masks, torch.Tensor) or tuple(masks.shape) != (n, 1, h, w) or masks.dtype != torch.bool:
+        found = (tuple(masks.shape), masks.dtype) if isinstance(masks, torch.Tensor) else type(masks).__name__
+        raise DataFormatError(f"{what}: masks is {found}; expected a ({n}, 1, {h}, {w}) bool tensor")
+    if masks.device != images.device:
+        raise DataFormatError(f"{what}: images are on {images.device}, masks on {masks.device}; expected one device")
+    if images.dtype == torch.int16:
+        return images.float()
+    if images.dtype not in _FLOAT_DTYPES:
+        raise DataFormatError(
+            f"{what}: images have dtype {images.dtype}; expected float32, float64, bfloat16, float16 or int16 HU"
+        )
+    return images
+
+
+def _keep_memory_format_2d(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`out` laid out as `like`: channels_last if `like` is (and not also contiguous), else contiguous."""
+    if not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+        return out.contiguous(memory_format=torch.channels_last)
+    return out.contiguous()
+
+
+def _flip_2d(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """x (N, C, H, W) flipped per sample: flips (N, 2) bool, columns (col, row). Exact."""
+    n = x.shape[0]
+    out = torch.where(flips[:, 0].view(n, 1, 1, 1), x.flip(3), x)
+    return torch.where(flips[:, 1].view(n, 1, 1, 1), out.flip(2), out)
+
+
+@torch.no_grad()
+def augment_2d(
+    images: torch.Tensor, masks: torch.Tensor, config: Augment2dConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment slices and their masks with one random affine per sample, then noise on the image.
+
+    images: (N, C, H, W) float32/float64/bfloat16/float16 HU (int16 becomes float32), any device.
+    masks: (N, 1, H, W) bool, on the same device.
+    config: what to do; a disabled config returns the inputs untouched.
+    generator: torch.Generator on their device; the matrices are drawn first, then the noise.
+    Returns (images (N, C, H, W) same dtype and memory format, masks (N, 1, H, W) bool).
+    """
+    if not isinstance(config, Augment2dConfig):
+        raise ConfigError(f"augment_2d: config is a {type(config).__name__}; expected an Augment2dConfig")
+    x = _check_slices(images, masks, "augment_2d")
+    if not config.enabled or x.shape[0] == 0:
+        return x, masks
+    _check_generator(generator, x.device, "augment_2d")
+    theta = random_affine_2d(x.shape[0], config, generator=generator, device=x.device, shape_hw=tuple(x.shape[2:]))
+    work = _compute_dtype(x.dtype)
+    out, out_masks = x, masks
+    if config.resamples:
+        grid = F.affine_grid(theta.to(work), list(x.shape), align_corners=False)
+        out = F.grid_sample(x.to(work), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        warped = F.grid_sample(masks.to(work), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        out_masks = warped > 0.5
+    elif config.flip:
+        flips = torch.diagonal(theta[:, :, :2], dim1=1, dim2=2) < 0
+        out, out_masks = _flip_2d(x, flips), _flip_2d(masks, flips)
+    if config.noise > 0:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=work)
+        out = noise.mul_(config.noise).add_(out.to(work))
+    return _keep_memory_format_2d(out.to(x.dtype), x), out_masks.contiguous()
+
+
+def random_crop_2d(
+    images: torch.Tensor, masks: torch.Tensor, size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut the same random `size × size` window out of each sample's image and mask.
+
+    images: (N, C, H, W) HU, any float dtype or int16 (kept), any device.
+    masks: (N, 1, H, W) bool, same device.
+    size: crop side in pixels, 1..min(H, W). Each sample's top-left corner is uniform over the
+        (H - size + 1) × (W - size + 1) positions, drawn from `generator` (on their device).
+    Returns (images (N, C, size, size) same dtype and memory format, masks (N, 1, size, size) bool).
+    """
+    _check_slices(images, masks, "random_crop_2d")  # int16 is accepted and kept
+    n, _, h, w = images.shape
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= min(h, w):
+        raise ConfigError(f"random_crop_2d: size is {size!r}; expected an int from 1 to {min(h, w)} for {h}×{w} slices")
+    _check_generator(generator, images.device, "random_crop_2d")
+    draw = torch.rand((n, 2), generator=generator, device=generator.device, dtype=torch.float64).to(images.device)
+    room = torch.tensor([h - size + 1, w - size + 1], dtype=torch.float64, device=images.device)
+    corner = torch.minimum((draw * room).long(), (room - 1).long())  # (N, 2): top row, left col
+    span = torch.arange(size, device=images.device)
+    rows = (corner[:, 0:1] + span).view(n, size, 1)
+    cols = (corner[:, 1:2] + span).view(n, 1, size)
+    samples = torch.arange(n, device=images.device).view(n, 1, 1)
+
+    def cut(x: torch.Tensor) -> torch.Tensor:  # one gather, channels last so they stay together
+        return x.permute(0, 2, 3, 1)[samples, rows, cols].permute(0, 3, 1, 2)
+
+    return _keep_memory_format_2d(cut(images), images), cut(masks).contiguous()

@@ -221,6 +221,62 @@ class TrainingConfig(RunConfig):
         )
 
 
+VAL_SLICES = ("all", "nodules")  # segmentation validation: every slice, or nodule slices plus a sample
+UP_MODES = ("upconv", "upsample")  # the UNet's up path: learned transposed convolutions or bilinear + 1x1
+BOOK_SEG_EPOCH_SIZE = 300_000  # the book's segmentation epoch (samples)
+
+
+@dataclasses.dataclass(frozen=True)
+class SegTrainingConfig(RunConfig):
+    """Every setting of a segmentation run (python -m p2ch.seg_training); the book's defaults.
+
+    context_slices: slices on each side of the centre slice given as channels (3: 7 channels).
+    crop_size: the random training crop (the dataset hands out crops 1.5x as large around a nodule).
+    depth, wf, up_mode: the UNet (depth levels, 2**wf filters at the first). fn_weight: weight of the
+    false-negative Dice term of the loss. val_slices: validate on every slice of the validation CTs
+    (needed for per-nodule metrics) or on the nodule slices plus `val_negative_fraction` of the rest.
+    threshold: probability above which a pixel counts as nodule.
+    """
+
+    comment: str = "seg"
+    batch_size: int = 16
+    optimizer: str = "adam"
+    context_slices: int = 3
+    crop_size: int = 64
+    depth: int = 3
+    wf: int = 4
+    up_mode: str = "upconv"
+    fn_weight: float = 8.0
+    val_slices: str = "all"
+    val_negative_fraction: float = 0.1
+    threshold: float = 0.5
+
+    def validate(self) -> None:
+        super().validate()
+        _need(
+            self.split != "stride", "--split stride is candidate-level; segmentation splits whole CTs (series, subset)"
+        )
+        _need(0 <= self.context_slices <= 32, f"--context-slices must be in 0…32, got {self.context_slices}")
+        _need(1 <= self.depth <= 8, f"--depth must be in 1…8, got {self.depth}")
+        _need(1 <= self.wf <= 10, f"--wf must be in 1…10, got {self.wf}")
+        _need(self.up_mode in UP_MODES, f"--up-mode {self.up_mode!r}: expected one of {', '.join(UP_MODES)}")
+        _need(self.fn_weight >= 0, f"--fn-weight must be ≥ 0, got {self.fn_weight}")
+        _need(
+            self.val_slices in VAL_SLICES, f"--val-slices {self.val_slices!r}: expected one of {', '.join(VAL_SLICES)}"
+        )
+        _need(
+            0.0 <= self.val_negative_fraction <= 1.0,
+            f"--val-negative-fraction must be in [0, 1], got {self.val_negative_fraction}",
+        )
+        _need(0.0 < self.threshold < 1.0, f"--threshold must be in (0, 1), got {self.threshold}")
+        step = 2 ** (self.depth - 1)
+        _need(
+            self.crop_size >= step and self.crop_size % step == 0,
+            f"--crop-size {self.crop_size}: a UNet of depth {self.depth} needs a multiple of {step} "
+            f"(halved {self.depth - 1} times); e.g. 64",
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # the command-line spelling of RunConfig, shared by the training apps
 

@@ -20,7 +20,8 @@ Splits
 so a CT (and its nodules) is never in two parts. The book's every-10th-candidate split
 (`mode="stride"`) is kept for comparison only: it puts the same CT, usually the same nodule
 seen from a neighbouring candidate, into both training and validation, which inflates
-validation scores.
+validation scores. `split_series` splits whole series (the segmentation model's CTs) by the same
+rules, so a series is in the same part for both models.
 
 Sampling
 --------
@@ -374,6 +375,26 @@ def split_candidates(
         raise ConfigError(f"split mode {mode!r} is unknown; expected one of {', '.join(SPLIT_MODES)}")
     if len(candidates) == 0:
         raise ConfigError("split_candidates: the candidate list is empty; nothing to split")
+    val_fraction, val_stride, val_set, test_fraction, test_set = _check_split_settings(
+        val_fraction, val_stride, val_subsets, test_fraction, test_subsets
+    )
+    if mode == "stride":
+        part = _stride_mode_parts(len(candidates), val_stride, test_fraction, test_set)
+    else:
+        part = _series_split_parts(
+            candidates, mode, val_fraction, val_stride, val_set, test_fraction, test_set, data_root
+        )
+    return _split_from_parts(candidates, mode, part)
+
+
+def _check_split_settings(
+    val_fraction: float,
+    val_stride: int | None,
+    val_subsets: Sequence[int],
+    test_fraction: float,
+    test_subsets: Sequence[int],
+) -> tuple[float, int | None, frozenset[int], float, frozenset[int]]:
+    """Checked (val_fraction, val_stride, val_subsets, test_fraction, test_subsets) of a split, or ConfigError."""
     val_fraction = _check_fraction("val_fraction", val_fraction)
     test_fraction = _check_fraction("test_fraction", test_fraction)
     if val_stride is not None:
@@ -382,14 +403,54 @@ def split_candidates(
         )
     val_set = _check_subsets("val_subsets", val_subsets)
     test_set = _check_subsets("test_subsets", test_subsets)
+    return val_fraction, val_stride, val_set, test_fraction, test_set
 
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SeriesSplit:
+    """Series of each part of a split by series: train, val, test (s,) str, sorted, disjoint (test may be empty)."""
+
+    mode: str
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+def split_series(
+    series_uids: Sequence[str] | np.ndarray,
+    mode: str = "series",
+    *,
+    val_fraction: float = 0.1,
+    val_stride: int | None = None,
+    val_subsets: Sequence[int] = (9,),
+    test_fraction: float = 0.0,
+    test_subsets: Sequence[int] = (),
+    data_root=None,
+) -> SeriesSplit:
+    """Split series (CTs) into train / val / test exactly as `split_candidates` splits their candidates.
+
+    For the segmentation model, which works on whole CTs: with the same settings a series lands
+    in the same part here as its candidates do in `split_candidates` ("series": by
+    `series_fraction`, "subset": by LUNA16 fold; see there), so no CT validates one model after
+    training the other. Duplicate uids count once. The book's "stride" split is per candidate and
+    has no meaning here: ConfigError, as for fewer than 2 series or an empty train or val part.
+    """
+    if mode not in SPLIT_MODES:
+        raise ConfigError(f"split mode {mode!r} is unknown; expected one of {', '.join(SPLIT_MODES)}")
     if mode == "stride":
-        part = _stride_mode_parts(len(candidates), val_stride, test_fraction, test_set)
-    else:
-        part = _series_split_parts(
-            candidates, mode, val_fraction, val_stride, val_set, test_fraction, test_set, data_root
+        raise ConfigError(
+            "split mode 'stride' puts every Nth candidate in validation and does not apply to whole CTs; "
+            "use --split series or --split subset (they give the same series split as the classifier's)"
         )
-    return _split_from_parts(candidates, mode, part)
+    settings = _check_split_settings(val_fraction, val_stride, val_subsets, test_fraction, test_subsets)
+    uids = np.unique(np.asarray(series_uids, dtype=str).reshape(-1))
+    if len(uids) < 2:
+        raise ConfigError(
+            f"{mode} split: {len(uids)} series; a split by series needs at least 2 (one to train on, one to "
+            "validate); add CTs"
+        )
+    part = _parts_of_series(uids, mode, *settings, data_root)
+    return SeriesSplit(mode=mode, train=uids[part == _TRAIN], val=uids[part == _VAL], test=uids[part == _TEST])
 
 
 def _stride_mode_parts(
@@ -419,10 +480,7 @@ def _series_split_parts(
     test_set: frozenset[int],
     data_root,
 ) -> np.ndarray:
-    """(M,) int8 part of each candidate for the "series" and "subset" modes: its series' part.
-
-    Arguments are already checked; this rejects those that belong to the other mode.
-    """
+    """(M,) int8 part of each candidate for the "series" and "subset" modes: its series' part."""
     present = np.unique(candidates.series_index)
     uids = np.asarray(candidates.series_uids, dtype=str)[present]
     if len(uids) < 2:
@@ -430,6 +488,26 @@ def _series_split_parts(
             f"{mode} split: the candidates come from only {len(uids)} series; a split by series "
             "needs at least 2 (one to train on, one to validate); add CTs, or use --split stride (leaky)"
         )
+    series_part = _parts_of_series(uids, mode, val_fraction, val_stride, val_set, test_fraction, test_set, data_root)
+    lookup = np.full(len(candidates.series_uids), -1, dtype=np.int8)
+    lookup[present] = series_part
+    return lookup[candidates.series_index]
+
+
+def _parts_of_series(
+    uids: np.ndarray,
+    mode: str,
+    val_fraction: float,
+    val_stride: int | None,
+    val_set: frozenset[int],
+    test_fraction: float,
+    test_set: frozenset[int],
+    data_root,
+) -> np.ndarray:
+    """(S,) int8 part of each of the distinct series `uids` in the "series" or "subset" mode.
+
+    Arguments are already checked; this rejects those that belong to the other mode.
+    """
     if mode == "series":
         if test_set:
             raise ConfigError(
@@ -437,18 +515,14 @@ def _series_split_parts(
             )
         if val_stride is not None:
             val_fraction = 1.0 / val_stride
-        series_part = _series_mode_parts(uids, val_fraction, test_fraction)
-    else:
-        if test_fraction:
-            raise ConfigError(
-                f"test_fraction {test_fraction:g} applies to --split series; the subset split takes --test-subsets"
-            )
-        if val_stride is not None:
-            raise ConfigError("val_stride applies to --split series or stride; the subset split takes --val-subsets")
-        series_part = _subset_mode_parts(uids, val_set, test_set, data_root)
-    lookup = np.full(len(candidates.series_uids), -1, dtype=np.int8)
-    lookup[present] = series_part
-    return lookup[candidates.series_index]
+        return _series_mode_parts(uids, val_fraction, test_fraction)
+    if test_fraction:
+        raise ConfigError(
+            f"test_fraction {test_fraction:g} applies to --split series; the subset split takes --test-subsets"
+        )
+    if val_stride is not None:
+        raise ConfigError("val_stride applies to --split series or stride; the subset split takes --val-subsets")
+    return _subset_mode_parts(uids, val_set, test_set, data_root)
 
 
 def _split_from_parts(candidates: CandidateArrays, mode: str, part: np.ndarray) -> Split:

@@ -128,17 +128,20 @@ class BestCheckpoint:
     """Which validation result is the best so far (for best.pt).
 
     metrics: the ladder, most wanted first (e.g. CPM, then F1); loss_key: the summary key of the
-    validation loss. A result is ranked by the first rung at which it or the best so far is
-    defined: defined beats undefined (nan), then the higher value wins, then the lower loss.
+    tie-break, lower is better (the validation loss; false-positive components per CT for the
+    segmentation model), named `loss_name` when it decides alone. A result is ranked by the first
+    rung at which it or the best so far is defined: defined beats undefined (nan), then the higher
+    value wins, then the lower loss.
     When no rung is defined for either, the lower loss wins. This is a total order over
     results, so a metric that is undefined in some epochs (F1 while the model predicts no
     positive, CPM without nodules) can never make a worse epoch replace a better one.
     """
 
-    def __init__(self, metrics: Sequence[Metric], loss_key: str = "loss/all"):
+    def __init__(self, metrics: Sequence[Metric], loss_key: str = "loss/all", loss_name: str = "loss"):
         assert metrics, "at least one metric"
         self.metrics = tuple(metrics)
         self.loss_key = loss_key
+        self.loss_name = loss_name
         self.key: tuple[float, ...] | None = None
         self.epoch = 0
         self.name = self.metrics[0].name
@@ -148,10 +151,10 @@ class BestCheckpoint:
     def rank(self, summary: Mapping[str, float]) -> tuple[tuple[float, ...], str, float]:
         """(sort key, name of the deciding metric, its value) of one validation summary."""
         key: list[float] = []
-        name, value = "loss", -float(summary.get(self.loss_key, math.nan))
+        name, value = self.loss_name, -float(summary.get(self.loss_key, math.nan))
         for metric in self.metrics:
             found = float(summary.get(metric.key, math.nan))
-            if math.isnan(found) or name != "loss":
+            if math.isnan(found) or name != self.loss_name:
                 key += [0.0, 0.0]
             else:
                 key += [1.0, found]

@@ -146,14 +146,20 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def arch_signature(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> str:
-    """`MODEL_ARCH` plus a short hash of every state-dict key and tensor shape.
+def arch_signature(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], arch: str = MODEL_ARCH) -> str:
+    """`arch` (the architecture's name and version) plus a short hash of every state-dict key and tensor shape.
 
     Two models whose weights can be loaded into each other have the same signature; a checkpoint
     from another architecture (other layers, other widths) does not. The `_orig_mod.` prefix of
     torch.compile and the `module.` prefix of DistributedDataParallel are ignored.
+    arch: the name tag, `MODEL_ARCH` for `LunaModel`, `p2ch.unet.UNET_ARCH` for the UNet, so that
+        checkpoints of different model families differ by name as well as by hash.
     Returns e.g. 'LunaModel-v1:3f2a…' (16 hex digits).
     """
+    if not isinstance(arch, str) or not arch or ":" in arch:
+        raise ConfigError(
+            f"arch_signature: arch is {arch!r}; expected a non-empty name without ':' such as {MODEL_ARCH!r}"
+        )
     if isinstance(model_or_state_dict, nn.Module):
         state = model_or_state_dict.state_dict()
     elif isinstance(model_or_state_dict, Mapping):
@@ -170,4 +176,4 @@ def arch_signature(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) 
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else ()
         lines.append(f"{name}:{','.join(str(s) for s in shape)}")
     digest = hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()[:16]
-    return f"{MODEL_ARCH}:{digest}"
+    return f"{arch}:{digest}"

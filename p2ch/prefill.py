@@ -13,29 +13,40 @@ kill the same call carries on where it stopped.
 - `make_plan` / `check_room` / `run_prefill`: the whole data set (or some subsets), as
   `python -m p2ch.prepcache` does it, with an estimate of the disk space it needs.
 - `fill_missing`: the chunks of some candidates (e.g. an evaluation's), as other commands need.
+- `make_slice_plan` / `run_slice_prefill` / `fill_slices`: the same for the segmentation model's
+  slice cache (`p2ch.slices.SliceCache`, `python -m p2ch.prepcache --segmentation`): one task per
+  CT, which writes all its slices, mask slices and finally its meta record; CTs whose meta is
+  present (and current) are skipped without loading them.
+
+Both kinds of fill share one worker pool and progress report (`_run_tasks`), parametrised by the
+per-CT fill function (`_fill_chunks`, `_fill_slices`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import functools
 import logging
 import multiprocessing
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from p2ch import store
 from p2ch.cache import CacheError, CacheFullError, ChunkCache, FillResult
 from p2ch.candidates import CandidateArrays, get_candidate_arrays, group_rows
-from p2ch.errors import ConfigError, P2chError
+from p2ch.ct import read_mhd_header
+from p2ch.errors import ConfigError, DataNotFoundError, P2chError
 from p2ch.geometry import DEFAULT_WIDTH_IRC, check_width_irc
-from p2ch.luna import series_index, subset_name, subset_of
+from p2ch.luna import find_mhd, no_data_message, series_index, subset_name, subset_of
 from p2ch.progress import Progress
+from p2ch.slices import SliceCache, SliceFillResult
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +184,10 @@ def check_room(plan: Plan, cache: ChunkCache, advice: str = "free some space or 
 
 # --- filling, in this process or in worker processes -------------------------------------------
 
-_WORKER_CACHE: ChunkCache | None = None
+_WORKER_CACHE: Any = None  # the ChunkCache or SliceCache of a worker process
 
 
-def _init_worker(cache: ChunkCache, log_level: int) -> None:
+def _init_worker(cache: ChunkCache | SliceCache, log_level: int) -> None:
     global _WORKER_CACHE
     # Ctrl-C goes to the whole process group; the main process handles it and stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -186,7 +197,8 @@ def _init_worker(cache: ChunkCache, log_level: int) -> None:
     _WORKER_CACHE = cache
 
 
-def _fill(cache: ChunkCache, task: SeriesTask, width: tuple[int, int, int]) -> FillResult | str:
+def _fill_chunks(cache: ChunkCache, task: SeriesTask, width: tuple[int, int, int]) -> FillResult | str:
+    """Fill one CT's chunks: its FillResult, or a line naming the CT when it cannot be read."""
     try:
         return cache.fill_series(task.series_uid, task.centers_xyz, width)
     except CacheError:
@@ -195,9 +207,9 @@ def _fill(cache: ChunkCache, task: SeriesTask, width: tuple[int, int, int]) -> F
         return f"{task.series_uid}: {exc}"
 
 
-def _fill_in_worker(task: SeriesTask, width: tuple[int, int, int]) -> FillResult | str:
+def _fill_in_worker(fill: Callable[[Any, Any], Any], task: Any) -> Any:
     assert _WORKER_CACHE is not None, "worker not initialised"
-    return _fill(_WORKER_CACHE, task, width)
+    return fill(_WORKER_CACHE, task)
 
 
 @dataclasses.dataclass
@@ -226,11 +238,14 @@ class Summary:
 
     def raise_if_failed(self, cts: int) -> None:
         """PrefillError naming the first CT that could not be cached (of the `cts` tried), if any."""
-        if self.failed:
-            raise PrefillError(
-                f"{len(self.failed)} of {cts} CTs could not be cached (first: {self.failed[0]}); "
-                "fix or remove those files and rerun"
-            )
+        _raise_if_failed(self.failed, cts)
+
+
+def _raise_if_failed(failed: list[str], cts: int) -> None:
+    if failed:
+        raise PrefillError(
+            f"{len(failed)} of {cts} CTs could not be cached (first: {failed[0]}); fix or remove those files and rerun"
+        )
 
 
 def run_prefill(
@@ -241,39 +256,46 @@ def run_prefill(
     Updates `summary` as results arrive (so a caller still has the totals after Ctrl-C); its
     `present` counts chunks found cached by the workers, beyond `plan.cached`.
     """
-    return _run_tasks(cache, plan.tasks, plan.width_irc, num_workers, summary, log_level, progress=True)
+    fill = functools.partial(_fill_chunks, width=plan.width_irc)
+    return _run_tasks(cache, plan.tasks, fill, num_workers, summary, log_level, progress=True)
 
 
-def _run_tasks(cache, tasks, width, num_workers, summary, log_level, progress: bool) -> Summary:
+def _run_tasks(cache, tasks, fill, num_workers, summary, log_level, progress: bool, unit: str = "chunk"):
+    """Run `fill(cache, task)` for every task with work (`task.missing` units), here or in worker processes.
+
+    fill: a picklable module-level function (or a partial of one) returning the CT's result or an
+    error line. `summary.add(task, result)` takes each result as it arrives; `summary.seconds`
+    gets the time taken, even after Ctrl-C. Returns `summary`.
+    """
     # Largest first, so the last CTs to finish are small ones and no worker idles at the end.
     tasks = sorted((t for t in tasks if t.missing), key=lambda t: (-t.missing, t.series_uid))
     start = time.perf_counter()
-    bar = Progress(sum(t.missing for t in tasks), "prefill", unit="chunk", interval=15.0, logger=log, enabled=progress)
+    bar = Progress(sum(t.missing for t in tasks), "prefill", unit=unit, interval=15.0, logger=log, enabled=progress)
     try:
         if not tasks:
             pass
         elif num_workers == 0:
             for task in tasks:
-                summary.add(task, _fill(cache, task, width))
+                summary.add(task, fill(cache, task))
                 bar.update(task.missing)
                 bar.set_postfix(cts=summary.cts)
         else:
             workers = min(num_workers, len(tasks))
-            _run_pool(cache, tasks, width, workers, summary, bar, log_level)
+            _run_pool(cache, tasks, fill, workers, summary, bar, log_level)
     finally:
         bar.close()
         summary.seconds = time.perf_counter() - start
     return summary
 
 
-def _run_pool(cache, tasks, width, num_workers, summary, progress, log_level) -> None:
+def _run_pool(cache, tasks, fill, num_workers, summary, progress, log_level) -> None:
     # spawn: workers start clean (no inherited SQLite handles or threads) on every platform.
     context = multiprocessing.get_context("spawn")
     executor = cf.ProcessPoolExecutor(
         max_workers=num_workers, mp_context=context, initializer=_init_worker, initargs=(cache, log_level)
     )
     try:
-        futures = {executor.submit(_fill_in_worker, task, width): task for task in tasks}
+        futures = {executor.submit(_fill_in_worker, fill, task): task for task in tasks}
         for future in cf.as_completed(futures):
             task = futures[future]
             try:
@@ -334,6 +356,159 @@ def fill_missing(
         return 0
     total = sum(t.missing for t in tasks)
     log.info("caching %d chunk(s) of %d CT(s) not in %s yet", total, len(tasks), cache.cache_dir)
-    summary = _run_tasks(cache, tasks, width, num_workers, Summary(), logging.getLogger().getEffectiveLevel(), progress)
+    fill = functools.partial(_fill_chunks, width=width)
+    level = logging.getLogger().getEffectiveLevel()
+    summary = _run_tasks(cache, tasks, fill, num_workers, Summary(), level, progress)
     summary.raise_if_failed(len(tasks))
     return summary.written
+
+
+# --- the slice cache (segmentation) -----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceTask:
+    """One CT of the slice cache: shape_irc from its header; `missing` its slices when it is not complete, else 0."""
+
+    series_uid: str
+    subset: str
+    shape_irc: tuple[int, int, int]
+    missing: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SlicePlan:
+    """What a slice prefill would do: the selected CTs, which are complete, and the bytes to write."""
+
+    tasks: list[SliceTask]
+    free_bytes: int | None
+
+    @property
+    def cts(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def cts_to_fill(self) -> int:
+        return sum(1 for t in self.tasks if t.missing)
+
+    @property
+    def complete(self) -> int:
+        return self.cts - self.cts_to_fill
+
+    @property
+    def slices(self) -> int:
+        return sum(t.shape_irc[0] for t in self.tasks)
+
+    @property
+    def bytes_to_write(self) -> int:
+        return sum(slice_disk_bytes(t.shape_irc) for t in self.tasks if t.missing)
+
+    @property
+    def fits(self) -> bool:
+        return self.free_bytes is None or self.bytes_to_write <= self.free_bytes
+
+
+def slice_disk_bytes(shape_irc: Sequence[int]) -> int:
+    """Estimated bytes on disk of one CT in the slice cache: its int16 slices in 4 KiB blocks plus their
+    SQLite rows (the few compressed mask slices and the meta record are small beside them).
+    """
+    n_i, n_r, n_c = (int(v) for v in shape_irc)
+    return n_i * (-(-2 * n_r * n_c // _BLOCK) * _BLOCK + _ROW_BYTES)
+
+
+def _shape_irc(series_uid: str, data_root: Path) -> tuple[int, int, int]:
+    """A CT's (I, R, C) from its MetaIO header (DimSize is x, y, z)."""
+    dims = [int(v) for v in read_mhd_header(find_mhd(series_uid, data_root))["DimSize"].split()]
+    return dims[2], dims[1], dims[0]
+
+
+def _slice_task(cache: SliceCache, series_uid: str, subset: str, check_cache: bool) -> SliceTask:
+    shape = _shape_irc(series_uid, cache.data_root)
+    complete = check_cache and cache.complete(series_uid)
+    return SliceTask(series_uid, subset, shape, 0 if complete else shape[0])
+
+
+def make_slice_plan(cache: SliceCache, subsets: Sequence[int] | None = None, check_cache: bool = True) -> SlicePlan:
+    """Every CT on disk (optionally only those in subset folders `subsets`), with or without annotations.
+
+    With `check_cache`, CTs whose meta record is present and current count as complete (reads
+    the store's index and annotations.csv; creates nothing). Raises DataNotFoundError when the
+    data root holds no CT.
+    """
+    index = series_index(cache.data_root)
+    if not index:
+        raise DataNotFoundError(no_data_message(cache.data_root))
+    folds = {uid: subset_of(path) for uid, path in index.items()}
+    wanted = _wanted_subsets(subsets, folds, cache.data_root)
+    tasks = [
+        _slice_task(cache, uid, path.parent.name, check_cache)
+        for uid, path in sorted(index.items())
+        if wanted is None or folds[uid] in wanted
+    ]
+    return SlicePlan(tasks, free_bytes(cache.cache_dir))
+
+
+def _fill_slices(cache: SliceCache, task: SliceTask) -> SliceFillResult | str:
+    """Fill one CT of the slice cache: its SliceFillResult, or a line naming the CT when it cannot be done."""
+    try:
+        return cache.fill_series(task.series_uid)
+    except CacheError:
+        raise  # cache full or unwritable: stop everything
+    except P2chError as exc:  # missing or unreadable CT, bad annotation: report it, go on with the others
+        return f"{task.series_uid}: {exc}"
+
+
+@dataclasses.dataclass
+class SliceSummary:
+    """Totals of a slice prefill: CTs filled, records written and found present, CT bytes read."""
+
+    cts: int = 0
+    written: int = 0
+    present: int = 0
+    ct_bytes: int = 0
+    failed: list[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, task: SliceTask, result: SliceFillResult | str) -> None:
+        if isinstance(result, str):
+            self.failed.append(result)
+            log.error("%s", result)
+            return
+        self.cts += 1
+        self.written += result.written
+        self.present += result.present
+        self.ct_bytes += result.ct_bytes
+
+    def raise_if_failed(self, cts: int) -> None:
+        """PrefillError naming the first CT that could not be filled (of the `cts` tried), if any."""
+        _raise_if_failed(self.failed, cts)
+
+
+def run_slice_prefill(
+    cache: SliceCache, plan: SlicePlan, num_workers: int, summary: SliceSummary, log_level: int = logging.INFO
+) -> SliceSummary:
+    """Fill every incomplete CT of `plan`, `num_workers` processes (0: in this process); updates `summary`."""
+    return _run_tasks(cache, plan.tasks, _fill_slices, num_workers, summary, log_level, progress=True, unit="slice")
+
+
+def fill_slices(
+    cache: SliceCache, series_uids: Sequence[str] | np.ndarray, *, num_workers: int = 0, progress: bool = True
+) -> int:
+    """Fill the slice cache for these CTs, one CT load per CT not complete yet; returns how many CTs it filled.
+
+    num_workers: worker processes, each holding one CT and its labels (0: in this process).
+    progress: show a bar / log progress lines. Raises CacheFullError / CacheDirError when the
+    cache cannot be written, PrefillError (after filling the others) when some CTs cannot be
+    read or have an annotation outside the CT.
+    """
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ConfigError(f"num_workers {num_workers!r}: expected 0 or more")
+    uids = sorted({str(uid) for uid in np.asarray(series_uids, dtype=str).reshape(-1)})
+    tasks = [task for task in (_slice_task(cache, uid, "", True) for uid in uids) if task.missing]
+    if not tasks:
+        return 0
+    log.info("filling the slice cache for %d of %d CT(s) in %s", len(tasks), len(uids), cache.directory)
+    level = logging.getLogger().getEffectiveLevel()
+    summary = _run_tasks(cache, tasks, _fill_slices, num_workers, SliceSummary(), level, progress, unit="slice")
+    summary.raise_if_failed(len(tasks))
+    return summary.cts

@@ -8,6 +8,7 @@ the same command carries on where it stopped.
     python -m p2ch.prepcache --num-workers 8       # fill it
     python -m p2ch.prepcache --subsets 0 1 2       # only CTs in subset0..2
     python -m p2ch.prepcache --prune               # delete entries of changed CTs / old formats
+    python -m p2ch.prepcache --segmentation        # the slice cache of the segmentation model instead
 """
 
 from __future__ import annotations
@@ -20,16 +21,31 @@ import os
 import sys
 from collections.abc import Sequence
 
-from p2ch.cache import ChunkCache
+from p2ch.cache import CacheFullError, ChunkCache
 from p2ch.cli import configure_logging, run_cli
 from p2ch.config import DefaultsHelpFormatter, resolve_cache_dir, resolve_data_root
 from p2ch.errors import ConfigError, P2chError
 from p2ch.geometry import DEFAULT_WIDTH_IRC
-from p2ch.prefill import Plan, Summary, check_room, format_gb, make_plan, run_prefill
+from p2ch.prefill import (
+    Plan,
+    SlicePlan,
+    SliceSummary,
+    Summary,
+    check_room,
+    format_gb,
+    make_plan,
+    make_slice_plan,
+    run_prefill,
+    run_slice_prefill,
+    slice_disk_bytes,
+)
+from p2ch.slices import SliceCache
 
 PROG = "python -m p2ch.prepcache"
 # What to do when the estimate exceeds the free space (the flags of this command).
 ROOM_ADVICE = "free some space, cache fewer CTs (--subsets 0 1 …), point --cache-dir at a bigger disk, or pass --force"
+# For scale in the --segmentation report: LUNA16's 888 CTs, about 250 slices of 512 x 512 each on average.
+LUNA16_SLICE_SHAPE = (888 * 250, 512, 512)
 
 
 # --- command line ----------------------------------------------------------------------------
@@ -86,7 +102,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def _add_maintenance_arguments(parser: argparse.ArgumentParser) -> None:
     """--clear, --dry-run, --force, --prune, --log-level."""
-    parser.add_argument("--clear", action="store_true", help="delete every cached chunk first")
+    parser.add_argument(
+        "--segmentation",
+        action="store_true",
+        help="fill the segmentation model's slice cache (<cache-dir>/segmentation/: every CT's int16 slices, "
+        "nodule masks and meta) instead of the chunk cache; --clear and --dry-run then apply to it",
+    )
+    parser.add_argument("--clear", action="store_true", help="delete every cached chunk (or slice) first")
     parser.add_argument(
         "--dry-run",
         action="store_true",
@@ -168,9 +190,14 @@ class _Run:
     summary: Summary = dataclasses.field(default_factory=Summary)
     cache: ChunkCache | None = None
     plan: Plan | None = None
+    slice_summary: SliceSummary = dataclasses.field(default_factory=SliceSummary)
+    slice_plan: SlicePlan | None = None
 
     def interrupted(self) -> str:
         where = ""
+        if self.slice_plan is not None:
+            where = f" after {self.slice_summary.cts} of {self.slice_plan.cts_to_fill} CTs"
+            return f"interrupted{where}; rerun the same command to resume (complete CTs are skipped)"
         if self.plan is not None and self.cache is not None:
             with contextlib.suppress(P2chError):
                 where = (
@@ -183,6 +210,8 @@ class _Run:
 def _prepcache(args: argparse.Namespace, run: _Run) -> int:
     if args.num_workers < 0:
         raise ConfigError(f"--num-workers {args.num_workers}: expected 0 or more")
+    if args.segmentation:
+        return _prepcache_slices(args, run)
     cache = run.cache = ChunkCache(
         resolve_cache_dir(args.cache_dir), resolve_data_root(args.data_root), compress_level=args.compress_level
     )
@@ -206,6 +235,66 @@ def _prepcache(args: argparse.Namespace, run: _Run) -> int:
     run_prefill(cache, plan, args.num_workers, run.summary, getattr(logging, args.log_level))
     _report_summary(run.summary, plan, cache, sys.stdout)
     run.summary.raise_if_failed(plan.cts_to_load)
+    return 0
+
+
+# --- the segmentation model's slice cache ----------------------------------------------------
+
+
+def _report_slice_plan(plan: SlicePlan, cache: SliceCache, out) -> None:
+    print(f"slice cache: {cache.directory}   data: {cache.data_root}", file=out)
+    print(f"CTs: {plan.cts} ({plan.complete} complete, {plan.cts_to_fill} to fill)   slices: {plan.slices:,}", file=out)
+    print(
+        f"to write: about {format_gb(plan.bytes_to_write)} (int16 slices; the nodule masks and meta records are small)",
+        file=out,
+    )
+    print(
+        f"(for scale: all of LUNA16, 888 CTs of about 250 slices of 512x512, takes about "
+        f"{format_gb(slice_disk_bytes(LUNA16_SLICE_SHAPE))})",
+        file=out,
+    )
+    print(
+        f"free on the cache disk: {format_gb(plan.free_bytes)}"
+        + ("" if plan.fits else "   NOT ENOUGH: free space, use --subsets, or pass --force"),
+        file=out,
+    )
+
+
+def _report_slice_summary(summary: SliceSummary, cache: SliceCache, out) -> None:
+    seconds = max(summary.seconds, 1e-9)
+    print(
+        f"slice prefill done: {summary.cts} CTs filled, {summary.written:,} records written, "
+        f"{summary.present:,} already present; slice cache {cache.directory}: {len(cache):,} records, "
+        f"{format_gb(cache.volume())} on disk; {summary.seconds:.1f} s, "
+        f"{summary.ct_bytes / 1e6 / seconds:,.1f} MB/s of CT read, {summary.cts / seconds:,.2f} CTs/s",
+        file=out,
+    )
+
+
+def _prepcache_slices(args: argparse.Namespace, run: _Run) -> int:
+    if args.prune:
+        raise ConfigError("--prune applies to the chunk cache; to renew the slice cache use --segmentation --clear")
+    if tuple(args.width_irc) != DEFAULT_WIDTH_IRC or args.compress_level:
+        raise ConfigError("--width-irc and --compress-level apply to the chunk cache, not to --segmentation")
+    cache = SliceCache(resolve_cache_dir(args.cache_dir), resolve_data_root(args.data_root))
+    if args.clear:
+        if args.dry_run:
+            print(f"would clear {len(cache):,} records from {cache.directory}")
+        else:
+            print(f"cleared {cache.clear():,} records from {cache.directory}", file=sys.stderr)
+    plan = run.slice_plan = make_slice_plan(cache, args.subsets, check_cache=not (args.clear and args.dry_run))
+    if args.dry_run:
+        _report_slice_plan(plan, cache, sys.stdout)
+        return 0
+    _report_slice_plan(plan, cache, sys.stderr)
+    if not args.force and not plan.fits:
+        raise CacheFullError(
+            f"filling {plan.cts_to_fill} CTs needs about {format_gb(plan.bytes_to_write)} but the disk of "
+            f"{cache.cache_dir} has {format_gb(plan.free_bytes)} free; {ROOM_ADVICE}"
+        )
+    run_slice_prefill(cache, plan, args.num_workers, run.slice_summary, getattr(logging, args.log_level))
+    _report_slice_summary(run.slice_summary, cache, sys.stdout)
+    run.slice_summary.raise_if_failed(plan.cts_to_fill)
     return 0
 
 

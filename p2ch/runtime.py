@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -140,3 +141,12 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work on `device` (so a wall-clock reading covers it); nothing on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order; `[obj]` for a single process."""
+    if not info.enabled:
+        return [obj]
+    parts: list[Any] = [None] * info.world_size
+    dist.all_gather_object(parts, obj)
+    return parts

@@ -10,6 +10,9 @@ holds, so that every command of the project runs without the 120 GB of real data
     DIR/candidates.csv             seriesuid,coordX,coordY,coordZ,class
     DIR/seriesuids.csv             one series uid per line, no header (LUNA16's evaluation script
                                    reads every line as a uid)
+    DIR/masks/<series_uid>.mhd + .raw   only with --masks: the true nodule labels, MET_UCHAR with the
+                                   CT's size, spacing, origin and direction; k+1 on the CT's k-th
+                                   nodule (annotations.csv order), 0 elsewhere (see `render_mask`)
 
 Coordinates are patient/world mm (x, y, z) and come from SimpleITK's own index → physical point
 transform of each written image, so they are right for any direction matrix.
@@ -79,6 +82,7 @@ ANNOTATIONS_HEADER = ",".join(ANNOTATION_COLUMNS)
 CANDIDATES_HEADER = ",".join(CANDIDATE_COLUMNS)
 CANDIDATES_FILE = CANDIDATE_FILES[0]
 CSV_FILES = (ANNOTATIONS_FILE, EXCLUDED_FILE, CANDIDATES_FILE, SERIESUIDS_FILE)
+MASKS_DIR = "masks"  # --masks: <out>/masks/<series_uid>.mhd + .raw, the true nodule labels
 
 DEFAULT_NUM_CTS = 10
 DEFAULT_SIZE = 256
@@ -385,6 +389,10 @@ class CtPlan:
     @property
     def mhd_name(self) -> str:
         return f"{subset_name(self.subset)}/{self.series_uid}.mhd"
+
+    @property
+    def mask_name(self) -> str:
+        return f"{MASKS_DIR}/{self.series_uid}.mhd"
 
 
 def _reference_image(spacing_xyz, origin_xyz, direction):
@@ -886,12 +894,18 @@ def _draw_vessel(hu: np.ndarray, segment: np.ndarray, value: float, spacing: np.
     np.maximum(sub, sub + (np.float32(value) - sub) * alpha, out=sub)
 
 
-def _draw_finding(hu: np.ndarray, finding: Finding, spacing: np.ndarray, shape_xyz) -> None:
+def _finding_shape(finding: Finding, spacing: np.ndarray, shape_xyz):
+    """A finding's box and, per voxel in it, distance from the centre and the surface's radius factor.
+
+    Returns None when the box misses the volume, else (region, dist, shape): region, the box's
+    slices (index, row, col); dist, (i, r, c) float32 mm from the centre; shape, (i, r, c) float32
+    lobulation factor (0.88..1.12) in the voxel's direction: the surface lies at radius × shape.
+    """
     radius = finding.diameter_mm / 2
     c = np.array(finding.center_mm)
     box = _box(c, np.full(3, radius * 1.15 + 2 * _EDGE_MM), spacing, shape_xyz)
     if box is None:
-        return
+        return None
     region, x, y, z = box
     dx, dy, dz = x - np.float32(c[0]), y - np.float32(c[1]), z - np.float32(c[2])
     dist = np.sqrt(dx**2 + dy**2 + dz**2)
@@ -899,6 +913,15 @@ def _draw_finding(hu: np.ndarray, finding: Finding, spacing: np.ndarray, shape_x
     ux, uy, uz = dx * inv, dy * inv, dz * inv
     k = [np.float32(v) for v in finding.lobes]
     shape = 1.0 + k[0] * (ux**2 - uy**2) + k[1] * ux * uy + k[2] * ux * uz + k[3] * uy * uz + k[4] * (1.5 * uz**2 - 0.5)
+    return region, dist, shape
+
+
+def _draw_finding(hu: np.ndarray, finding: Finding, spacing: np.ndarray, shape_xyz) -> None:
+    found = _finding_shape(finding, spacing, shape_xyz)
+    if found is None:
+        return
+    region, dist, shape = found
+    radius = finding.diameter_mm / 2
     sub = hu[region]
     alpha = _soft(dist - np.float32(radius) * shape)
     np.maximum(sub, sub + (np.float32(finding.hu) - sub) * alpha, out=sub)
@@ -940,19 +963,52 @@ def render_ct(plan: CtPlan) -> np.ndarray:
     return out
 
 
-def write_ct(plan: CtPlan, out: str | os.PathLike[str]) -> int:
-    """Render the CT and write `<out>/subset<k>/<uid>.mhd` + `.raw` with SimpleITK; returns bytes written."""
-    image = sitk.GetImageFromArray(render_ct(plan))
+def render_mask(plan: CtPlan) -> np.ndarray:
+    """The CT's true nodule labels: (slices, rows, cols) uint8, k + 1 for `plan.nodules[k]`, 0 elsewhere.
+
+    A voxel belongs to a nodule when its centre lies strictly inside the nodule's lobulated outer
+    surface (the halo's, for part-solid ones), i.e. where the rendered nodule weight exceeds one
+    half. Excluded findings are not labelled. Nodules are placed apart, so labels do not compete;
+    should two shapes ever share a voxel, the earlier nodule keeps it.
+    """
+    spacing = np.array(plan.spacing_xyz)
+    n_i, n_r, n_c = plan.shape_irc
+    shape_xyz = np.array([n_c, n_r, n_i])
+    labels = np.zeros(plan.shape_irc, dtype=np.uint8)
+    for k, nodule in enumerate(plan.nodules):
+        found = _finding_shape(nodule, spacing, shape_xyz)
+        if found is None:
+            continue
+        region, dist, shape = found
+        sub = labels[region]
+        sub[(dist < np.float32(nodule.diameter_mm / 2) * shape) & (sub == 0)] = k + 1
+    return labels
+
+
+def _write_image(voxels: np.ndarray, plan: CtPlan, path: Path, what: str) -> int:
+    """Write (I, R, C) voxels with the CT's geometry as `path` (.mhd) + .raw; returns bytes written."""
+    image = sitk.GetImageFromArray(voxels)
     image.SetSpacing(plan.spacing_xyz)
     image.SetOrigin(plan.origin_xyz)
     image.SetDirection(plan.direction)
-    path = Path(out) / plan.mhd_name
     try:
         sitk.WriteImage(image, str(path), useCompression=False)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise OSError(f"{path}: could not write the CT ({first})") from None
+        raise OSError(f"{path}: could not write the {what} ({first})") from None
     return path.stat().st_size + path.with_suffix(".raw").stat().st_size
+
+
+def write_ct(plan: CtPlan, out: str | os.PathLike[str], masks: bool = False) -> int:
+    """Render the CT and write `<out>/subset<k>/<uid>.mhd` + `.raw` with SimpleITK; returns bytes written.
+
+    masks: also write its true nodule labels (`render_mask`) as `<out>/masks/<uid>.mhd` + `.raw`
+    (MET_UCHAR, the CT's size, spacing, origin and direction).
+    """
+    written = _write_image(render_ct(plan), plan, Path(out) / plan.mhd_name, "CT")
+    if masks:
+        written += _write_image(render_mask(plan), plan, Path(out) / plan.mask_name, "nodule mask")
+    return written
 
 
 # ------------------------------------------------------------------------------------- the set
@@ -973,6 +1029,7 @@ class SynthSummary:
     workers: int
     shape_irc: tuple[int, int, int]
     direction: str
+    masks: bool = False
 
     @property
     def positive_ratio(self) -> float:
@@ -1006,9 +1063,12 @@ def check_settings(*, num_cts, size, slices, candidates_per_ct, nodules_per_ct, 
         raise SynthConfigError(f"--direction {direction!r}: expected one of {', '.join(DIRECTIONS)}")
 
 
-def _prepare_out(out: Path, force: bool) -> None:
+def _prepare_out(out: Path, force: bool, masks: bool = False) -> None:
     if out.exists() and not out.is_dir():
         raise SynthConfigError(f"--out {out}: is a file; expected a folder for the LUNA16 layout")
+    masks_dir = out / MASKS_DIR
+    if masks and masks_dir.exists() and not masks_dir.is_dir():
+        raise SynthConfigError(f"--masks: {masks_dir} is a file; expected a folder for the nodule masks")
     if out.is_dir():
         entries = sorted(p.name for p in out.iterdir())
         if entries:
@@ -1016,16 +1076,21 @@ def _prepare_out(out: Path, force: bool) -> None:
                 shown = ", ".join(entries[:4]) + (", …" if len(entries) > 4 else "")
                 raise SynthConfigError(
                     f"--out {out}: not empty (holds {shown}); pass --force to replace the data set there "
-                    "(its subset*/*.mhd/.raw and CSV files), or choose a new folder"
+                    f"(its subset*/*.mhd/.raw, {MASKS_DIR}/*.mhd/.raw and CSV files), or choose a new folder"
                 )
-            for subset in out.glob(SUBSET_GLOB):
-                if subset.is_dir():
-                    for path in (*subset.glob("*.mhd"), *subset.glob("*.raw")):
+            for folder in (*out.glob(SUBSET_GLOB), masks_dir):
+                if folder.is_dir():
+                    for path in (*folder.glob("*.mhd"), *folder.glob("*.raw")):
                         path.unlink()
+            # Masks of an old set must not outlive it; an emptied masks/ goes too (no trace without --masks).
+            if masks_dir.is_dir() and not any(masks_dir.iterdir()):
+                masks_dir.rmdir()
             for name in CSV_FILES:
                 (out / name).unlink(missing_ok=True)
     for k in range(NUM_SUBSETS):
         (out / subset_name(k)).mkdir(parents=True, exist_ok=True)
+    if masks:
+        masks_dir.mkdir(exist_ok=True)
 
 
 def _number(value: float) -> str:
@@ -1089,6 +1154,7 @@ def generate(
     direction: str = "identity",
     force: bool = False,
     easy: bool = False,
+    masks: bool = False,
 ) -> SynthSummary:
     """Write a synthetic LUNA16-layout data set into `out` (see the module docstring).
 
@@ -1098,8 +1164,9 @@ def generate(
     files do not depend on it. Refuses a non-empty `out` unless force (then replaces the
     subset*/*.mhd/.raw and CSV files there, leaving anything else). easy: solid nodules ≥ 6 mm and
     negatives only in lung tissue, so a classifier learns the set in minutes on a CPU (a check
-    that labels, crops and coordinates line up), not a realistic task. Raises SynthConfigError for
-    unusable settings, OSError when writing fails.
+    that labels, crops and coordinates line up), not a realistic task. masks: also write each CT's
+    true nodule labels as `masks/<uid>.mhd` + `.raw` (see `render_mask`; the other files do not
+    change). Raises SynthConfigError for unusable settings, OSError when writing fails.
     """
     started = time.perf_counter()
     check_settings(
@@ -1113,7 +1180,7 @@ def generate(
         workers=workers,
     )
     out = Path(out)
-    _prepare_out(out, force)
+    _prepare_out(out, force, masks)
     plans = plan_dataset(
         num_cts=num_cts,
         size=size,
@@ -1125,11 +1192,14 @@ def generate(
         easy=easy,
     )
     workers = min(workers or _default_workers(), num_cts)
-    sizes = _write_cts(plans, out, workers)
+    sizes = _write_cts(plans, out, workers, masks)
     # CSVs last: an interrupted run leaves no candidates.csv, so the pipeline says the set is incomplete.
     total = sum(sizes) + write_csvs(plans, out)
     seconds = time.perf_counter() - started
-    return _summarize(plans, out, total, seconds, workers=workers, shape_irc=(slices, size, size), direction=direction)
+    summary = _summarize(
+        plans, out, total, seconds, workers=workers, shape_irc=(slices, size, size), direction=direction
+    )
+    return dataclasses.replace(summary, masks=masks)
 
 
 def _summarize(
@@ -1158,14 +1228,14 @@ def _summarize(
     )
 
 
-def _write_cts(plans: Sequence[CtPlan], out: Path, workers: int) -> list[int]:
-    """Write every planned CT under `out` with `workers` processes (1: in this one); bytes written per CT."""
+def _write_cts(plans: Sequence[CtPlan], out: Path, workers: int, masks: bool = False) -> list[int]:
+    """Write every planned CT (and its mask) under `out` with `workers` processes (1: in this one); bytes per CT."""
     if workers == 1:
-        return [write_ct(plan, out) for plan in plans]
+        return [write_ct(plan, out, masks) for plan in plans]
     # spawn: safe whatever threads the caller runs (torch, SimpleITK); start-up is under a second.
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        return list(pool.map(write_ct, plans, [str(out)] * len(plans)))
+        return list(pool.map(write_ct, plans, [str(out)] * len(plans), [masks] * len(plans)))
 
 
 def format_summary(summary: SynthSummary) -> str:
@@ -1181,6 +1251,7 @@ def format_summary(summary: SynthSummary) -> str:
             f"{summary.num_excluded:,} excluded findings in {EXCLUDED_FILE}",
             f"  candidates:  {summary.num_candidates:,} in {CANDIDATES_FILE}, "
             f"{summary.num_positive:,} positive ({ratio})",
+            *([f"  masks:       true nodule labels in {MASKS_DIR}/<series_uid>.mhd"] if summary.masks else []),
             f"  written:     {summary.bytes_written / 1e6:,.1f} MB in {summary.seconds:.1f} s "
             f"with {summary.workers} worker process{'es' if summary.workers != 1 else ''}",
         ]
@@ -1257,7 +1328,7 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_switch_arguments(parser: argparse.ArgumentParser) -> None:
-    """--force, --easy: on/off switches."""
+    """--force, --easy, --masks: on/off switches."""
     parser.add_argument(
         "--force", action="store_true", help="replace the data set in a non-empty --out (default: refuse)"
     )
@@ -1267,6 +1338,12 @@ def _add_switch_arguments(parser: argparse.ArgumentParser) -> None:
         help="solid nodules of 6 mm or more and negatives only in lung tissue (none on "
         "vessels): a set a classifier learns in minutes on a CPU, to check that "
         "labels, crops and coordinates line up; not a realistic task (default: off)",
+    )
+    parser.add_argument(
+        "--masks",
+        action="store_true",
+        help=f"also write each CT's true nodule masks as {MASKS_DIR}/<series_uid>.mhd + .raw (MET_UCHAR, "
+        "the CT's geometry; k+1 for the CT's k-th nodule in annotations.csv order, 0 elsewhere) (default: off)",
     )
 
 
@@ -1288,6 +1365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 direction=args.direction,
                 force=args.force,
                 easy=args.easy,
+                masks=args.masks,
             )
         except OSError as exc:  # e.g. a read-only or full disk: the user's to fix
             raise ConfigError(f"cannot write the synthetic set to {out} ({exc}); choose another --out") from None

@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 RESUME_KEYS = ("model", "optimizer", "epoch", "samples_seen", "config", "run_time", "rng")
 
 
-def load_resume_state(path: str, arch: str) -> dict[str, Any]:
-    """The checkpoint to resume, refused with one line when it is missing, of another model, or lacks run state."""
+def load_resume_state(path: str, arch: str | None = None) -> dict[str, Any]:
+    """The checkpoint to resume, refused with one line when it is missing, of another model (`arch`,
+    when known before the settings are merged), or lacks run state."""
     if not Path(path).is_file():
         raise ConfigError(f"--resume {path}: no such checkpoint file")
     state = load_checkpoint(path, arch=arch)
@@ -100,6 +101,11 @@ class TrainingRun:
         self.arch = self.arch_of(model)
         if config.resume and resume_state is None:  # used as a library: load what main() would
             resume_state = load_resume_state(config.resume, self.arch)
+        if resume_state is not None and resume_state.get("arch") != self.arch:
+            raise ConfigError(
+                f"{config.resume}: checkpoint is for model architecture {resume_state.get('arch')!r}, this model is "
+                f"{self.arch!r}; start a new run instead of --resume with it"
+            )
         self.run_time = (
             resume_state["run_time"] if resume_state else datetime.datetime.now().strftime("%Y-%m-%d_%H.%M.%S")
         )

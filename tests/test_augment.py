@@ -10,12 +10,17 @@ import torch
 
 from p2ch.augment import (
     BOOK_NOISE_HU,
+    BOOK_OFFSET_2D,
+    Augment2dConfig,
     AugmentConfig,
     affine_grid,
     apply_affine,
+    augment_2d,
     augment_batch,
     flip_batch,
     random_affine,
+    random_affine_2d,
+    random_crop_2d,
 )
 from p2ch.errors import ConfigError, DataFormatError
 
@@ -430,3 +435,181 @@ def test_cuda_augment_is_reproducible_and_stays_on_the_device():
     assert noise.double().std().item() == pytest.approx(25.0, rel=0.01)
     with pytest.raises(ConfigError, match="generator is on cpu"):
         augment_batch(x, AugmentConfig.book(), generator=gen(0))
+
+
+# -- 2D: slices and masks ---------------------------------------------------------------------
+
+
+def squares(n: int, size: int = 48, channels: int = 3, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, channels, size, size) HU: -800 with a +200 HU square off-centre; its (n, 1, size, size) bool mask."""
+    mask = torch.zeros((n, 1, size, size), dtype=torch.bool)
+    mask[:, :, size // 4 : size // 2, size // 2 : size // 2 + 10] = True
+    image = torch.where(mask, 200.0, -800.0).to(dtype).expand(n, channels, size, size).contiguous()
+    return image, mask
+
+
+def test_2d_config_presets_flags_and_errors():
+    assert not Augment2dConfig.none().enabled
+    book = Augment2dConfig.book()
+    assert book == Augment2dConfig(flip=True, offset=0.03, scale=0.2, rotate=True, noise=25.0)
+    assert BOOK_OFFSET_2D == 0.03 and book.enabled and book.resamples
+    assert Augment2dConfig.from_flags(augmented=True) == book
+    assert Augment2dConfig.from_flags(offset=True) == Augment2dConfig(offset=0.03)
+    assert Augment2dConfig.from_flags(flip=True, noise=True) == Augment2dConfig(flip=True, noise=25.0)
+    assert not Augment2dConfig(flip=True, noise=1.0).resamples
+    assert book.to_dict() == {"flip": True, "offset": 0.03, "scale": 0.2, "rotate": True, "noise": 25.0}
+    with pytest.raises(ConfigError, match=r"Augment2dConfig\.scale"):
+        Augment2dConfig(scale=1.0)
+    with pytest.raises(ConfigError, match=r"AugmentConfig\.scale"):  # the 3D message is unchanged
+        AugmentConfig(scale=1.0)
+    with pytest.raises(ConfigError, match="Augment2dConfig"):
+        augment_2d(*squares(1), AugmentConfig.book(), gen(0))
+
+
+def test_2d_matrices_follow_the_config():
+    n = 2000
+    flips = random_affine_2d(n, Augment2dConfig(flip=True), generator=gen(1))
+    assert flips.shape == (n, 2, 3)
+    diagonal = torch.diagonal(flips[:, :, :2], dim1=1, dim2=2)
+    assert set(diagonal.unique().tolist()) == {-1.0, 1.0}
+    assert 0.45 < float((diagonal < 0).double().mean()) < 0.55
+    assert torch.equal(flips[:, 0, 1], torch.zeros(n)) and torch.equal(flips[:, :, 2], torch.zeros(n, 2))
+    moved = random_affine_2d(n, Augment2dConfig(offset=0.03, scale=0.2), generator=gen(2), dtype=torch.float64)
+    assert float(moved[:, :, 2].abs().max()) <= 0.03 and float(moved[:, :, 2].abs().max()) > 0.029
+    scales = torch.diagonal(moved[:, :, :2], dim1=1, dim2=2)
+    assert float(scales.min()) >= 0.8 and float(scales.max()) <= 1.2
+    turned = random_affine_2d(n, Augment2dConfig(rotate=True), generator=gen(3), dtype=torch.float64)
+    rotations = turned[:, :, :2]
+    torch.testing.assert_close(rotations @ rotations.transpose(1, 2), torch.eye(2, dtype=torch.float64).expand(n, 2, 2))
+    assert torch.equal(random_affine_2d(3, Augment2dConfig(), generator=gen(4)), torch.eye(2, 3).expand(3, 2, 3))
+
+
+def test_2d_disabled_returns_the_inputs():
+    image, mask = squares(2)
+    out, out_mask = augment_2d(image, mask, Augment2dConfig(), gen(0))
+    assert out is image and out_mask is mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_2d_mask_stays_aligned_with_the_image_and_binary(dtype):
+    image, mask = squares(16, dtype=dtype)
+    config = Augment2dConfig(flip=True, offset=0.1, scale=0.2, rotate=True)
+    out, out_mask = augment_2d(image, mask, config, gen(5))
+    assert out.dtype == dtype and out_mask.dtype == torch.bool and out_mask.shape == mask.shape
+    bright = out[:, :1] > -300  # the image's midpoint, where the mask's 0/1 resampling crosses 0.5
+    mismatched = int((bright != out_mask).sum())
+    assert mismatched == 0 if dtype == torch.float64 else mismatched <= 4
+    assert torch.equal(out[:, 0], out[:, 2])  # every channel gets the sample's transform
+    areas = out_mask.sum(dim=(1, 2, 3)).double()
+    # 120 pixels, scaled by 1/(1 ± 0.2) per axis, ± the resampled edge
+    assert float(areas.min()) >= 0.6 * 120 and float(areas.max()) <= 1.65 * 120
+    moved = (out_mask != mask).flatten(1).any(dim=1)
+    assert bool(moved.all())  # each sample got its own transform
+
+
+def test_2d_noise_goes_on_the_image_only_and_the_mask_follows_the_square():
+    image, mask = squares(8)
+    out, out_mask = augment_2d(image, mask, Augment2dConfig.book(), gen(6))
+    inside, outside = out[out_mask.expand_as(out)], out[~out_mask.expand_as(out)]
+    assert float(inside.median()) == pytest.approx(200.0, abs=10)
+    assert float(outside.median()) == pytest.approx(-800.0, abs=10)
+    # Only edge pixels, resampled to near the midpoint -300 HU, can be pushed across it by the noise.
+    assert float((inside > -300).float().mean()) > 0.99 and float((outside < -300).float().mean()) > 0.999
+    noisy, same_mask = augment_2d(image, mask, Augment2dConfig(noise=25.0), gen(7))
+    assert torch.equal(same_mask, mask)
+    assert float((noisy - image).double().std()) == pytest.approx(25.0, rel=0.03)
+
+
+def test_2d_flips_are_exact_for_image_and_mask():
+    image, mask = squares(64)
+    image = image + torch.arange(48.0).view(1, 1, 1, 48)  # make left and right differ
+    out, out_mask = augment_2d(image, mask, Augment2dConfig(flip=True), gen(8))
+    flips = torch.diagonal(random_affine_2d(64, Augment2dConfig(flip=True), generator=gen(8))[:, :, :2], 0, 1, 2) < 0
+    for k in range(64):
+        dims = [d for d, flipped in ((3, flips[k, 0]), (2, flips[k, 1])) if flipped]
+        assert torch.equal(out[k], image[k].flip([d - 1 for d in dims]) if dims else image[k])
+        assert torch.equal(out_mask[k], mask[k].flip([d - 1 for d in dims]) if dims else mask[k])
+    assert int(flips.all(dim=1).sum()) > 0 and int((~flips).all(dim=1).sum()) > 0
+
+
+def test_2d_same_seed_same_result():
+    image, mask = squares(4)
+    a = augment_2d(image, mask, Augment2dConfig.book(), gen(9))
+    b = augment_2d(image, mask, Augment2dConfig.book(), gen(9))
+    c = augment_2d(image, mask, Augment2dConfig.book(), gen(10))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_2d_dtype_and_channels_last_are_kept(dtype):
+    image, mask = squares(4, channels=7)
+    layout = image.to(dtype).contiguous(memory_format=torch.channels_last)
+    out, out_mask = augment_2d(layout, mask, Augment2dConfig.book(), gen(11))
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    reference, reference_mask = augment_2d(image, mask, Augment2dConfig.book(), gen(11))
+    assert torch.equal(out_mask, reference_mask)
+    torch.testing.assert_close(out.float(), reference, atol=8.0, rtol=0.01)  # half-precision HU rounding
+    as_int, _ = augment_2d(image.to(torch.int16), mask, Augment2dConfig(flip=True), gen(12))
+    assert as_int.dtype == torch.float32
+
+
+def test_2d_bad_inputs_give_clear_errors():
+    image, mask = squares(2)
+    with pytest.raises(DataFormatError, match="images"):
+        augment_2d(image[0], mask, Augment2dConfig.book(), gen(0))
+    with pytest.raises(DataFormatError, match=r"masks .*bool"):
+        augment_2d(image, mask.float(), Augment2dConfig.book(), gen(0))
+    with pytest.raises(DataFormatError, match=r"\(2, 1, 48, 48\)"):
+        augment_2d(image, mask[:1], Augment2dConfig.book(), gen(0))
+    with pytest.raises(ConfigError, match="augment_2d: generator"):
+        augment_2d(image, mask, Augment2dConfig.book(), None)
+
+
+def test_random_crop_2d_cuts_the_same_window_from_image_and_mask():
+    n, size, side = 256, 64, 96
+    positions = torch.arange(side * side, dtype=torch.float32).view(1, 1, side, side)
+    image = torch.cat([positions, -positions], dim=1).expand(n, 2, side, side).contiguous()
+    mask = (positions.long() % 7 == 0).expand(n, 1, side, side).contiguous()
+    out, out_mask = random_crop_2d(image, mask, size, gen(13))
+    assert out.shape == (n, 2, size, size) and out_mask.shape == (n, 1, size, size) and out_mask.dtype == torch.bool
+    top = (out[:, 0, 0, 0] // side).long()
+    left = (out[:, 0, 0, 0] % side).long()
+    for k in range(0, n, 17):
+        window = (slice(None), slice(int(top[k]), int(top[k]) + size), slice(int(left[k]), int(left[k]) + size))
+        assert torch.equal(out[k], image[k][window]) and torch.equal(out_mask[k], mask[k][window])
+    assert int(top.min()) == 0 and int(top.max()) == side - size  # every position can come up
+    assert int(left.min()) == 0 and int(left.max()) == side - size
+    again, _ = random_crop_2d(image, mask, size, gen(13))
+    assert torch.equal(again, out)
+
+
+def test_random_crop_2d_sizes_and_layouts():
+    image, mask = squares(3, channels=7)
+    whole, whole_mask = random_crop_2d(image, mask, 48, gen(14))
+    assert torch.equal(whole, image) and torch.equal(whole_mask, mask)
+    layout = image.to(torch.int16).contiguous(memory_format=torch.channels_last)
+    out, _ = random_crop_2d(layout, mask, 32, gen(15))
+    assert out.dtype == torch.int16 and out.is_contiguous(memory_format=torch.channels_last)
+    for size in (0, 49, 32.0, True):
+        with pytest.raises(ConfigError, match="size"):
+            random_crop_2d(image, mask, size, gen(0))
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_2d_augment_and_crop_are_reproducible_and_stay_on_the_device():
+    image, mask = squares(8, channels=7)
+    image, mask = image.cuda(), mask.cuda()
+    for dtype in (torch.float32, torch.bfloat16):
+        a = augment_2d(image.to(dtype), mask, Augment2dConfig.book(), gen(21, "cuda"))
+        b = augment_2d(image.to(dtype), mask, Augment2dConfig.book(), gen(21, "cuda"))
+        assert a[0].device == image.device and a[0].dtype == dtype and a[1].dtype == torch.bool
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    out, out_mask = augment_2d(
+        image, mask, Augment2dConfig(flip=True, offset=0.1, scale=0.2, rotate=True), gen(22, "cuda")
+    )
+    assert int(((out[:, :1] > -300) != out_mask).sum()) <= 4  # aligned on the GPU too
+    crop, crop_mask = random_crop_2d(image, mask, 32, gen(23, "cuda"))
+    assert crop.device == image.device and crop.shape == (8, 7, 32, 32) and crop_mask.shape == (8, 1, 32, 32)
+    with pytest.raises(ConfigError, match="generator is on cpu"):
+        augment_2d(image, mask, Augment2dConfig.book(), gen(0))

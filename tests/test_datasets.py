@@ -21,6 +21,7 @@ from p2ch.datasets import (
     series_fraction,
     shard_bounds,
     split_candidates,
+    split_series,
     to_device_batch,
 )
 from p2ch.errors import ConfigError, DataFormatError, DataNotFoundError
@@ -457,6 +458,46 @@ def test_split_empty_parts_say_what_to_change():
         split_candidates(make_candidates(1, 5))
     with pytest.raises(ConfigError, match="none of the 2 series in training"):
         split_candidates(two, val_fraction=0.99)
+
+
+@pytest.mark.parametrize(
+    "mode, settings",
+    [
+        ("series", {"val_fraction": 0.2, "test_fraction": 0.1}),
+        ("series", {"val_stride": 4}),
+        ("subset", {"val_subsets": (7, 9), "test_subsets": (8,)}),
+    ],
+)
+def test_split_series_puts_each_series_where_split_candidates_puts_its_candidates(tmp_path, mode, settings):
+    candidates = make_candidates(60, 3)
+    uids = [make_uid(s) for s in range(60)]
+    write_subsets(tmp_path, {k: uids[k::10] for k in range(10)})
+    by_candidates = part_of_series(candidates, split_candidates(candidates, mode, data_root=tmp_path, **settings))
+    split = split_series(uids[::-1] + uids[:5], mode, data_root=tmp_path, **settings)  # order, duplicates: no matter
+    assert split.mode == mode
+    by_series = {str(uid): name for name in ("train", "val", "test") for uid in getattr(split, name)}
+    assert by_series == by_candidates and len(by_series) == 60
+    for name in ("train", "val", "test"):
+        part = getattr(split, name)
+        assert part.dtype.kind == "U" and list(part) == sorted(part)
+    assert len(split.val) > 0 and len(split.train) > 0 and (len(split.test) > 0) == ("val_stride" not in settings)
+
+
+def test_split_series_refuses_the_stride_split_and_bad_settings(tmp_path):
+    uids = [make_uid(s) for s in range(20)]
+    with pytest.raises(ConfigError, match=r"'stride'.*does not apply") as excinfo:
+        split_series(uids, "stride")
+    assert "\n" not in str(excinfo.value)
+    with pytest.raises(ConfigError, match="unknown"):
+        split_series(uids, "random")
+    with pytest.raises(ConfigError, match="at least 2"):
+        split_series(uids[:1] * 3)
+    with pytest.raises(ConfigError, match="val_fraction"):
+        split_series(uids, val_fraction=1.5)
+    with pytest.raises(ConfigError, match="--test-fraction"):
+        split_series(uids, test_subsets=(8,))
+    with pytest.raises(ConfigError, match="--val-subsets"):
+        split_series(uids, "subset", val_stride=3, data_root=tmp_path)
 
 
 # --- samplers -----------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,10 +14,12 @@ import pytest
 from p2ch import ct as ct_module
 from p2ch import prefill, prepcache
 from p2ch.cache import ChunkCache, decode_chunk
-from p2ch.candidates import clear_candidate_cache, get_candidate_arrays
+from p2ch.candidates import clear_candidate_cache, get_candidate_arrays, read_annotations
 from p2ch.ct import Ct
 from p2ch.errors import ConfigError
-from p2ch.luna import find_mhd
+from p2ch.luna import find_mhd, series_index, subset_of
+from p2ch.masks import ct_mask
+from p2ch.slices import SliceCache
 
 from conftest import ANNOTATIONS_HEADER, CANDIDATES_HEADER, make_uid, write_csv, write_ct
 
@@ -429,3 +432,93 @@ def test_fill_missing_reports_unreadable_cts_after_caching_the_others(tiny_root,
         prefill.fill_missing(cache, arrays, np.arange(2), (32, 48, 48), num_workers=-1)
     with pytest.raises(ConfigError, match="width_irc"):
         prefill.fill_missing(cache, arrays, np.arange(2), (32, 48))
+
+
+# --- --segmentation: the slice cache of the segmentation model ---------------------------------
+
+SEG_SET = {"num_cts": 4, "size": 96, "slices": 48, "candidates_per_ct": 20, "nodules_per_ct": 2, "seed": 3}
+
+
+def seg_args(root, cache_dir, *more):
+    return args(root, cache_dir, "--segmentation", *more)
+
+
+def completeness(cache: SliceCache, root: Path) -> dict[int, bool]:
+    return {subset_of(path): cache.complete(uid) for uid, path in series_index(root).items()}
+
+
+def test_segmentation_prefill_end_to_end_and_a_rerun_writes_nothing(synth_set, tmp_path):
+    root = synth_set(**SEG_SET)
+    cache_dir = tmp_path / "cache"
+    assert prepcache.main(seg_args(root, cache_dir, "--dry-run")) == 0
+    assert not cache_dir.exists()
+    plan = prefill.make_slice_plan(SliceCache(cache_dir, root))
+    assert (plan.cts, plan.cts_to_fill, plan.slices) == (4, 4, 4 * 48)
+    assert plan.bytes_to_write == 4 * 48 * (5 * 4096 + 300)  # 96*96 int16 = 4.5 blocks of 4 KiB, plus the row
+    assert prepcache.main(seg_args(root, cache_dir, "--num-workers", "2")) == 0
+    cache = SliceCache(cache_dir, root)
+    assert completeness(cache, root) == {0: True, 1: True, 2: True, 3: True}
+    frame = read_annotations(root / "annotations.csv")
+    for uid in series_index(root):
+        ct = Ct(uid, root)
+        rows = frame[frame["seriesuid"] == uid]
+        labels = ct_mask(
+            ct, rows[["coordX", "coordY", "coordZ"]].to_numpy(), rows["diameter_mm"].to_numpy(), labels=True
+        )
+        np.testing.assert_array_equal(cache.slab(uid, 47, 2), ct.hu[[45, 46, 47, 47, 47]])
+        for k in range(48):
+            np.testing.assert_array_equal(cache.mask(uid, k), labels[k])
+    assert cache.stats()["filled"] == 0 and not ChunkCache(cache_dir, root).exists()
+    files = {p: p.stat().st_mtime_ns for p in value_files(cache_dir)}
+    assert prepcache.main(seg_args(root, cache_dir, "--num-workers", "2")) == 0
+    assert {p: p.stat().st_mtime_ns for p in value_files(cache_dir)} == files
+    assert prefill.make_slice_plan(SliceCache(cache_dir, root)).cts_to_fill == 0
+
+
+def test_segmentation_subsets_clear_and_refusals(synth_set, tmp_path, capsys):
+    root = synth_set(**SEG_SET)
+    cache_dir = tmp_path / "cache"
+    cache = SliceCache(cache_dir, root)
+    assert prepcache.main(seg_args(root, cache_dir, "--subsets", "1", "3", "--num-workers", "0")) == 0
+    assert completeness(cache, root) == {0: False, 1: True, 2: False, 3: True}
+    records = len(cache)
+    assert prepcache.main(seg_args(root, cache_dir, "--clear", "--dry-run")) == 0
+    assert len(cache) == records
+    assert prepcache.main(seg_args(root, cache_dir, "--clear", "--subsets", "0", "--num-workers", "0")) == 0
+    assert completeness(cache, root) == {0: True, 1: False, 2: False, 3: False}
+    capsys.readouterr()
+    assert prepcache.main(seg_args(root, cache_dir, "--prune")) == 2
+    assert prepcache.main(seg_args(root, cache_dir, "--width-irc", "8", "8", "8")) == 2
+    assert prepcache.main(seg_args(root, cache_dir, "--subsets", "7")) == 2
+    err = capsys.readouterr().err
+    assert "--prune" in err and "--width-irc" in err and "subset7" in err
+
+
+def test_segmentation_prefill_reports_a_bad_annotation_and_fills_the_others(synth_set, tmp_path):
+    root = tmp_path / "luna"
+    shutil.copytree(synth_set(**SEG_SET), root)
+    frame = read_annotations(root / "annotations.csv")
+    bad_uid = frame["seriesuid"].iloc[0]
+    frame.loc[0, "coordZ"] += 5000.0
+    frame.to_csv(root / "annotations.csv", index=False)
+    cache_dir = tmp_path / "cache"
+    assert prepcache.main(seg_args(root, cache_dir, "--num-workers", "0")) == 2
+    cache = SliceCache(cache_dir, root)
+    assert {uid: cache.complete(uid) for uid in series_index(root)} == {
+        uid: uid != bad_uid for uid in series_index(root)
+    }
+    with pytest.raises(prefill.PrefillError, match=rf"1 of 1 CTs could not be cached \(first: {bad_uid}.*outside"):
+        prefill.fill_slices(cache, list(series_index(root)), progress=False)
+
+
+def test_fill_slices_fills_only_what_is_missing(synth_set, tmp_path, monkeypatch):
+    root = synth_set(**SEG_SET)
+    uids = sorted(series_index(root))
+    cache = SliceCache(tmp_path / "cache", root)
+    assert prefill.fill_slices(cache, uids[:2] + uids[:1], progress=False) == 2
+    assert prefill.fill_slices(cache, uids, num_workers=2, progress=False) == 2
+    monkeypatch.setattr(SliceCache, "fill_series", lambda *a, **k: pytest.fail("loaded a complete CT"))
+    assert prefill.fill_slices(cache, uids, num_workers=2, progress=False) == 0
+    assert all(cache.complete(uid) for uid in uids)
+    with pytest.raises(ConfigError, match="num_workers"):
+        prefill.fill_slices(cache, uids, num_workers=-1)

@@ -464,3 +464,62 @@ def test_generator_depends_on_nothing_else_in_the_package():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0] == "['p2ch', 'p2ch.cli', 'p2ch.config', 'p2ch.errors', 'p2ch.luna', 'p2ch.synth']"
     assert out[1] == "False False"
+
+
+MASKED = dict(num_cts=3, size=128, slices=64, candidates_per_ct=20, nodules_per_ct=3.0, seed=5, masks=True)
+
+
+def test_masks_have_the_ct_geometry_and_the_annotations_labels(synth_set):
+    root = synth_set(**MASKED)
+    volumes = Volumes(root)
+    _, annotations = read_rows(root / "annotations.csv")
+    _, excluded = read_rows(root / "annotations_excluded.csv")
+    uids = (root / "seriesuids.csv").read_text().split()
+    assert sorted(p.name for p in (root / "masks").iterdir()) == sorted(
+        f"{uid}.{ext}" for uid in uids for ext in ("mhd", "raw")
+    )
+    for uid in uids:
+        path = root / "masks" / f"{uid}.mhd"
+        header = dict(line.split(" = ", 1) for line in path.read_text().splitlines())
+        assert header["ElementType"] == "MET_UCHAR" and header["ElementDataFile"] == f"{uid}.raw"
+        image, hu = volumes.image(uid)
+        mask_image = sitk.ReadImage(str(path))
+        assert mask_image.GetSize() == image.GetSize()
+        assert mask_image.GetSpacing() == image.GetSpacing() and mask_image.GetOrigin() == image.GetOrigin()
+        assert mask_image.GetDirection() == image.GetDirection()
+        labels = sitk.GetArrayFromImage(mask_image)
+        nodules = [row for row in annotations if row[0] == uid]
+        assert set(np.unique(labels).tolist()) == {0, *range(1, len(nodules) + 1)}
+        for k, (_, x, y, z, diameter) in enumerate(nodules):
+            c, r, i = volumes.index(uid, (x, y, z))
+            assert labels[i, r, c] == k + 1  # annotations.csv order within the CT
+            inside = labels == k + 1
+            assert hu[inside].mean() > -700  # nodule density (ground glass is -500..-300 HU)
+            if float(diameter) >= 5.0:  # the volume of a sphere of that diameter, give or take lobulation
+                volume_mm3 = np.count_nonzero(inside) * np.prod(image.GetSpacing())
+                assert 0.6 < volume_mm3 / (math.pi / 6 * float(diameter) ** 3) < 1.5, (uid, k, diameter)
+        for _, x, y, z, _ in (row for row in excluded if row[0] == uid):
+            c, r, i = volumes.index(uid, (x, y, z))
+            assert labels[i, r, c] == 0  # excluded findings are not nodules
+    assert len(annotations) >= 4
+
+
+def test_masks_flag_adds_only_the_masks_and_force_clears_them(tiny, tmp_path):
+    root, summary = tiny
+    out = tmp_path / "masked"
+    masked = generate(out, workers=2, masks=True, **TINY)
+    written = tree_bytes(out)
+    assert {k: v for k, v in written.items() if not k.startswith("masks/")} == tree_bytes(root)
+    assert sorted(k for k in written if k.startswith("masks/")) == sorted(
+        f"masks/{uid}.{ext}" for uid in summary.series_uids for ext in ("mhd", "raw")
+    )
+    assert masked.masks and not summary.masks and not (root / "masks").exists()
+    args = ["--out", str(out), "--num-cts", "1", "--size", "32", "--slices", "16", "--candidates-per-ct", "5"]
+    assert main([*args, "--workers", "1", "--force"]) == 0
+    assert not (out / "masks").exists()  # the old set's masks went with it
+    assert main([*args, "--workers", "1", "--force", "--masks"]) == 0
+    assert len(list((out / "masks").glob("*.mhd"))) == 1
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "masks").write_text("x")
+    with pytest.raises(SynthConfigError, match="masks is a file"):
+        generate(tmp_path / "other", masks=True, force=True, **{**TINY, "num_cts": 1})

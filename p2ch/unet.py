@@ -1,0 +1,291 @@
+"""`UNet` and `UNetWrapper`: the 2D segmentation model of the book's chapter 13, written anew.
+
+Layout (module names are part of the checkpoint format; keep them):
+
+    UNetWrapper
+      input_batchnorm   BatchNorm2d(in_channels) on the raw HU input
+      unet              UNet (below)
+      (sigmoid)         probabilities; no parameters
+    UNet
+      down_path[i]      i = 0..depth-1: ConvBlock, 2**(wf+i) filters; a 2×2 max-pool before each
+                        level but the first
+      up_path[j]        j = 0..depth-2, from the bottom up: UpBlock to 2**(wf+depth-2-j) filters
+                        (up-convolution, concatenation with the skip of the same level, ConvBlock)
+      last              Conv2d 1×1 to n_classes logits
+
+A ConvBlock is (Conv2d 3×3 [+ BatchNorm2d] + ReLU) twice; with batch norm the convolutions have
+no bias (the norm's shift replaces it). `up_mode="upconv"` up-samples with a learned
+ConvTranspose2d (2×2, stride 2); `"upsample"` with bilinear interpolation followed by a 1×1
+convolution. With `padding=True` every 3×3 convolution pads by 1, so the output has the input's
+H × W; H and W must then be multiples of 2**(depth-1), so that every pooled size is whole and each
+up-sampled map lines up with its skip (`check_input_size`). With `padding=False` the convolutions
+are unpadded, as in the original UNet paper: the output is smaller than the input and each skip
+is centre-cropped to the up-sampled map.
+
+The model works under `torch.autocast` (probabilities come out in float32) and with
+`memory_format=torch.channels_last`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from p2ch.errors import ConfigError, DataFormatError
+from p2ch.model import arch_signature, count_parameters
+
+UNET_ARCH = "UNetWrapper-v1"
+UP_MODES = ("upconv", "upsample")
+
+
+def check_input_size(h: int, w: int, depth: int, *, padding: bool = True) -> tuple[int, int]:
+    """Refuse an input H × W that a UNet of this depth cannot take; return the output (H, W).
+
+    h, w: input rows and columns (pixels). depth: UNet levels (depth-1 poolings).
+    padding: True for padded convolutions (output = input size; H and W must be multiples of
+        2**(depth-1)); False for unpadded ones (each size must stay even before every pooling
+        and positive to the end).
+    Raises ConfigError naming the size, the depth and a size that works.
+    """
+    for name, value in (("h", h), ("w", w), ("depth", depth)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"check_input_size: {name} is {value!r}; expected a positive int")
+    if padding:
+        multiple = 2 ** (depth - 1)
+        if h % multiple or w % multiple:
+            down_h, down_w = (max(multiple, s // multiple * multiple) for s in (h, w))
+            up_h, up_w = (-(-s // multiple) * multiple for s in (h, w))
+            raise ConfigError(
+                f"UNet: input {h}×{w} (H×W) is not a multiple of 2**(depth-1) = {multiple} for depth {depth}; "
+                f"crop or pad it to a multiple of {multiple}, e.g. {down_h}×{down_w} or {up_h}×{up_w}"
+            )
+        return h, w
+    return _unpadded_output(h, depth, "H"), _unpadded_output(w, depth, "W")
+
+
+def _unpadded_output(size: int, depth: int, axis: str) -> int:
+    """Output length of one axis through unpadded convolutions; ConfigError where it breaks."""
+    out = size
+    for level in range(depth):
+        out -= 4  # two unpadded 3×3 convolutions
+        if out < 1 or (level < depth - 1 and out % 2):
+            raise ConfigError(
+                f"UNet: input {axis} = {size} does not fit depth {depth} with padding=False (it becomes "
+                f"{out} at level {level}; expected a positive even size before every pooling); "
+                "choose another size or use padding=True"
+            )
+        if level < depth - 1:
+            out //= 2
+    for _ in range(depth - 1):
+        out = out * 2 - 4
+        if out < 1:
+            raise ConfigError(f"UNet: input {axis} = {size} is too small for depth {depth} with padding=False")
+    return out
+
+
+class ConvBlock(nn.Module):
+    """(Conv2d 3×3 [+ BatchNorm2d] + ReLU) twice: (N, in, H, W) -> (N, out, H', W')."""
+
+    def __init__(self, in_channels: int, out_channels: int, padding: bool, batch_norm: bool):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for channels_in in (in_channels, out_channels):
+            layers.append(nn.Conv2d(channels_in, out_channels, 3, padding=int(padding), bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(out_channels))
+            layers.append(nn.ReLU(inplace=True))
+        self.block = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class UpBlock(nn.Module):
+    """Up-sample ×2 to `out` channels, concatenate the skip (cropped if larger), ConvBlock."""
+
+    def __init__(self, in_channels: int, out_channels: int, up_mode: str, padding: bool, batch_norm: bool):
+        super().__init__()
+        if up_mode == "upconv":
+            self.up = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
+        else:
+            self.up = nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                nn.Conv2d(in_channels, out_channels, kernel_size=1),
+            )
+        self.conv_block = ConvBlock(out_channels * 2, out_channels, padding, batch_norm)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        up = self.up(x)
+        top = (skip.shape[2] - up.shape[2]) // 2
+        left = (skip.shape[3] - up.shape[3]) // 2
+        skip = skip[:, :, top : top + up.shape[2], left : left + up.shape[3]]
+        return self.conv_block(torch.cat([up, skip], dim=1))
+
+
+def _check_settings(**settings: Any) -> None:
+    lows = {"in_channels": 1, "n_classes": 1, "depth": 1, "wf": 0}
+    for name, low in lows.items():
+        value = settings[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"UNet: {name} is {value!r}; expected an int >= {low}")
+    if settings["wf"] + settings["depth"] > 16:
+        raise ConfigError(
+            f"UNet: wf {settings['wf']} + depth {settings['depth']} gives 2**{settings['wf'] + settings['depth'] - 1} "
+            "filters at the bottom; expected wf + depth <= 16"
+        )
+    for name in ("padding", "batch_norm"):
+        if not isinstance(settings[name], bool):
+            raise ConfigError(f"UNet: {name} is {settings[name]!r}; expected True or False")
+    if settings["up_mode"] not in UP_MODES:
+        raise ConfigError(f"UNet: up_mode is {settings['up_mode']!r}; expected one of {', '.join(UP_MODES)}")
+
+
+class UNet(nn.Module):
+    """A UNet: `depth` levels with 2**(wf+i) filters at level i, skips joined by concatenation.
+
+    forward(x: (N, in_channels, H, W) float) -> (N, n_classes, H, W) float logits (smaller H × W
+    with padding=False, see `check_input_size`).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        n_classes: int,
+        depth: int = 3,
+        wf: int = 4,
+        padding: bool = True,
+        batch_norm: bool = True,
+        up_mode: str = "upconv",
+    ):
+        super().__init__()
+        _check_settings(
+            in_channels=in_channels,
+            n_classes=n_classes,
+            depth=depth,
+            wf=wf,
+            padding=padding,
+            batch_norm=batch_norm,
+            up_mode=up_mode,
+        )
+        self.depth = depth
+        self.padding = padding
+        widths = [2 ** (wf + level) for level in range(depth)]
+        self.down_path = nn.ModuleList(
+            ConvBlock(c_in, c_out, padding, batch_norm)
+            for c_in, c_out in zip([in_channels, *widths[:-1]], widths, strict=True)
+        )
+        self.up_path = nn.ModuleList(
+            UpBlock(widths[level + 1], widths[level], up_mode, padding, batch_norm)
+            for level in reversed(range(depth - 1))
+        )
+        self.last = nn.Conv2d(widths[0], n_classes, kernel_size=1)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # He (kaiming) normal init, counted on the inputs, for the 3×3 convolutions that feed a
+        # ReLU: keeps the activations' variance level from block to block, so a deep net starts
+        # neither saturated nor dead. The up-convolution (2×2, stride 2) gives each output pixel
+        # exactly one kernel tap per input channel, so its fan-in is in_channels, and no ReLU
+        # follows it directly: std sqrt(1 / in_channels). The 1×1 convolutions (the upsample
+        # path's and the logits) are linear too: std sqrt(1 / fan_in). Biases start at zero;
+        # batch norm keeps its default (weight 1, bias 0).
+        for module in self.modules():
+            if isinstance(module, nn.ConvTranspose2d):
+                nn.init.normal_(module.weight, 0.0, math.sqrt(1.0 / module.weight.shape[0]))
+            elif isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3):
+                nn.init.kaiming_normal_(module.weight, a=0, mode="fan_in", nonlinearity="relu")
+            elif isinstance(module, nn.Conv2d):
+                fan_in = module.weight.shape[1] * math.prod(module.kernel_size)
+                nn.init.normal_(module.weight, 0.0, math.sqrt(1.0 / fan_in))
+            else:
+                continue
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_size(int(x.shape[-2]), int(x.shape[-1]), self.depth, padding=self.padding)
+        skips = []
+        for level, block in enumerate(self.down_path):
+            if level:
+                x = nn.functional.max_pool2d(x, 2)
+            x = block(x)
+            skips.append(x)
+        skips.pop()  # the bottom level has no skip: it is x itself
+        for up in self.up_path:
+            x = up(x, skips.pop())
+        return self.last(x)
+
+
+class UNetWrapper(nn.Module):
+    """The book's segmentation model: input batch norm, `UNet`, sigmoid.
+
+    in_channels: CT slices per sample (the book's 7: the slice and 3 either side).
+    n_classes: output maps (1: nodule). The rest are `UNet`'s settings.
+    forward(x: (N, in_channels, H, W) float HU) -> (N, n_classes, H, W) float32 probability.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 7,
+        n_classes: int = 1,
+        depth: int = 3,
+        wf: int = 4,
+        padding: bool = True,
+        batch_norm: bool = True,
+        up_mode: str = "upconv",
+    ):
+        super().__init__()
+        self.settings = {
+            "in_channels": in_channels,
+            "n_classes": n_classes,
+            "depth": depth,
+            "wf": wf,
+            "padding": padding,
+            "batch_norm": batch_norm,
+            "up_mode": up_mode,
+        }
+        _check_settings(**self.settings)
+        self.input_batchnorm = nn.BatchNorm2d(in_channels)
+        self.unet = UNet(**self.settings)
+
+    def _check_input(self, x: Any) -> None:
+        channels = self.settings["in_channels"]
+        expected = f"(N, {channels}, H, W) float HU"
+        if not isinstance(x, torch.Tensor):
+            raise DataFormatError(f"UNetWrapper: input is a {type(x).__name__}; expected a tensor {expected}")
+        if x.ndim != 4 or x.shape[1] != channels:
+            hint = "; add the batch dimension with x.unsqueeze(0)" if x.ndim == 3 else ""
+            raise DataFormatError(f"UNetWrapper: input has shape {tuple(x.shape)}; expected {expected}{hint}")
+        if not x.is_floating_point():
+            raise DataFormatError(
+                f"UNetWrapper: input has dtype {x.dtype}; expected a float tensor (convert int16 HU with .float())"
+            )
+        check_input_size(int(x.shape[2]), int(x.shape[3]), self.settings["depth"], padding=self.settings["padding"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Segment a batch of slices.
+
+        x: (N, in_channels, H, W) float HU (any float dtype, contiguous or channels_last).
+        Returns (N, n_classes, H, W) probabilities in float32 (float64 for a float64 model and
+            input), also under autocast, so Dice sums and thresholds do not suffer half precision.
+        """
+        self._check_input(x)
+        logits = self.unet(self.input_batchnorm(x))
+        return torch.sigmoid(logits.to(torch.promote_types(logits.dtype, torch.float32)))
+
+    def describe(self) -> dict[str, Any]:
+        """Plain description for logs and checkpoints: architecture, settings, parameter count, signature."""
+        return {
+            "arch": UNET_ARCH,
+            **self.settings,
+            "trainable_parameters": count_parameters(self),
+            "signature": unet_signature(self),
+        }
+
+
+def unet_signature(model_or_state_dict: nn.Module | dict[str, torch.Tensor]) -> str:
+    """`arch_signature` with the UNet's name tag: 'UNetWrapper-v1:<16 hex digits>'."""
+    return arch_signature(model_or_state_dict, UNET_ARCH)

@@ -1,0 +1,159 @@
+"""python -m p2ch.seg_training end to end on tiny synthetic sets (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from p2ch import seg_training, training
+from p2ch.checkpoint import load_checkpoint
+
+SCALARS = {
+    "loss/all",
+    "pr/precision",
+    "pr/recall",
+    "pr/f1_score",
+    "percent_all/tp",
+    "percent_all/fn",
+    "percent_all/fp",
+    "perf/samples_per_sec",
+}
+NODULE_SCALARS = {"nodule/recall", "nodule/recall_5mm", "nodule/fp_per_ct"}
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def small(synth_set):
+    """4 CTs of 64 × 64 × 24 voxels with nodules (CT 2 has none)."""
+    return synth_set(num_cts=4, size=64, slices=24, candidates_per_ct=10, nodules_per_ct=2, seed=21)
+
+
+def _args(root: Path, work: Path, *extra: str) -> list[str]:
+    return [
+        "--data-root", str(root), "--cache-dir", str(work / "cache"), "--runs-dir", str(work / "runs"),
+        "--checkpoint-dir", str(work / "models"), "--batch-size", str(BATCH), "--num-workers", "0",
+        "--epoch-size", "8", "--crop-size", "32", "--val-fraction", "0.5", "--images-every", "1",
+        "--log-level", "WARNING", *extra,
+    ]  # fmt: skip
+
+
+def _run_dir(work: Path) -> Path:
+    (found,) = (work / "models" / "p2ch").iterdir()
+    return found
+
+
+def _events(path: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+def test_help_names_the_books_flags(capsys):
+    with pytest.raises(SystemExit):
+        seg_training.main(["--help"])
+    out = capsys.readouterr().out
+    for flag in (
+        "--batch-size",
+        "--num-workers",
+        "--epochs",
+        "--augmented",
+        "--augment-flip",
+        "--tb-prefix",
+        "--context-slices",
+        "--crop-size",
+        "--fn-weight",
+        "--val-slices",
+        "--resume",
+        "--report",
+        "comment",
+    ):
+        assert flag in out, flag
+    assert "(default: 16)" in out and "(default: adam)" in out
+
+
+def test_two_epochs_log_checkpoint_report_then_resume(small, tmp_path):
+    report = tmp_path / "report.json"
+    args = _args(small, tmp_path, "--augmented", "--report", str(report), "segsmoke")
+    assert seg_training.main([*args, "--epochs", "2"]) == 0
+    run = _run_dir(tmp_path)
+    state = load_checkpoint(run / "last.pt")
+    assert state["arch"].startswith("UNetWrapper-v1:") and state["epoch"] == 2 and state["samples_seen"] == 16
+    assert (run / "best.pt").is_file() and state["config"]["context_slices"] == 3
+    dirs = {p.name.split("-")[-2].split("_")[0]: p for p in sorted((tmp_path / "runs" / "p2ch").iterdir())}
+    assert set(dirs) == {"trn", "val"} and all("_seg-segsmoke" in p.name for p in dirs.values())
+    trn, val = _events(dirs["trn"]), _events(dirs["val"])
+    assert set(trn.Tags()["scalars"]) >= SCALARS
+    assert set(val.Tags()["scalars"]) >= SCALARS | NODULE_SCALARS
+    assert [e.step for e in val.Scalars("loss/all")] == [8, 16]
+    assert all(math.isfinite(e.value) for e in val.Scalars("nodule/fp_per_ct"))
+    assert 0.0 <= val.Scalars("nodule/recall")[-1].value <= 1.0
+    assert "val/slices" in val.Tags()["images"]
+    data = json.loads(report.read_text())
+    assert data["epoch"] == 2 and data["validation"]["nodule/recall"] is not None
+    assert data["best"]["by"] in ("recall", "f1", "fp_per_ct")
+
+    assert seg_training.main(["--resume", str(run / "last.pt"), "--epochs", "3", "--log-level", "WARNING"]) == 0
+    again = load_checkpoint(run / "last.pt")
+    assert again["epoch"] == 3 and again["samples_seen"] == 24 and _run_dir(tmp_path) == run
+    assert [e.step for e in _events(dirs["val"]).Scalars("loss/all")] == [8, 16, 24]
+
+
+def test_a_classifier_checkpoint_is_refused_by_the_segmentation_app_and_the_reverse(small, tmp_path, capsys):
+    from p2ch.config import TrainingConfig
+
+    from conftest import make_model, write_checkpoint
+
+    classifier = write_checkpoint(tmp_path / "cls.pt", make_model(), TrainingConfig())
+    capsys.readouterr()
+    assert seg_training.main([*_args(small, tmp_path / "a"), "--init-weights", str(classifier)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "LunaModel-v1" in err and "UNetWrapper-v1" in err
+    assert seg_training.main([*_args(small, tmp_path / "b"), "--epochs", "1"]) == 0
+    unet = _run_dir(tmp_path / "b") / "last.pt"
+    capsys.readouterr()
+    assert training.main(["--data-root", str(small), "--resume", str(unet), "--log-level", "WARNING"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "LunaModel-v1" in err and "UNetWrapper-v1" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--crop-size", "30"], "--crop-size 30: a UNet of depth 3 needs a multiple of 4"),
+        (["--context-slices", "-1"], "--context-slices must be in 0…32"),
+        (["--val-slices", "nodules", "--val-negative-fraction", "2"], "--val-negative-fraction must be in [0, 1]"),
+    ],
+)
+def test_bad_settings_are_one_line(small, tmp_path, capsys, extra, expected):
+    assert seg_training.main([*_args(small, tmp_path), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err
+
+
+def test_the_stride_split_is_not_offered(small, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        seg_training.main([*_args(small, tmp_path), "--split", "stride"])
+    assert exc.value.code == 2 and "invalid choice: 'stride'" in capsys.readouterr().err
+
+
+def test_training_cts_without_nodules_are_a_clear_error(synth_set, tmp_path, capsys):
+    root = synth_set(num_cts=4, size=64, slices=24, candidates_per_ct=10, nodules_per_ct=0, seed=2)
+    assert seg_training.main([*_args(root, tmp_path), "--val-fraction", "0.25"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "training CTs have no annotated nodule" in err
+
+
+def test_unet_learns_the_easy_set_to_find_nodules(synth_set, tmp_path):
+    """A short CPU run finds most validation nodules (a check that slices, masks and crops line up)."""
+    root = synth_set(num_cts=8, size=64, slices=32, candidates_per_ct=10, nodules_per_ct=3, seed=5, easy=True)
+    report = tmp_path / "r.json"
+    args = _args(root, tmp_path, "--epoch-size", "256", "--epochs", "3", "--batch-size", "16", "--augment-flip",
+                 "--report", str(report), "--seed", "1")  # fmt: skip
+    assert seg_training.main(args) == 0
+    validation = json.loads(report.read_text())["validation"]
+    assert validation["nodule/recall"] >= 0.5, validation

@@ -1,0 +1,218 @@
+"""The UNet: shapes, size checks, layouts, init, a tiny overfit, and its architecture signature."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from p2ch.checkpoint import load_checkpoint, save_checkpoint
+from p2ch.errors import ConfigError, DataFormatError
+from p2ch.model import MODEL_ARCH, LunaModel, arch_signature
+from p2ch.segmetrics import dice_loss, pixel_counts, segmentation_loss
+from p2ch.unet import UNET_ARCH, UNet, UNetWrapper, check_input_size, unet_signature
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def hu_slices(n: int, channels: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, channels, h, w), generator=g) * 300 - 500
+
+
+def disks(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 1, size, size) HU slices of lung (-800) with one +100 HU disk each, and its (n, 1, ...) mask."""
+    g = torch.Generator().manual_seed(seed)
+    rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    masks = []
+    for _ in range(n):
+        center = torch.randint(8, size - 8, (2,), generator=g)
+        radius = 3 + 3 * torch.rand((), generator=g)
+        masks.append((rows - center[0]) ** 2 + (cols - center[1]) ** 2 <= radius**2)
+    mask = torch.stack(masks)[:, None]
+    image = torch.where(mask, 100.0, -800.0) + 20 * torch.randn(mask.shape, generator=g)
+    return image, mask
+
+
+@pytest.mark.parametrize(("depth", "wf"), [(3, 4), (3, 5), (4, 4), (4, 5)])
+def test_output_has_the_input_size(depth, wf):
+    model = UNetWrapper(in_channels=7, n_classes=1, depth=depth, wf=wf).eval()
+    x = hu_slices(2, 7, 64, 48)
+    with torch.no_grad():
+        prob = model(x)
+    assert prob.shape == (2, 1, 64, 48) and prob.dtype == torch.float32
+    assert float(prob.min()) >= 0.0 and float(prob.max()) <= 1.0
+    widths = [block.block[0].out_channels for block in model.unet.down_path]
+    assert widths == [2 ** (wf + level) for level in range(depth)]
+
+
+@pytest.mark.parametrize("up_mode", ["upconv", "upsample"])
+def test_up_modes_and_classes(up_mode):
+    model = UNetWrapper(in_channels=3, n_classes=2, up_mode=up_mode, batch_norm=False).eval()
+    uses_transpose = any(isinstance(m, torch.nn.ConvTranspose2d) for m in model.modules())
+    assert uses_transpose == (up_mode == "upconv")
+    with torch.no_grad():
+        assert model(hu_slices(1, 3, 32, 32)).shape == (1, 2, 32, 32)
+
+
+def test_unpadded_unet_shrinks_as_computed():
+    assert check_input_size(92, 92, 3, padding=False) == (52, 52)
+    model = UNet(in_channels=1, n_classes=1, depth=3, padding=False).eval()
+    with torch.no_grad():
+        assert model(hu_slices(1, 1, 92, 92)).shape == (1, 1, 52, 52)
+    with pytest.raises(ConfigError, match="H = 93"):
+        check_input_size(93, 92, 3, padding=False)
+
+
+def test_refuses_a_size_the_depth_cannot_take():
+    with pytest.raises(ConfigError) as info:
+        check_input_size(63, 63, 3)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "63×63" in message and "depth 3" in message and "64×64" in message
+    assert check_input_size(64, 60, 3) == (64, 60)
+    check_input_size(60, 60, 3)
+    with pytest.raises(ConfigError, match="depth 4"):
+        check_input_size(60, 60, 4)  # 60 is not a multiple of 8
+    with pytest.raises(ConfigError, match="63×63"):
+        UNetWrapper()(hu_slices(1, 7, 63, 63))
+    with pytest.raises(ConfigError, match="63×64"):
+        UNet(7, 1)(hu_slices(1, 7, 63, 64))  # the bare UNet checks too
+
+
+@pytest.mark.parametrize(
+    ("x", "words"),
+    [
+        (torch.zeros(7, 64, 64), "unsqueeze"),
+        (torch.zeros(1, 3, 64, 64), "(N, 7, H, W)"),
+        (torch.zeros(1, 7, 64, 64, dtype=torch.int16), "int16"),
+        ([[0.0]], "list"),
+    ],
+)
+def test_refuses_bad_input(x, words):
+    with pytest.raises(DataFormatError) as info:
+        UNetWrapper()(x)
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"depth": 0}, "depth"),
+        ({"wf": -1}, "wf"),
+        ({"in_channels": 7.0}, "in_channels"),
+        ({"up_mode": "nearest"}, "up_mode"),
+        ({"padding": 1}, "padding"),
+        ({"wf": 12, "depth": 6}, "wf"),
+    ],
+)
+def test_refuses_bad_settings(kwargs, words):
+    with pytest.raises(ConfigError, match=words):
+        UNetWrapper(**kwargs)
+
+
+@pytest.mark.parametrize("up_mode", ["upconv", "upsample"])
+def test_channels_last_matches_contiguous(up_mode):
+    torch.manual_seed(0)
+    model = UNetWrapper(up_mode=up_mode).eval()
+    with torch.no_grad():
+        model.input_batchnorm.running_mean.fill_(-500.0)
+        model.input_batchnorm.running_var.fill_(300.0**2)
+    x = hu_slices(3, 7, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        model = model.to(memory_format=torch.channels_last)
+        got = model(x.contiguous(memory_format=torch.channels_last))
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_init_is_kaiming_and_biases_start_at_zero():
+    torch.manual_seed(0)
+    model = UNetWrapper(wf=5)
+    conv = model.unet.down_path[1].block[0]  # 3×3, 32 -> 64 channels
+    fan_in = conv.in_channels * 9
+    assert conv.bias is None  # batch norm follows
+    assert float(conv.weight.detach().std()) == pytest.approx((2.0 / fan_in) ** 0.5, rel=0.05)
+    plain = UNetWrapper(batch_norm=False)
+    biases = [m.bias for m in plain.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    assert biases and all(torch.equal(b, torch.zeros_like(b)) for b in biases)
+
+
+def test_untrained_logits_stay_in_range_without_batch_norm():
+    # He init alone (no batch norm inside to rescale) keeps the logits from exploding or vanishing.
+    torch.manual_seed(0)
+    model = UNetWrapper(batch_norm=False)
+    with torch.no_grad():
+        logits = model.unet(model.input_batchnorm(hu_slices(4, 7, 64, 64)))
+    assert 0.05 < float(logits.std()) < 20
+
+
+def test_autocast_gives_float32_probabilities():
+    model = UNetWrapper().eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        prob = model(hu_slices(2, 7, 32, 32))
+    assert prob.dtype == torch.float32 and prob.shape == (2, 1, 32, 32)
+
+
+def test_a_tiny_unet_overfits_four_disks():
+    torch.manual_seed(0)
+    image, mask = disks(4)
+    model = UNetWrapper(in_channels=1, n_classes=1, depth=3, wf=3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(40):
+        optimizer.zero_grad()
+        loss = dice_loss(model(image), mask).mean()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        tp, fn, fp = pixel_counts(model(image), mask).sum(dim=0).tolist()
+    dice = 2 * tp / (2 * tp + fn + fp)
+    assert dice > 0.8, (tp, fn, fp)
+
+
+def test_signature_differs_from_the_classifier_and_load_refuses_it(tmp_path):
+    unet = UNetWrapper()
+    signature = unet_signature(unet)
+    assert signature.startswith(f"{UNET_ARCH}:") and UNET_ARCH == "UNetWrapper-v1"
+    assert signature == arch_signature(unet.state_dict(), UNET_ARCH) == unet.describe()["signature"]
+    assert unet_signature(UNetWrapper(wf=5)) != signature
+    assert unet.describe()["arch"] == UNET_ARCH and unet.describe()["depth"] == 3
+    classifier = arch_signature(LunaModel())
+    assert classifier.startswith(f"{MODEL_ARCH}:") and classifier.split(":")[0] != signature.split(":")[0]
+
+    luna_path = tmp_path / "luna.pt"
+    save_checkpoint({"arch": classifier, "model": LunaModel().state_dict()}, luna_path)
+    with pytest.raises(ConfigError) as info:
+        load_checkpoint(luna_path, arch=signature)
+    assert classifier in str(info.value) and signature in str(info.value)
+
+    unet_path = tmp_path / "unet.pt"
+    save_checkpoint({"arch": signature, "model": unet.state_dict()}, unet_path)
+    with pytest.raises(ConfigError, match=UNET_ARCH):
+        load_checkpoint(unet_path, arch=classifier)
+    restored = UNetWrapper()
+    restored.load_state_dict(load_checkpoint(unet_path, arch=signature)["model"])
+    assert all(
+        torch.equal(a, b) for a, b in zip(restored.state_dict().values(), unet.state_dict().values(), strict=True)
+    )
+
+
+def test_arch_signature_refuses_a_bad_name():
+    with pytest.raises(ConfigError, match="arch"):
+        arch_signature(UNetWrapper(), "bad:name")
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_bf16_channels_last_forward_backward():
+    model = UNetWrapper().cuda().to(memory_format=torch.channels_last)
+    x = hu_slices(4, 7, 64, 64).cuda().contiguous(memory_format=torch.channels_last)
+    mask = torch.zeros(4, 1, 64, 64, dtype=torch.bool, device="cuda")
+    mask[:, :, 28:36, 28:36] = True
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        prob = model(x)
+        loss = segmentation_loss(prob, mask).mean()
+    assert prob.dtype == torch.float32 and loss.dtype == torch.float32
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
