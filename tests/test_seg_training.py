@@ -157,3 +157,31 @@ def test_unet_learns_the_easy_set_to_find_nodules(synth_set, tmp_path):
     assert seg_training.main(args) == 0
     validation = json.loads(report.read_text())["validation"]
     assert validation["nodule/recall"] >= 0.5, validation
+
+
+def test_ddp_two_cpu_processes_score_whole_cts(small, tmp_path):
+    """torchrun with 2 gloo processes: CT-aligned validation shards, per-nodule metrics over both."""
+    import os
+    import subprocess
+    import sys
+
+    report = tmp_path / "report.json"
+    args = _args(small, tmp_path, "--epochs", "1", "--device", "cpu", "--report", str(report), "ddp")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "p2ch.seg_training",
+    ]
+    done = subprocess.run([*cmd, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    validation = json.loads(report.read_text())["validation"]
+    single = tmp_path / "single.json"
+    assert seg_training.main([*_args(small, tmp_path / "one", "--epochs", "1", "--report", str(single))]) == 0
+    alone = json.loads(single.read_text())["validation"]
+    assert validation["nodule/count"] == alone["nodule/count"] > 0  # every validation nodule scored once
+    assert validation["nodule/ct_count"] == alone["nodule/ct_count"]

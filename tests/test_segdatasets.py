@@ -151,3 +151,17 @@ def test_series_bounds_and_slice_shape_of_mixed_cts(tiny_root, tmp_path):
     with pytest.raises(DataFormatError, match=r"2 sizes .*\(50, 60\).*\(64, 64\)"):
         dataset.slice_shape()
     assert Luna2dSegmentationDataset(slices, uids[1:]).slice_shape() == (50, 60)
+
+
+def test_series_shard_sampler_never_splits_a_ct_and_visits_every_item_once():
+    from p2ch.segdatasets import SeriesShardSampler
+
+    bounds = [(0, 30), (30, 40), (40, 100), (100, 101), (101, 160)]
+    for world in (1, 2, 3, 4, 7):
+        shards = [list(SeriesShardSampler(bounds, rank=r, world_size=world)) for r in range(world)]
+        assert sorted(i for shard in shards for i in shard) == list(range(160))
+        for shard in shards:
+            for start, stop in bounds:
+                inside = [i for i in shard if start <= i < stop]
+                assert inside in ([], list(range(start, stop)))  # a CT is wholly in one shard or absent
+    assert [len(list(SeriesShardSampler(bounds, rank=r, world_size=2))) for r in range(2)] == [100, 60]
