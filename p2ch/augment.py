@@ -66,7 +66,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -116,17 +116,14 @@ def _check_fields(config: AugmentConfig | Augment2dConfig) -> None:
         object.__setattr__(config, name, float(value))
 
 
-@dataclasses.dataclass(frozen=True)
-class AugmentConfig:
-    """Which augmentations run, and how strongly (all off by default).
+_S = TypeVar("_S", bound="_AugmentSettings")
 
-    flip: random flip of each axis with probability 0.5.
-    offset: largest translation per axis, in affine_grid's normalised units (0.1 = ±10% of the
-        half-extent), 0 for none.
-    scale: largest relative scale change per axis (0.2 = ±20%), 0 for none; below 1.
-    rotate: random rotation by 0..2π about the head-foot axis (in the row/col plane).
-    noise: standard deviation of added Gaussian noise, in HU, 0 for none.
-    """
+
+@dataclasses.dataclass(frozen=True)
+class _AugmentSettings:
+    """Flip, offset, scale, rotation and noise switches and magnitudes (shared by the 3D and 2D configs)."""
+
+    _BOOK_OFFSET: ClassVar[float] = BOOK_OFFSET
 
     flip: bool = False
     offset: float = 0.0
@@ -138,18 +135,18 @@ class AugmentConfig:
         _check_fields(self)
 
     @classmethod
-    def none(cls) -> AugmentConfig:
+    def none(cls: type[_S]) -> _S:
         """No augmentation at all."""
         return cls()
 
     @classmethod
-    def book(cls) -> AugmentConfig:
-        """The book's `--augmented`: flip, offset 0.1, scale 0.2, rotate, noise 25 HU."""
-        return cls(flip=True, offset=BOOK_OFFSET, scale=BOOK_SCALE, rotate=True, noise=BOOK_NOISE_HU)
+    def book(cls: type[_S]) -> _S:
+        """The book's `--augmented`: flip, the book's offset, scale 0.2, rotate, noise 25 HU."""
+        return cls(flip=True, offset=cls._BOOK_OFFSET, scale=BOOK_SCALE, rotate=True, noise=BOOK_NOISE_HU)
 
     @classmethod
     def from_flags(
-        cls,
+        cls: type[_S],
         *,
         augmented: bool = False,
         flip: bool = False,
@@ -157,7 +154,7 @@ class AugmentConfig:
         scale: bool = False,
         rotate: bool = False,
         noise: bool = False,
-    ) -> AugmentConfig:
+    ) -> _S:
         """The config for the book's CLI switches, with the book's magnitudes.
 
         `augmented` (`--augmented`) turns everything on; the others are `--augment-flip`,
@@ -167,7 +164,7 @@ class AugmentConfig:
             return cls.book()
         return cls(
             flip=bool(flip),
-            offset=BOOK_OFFSET if offset else 0.0,
+            offset=cls._BOOK_OFFSET if offset else 0.0,
             scale=BOOK_SCALE if scale else 0.0,
             rotate=bool(rotate),
             noise=BOOK_NOISE_HU if noise else 0.0,
@@ -180,12 +177,27 @@ class AugmentConfig:
 
     @property
     def resamples(self) -> bool:
-        """True when the batch must be resampled through a grid (offset, scale or rotation on)."""
+        """True when the data must be resampled through a grid (offset, scale or rotation on)."""
         return self.offset > 0 or self.scale > 0 or self.rotate
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for logs and checkpoints."""
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig(_AugmentSettings):
+    """Which augmentations run, and how strongly (all off by default).
+
+    flip: random flip of each axis with probability 0.5.
+    offset: largest translation per axis, in affine_grid's normalised units (0.1 = ±10% of the
+        half-extent), 0 for none.
+    scale: largest relative scale change per axis (0.2 = ±20%), 0 for none; below 1.
+    rotate: random rotation by 0..2π about the head-foot axis (in the row/col plane).
+    noise: standard deviation of added Gaussian noise, in HU, 0 for none.
+    """
+
+    _BOOK_OFFSET: ClassVar[float] = BOOK_OFFSET
 
 
 def random_affine(
@@ -413,7 +425,7 @@ def augment_batch(batch: torch.Tensor, config: AugmentConfig, *, generator: torc
 
 
 @dataclasses.dataclass(frozen=True)
-class Augment2dConfig:
+class Augment2dConfig(_AugmentSettings):
     """Which 2D augmentations run, and how strongly (all off by default).
 
     flip: random flip of rows and of cols, each with probability 0.5.
@@ -424,60 +436,7 @@ class Augment2dConfig:
     noise: standard deviation of Gaussian noise added to the image (never the mask), in HU.
     """
 
-    flip: bool = False
-    offset: float = 0.0
-    scale: float = 0.0
-    rotate: bool = False
-    noise: float = 0.0
-
-    def __post_init__(self) -> None:
-        _check_fields(self)
-
-    @classmethod
-    def none(cls) -> Augment2dConfig:
-        """No augmentation at all."""
-        return cls()
-
-    @classmethod
-    def book(cls) -> Augment2dConfig:
-        """Chapter 13's `--augmented`: flip, offset 0.03, scale 0.2, rotate, noise 25 HU."""
-        return cls(flip=True, offset=BOOK_OFFSET_2D, scale=BOOK_SCALE, rotate=True, noise=BOOK_NOISE_HU)
-
-    @classmethod
-    def from_flags(
-        cls,
-        *,
-        augmented: bool = False,
-        flip: bool = False,
-        offset: bool = False,
-        scale: bool = False,
-        rotate: bool = False,
-        noise: bool = False,
-    ) -> Augment2dConfig:
-        """The config for chapter 13's switches (`--augmented`, `--augment-flip` …), its magnitudes."""
-        if augmented:
-            return cls.book()
-        return cls(
-            flip=bool(flip),
-            offset=BOOK_OFFSET_2D if offset else 0.0,
-            scale=BOOK_SCALE if scale else 0.0,
-            rotate=bool(rotate),
-            noise=BOOK_NOISE_HU if noise else 0.0,
-        )
-
-    @property
-    def enabled(self) -> bool:
-        """True when any augmentation is on."""
-        return self.flip or self.resamples or self.noise > 0
-
-    @property
-    def resamples(self) -> bool:
-        """True when the slices must be resampled through a grid (offset, scale or rotation on)."""
-        return self.offset > 0 or self.scale > 0 or self.rotate
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict for logs and checkpoints."""
-        return dataclasses.asdict(self)
+    _BOOK_OFFSET: ClassVar[float] = BOOK_OFFSET_2D  # chapter 13: ±3%, about ±1 pixel of a 64 crop
 
 
 def random_affine_2d(
