@@ -36,8 +36,6 @@ import numpy as np
 import torch
 
 from p2ch.augment import Augment2dConfig, augment_2d, random_crop_2d
-from p2ch.checkpoint import LAST_NAME
-from p2ch.cli import configure_logging, run_cli
 from p2ch.config import (
     BOOK_SEG_EPOCH_SIZE,
     SPLIT_MODES,
@@ -52,10 +50,6 @@ from p2ch.config import (
     add_run_control_arguments,
     add_speed_arguments,
     add_split_arguments,
-    config_from_args,
-    display_path,
-    explicit_settings,
-    resume_config,
 )
 from p2ch.datasets import ShuffleSampler, split_series
 from p2ch.fileio import write_text_atomic
@@ -71,7 +65,7 @@ from p2ch.segdatasets import (
 )
 from p2ch.segmetrics import NoduleHits, nodule_hits, pixel_counts, pixel_summary, segmentation_loss, summarize_nodules
 from p2ch.slices import SliceCache
-from p2ch.trainer import TrainingRun, batches_of, load_resume_state
+from p2ch.trainer import TrainingRun, batches_of, training_main
 from p2ch.unet import UNetWrapper, check_input_size, unet_signature
 from p2ch.vis import LUNG_WINDOW_HU
 
@@ -405,6 +399,11 @@ def build_seg_data(config: SegTrainingConfig, dist, device: torch.device) -> Seg
     )  # fmt: skip
 
 
+def _write_report_if_asked(app: SegmentationTrainingApp, args: argparse.Namespace) -> None:
+    if args.report:
+        write_report(args.report, app)
+
+
 def write_report(path: str, app: SegmentationTrainingApp) -> None:
     """The last validation's metrics (JSON null where undefined), the epoch and the checkpoint folder."""
     metrics = {
@@ -423,46 +422,9 @@ def write_report(path: str, app: SegmentationTrainingApp) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    configure_logging(args.log_level)
-    holder: dict[str, SegmentationTrainingApp] = {}
-
-    def body() -> int:
-        config = config_from_args(args, SegTrainingConfig)
-        resume_state = None
-        if config.resume:
-            probe = UNetWrapper(
-                2 * config.context_slices + 1, 1, depth=config.depth, wf=config.wf, up_mode=config.up_mode
-            )
-            resume_state = load_resume_state(config.resume, unet_signature(probe))
-            given = explicit_settings(get_args_parser(), argv)
-            config = resume_config(
-                resume_state["config"], given, config.resume, args.allow_config_change, config_class=SegTrainingConfig
-            )
-        app = holder["app"] = SegmentationTrainingApp(config, resume_state=resume_state)
-        app.run()
-        if app.dist.is_main:
-            if args.report:
-                write_report(args.report, app)
-            print(
-                f"checkpoints: {display_path(app.checkpoint_dir)}\n"
-                f"TensorBoard: tensorboard --logdir {display_path(app.writers.root)}",
-                file=sys.stderr,
-            )
-        return 0
-
-    def interrupted() -> str:
-        app = holder.get("app")
-        where = app.checkpoint_dir / LAST_NAME if app is not None else None
-        if where is not None and where.exists():
-            return f"interrupted; resume with --resume {display_path(where)}"
-        return "interrupted before the first checkpoint"
-
-    try:
-        return run_cli(PROG, body, interrupted)
-    finally:
-        if "app" in holder:
-            holder["app"].close()
+    return training_main(
+        PROG, get_args_parser, SegTrainingConfig, SegmentationTrainingApp, argv, after_run=_write_report_if_asked
+    )
 
 
 if __name__ == "__main__":

@@ -13,9 +13,12 @@ and supplies what differs: `build_data`, `make_model`, `make_best`, `train_epoch
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import logging
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from p2ch.checkpoint import BEST_NAME, LAST_NAME, load_checkpoint, load_weights, save_checkpoint
-from p2ch.config import RunConfig, absolute_paths, display_path
+from p2ch.cli import configure_logging, run_cli
+from p2ch.config import RunConfig, absolute_paths, config_from_args, display_path, explicit_settings, resume_config
 from p2ch.errors import ConfigError, DataFormatError
 from p2ch.loop import BestCheckpoint, EpochResult
 from p2ch.runtime import (
@@ -258,3 +262,54 @@ class TrainingRun:
 
     def close(self) -> None:
         close_distributed(self.dist)
+
+
+def training_main(
+    prog: str,
+    get_args_parser: Callable[[], argparse.ArgumentParser],
+    config_class: type[RunConfig],
+    app_class: type[TrainingRun],
+    argv: Sequence[str] | None,
+    after_run: Callable[[TrainingRun, argparse.Namespace], None] | None = None,
+) -> int:
+    """The `main` of a training command: parse, merge the settings of a resumed run, run, report.
+
+    Expected failures end as one line (`run_cli`); Ctrl-C says how to resume. `after_run(app, args)`
+    runs on rank 0 after a finished run (e.g. to write a report).
+    """
+    args = get_args_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    holder: dict[str, TrainingRun] = {}
+
+    def body() -> int:
+        config = config_from_args(args, config_class)
+        resume_state = None
+        if config.resume:
+            resume_state = load_resume_state(config.resume)  # its architecture is checked by the app
+            given = explicit_settings(get_args_parser(), argv)
+            allow = args.allow_config_change
+            config = resume_config(resume_state["config"], given, config.resume, allow, config_class=config_class)
+        app = holder["app"] = app_class(config, resume_state=resume_state)
+        app.run()
+        if app.dist.is_main:
+            if after_run is not None:
+                after_run(app, args)
+            print(
+                f"checkpoints: {display_path(app.checkpoint_dir)}\n"
+                f"TensorBoard: tensorboard --logdir {display_path(app.writers.root)}",
+                file=sys.stderr,
+            )
+        return 0
+
+    def interrupted() -> str:
+        app = holder.get("app")
+        where = app.checkpoint_dir / LAST_NAME if app is not None else None
+        if where is not None and where.exists():
+            return f"interrupted; resume with --resume {display_path(where)}"
+        return "interrupted before the first checkpoint"
+
+    try:
+        return run_cli(prog, body, interrupted)
+    finally:
+        if "app" in holder:
+            holder["app"].close()

@@ -33,8 +33,6 @@ import torch.nn.functional as F
 from p2ch.augment import AugmentConfig, augment_batch
 from p2ch.cache import ChunkCache
 from p2ch.candidates import CandidateArrays, get_candidate_arrays, read_reference, submission_frame
-from p2ch.checkpoint import LAST_NAME
-from p2ch.cli import configure_logging, run_cli
 from p2ch.config import (
     SELECT_BY,
     DefaultsHelpFormatter,
@@ -46,10 +44,7 @@ from p2ch.config import (
     add_run_control_arguments,
     add_speed_arguments,
     add_split_arguments,
-    config_from_args,
     display_path,
-    explicit_settings,
-    resume_config,
 )
 from p2ch.datasets import (
     BOOK_EPOCH_SIZE,
@@ -66,7 +61,7 @@ from p2ch.loop import BestCheckpoint, EpochResult, Metric, run_epoch
 from p2ch.metrics import classification_summary, froc
 from p2ch.model import LunaModel, arch_signature
 from p2ch.runtime import DistInfo, autocast
-from p2ch.trainer import TrainingRun, batches_of, load_resume_state
+from p2ch.trainer import TrainingRun, batches_of, training_main
 from p2ch.vis import LUNG_WINDOW_HU
 
 log = logging.getLogger("p2ch.training")
@@ -403,39 +398,7 @@ def format_epoch(epoch: int, mode: str, count: int, summary: dict[str, float], p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    configure_logging(args.log_level)
-    holder: dict[str, LunaTrainingApp] = {}
-
-    def body() -> int:
-        config = config_from_args(args, TrainingConfig)
-        resume_state = None
-        if config.resume:
-            resume_state = load_resume_state(config.resume, arch_signature(LunaModel()))
-            given = explicit_settings(get_args_parser(), argv)
-            config = resume_config(resume_state["config"], given, config.resume, args.allow_config_change)
-        app = holder["app"] = LunaTrainingApp(config, resume_state=resume_state)
-        app.run()
-        if app.dist.is_main:
-            print(
-                f"checkpoints: {display_path(app.checkpoint_dir)}\n"
-                f"TensorBoard: tensorboard --logdir {display_path(app.writers.root)}",
-                file=sys.stderr,
-            )
-        return 0
-
-    def interrupted() -> str:
-        app = holder.get("app")
-        where = app.checkpoint_dir / LAST_NAME if app is not None else None
-        if where is not None and where.exists():
-            return f"interrupted; resume with --resume {display_path(where)}"
-        return "interrupted before the first checkpoint"
-
-    try:
-        return run_cli(PROG, body, interrupted)
-    finally:
-        if "app" in holder:
-            holder["app"].close()
+    return training_main(PROG, get_args_parser, TrainingConfig, LunaTrainingApp, argv)
 
 
 if __name__ == "__main__":
