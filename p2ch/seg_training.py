@@ -194,7 +194,8 @@ def seg_summary(result: EpochResult, extra: dict[str, float]) -> dict[str, float
 
 
 def format_seg_epoch(epoch: int, mode: str, count: int, summary: dict[str, float]) -> str:
-    """The one log line of an epoch."""
+    """The one log line of an epoch (training counts crops, validation whole slices)."""
+    unit = "crops" if mode == "trn" else "slices"
     nodules = ""
     if "nodule/recall" in summary:
         nodules = (
@@ -202,9 +203,9 @@ def format_seg_epoch(epoch: int, mode: str, count: int, summary: dict[str, float
             f"{summary['nodule/fp_per_ct']:.1f} false-positive components per CT"
         )
     return (
-        f"E{epoch} {mode} {count:,} slices: loss {summary['loss/all']:.4f}, pixel precision "
+        f"E{epoch} {mode} {count:,} {unit}: loss {summary['loss/all']:.4f}, pixel precision "
         f"{summary['pr/precision']:.3f}, recall {summary['pr/recall']:.3f}, F1 {summary['pr/f1_score']:.3f}"
-        f"{nodules}, {summary['perf/samples_per_sec']:.0f} slices/s"
+        f"{nodules}, {summary['perf/samples_per_sec']:.0f} {unit}/s"
     )
 
 
