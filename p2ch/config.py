@@ -233,8 +233,10 @@ class SegTrainingConfig(RunConfig):
     context_slices: slices on each side of the centre slice given as channels (3: 7 channels).
     crop_size: the random training crop (the dataset hands out crops 1.5x as large around a nodule).
     depth, wf, up_mode: the UNet (depth levels, 2**wf filters at the first). fn_weight: weight of the
-    false-negative Dice term of the loss. val_slices: validate on every slice of the validation CTs
-    (needed for per-nodule metrics) or on the nodule slices plus `val_negative_fraction` of the rest.
+    false-negative Dice term of the loss. background_crops: fixed positions per training CT away from
+    the nodules, sampled `background_ratio` per nodule crop (0: only nodule crops, as the book).
+    val_slices: validate on every slice of the validation CTs (needed for per-nodule metrics) or on
+    the nodule slices plus `val_negative_fraction` of the rest.
     threshold: probability above which a pixel counts as nodule.
     """
 
@@ -247,6 +249,8 @@ class SegTrainingConfig(RunConfig):
     wf: int = 4
     up_mode: str = "upconv"
     fn_weight: float = 8.0
+    background_crops: int = 0
+    background_ratio: int = 1
     val_slices: str = "all"
     val_negative_fraction: float = 0.1
     threshold: float = 0.5
@@ -261,6 +265,8 @@ class SegTrainingConfig(RunConfig):
         _need(1 <= self.wf <= 10, f"--wf must be in 1…10, got {self.wf}")
         _need(self.up_mode in UP_MODES, f"--up-mode {self.up_mode!r}: expected one of {', '.join(UP_MODES)}")
         _need(self.fn_weight >= 0, f"--fn-weight must be ≥ 0, got {self.fn_weight}")
+        _need(self.background_crops >= 0, f"--background-crops must be ≥ 0, got {self.background_crops}")
+        _need(self.background_ratio >= 1, f"--background-ratio must be ≥ 1, got {self.background_ratio}")
         _need(
             self.val_slices in VAL_SLICES, f"--val-slices {self.val_slices!r}: expected one of {', '.join(VAL_SLICES)}"
         )

@@ -51,7 +51,7 @@ from p2ch.config import (
     add_speed_arguments,
     add_split_arguments,
 )
-from p2ch.datasets import ShuffleSampler, split_series
+from p2ch.datasets import BalancedSampler, ShuffleSampler, split_series
 from p2ch.fileio import write_text_atomic
 from p2ch.loop import BestCheckpoint, EpochResult, Metric, run_epoch
 from p2ch.luna import series_index
@@ -94,6 +94,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     sampling.add_argument(
         "--epoch-size", type=int, default=None, help="training crops per epoch (default: 300,000, as the book)"
     )
+    sampling.add_argument(
+        "--background-crops", type=int, default=d.background_crops,
+        help="fixed positions per training CT away from the nodules (0: nodule crops only, as the book)",
+    )  # fmt: skip
+    sampling.add_argument(
+        "--background-ratio", type=int, default=d.background_ratio,
+        help="background crops sampled per nodule crop (with --background-crops)",
+    )  # fmt: skip
     add_augmentation_arguments(parser, rotate_help="random rotation in the slice plane")
     optimisation = add_optimisation_arguments(parser, d)
     optimisation.add_argument("--fn-weight", type=float, default=d.fn_weight, help="weight of the false-negative Dice")
@@ -359,7 +367,7 @@ class SegData:
         self.split = parts["split"]
         self.train_ds: TrainingLuna2dSegmentationDataset = parts["train_ds"]
         self.val_ds: Luna2dSegmentationDataset = parts["val_ds"]
-        self.train_sampler: ShuffleSampler = parts["train_sampler"]
+        self.train_sampler: ShuffleSampler | BalancedSampler = parts["train_sampler"]
         self.val_sampler = parts["val_sampler"]
         self.train_loader = parts["train_loader"]
         self.val_loader = parts["val_loader"]
@@ -378,16 +386,20 @@ def build_seg_data(config: SegTrainingConfig, dist, device: torch.device) -> Seg
         fill_slices(slices, [*split.train, *split.val], num_workers=min(config.num_workers, 8))
     barrier(dist)
     context, crop = config.context_slices, round(config.crop_size * DATASET_CROP_FACTOR)
-    train_ds = TrainingLuna2dSegmentationDataset(slices, split.train, context_slices=context, crop_size=crop)
+    train_ds = TrainingLuna2dSegmentationDataset(
+        slices, split.train, context_slices=context, crop_size=crop, background_per_ct=config.background_crops
+    )
     full = config.val_slices == "all"
     val_ds = Luna2dSegmentationDataset(
         slices, split.val, context_slices=context, full_ct=full, negative_fraction=config.val_negative_fraction
     )
     check_input_size(*val_ds.slice_shape(), config.depth)
     epoch_size = config.epoch_size or BOOK_SEG_EPOCH_SIZE
-    train_sampler = ShuffleSampler(
-        len(train_ds), seed=config.seed, rank=dist.rank, world_size=dist.world_size, epoch_size=epoch_size
-    )
+    shard = {"seed": config.seed, "rank": dist.rank, "world_size": dist.world_size, "epoch_size": epoch_size}
+    if config.background_crops:  # nodule crops and background crops in a fixed ratio
+        train_sampler = BalancedSampler(train_ds.is_nodule, ratio=config.background_ratio, **shard)
+    else:
+        train_sampler = ShuffleSampler(len(train_ds), **shard)
     val_sampler = SeriesShardSampler(val_ds.series_bounds(), rank=dist.rank, world_size=dist.world_size)
     pin = device.type == "cuda"
     loaders = [

@@ -184,8 +184,14 @@ class TrainingLuna2dSegmentationDataset(Dataset):
     `SegSample` with image (2c+1, S, S) int16 HU, mask (1, S, S) bool of the nodule's centre
     slice, slice_index that slice.
 
-    Attributes (numpy, one row per nodule): `center_irc` (M, 3) int64, `diameter_mm` (M,)
-    float64, `series_uids` (S,) str and `series_index` (M,) int32 into it.
+    background_per_ct: also this many fixed positions per CT away from the annotations (uniform
+    in the central 50 % of rows and cols, seeded by the series uid), so the model sees vessels and
+    tissue without a nodule too; their mask is whatever the CT holds there (usually empty). A
+    sampler then decides the mix (e.g. `BalancedSampler(dataset.is_nodule, ratio=...)`).
+
+    Attributes (numpy, one row per item, nodules first): `center_irc` (M, 3) int64,
+    `diameter_mm` (M,) float64 (0 for background positions), `is_nodule` (M,) bool,
+    `series_uids` (S,) str and `series_index` (M,) int32 into it.
     """
 
     def __init__(
@@ -194,9 +200,14 @@ class TrainingLuna2dSegmentationDataset(Dataset):
         series_uids: Sequence[str] | np.ndarray,
         context_slices: int = DEFAULT_CONTEXT_SLICES,
         crop_size: int = DEFAULT_CROP_SIZE,
+        background_per_ct: int = 0,
     ):
         self.slices = _check_source(slices)
         self.context_slices = _check_context(context_slices)
+        if isinstance(background_per_ct, bool) or not isinstance(background_per_ct, (int, np.integer)):
+            raise ConfigError(f"background_per_ct is {background_per_ct!r}; expected an integer ≥ 0")
+        if background_per_ct < 0:
+            raise ConfigError(f"background_per_ct is {background_per_ct!r}; expected an integer ≥ 0")
         if isinstance(crop_size, bool) or not isinstance(crop_size, (int, np.integer)) or crop_size < 1:
             raise ConfigError(f"crop_size is {crop_size!r}; expected a positive integer (the book's: 96)")
         self.crop_size = int(crop_size)
@@ -208,9 +219,17 @@ class TrainingLuna2dSegmentationDataset(Dataset):
                 f"the {len(infos)} training CTs have no annotated nodule, so there is nothing to train the "
                 "segmentation model on; use more CTs (another split) or check annotations.csv"
             )
-        self.series_index = np.repeat(np.arange(len(infos), dtype=np.int32), counts)
-        self.center_irc = np.concatenate([info.nodule_center_irc for info in infos]).astype(np.int64)
-        self.diameter_mm = np.concatenate([info.nodule_diameter_mm for info in infos]).astype(np.float64)
+        background = [_background_positions(info, int(background_per_ct)) for info in infos]
+        self.series_index = np.concatenate(
+            [np.repeat(np.arange(len(infos), dtype=np.int32), counts)]
+            + [np.full(len(b), n, dtype=np.int32) for n, b in enumerate(background)]
+        )
+        nodules = [info.nodule_center_irc.reshape(-1, 3) for info in infos]
+        self.center_irc = np.concatenate(nodules + background).astype(np.int64)
+        self.diameter_mm = np.concatenate(
+            [info.nodule_diameter_mm for info in infos] + [np.zeros(len(b)) for b in background]
+        ).astype(np.float64)
+        self.is_nodule = np.arange(len(self.center_irc)) < sum(counts)
 
     def __len__(self) -> int:
         return len(self.center_irc)
@@ -227,9 +246,25 @@ class TrainingLuna2dSegmentationDataset(Dataset):
 
     def __repr__(self) -> str:
         return (
-            f"TrainingLuna2dSegmentationDataset({len(self)} nodules in {len(self.series_uids)} CTs, "
+            f"TrainingLuna2dSegmentationDataset({int(self.is_nodule.sum())} nodules and "
+            f"{int((~self.is_nodule).sum())} background positions in {len(self.series_uids)} CTs, "
             f"crop_size={self.crop_size}, context_slices={self.context_slices})"
         )
+
+
+def _background_positions(info: SliceInfo, count: int) -> np.ndarray:
+    """`count` fixed voxel positions (count, 3) int64 of a CT: any slice, rows and cols in the central
+    half of the slice (where the lungs are), seeded by the series uid (the same every run)."""
+    if count == 0:
+        return np.zeros((0, 3), dtype=np.int64)
+    seed = int(series_fraction(info.series_uid) * 2**32)
+    rng = np.random.default_rng(seed)
+    i, r, c = (int(v) for v in info.shape_irc)
+    return np.stack(
+        [rng.integers(0, i, count), rng.integers(r // 4, max(r // 4 + 1, 3 * r // 4), count),
+         rng.integers(c // 4, max(c // 4 + 1, 3 * c // 4), count)],
+        axis=1,
+    ).astype(np.int64)  # fmt: skip
 
 
 def collate_seg(samples: Sequence[SegSample]) -> SegBatch:

@@ -185,3 +185,24 @@ def test_ddp_two_cpu_processes_score_whole_cts(small, tmp_path):
     alone = json.loads(single.read_text())["validation"]
     assert validation["nodule/count"] == alone["nodule/count"] > 0  # every validation nodule scored once
     assert validation["nodule/ct_count"] == alone["nodule/ct_count"]
+
+
+def test_background_crops_are_sampled_beside_nodule_crops(small, tmp_path):
+    from p2ch.config import SegTrainingConfig
+    from p2ch.datasets import BalancedSampler
+
+    config = SegTrainingConfig(
+        data_root=str(small), cache_dir=str(tmp_path / "cache"), runs_dir=str(tmp_path / "runs"),
+        checkpoint_dir=str(tmp_path / "models"), batch_size=BATCH, num_workers=0, epoch_size=16, crop_size=32,
+        val_fraction=0.5, background_crops=10, background_ratio=3,
+    )  # fmt: skip
+    app = seg_training.SegmentationTrainingApp(config)
+    try:
+        sampler, dataset = app.data.train_sampler, app.data.train_ds
+        assert isinstance(sampler, BalancedSampler) and (~dataset.is_nodule).sum() == 10 * len(app.data.split.train)
+        chosen = dataset.is_nodule[sampler.indices()]
+        assert chosen.sum() * 3 == (~chosen).sum()  # 1 nodule crop per 3 background crops
+        app.run()
+        assert app.samples_seen == 16
+    finally:
+        app.close()

@@ -165,3 +165,21 @@ def test_series_shard_sampler_never_splits_a_ct_and_visits_every_item_once():
                 inside = [i for i in shard if start <= i < stop]
                 assert inside in ([], list(range(start, stop)))  # a CT is wholly in one shard or absent
     assert [len(list(SeriesShardSampler(bounds, rank=r, world_size=2))) for r in range(2)] == [100, 60]
+
+
+def test_background_positions_are_fixed_central_and_labelled(root, slices):
+    uids = sorted(series_index(root))
+    nodules = TrainingLuna2dSegmentationDataset(slices, uids, crop_size=64)
+    dataset = TrainingLuna2dSegmentationDataset(slices, uids, crop_size=64, background_per_ct=5)
+    assert len(dataset) == len(nodules) + 5 * len(uids)
+    assert dataset.is_nodule.sum() == len(nodules) and dataset.is_nodule[: len(nodules)].all()
+    np.testing.assert_array_equal(dataset.center_irc[: len(nodules)], nodules.center_irc)
+    again = TrainingLuna2dSegmentationDataset(slices, uids, crop_size=64, background_per_ct=5)
+    np.testing.assert_array_equal(again.center_irc, dataset.center_irc)  # the same positions every run
+    for k in np.flatnonzero(~dataset.is_nodule):
+        shape = slices.info(dataset.series_uid(int(k))).shape_irc
+        i, r, c = dataset.center_irc[k].tolist()
+        assert 0 <= i < shape[0] and shape[1] // 4 <= r < 3 * shape[1] // 4 and shape[2] // 4 <= c < 3 * shape[2] // 4
+        assert dataset.diameter_mm[k] == 0 and dataset[int(k)].image.shape == (7, 64, 64)
+    with pytest.raises(ConfigError, match="background_per_ct"):
+        TrainingLuna2dSegmentationDataset(slices, uids, background_per_ct=-1)
