@@ -182,6 +182,16 @@ class RunConfig:
         clean = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields}
         return cls(**clean)
 
+    def split_settings(self) -> dict[str, Any]:
+        """The keyword arguments of `split_candidates` / `split_series` besides the mode and data root."""
+        return {
+            "val_fraction": self.val_fraction,
+            "val_stride": self.val_stride,
+            "val_subsets": self.val_subsets,
+            "test_fraction": self.test_fraction,
+            "test_subsets": self.test_subsets,
+        }
+
     def validate(self) -> None:
         """Raise ConfigError naming the flag for any unusable value."""
         _need(self.split in SPLIT_MODES, f"--split {self.split!r}: expected one of {', '.join(SPLIT_MODES)}")

@@ -153,16 +153,7 @@ class Selection:
 
 
 def _split_of(candidates: CandidateArrays, train_config: TrainingConfig, data_root: Path) -> Split:
-    return split_candidates(
-        candidates,
-        train_config.split,
-        val_fraction=train_config.val_fraction,
-        val_stride=train_config.val_stride,
-        val_subsets=train_config.val_subsets,
-        test_fraction=train_config.test_fraction,
-        test_subsets=train_config.test_subsets,
-        data_root=data_root,
-    )
+    return split_candidates(candidates, train_config.split, **train_config.split_settings(), data_root=data_root)
 
 
 def _rows_of_series(

@@ -377,11 +377,8 @@ def build_seg_data(config: SegTrainingConfig, dist, device: torch.device) -> Seg
     """The leak-free series split, slices and masks in the cache (filled where missing), datasets, loaders."""
     data_root = Path(config.data_root)
     slices = SliceCache(config.cache_dir, data_root)
-    split = split_series(
-        sorted(series_index(data_root)), config.split, val_fraction=config.val_fraction,
-        val_stride=config.val_stride, val_subsets=config.val_subsets, test_fraction=config.test_fraction,
-        test_subsets=config.test_subsets, data_root=data_root,
-    )  # fmt: skip
+    uids = sorted(series_index(data_root))
+    split = split_series(uids, config.split, **config.split_settings(), data_root=data_root)
     if dist.is_main:  # one process fills; the others wait, then read
         fill_slices(slices, [*split.train, *split.val], num_workers=min(config.num_workers, 8))
     barrier(dist)

@@ -30,7 +30,7 @@ yet (fill them first, in parallel: `p2ch.prefill.fill_slices`).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -288,38 +288,14 @@ def collate_seg(samples: Sequence[SegSample]) -> SegBatch:
     )
 
 
-def create_seg_loader(
-    dataset: Dataset,
-    sampler: Sampler[int],
-    *,
-    batch_size: int,
-    num_workers: int = 0,
-    pin_memory: bool | None = None,
-    persistent_workers: bool | None = None,
-    prefetch_factor: int | None = None,
-    multiprocessing_context: str | Any | None = None,
-    drop_last: bool = False,
-    collate_fn: Callable[[Sequence[Any]], Any] = collate_seg,
-    freeze_gc: bool = True,
-) -> LunaDataLoader:
+def create_seg_loader(dataset: Dataset, sampler: Sampler[int], **settings: Any) -> LunaDataLoader:
     """A DataLoader of `SegBatch`es: `p2ch.datasets.create_loader` (its defaults and checks) with `collate_seg`.
 
-    Samplers: `ShuffleSampler(len(dataset), epoch_size=…)` for training,
+    settings: `create_loader`'s keywords (batch_size, num_workers, pin_memory, …; one signature to
+    keep). Samplers: `ShuffleSampler(len(dataset), epoch_size=…)` for training,
     `EvalSampler(len(dataset))` for validation (both from `p2ch.datasets`).
     """
-    return create_loader(
-        dataset,
-        sampler,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=persistent_workers,
-        prefetch_factor=prefetch_factor,
-        multiprocessing_context=multiprocessing_context,
-        drop_last=drop_last,
-        collate_fn=collate_fn,
-        freeze_gc=freeze_gc,
-    )
+    return create_loader(dataset, sampler, **{"collate_fn": collate_seg, **settings})
 
 
 class SeriesShardSampler(Sampler[int]):

@@ -140,16 +140,7 @@ def build_data(config: TrainingConfig, dist: DistInfo, device: torch.device) -> 
     """Candidates, the leak-free split, datasets over the chunk cache, this rank's samplers and loaders."""
     data_root = Path(config.data_root)
     candidates = get_candidate_arrays(data_root)
-    split = split_candidates(
-        candidates,
-        config.split,
-        val_fraction=config.val_fraction,
-        val_stride=config.val_stride,
-        val_subsets=config.val_subsets,
-        test_fraction=config.test_fraction,
-        test_subsets=config.test_subsets,
-        data_root=data_root,
-    )
+    split = split_candidates(candidates, config.split, **config.split_settings(), data_root=data_root)
     source = ChunkCache(config.cache_dir, data_root)
     train_ds = LunaDataset(candidates, split.train, source, config.width_irc)
     val_ds = LunaDataset(candidates, split.val, source, config.width_irc)
