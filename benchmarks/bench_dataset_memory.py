@@ -85,6 +85,7 @@ def synthetic_candidates(count: int, series: int, positives: int, seed: int = 0)
         center_xyz=rng.uniform(-300.0, 300.0, (count, 3)),
         is_nodule=is_nodule,
         has_annotation=is_nodule.copy(),
+        is_mal=np.zeros(count, dtype=bool),
         diameter_mm=np.where(is_nodule, rng.uniform(3.0, 30.0, count), 0.0).astype(np.float32),
     )
 
@@ -260,7 +261,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         interval=args.interval,
         freeze_gc=freeze_gc,
     )
-    fields = ("series_uids", "series_index", "center_xyz", "is_nodule", "has_annotation", "diameter_mm")
+    fields = ("series_uids", "series_index", "center_xyz", "is_nodule", "has_annotation", "is_mal", "diameter_mm")
     return {
         "layout": layout,
         "freeze_gc": freeze_gc,

@@ -25,14 +25,21 @@ import numpy
 import torch
 
 from p2ch import __version__
-from p2ch.config import TrainingConfig, resolve_models_dir
+from p2ch.config import TASKS, TrainingConfig, resolve_models_dir
 from p2ch.errors import ConfigError, DataFormatError, DataNotFoundError
 from p2ch.fileio import atomic_writer
-from p2ch.model import LunaModel, arch_signature
+from p2ch.model import MODEL_ARCH, LunaModel, arch_signature
+from p2ch.unet import UNET_ARCH
 
 CHECKPOINT_FORMAT = "p2ch-checkpoint-v1"
 LAST_NAME = "last.pt"
 BEST_NAME = "best.pt"
+# What each task's model is, and the command that trains it (for messages).
+TASK_TRAINED_BY = {
+    "nodule": "python -m p2ch.training",
+    "malignancy": "python -m p2ch.training --malignant",
+    "segmentation": "python -m p2ch.seg_training",
+}
 
 
 def versions() -> dict[str, str]:
@@ -86,15 +93,26 @@ def load_checkpoint(path: str | os.PathLike[str], *, arch: str | None = None) ->
     return state
 
 
-def find_latest(checkpoint_dir: str | os.PathLike[str], name: str = BEST_NAME) -> Path:
-    """The most recently written `name` (best.pt or last.pt) anywhere under `checkpoint_dir`."""
+def find_latest(checkpoint_dir: str | os.PathLike[str], name: str = BEST_NAME, task: str | None = None) -> Path:
+    """The most recently written `name` (best.pt or last.pt) anywhere under `checkpoint_dir`.
+
+    task: only checkpoints of that task ("nodule", "malignancy", "segmentation"; see `task_of`), so
+    that the newest model of each kind can be found in one models folder; None: any.
+    """
     root = Path(checkpoint_dir)
     found = sorted(root.rglob(name), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
-    if not found:
-        raise DataNotFoundError(
-            f"no {name} under {root}; train first (python -m p2ch.training) or pass --checkpoint PATH"
-        )
-    return found[-1]
+    for path in reversed(found):
+        if task is None:
+            return path
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a damaged or foreign file is not a model of this kind; keep looking
+            continue
+        if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT and task_of(state) == task:
+            return path
+    kind = f" of a {task} model" if task else ""
+    trained_by = TASK_TRAINED_BY.get(task or "nodule", "python -m p2ch.training")
+    raise DataNotFoundError(f"no {name}{kind} under {root}; train first ({trained_by}) or pass the checkpoint's path")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,6 +129,7 @@ class CheckpointInfo:
     path: Path
     sha1: str
     arch: str
+    task: str
     epoch: int | None
     samples_seen: int | None
     run_time: str | None
@@ -126,6 +145,7 @@ class CheckpointInfo:
             "path": str(self.path),
             "sha1": self.sha1,
             "arch": self.arch,
+            "task": self.task,
             "epoch": self.epoch,
             "samples_seen": self.samples_seen,
             "run_time": self.run_time,
@@ -135,17 +155,21 @@ class CheckpointInfo:
         }
 
 
-def resolve_checkpoint(checkpoint: str | os.PathLike[str] | None, models_dir: str | os.PathLike[str] | None) -> Path:
+def resolve_checkpoint(
+    checkpoint: str | os.PathLike[str] | None, models_dir: str | os.PathLike[str] | None, task: str | None = None
+) -> Path:
     """The checkpoint file to use.
 
     checkpoint: a .pt file, or a folder (then the newest best.pt under it); None: the newest
     best.pt under `models_dir` (argument, else $P2CH_MODELS_DIR, else data-unversioned/models).
+    task: when searching, only checkpoints of this task (see `find_latest`); a file given by path is
+    returned as it is (the loader then refuses a wrong kind with a message).
     Raises DataNotFoundError naming the path and how to get a checkpoint.
     """
     if checkpoint is not None and str(checkpoint) != "":
         path = Path(checkpoint).expanduser()
         if path.is_dir():
-            return find_latest(path).absolute()
+            return find_latest(path, task=task).absolute()
         if not path.is_file():
             raise DataNotFoundError(
                 f"--checkpoint {path}: no such file or folder; pass a best.pt or last.pt written by "
@@ -153,17 +177,50 @@ def resolve_checkpoint(checkpoint: str | os.PathLike[str] | None, models_dir: st
                 "best.pt under --models-dir"
             )
         return path.absolute()
-    return find_latest(resolve_models_dir(models_dir)).absolute()
+    return find_latest(resolve_models_dir(models_dir), task=task).absolute()
 
 
-def load_model(path: str | os.PathLike[str]) -> tuple[LunaModel, CheckpointInfo]:
+def task_of(state: dict[str, Any]) -> str:
+    """What a checkpoint's model does: "nodule", "malignancy" or "segmentation".
+
+    The checkpoint's `task` entry; checkpoints written before tasks existed are told apart by their
+    architecture (a UNet segments, a LunaModel classifies nodules).
+    """
+    task = state.get("task")
+    if isinstance(task, str) and task:
+        return task
+    config = state.get("config")
+    if isinstance(config, dict) and isinstance(config.get("task"), str):
+        return config["task"]
+    return "segmentation" if str(state.get("arch", "")).startswith(UNET_ARCH) else "nodule"
+
+
+def check_task(path: str | os.PathLike[str], state: dict[str, Any], expected: str, use: str) -> None:
+    """ConfigError unless the checkpoint's model does `expected`; `use` names what wanted it (e.g. "--finetune")."""
+    found = task_of(state)
+    if found != expected:
+        raise ConfigError(
+            f"{path}: this is a {found} model (trained by {TASK_TRAINED_BY.get(found, 'another command')}); "
+            f"{use} needs a {expected} model (trained by {TASK_TRAINED_BY[expected]})"
+        )
+
+
+def load_model(
+    path: str | os.PathLike[str], task: str | None = "nodule", use: str = "this command"
+) -> tuple[LunaModel, CheckpointInfo]:
     """A `LunaModel` (CPU, eval mode) with the checkpoint's weights, and what the checkpoint says.
 
-    Refuses (ConfigError) a checkpoint of another architecture, and (DataFormatError) files that
-    are not p2ch training checkpoints or whose weights or config do not load.
+    task: the job the caller needs done ("nodule" or "malignancy"; None accepts either); `use` names the
+    caller in the refusal (e.g. "python -m p2ch.predict"). Refuses
+    (ConfigError) a checkpoint of another task or architecture (a segmentation model, say), and
+    (DataFormatError) files that are not p2ch training checkpoints or whose weights or config do not load.
     """
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"load_model: task {task!r}; expected one of {', '.join(TASKS)}")
     path = Path(path).absolute()
     state = _load_training_checkpoint(path)
+    if task is not None or task_of(state) == "segmentation":
+        check_task(path, state, task or "nodule", use)
     model = LunaModel()
     found = state.get("arch")
     versions_found = {str(k): str(v) for k, v in (state.get("versions") or {}).items()}
@@ -186,6 +243,43 @@ def load_model(path: str | os.PathLike[str]) -> tuple[LunaModel, CheckpointInfo]
         raise DataFormatError(f"{path}: the training config stored in the checkpoint is unusable ({exc})") from None
     model.eval()
     return model, _checkpoint_info(path, state, config, versions_found)
+
+
+def load_finetune_weights(
+    model: torch.nn.Module, path: str | os.PathLike[str], width_irc: tuple[int, ...], head: str = "head_linear"
+) -> dict[str, Any]:
+    """Load a nodule classifier's weights into `model`, all but its head (the book's --finetune).
+
+    The checkpoint must be a nodule-task LunaModel of this architecture, trained on chunks of
+    `width_irc`; anything else (a segmentation model, a malignancy model, another width) is a
+    ConfigError in one line. The head (`head`.*) keeps its fresh initialisation. Returns the checkpoint.
+    """
+    state = load_checkpoint(path)
+    check_task(path, state, "nodule", "--finetune")
+    if not str(state.get("arch", "")).startswith(MODEL_ARCH) or state.get("arch") != arch_signature(model):
+        raise ConfigError(
+            f"--finetune {path}: checkpoint is for model architecture {state.get('arch')!r}, this model is "
+            f"{arch_signature(model)!r}; fine-tune from a LunaModel trained by python -m p2ch.training"
+        )
+    trained_width = tuple((state.get("config") or {}).get("width_irc") or ())
+    if trained_width != tuple(width_irc):
+        raise ConfigError(
+            f"--finetune {path}: that model saw chunks of {list(trained_width)} voxels (index, row, col), this run "
+            f"crops {list(width_irc)}; its features would not fit: train with the same --width-irc"
+        )
+    weights = state.get("model")
+    if not isinstance(weights, dict):
+        raise DataFormatError(f"--finetune {path}: checkpoint has no model weights")
+    body = {k: v for k, v in weights.items() if k.split(".", 1)[0] != head}
+    try:
+        missing, unexpected = model.load_state_dict(body, strict=False)
+    except RuntimeError as exc:
+        reason = ([line.strip() for line in str(exc).splitlines() if line.strip()] + [""])[1][:300]
+        raise DataFormatError(f"--finetune {path}: the weights do not load ({reason})") from None
+    stray = [k for k in missing if k.split(".", 1)[0] != head] + list(unexpected)
+    if stray:
+        raise DataFormatError(f"--finetune {path}: weights missing or unexpected: {', '.join(stray[:3])}")
+    return state
 
 
 def load_weights(model: torch.nn.Module, weights: Any, path: str | os.PathLike[str]) -> None:
@@ -225,6 +319,7 @@ def _checkpoint_info(
         path=path,
         sha1=sha1_of(path),
         arch=str(state.get("arch")),
+        task=task_of(state),
         epoch=_optional(state, "epoch", int),
         samples_seen=_optional(state, "samples_seen", int),
         run_time=_optional(state, "run_time", str),

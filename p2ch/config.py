@@ -30,7 +30,12 @@ DEFAULT_MODELS_DIR = Path("data-unversioned/models")
 AMP_MODES = ("auto", "off", "bf16", "fp16")  # --amp of training, evaluation and prediction
 DEFAULT_BATCH_SIZE = 64  # candidates per forward pass in evaluation and prediction
 SPLIT_MODES = ("series", "subset", "stride")  # see p2ch.datasets.split_candidates
-SELECT_BY = ("cpm", "f1")  # the validation metric that picks best.pt
+SELECT_BY = ("cpm", "f1", "auc")  # the validation metric that picks best.pt
+# What a classifier run learns: nodule vs non-nodule candidates (chapters 11-12), or benign vs
+# malignant annotated nodules (chapter 14). The book's --dataset names map onto them.
+TASKS = ("nodule", "malignancy")
+TASK_OF_DATASET = {"LunaDataset": "nodule", "MalignantLunaDataset": "malignancy"}
+DEFAULT_SELECT_BY = {"nodule": "cpm", "malignancy": "auc"}
 OPTIMIZERS = ("sgd", "adam")
 DEFAULT_EVAL_DIR = Path("data-unversioned/eval")
 
@@ -74,20 +79,22 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """--checkpoint and --models-dir (a "model" group), as p2ch.predict and p2ch.evaluate spell them."""
     g = parser.add_argument_group("model")
     g.add_argument(
         "--checkpoint",
         default=None,
         metavar="PATH",
-        help="checkpoint file, or a run folder (its newest best.pt) (default: the newest best.pt under --models-dir)",
+        help="checkpoint file, or a run folder (its newest best.pt) (default: the newest best.pt of a model of "
+        "the right kind under --models-dir)",
     )
     g.add_argument(
         "--models-dir",
         default=None,
         help="where to look for the newest best.pt (default: $P2CH_MODELS_DIR or data-unversioned/models)",
     )
+    return g
 
 
 def add_inference_arguments(group: argparse._ArgumentGroup) -> None:
@@ -215,15 +222,45 @@ class RunConfig:
 class TrainingConfig(RunConfig):
     """Every setting of a classification run (python -m p2ch.training)."""
 
+    task: str = "nodule"
     width_irc: tuple[int, int, int] = (32, 48, 48)
     balanced: bool = False
     balance_ratio: int | None = None
     label_smoothing: float = 0.0
-    select_by: str = "cpm"
+    select_by: str | None = None  # None: the task's default (DEFAULT_SELECT_BY)
+    finetune: str | None = None
+    finetune_depth: int | None = None  # None: 1 with --finetune (the book's default)
+
+    @property
+    def best_by(self) -> str:
+        """The metric that picks best.pt: --select-by, else cpm for nodules and auc for malignancy."""
+        return self.select_by or DEFAULT_SELECT_BY[self.task]
 
     def validate(self) -> None:
         super().validate()
-        _need(self.select_by in SELECT_BY, f"--select-by {self.select_by!r}: expected one of {', '.join(SELECT_BY)}")
+        _need(self.task in TASKS, f"task {self.task!r}: expected one of {', '.join(TASKS)}")
+        _need(
+            self.select_by is None or self.select_by in SELECT_BY,
+            f"--select-by {self.select_by!r}: expected one of {', '.join(SELECT_BY)}",
+        )
+        _need(
+            not (self.task == "malignancy" and self.select_by == "cpm"),
+            "--select-by cpm: CPM scores nodule detection; a malignancy run picks best.pt by auc (default) or f1",
+        )
+        _need(
+            self.finetune_depth is None or self.finetune,
+            "--finetune-depth applies to --finetune PATH (which blocks of the loaded model keep training); "
+            "add --finetune or drop --finetune-depth",
+        )
+        _need(
+            self.finetune_depth is None or self.finetune_depth >= 1,
+            f"--finetune-depth must be ≥ 1 (1: only the head trains), got {self.finetune_depth}",
+        )
+        _need(
+            not (self.finetune and self.init_weights),
+            "--finetune starts from a nodule model's weights but its head; --init-weights loads all weights: "
+            "use one of them",
+        )
         _need(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         _need(
             self.balance_ratio is None or self.balance_ratio >= 1,
@@ -446,6 +483,8 @@ def add_output_arguments(parser: argparse.ArgumentParser, d: RunConfig) -> None:
 # Settings that decide which data a run trains and validates on, and where it writes: a resumed
 # run must keep them, or its metrics and best.pt no longer compare with the epochs before.
 RESUME_GUARDED = (
+    "task",
+    "finetune_depth",
     "data_root",
     "width_irc",
     "context_slices",
@@ -459,7 +498,7 @@ RESUME_GUARDED = (
     "runs_dir",
     "comment",
 )
-PATH_SETTINGS = ("data_root", "cache_dir", "runs_dir", "checkpoint_dir", "resume", "init_weights")
+PATH_SETTINGS = ("data_root", "cache_dir", "runs_dir", "checkpoint_dir", "resume", "init_weights", "finetune")
 
 
 def absolute_paths(config: _Config) -> _Config:
@@ -476,6 +515,8 @@ def absolute_paths(config: _Config) -> _Config:
         "resume": Path(config.resume).expanduser() if config.resume else None,
         "init_weights": Path(config.init_weights).expanduser() if config.init_weights else None,
     }
+    if getattr(config, "finetune", None):  # the classifier's --finetune
+        resolved["finetune"] = Path(config.finetune).expanduser()
     return dataclasses.replace(config, **{k: str(v.absolute()) if v else None for k, v in resolved.items()})
 
 
@@ -497,10 +538,15 @@ def resume_config(
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"--resume {resume}: the settings stored in the checkpoint are unusable ({exc})") from None
     fields = {f.name for f in dataclasses.fields(config_class)}
+    if given.get("finetune"):
+        raise ConfigError(
+            f"--resume {resume} continues a run whose weights already hold what --finetune loaded at its start; "
+            "drop --finetune (or start a new run with it)"
+        )
     updates = {
         k: tuple(v) if isinstance(v, list) else v
         for k, v in given.items()
-        if k in fields and k not in ("resume", "init_weights")
+        if k in fields and k not in ("resume", "init_weights", "finetune")
     }
     candidate = absolute_paths(dataclasses.replace(base, **updates, resume=resume, init_weights=None))
     candidate.validate()

@@ -23,6 +23,14 @@ seen from a neighbouring candidate, into both training and validation, which inf
 validation scores. `split_series` splits whole series (the segmentation model's CTs) by the same
 rules, so a series is in the same part for both models.
 
+Malignancy (the book's chapter 14)
+----------------------------------
+`MalignantLunaDataset` is the same dataset over annotated nodules only (built from
+`p2ch.candidates.get_malignancy_arrays()`), labelled 1 = malignant: `BalancedSampler(ds.labels,
+ratio=1)` then draws benign and malignant nodules 50/50. Split the malignancy rows with
+`split_candidates` and the nodule model's settings: the part of a series depends on its uid (or
+its subset folder) alone, so every CT is in the same part for both models.
+
 Sampling
 --------
 Positives are about 1 in 400 candidates. `BalancedSampler` draws `ratio` negatives per
@@ -85,7 +93,8 @@ class ChunkSource(Protocol):
 class LunaSample(NamedTuple):
     """One item of `LunaDataset`.
 
-    chunk: (1, I, R, C) int16 HU. label: () int64, 1 = nodule. series_uid: str.
+    chunk: (1, I, R, C) int16 HU. label: () int64, 1 = nodule (MalignantLunaDataset: 1 = malignant).
+    series_uid: str.
     center_irc: (3,) int64 voxel (index, row, col) of the candidate centre.
     """
 
@@ -207,6 +216,41 @@ class LunaDataset(Dataset):
     def __repr__(self) -> str:
         return (
             f"LunaDataset({len(self)} candidates, {int(self.labels.sum())} positive, "
+            f"width_irc={self.width_irc}, source={type(self.source).__name__})"
+        )
+
+
+class MalignantLunaDataset(LunaDataset):
+    """The book's MalignantLunaDataset: chunks of annotated nodules, label 1 = malignant.
+
+    Same constructor and items as `LunaDataset`; every row `indices` picks must be an annotated
+    nodule (`has_annotation`), as in `get_malignancy_arrays()`, else ConfigError. `labels`:
+    (M,) bool, the rows' `is_mal`, so `BalancedSampler(ds.labels, ratio=1)` balances benign and
+    malignant nodules 50/50 and `LunaSample.label` is 1 for a malignant one.
+    """
+
+    def __init__(
+        self,
+        candidates: CandidateArrays,
+        indices: np.ndarray | Sequence[int] | None,
+        source: ChunkSource,
+        width_irc: Sequence[int] = DEFAULT_WIDTH_IRC,
+    ):
+        super().__init__(candidates, indices, source, width_irc)
+        not_annotated = ~candidates.has_annotation[self.indices]
+        if not_annotated.any():
+            row = int(self.indices[np.flatnonzero(not_annotated)[0]])
+            raise ConfigError(
+                f"MalignantLunaDataset: {int(not_annotated.sum())} of {len(self)} rows are not annotated nodules "
+                f"(first: row {row}, series {candidates.series_uid(row)}); build it from "
+                "p2ch.candidates.get_malignancy_arrays(), not from the candidate list"
+            )
+        self.labels = np.ascontiguousarray(candidates.is_mal[self.indices], dtype=bool)
+
+    def __repr__(self) -> str:
+        malignant = int(self.labels.sum())
+        return (
+            f"MalignantLunaDataset({len(self)} nodules: {len(self) - malignant} benign, {malignant} malignant, "
             f"width_irc={self.width_irc}, source={type(self.source).__name__})"
         )
 

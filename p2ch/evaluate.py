@@ -25,6 +25,19 @@ Written into `--out` (default `data-unversioned/eval/<run>-<checkpoint>-<split>/
     pictures/        with --pictures N: sheets of the N most confident false positives and of up
                      to N missed nodules (see p2ch.vis), and their index.csv
 
+`--task malignancy` scores a malignancy classifier (python -m p2ch.training --malignant) on the
+annotated nodules of annotations_with_malignancy.csv instead (same split rules, same cache) and writes
+
+    nodules.csv      one row per nodule: seriesuid, coordX/Y/Z, diameter_mm, mal_bool (the label),
+                     p_malignant, predicted_malignant (p_malignant > --threshold), correct
+    metrics.json     AUC with a stratified bootstrap CI (benign and malignant nodules resampled
+                     separately), sensitivity and specificity at --threshold, counts, checkpoint, settings
+    roc.png          the ROC curve with the operating point at --threshold; roc_curve.csv its points
+    report.txt       the short summary that is also printed
+
+Each task refuses the other task's model (and a segmentation model) in one line; without --checkpoint
+the newest best.pt of the task's kind under --models-dir is used.
+
 FROC and CPM follow LUNA16's protocol (`p2ch.metrics.froc`): false positives are averaged over
 every evaluated CT, including CTs without nodules. When the evaluated CTs hold no annotated
 nodule, CPM is undefined: null in metrics.json, said so in the plot and the report.
@@ -49,15 +62,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib.figure import Figure
 
 from p2ch.cache import ChunkCache
-from p2ch.candidates import CandidateArrays, get_candidate_arrays, read_reference, submission_frame
+from p2ch.candidates import (
+    CandidateArrays,
+    get_task_arrays,
+    read_reference,
+    submission_frame,
+)
 from p2ch.checkpoint import CheckpointInfo, load_model, resolve_checkpoint, versions
 from p2ch.cli import configure_logging, run_cli
 from p2ch.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_EVAL_DIR,
+    TASKS,
     DefaultsHelpFormatter,
     TrainingConfig,
     add_inference_arguments,
@@ -70,8 +88,19 @@ from p2ch.errors import ConfigError, DataNotFoundError, P2chError
 from p2ch.fileio import write_text_atomic
 from p2ch.geometry import check_width_irc
 from p2ch.inference import Scorer, make_scorer, predict_locations, score_from_cache
-from p2ch.luna import check_series_uid, find_candidates_file, series_index
-from p2ch.metrics import FROC_FPS_PER_SCAN, FrocResult, classification_summary, froc
+from p2ch.luna import ANNOTATION_COLUMNS, MALIGNANCY_FILE, check_series_uid, find_candidates_file, series_index
+from p2ch.metrics import (
+    AucResult,
+    FrocResult,
+    RocCurve,
+    auc_with_ci,
+    classification_summary,
+    confusion_counts,
+    froc,
+    roc_curve,
+    sensitivity_specificity,
+)
+from p2ch.plots import fp_label, froc_figure, roc_figure, save_figure_png
 from p2ch.prefill import fill_missing
 from p2ch.vis import write_pictures
 
@@ -83,6 +112,9 @@ SPLITS = ("val", "test", "all")
 SUBMISSION_FILE = "submission.csv"
 METRICS_FILE = "metrics.json"
 FROC_PLOT_FILE = "froc.png"
+NODULES_FILE = "nodules.csv"  # --task malignancy: one row per nodule
+ROC_PLOT_FILE = "roc.png"
+ROC_CURVE_FILE = "roc_curve.csv"
 FROC_CURVE_FILE = "froc_curve.csv"
 REPORT_FILE = "report.txt"
 PICTURES_DIR = "pictures"
@@ -95,6 +127,7 @@ class EvalConfig:
 
     checkpoint: str | None = None
     models_dir: str | None = None
+    task: str = "nodule"
     split: str = "val"
     series: tuple[str, ...] = ()
     data_root: str | None = None
@@ -122,6 +155,7 @@ class EvalConfig:
             if not ok:
                 raise ConfigError(message)
 
+        need(self.task in TASKS, f"--task {self.task!r}: expected one of {', '.join(TASKS)}")
         need(self.split in SPLITS, f"--split {self.split!r}: expected one of {', '.join(SPLITS)}")
         need(self.batch_size >= 1, f"--batch-size must be ≥ 1, got {self.batch_size}")
         need(self.num_workers is None or self.num_workers >= 0, f"--num-workers must be ≥ 0, got {self.num_workers}")
@@ -130,6 +164,10 @@ class EvalConfig:
         need(0.0 < self.confidence < 1.0, f"--confidence must be in (0, 1), e.g. 0.95, got {self.confidence}")
         need(self.pictures >= 0, f"--pictures must be ≥ 0, got {self.pictures}")
         need(self.seed >= 0, f"--seed must be ≥ 0, got {self.seed}")
+        need(
+            not (self.task == "malignancy" and self.pictures),
+            "--pictures draws the nodule task's false positives and missed nodules; drop it with --task malignancy",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,12 +320,16 @@ def check_out_dir(out_dir: Path) -> None:
 
 def prepare(config: EvalConfig) -> EvalInputs:
     """Load the checkpoint, the candidates and the reference, and choose what to score (nothing scored yet)."""
-    checkpoint = resolve_checkpoint(config.checkpoint, config.models_dir)
-    model, info = load_model(checkpoint)
+    checkpoint = resolve_checkpoint(config.checkpoint, config.models_dir, task=config.task)
+    hint = " (--task malignancy scores a malignancy model)" if config.task == "nodule" else ""
+    model, info = load_model(checkpoint, task=config.task, use=f"{PROG} --task {config.task}{hint}")
     data_root = resolve_data_root(config.data_root or info.config.data_root)
-    candidates = get_candidate_arrays(data_root)
+    candidates = get_task_arrays(data_root, config.task)  # malignancy: the annotated nodules, not candidates
     selection = select_candidates(candidates, info.config, data_root, config.split, config.series)
-    annotations, excluded = read_reference(data_root, selection.series_uids)
+    if config.task == "malignancy":
+        annotations, excluded = pd.DataFrame(columns=list(ANNOTATION_COLUMNS)), None
+    else:
+        annotations, excluded = read_reference(data_root, selection.series_uids)
     out_dir = Path(config.out) if config.out else default_out_dir(checkpoint, selection.name, config.series)
     check_out_dir(out_dir)
     return EvalInputs(
@@ -404,69 +446,6 @@ def compute_metrics(
     return result, classification
 
 
-def _fp_label(fp: float) -> str:
-    return f"1/{round(1 / fp)}" if fp < 1 else f"{fp:g}"
-
-
-def plot_froc(result: FrocResult, path: Path, title: str) -> None:
-    """Write the FROC curve of `result` as a PNG (700×500 px)."""
-    fig = Figure(figsize=(7, 5), dpi=100, facecolor="white")
-    ax = fig.add_subplot(1, 1, 1)
-    points = np.asarray(FROC_FPS_PER_SCAN, dtype=np.float64)
-    ax.set_xscale("log", base=2)
-    ax.set_xlim(points[0] / 1.15, points[-1] * 1.15)
-    ax.set_ylim(0.0, 1.02)
-    ax.set_xticks(points)
-    ax.set_xticklabels([_fp_label(p) for p in points])
-    ax.set_xlabel("average false positives per scan")
-    ax.set_ylabel("sensitivity (fraction of nodules detected)")
-    ax.grid(True, which="major", alpha=0.3)
-    if result.num_nodules == 0 or not math.isfinite(result.cpm):
-        ax.text(
-            0.5,
-            0.5,
-            "no annotated nodules in the evaluated scans:\nFROC and CPM are undefined",
-            transform=ax.transAxes,
-            ha="center",
-            va="center",
-            fontsize=12,
-        )
-        ax.set_title(title, fontsize=10)
-    else:
-        _draw_froc(ax, result, points)
-        cpm = f"CPM {result.cpm:.3f}"
-        if all(math.isfinite(v) for v in result.cpm_ci):
-            cpm += f" [{result.cpm_ci[0]:.3f}, {result.cpm_ci[1]:.3f}]"
-        ax.set_title(f"{title}\n{cpm}", fontsize=10)
-        ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, facecolor="white")
-
-
-def _draw_froc(ax, result: FrocResult, points: np.ndarray) -> None:
-    """The curve, its CI band at LUNA16's seven operating points (`points`, FPs per scan), and those points."""
-    fps, sens = result.fps_per_scan, result.sensitivity
-    # Beyond the last threshold the curve stays flat (numpy.interp holds the last value), as CPM reads it.
-    if fps[-1] < points[-1] * 1.15:
-        fps, sens = np.append(fps, points[-1] * 1.15), np.append(sens, sens[-1])
-    keep = fps > 0
-    ax.plot(fps[keep], sens[keep], color="#1f77b4", linewidth=1.5, label="FROC")
-    at = np.array([result.sensitivities[p] for p in FROC_FPS_PER_SCAN])
-    ci = np.array([result.sensitivities_ci[p] for p in FROC_FPS_PER_SCAN], dtype=np.float64)
-    if np.isfinite(ci).all():
-        ax.fill_between(
-            points,
-            ci[:, 0],
-            ci[:, 1],
-            color="#1f77b4",
-            alpha=0.15,
-            label=f"{result.confidence:.0%} CI (bootstrap over scans, n={result.bootstrap})",
-        )
-    ax.plot(points, at, "o", color="#d62728", markersize=5, label="LUNA16 operating points")
-    for p, s in zip(points, at, strict=True):
-        ax.annotate(f"{s:.2f}", (p, s), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7)
-
-
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
@@ -498,7 +477,7 @@ def format_report(metrics: dict[str, Any]) -> str:
         lines.append(f"CPM {_fmt(fr['cpm'])}{interval}")
         sens = fr["sensitivities"]
         lines.append(
-            "sensitivity at " + ", ".join(f"{_fp_label(float(k))}: {_fmt(v, 2)}" for k, v in sens.items()) + " FPs/scan"
+            "sensitivity at " + ", ".join(f"{fp_label(float(k))}: {_fmt(v, 2)}" for k, v in sens.items()) + " FPs/scan"
         )
         if fr["num_detected"] < fr["num_nodules"]:
             lines.append(
@@ -635,7 +614,7 @@ def write_outputs(
         f"{checkpoint.parent.name}/{checkpoint.name} (epoch {inputs.info.epoch}) on {selection.name}: "
         f"{len(selection.series_uids)} scans, {result.num_nodules} nodules"
     )
-    plot_froc(result, out_dir / FROC_PLOT_FILE, title)
+    save_figure_png(froc_figure(result, title=title), out_dir / FROC_PLOT_FILE)
     if config.pictures:
         metrics["pictures"] = _write_pictures(config, inputs, predictions)
     metrics["timing"]["total_seconds"] = round(time.perf_counter() - started, 3)
@@ -648,14 +627,19 @@ def write_outputs(
 
 
 def _log_start(inputs: EvalInputs) -> None:
+    indices = inputs.selection.indices
+    if inputs.info.task == "malignancy":
+        malignant = int(inputs.candidates.is_mal[indices].sum())
+        what = f"{len(indices)} annotated nodules ({malignant} malignant, {len(indices) - malignant} benign)"
+    else:
+        what = f"{len(indices)} candidates, {len(inputs.annotations)} nodules"
     log.info(
-        "evaluating %s (epoch %s) on %s: %d scans, %d candidates, %d nodules; device %s, AMP %s; output %s",
+        "evaluating %s (epoch %s) on %s: %d scans, %s; device %s, AMP %s; output %s",
         inputs.checkpoint,
         inputs.info.epoch,
         inputs.selection.name,
         len(inputs.selection.series_uids),
-        len(inputs.selection.indices),
-        len(inputs.annotations),
+        what,
         inputs.scorer.device,
         inputs.scorer.amp_dtype or "off",
         inputs.out_dir,
@@ -669,6 +653,8 @@ def evaluate(config: EvalConfig) -> EvalResult:
     inputs = prepare(config)
     _log_start(inputs)
     scores = score_selection(inputs, config)
+    if config.task == "malignancy":
+        return evaluate_malignancy(config, inputs, scores, started)
     indices = inputs.selection.indices
     predictions = submission_frame(inputs.candidates, indices, scores.probability)
     result, classification = compute_metrics(
@@ -688,6 +674,163 @@ def evaluate(config: EvalConfig) -> EvalResult:
 
 
 # ---------------------------------------------------------------------------------------------
+# the malignancy task (--task malignancy): annotated nodules, benign vs malignant
+
+
+def malignancy_table(
+    candidates: CandidateArrays, indices: np.ndarray, probability: np.ndarray, threshold: float
+) -> pd.DataFrame:
+    """One row per scored nodule: seriesuid, coordX/Y/Z (mm), diameter_mm, mal_bool (the label),
+    p_malignant, predicted_malignant (p_malignant > threshold) and correct."""
+    xyz = candidates.center_xyz[indices]
+    label = candidates.is_mal[indices].astype(bool)
+    predicted = np.asarray(probability, dtype=np.float64) > threshold
+    return pd.DataFrame(
+        {
+            "seriesuid": candidates.series_uids[candidates.series_index[indices]],
+            "coordX": xyz[:, 0],
+            "coordY": xyz[:, 1],
+            "coordZ": xyz[:, 2],
+            "diameter_mm": candidates.diameter_mm[indices].astype(np.float64),
+            "mal_bool": label,
+            "p_malignant": np.asarray(probability, dtype=np.float64),
+            "predicted_malignant": predicted,
+            "correct": predicted == label,
+        }
+    )
+
+
+def compute_malignancy_metrics(
+    table: pd.DataFrame, *, threshold: float, bootstrap: int, seed: int, confidence: float
+) -> tuple[RocCurve | None, AucResult | None, dict[str, Any]]:
+    """(ROC curve, AUC with its CI, the "malignancy" part of metrics.json) for a `malignancy_table`.
+
+    With only one class among the nodules, AUC and the curve are undefined: None / null, said in the report.
+    """
+    labels = table["mal_bool"].to_numpy(dtype=bool)
+    prob = table["p_malignant"].to_numpy(dtype=np.float64)
+    counts = confusion_counts(torch.tensor(labels), torch.tensor(prob), threshold=threshold)
+    sensitivity, specificity = sensitivity_specificity(labels, prob, threshold)
+    both = 0 < labels.sum() < len(labels)
+    curve = roc_curve(labels, prob) if both else None
+    auc = auc_with_ci(labels, prob, bootstrap=bootstrap, seed=seed, confidence=confidence) if both else None
+    return (
+        curve,
+        auc,
+        {
+            "auc": None if auc is None else _number(auc.auc),
+            "auc_ci": [None, None] if auc is None else [_number(auc.ci_low), _number(auc.ci_high)],
+            "bootstrap": bootstrap,
+            "confidence": confidence,
+            "ci_method": "stratified bootstrap over nodules (benign and malignant resampled separately)",
+            "threshold": threshold,
+            "rule": "malignant when p_malignant > threshold",
+            "sensitivity": _number(sensitivity),
+            "specificity": _number(specificity),
+            "malignant": int(labels.sum()),
+            "benign": int(len(labels) - labels.sum()),
+            **{key: getattr(counts, key) for key in ("tp", "fp", "tn", "fn")},
+        },
+    )
+
+
+def format_malignancy_report(metrics: dict[str, Any]) -> str:
+    """The human summary of a malignancy metrics.json dict (a few lines, also printed)."""
+    ck, sel, counts, mal = (metrics[k] for k in ("checkpoint", "selection", "counts", "malignancy"))
+    lines = [
+        f"p2ch malignancy evaluation of {ck['path']} (epoch {ck['epoch']}, sha1 {ck['sha1'][:12]})",
+        f"{sel['name']}: {counts['scans']:,} scans, {counts['nodules']:,} annotated nodules "
+        f"({mal['malignant']} malignant, {mal['benign']} benign)"
+        + (f", split mode {sel['split_mode']}" if sel.get("split_mode") else ""),
+    ]
+    if sel.get("series_in_training"):
+        lines.append(
+            f"WARNING: {sel['series_in_training']} of these scans were in the checkpoint's training part; "
+            "the scores below are optimistic"
+        )
+    if mal["auc"] is None:
+        lines.append("AUC: undefined (the nodules scored are all of one class)")
+    else:
+        low, high = mal["auc_ci"]
+        interval = f" ({mal['confidence']:.0%} CI {_fmt(low)}–{_fmt(high)}, {mal['bootstrap']} bootstraps)"
+        lines.append(f"AUC {_fmt(mal['auc'])}{interval if low is not None else ''}")
+    lines.append(
+        f"at threshold {mal['threshold']:g}: sensitivity {_fmt(mal['sensitivity'])}, specificity "
+        f"{_fmt(mal['specificity'])} (tp {mal['tp']}, fp {mal['fp']}, fn {mal['fn']}, tn {mal['tn']})"
+    )
+    timing = metrics["timing"]
+    lines.append(f"scored in {timing['scoring_seconds']:.1f} s on {metrics['device']['name']}")
+    return "\n".join(lines) + "\n"
+
+
+def _malignancy_metrics_dict(
+    config: EvalConfig, inputs: EvalInputs, scores: Scores, malignancy: dict[str, Any]
+) -> dict[str, Any]:
+    """The content of a malignancy metrics.json (timing.total_seconds comes last)."""
+    scorer, nodules = inputs.scorer, len(inputs.selection.indices)
+    scored = _what_was_scored(inputs, scores)
+    scored["data"]["candidates_file"] = MALIGNANCY_FILE
+    return {
+        "format": METRICS_FORMAT,
+        "task": "malignancy",
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "auc": malignancy["auc"],
+        "auc_ci": malignancy["auc_ci"],
+        "checkpoint": inputs.info.to_dict(),
+        **scored,
+        "counts": {
+            "scans": len(inputs.selection.series_uids),
+            "nodules": nodules,
+            "chunks_cached_now": scores.chunks_cached_now,
+        },
+        "malignancy": malignancy,
+        "device": {
+            "name": str(scorer.device),
+            "amp": str(scorer.amp_dtype).replace("torch.", "") if scorer.amp_dtype else "off",
+            "channels_last": scorer.channels_last,
+            "num_workers": scores.num_workers,
+        },
+        "timing": {
+            "scoring_seconds": round(scores.seconds, 3),
+            "nodules_per_sec": round(nodules / scores.seconds, 1) if scores.seconds > 0 else None,
+        },
+        "settings": config.to_dict(),
+        "versions": versions(),
+    }
+
+
+def evaluate_malignancy(config: EvalConfig, inputs: EvalInputs, scores: Scores, started: float) -> EvalResult:
+    """Metrics and files of a malignancy evaluation: nodules.csv, roc.png, roc_curve.csv, metrics.json, report.txt."""
+    table = malignancy_table(inputs.candidates, inputs.selection.indices, scores.probability, config.threshold)
+    curve, auc, malignancy = compute_malignancy_metrics(
+        table, threshold=config.threshold, bootstrap=config.bootstrap, seed=config.seed, confidence=config.confidence
+    )
+    metrics = _malignancy_metrics_dict(config, inputs, scores, malignancy)
+    out_dir = inputs.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / NODULES_FILE, table.to_csv(index=False))
+    written = [NODULES_FILE, METRICS_FILE, REPORT_FILE]
+    if curve is not None:
+        pd.DataFrame({"fpr": curve.fpr, "tpr": curve.tpr, "threshold": curve.thresholds}).to_csv(
+            out_dir / ROC_CURVE_FILE, index=False
+        )
+        checkpoint, selection = inputs.checkpoint, inputs.selection
+        title = (
+            f"{checkpoint.parent.name}/{checkpoint.name} (epoch {inputs.info.epoch}) on {selection.name}: "
+            f"{len(selection.series_uids)} scans, {len(table)} nodules"
+        )
+        point = (1.0 - malignancy["specificity"], malignancy["sensitivity"])
+        fig = roc_figure(curve, auc, title=title, threshold_point=point)
+        save_figure_png(fig, out_dir / ROC_PLOT_FILE)
+        written[1:1] = [ROC_PLOT_FILE, ROC_CURVE_FILE]
+    metrics["timing"]["total_seconds"] = round(time.perf_counter() - started, 3)
+    report = format_malignancy_report(metrics) + f"wrote {out_dir}/: {', '.join(written)}\n"
+    write_text_atomic(out_dir / METRICS_FILE, json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(out_dir / REPORT_FILE, report)
+    return EvalResult(metrics=metrics, report=report, out_dir=out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
 # command line
 
 
@@ -696,13 +839,22 @@ def get_args_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Evaluate a LunaModel checkpoint the LUNA16 way: FROC/CPM with a bootstrap confidence "
         "interval, AUC, precision/recall/F1; writes a LUNA16 submission CSV, metrics.json, a FROC "
-        "plot and a report.",
+        "plot and a report. With --task malignancy: AUC with CI, ROC plot, sensitivity/specificity and a "
+        "per-nodule CSV of a malignancy classifier.",
         formatter_class=DefaultsHelpFormatter,
         epilog="Examples: python -m p2ch.evaluate (newest best.pt on its validation split); "
         "python -m p2ch.evaluate --checkpoint data-unversioned/models/p2ch/RUN/best.pt --split test "
-        "--pictures 16 --out eval-test",
+        "--pictures 16 --out eval-test; python -m p2ch.evaluate --task malignancy (newest malignancy best.pt)",
     )
-    add_model_arguments(parser)
+    model = add_model_arguments(parser)
+    model.add_argument(
+        "--task",
+        choices=TASKS,
+        default=EvalConfig.task,
+        help="nodule: FROC/CPM of a nodule classifier over candidates; malignancy: AUC (bootstrap CI), ROC, "
+        "sensitivity/specificity of a malignancy classifier over the annotated nodules "
+        "(annotations_with_malignancy.csv)",
+    )
     _add_selection_arguments(
         parser.add_argument_group("what to score (the split is recomputed from the checkpoint's settings)")
     )
@@ -798,6 +950,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     config = EvalConfig(
         checkpoint=args.checkpoint,
         models_dir=args.models_dir,
+        task=args.task,
         split=args.split or "val",
         series=tuple(args.series or ()),
         data_root=args.data_root,

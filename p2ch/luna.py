@@ -6,6 +6,8 @@ Every fact about the data set's folders and file names has its home here, so tha
     <root>/subset0 … subset9/<series_uid>.mhd + .raw    the CTs (LUNA16's ten folds)
     <root>/annotations.csv                              the nodules (diameter_mm)
     <root>/annotations_excluded.csv                     findings that count neither way in FROC
+    <root>/annotations_with_malignancy.csv              the nodules with LIDC malignancy ratings (the book's
+                                                        chapter 14 file, from its repository, not LUNA16)
     <root>/candidates.csv (or candidates_V2.csv)        the candidate locations and their class
     <root>/seriesuids.csv                               every series uid, no header
 
@@ -30,10 +32,26 @@ SUBSET_GLOB = "subset*"
 SUBSET_RE = re.compile(r"^subset(\d+)$")
 ANNOTATIONS_FILE = "annotations.csv"
 EXCLUDED_FILE = "annotations_excluded.csv"
+MALIGNANCY_FILE = "annotations_with_malignancy.csv"
 CANDIDATE_FILES = ("candidates.csv", "candidates_V2.csv")  # the first one present is used
 SERIESUIDS_FILE = "seriesuids.csv"
 ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
 CANDIDATE_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "class")
+# The book's data/part2/luna/annotations_with_malignancy.csv: annotations.csv's rows (same centres)
+# plus mal_bool (True/False), mal_details (the quoted list of per-reader LIDC malignancy ratings
+# 1..5, e.g. "[4, 2, 4, 2]"), the nodule's bounding box in mm and len_mal_details (that list's length).
+MALIGNANCY_COLUMNS = (
+    *ANNOTATION_COLUMNS,
+    "mal_bool",
+    "mal_details",
+    "bboxLowX",
+    "bboxLowY",
+    "bboxLowZ",
+    "bboxHighX",
+    "bboxHighY",
+    "bboxHighZ",
+    "len_mal_details",
+)
 LOCATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ")
 SUBMISSION_COLUMNS = (*LOCATION_COLUMNS, "probability")  # LUNA16's submission CSV
 

@@ -5,6 +5,13 @@ Part 1 (torch): `confusion_counts`, `precision_recall_f1`, `roc_auc`, `average_p
 reduce them there with torch ops and move a handful of numbers to the host with one
 `.tolist()` per call, so a GPU epoch is not ended by thousands of tiny transfers.
 
+Part 1 also has the ROC analysis a report needs, in numpy (labels and scores may be numpy arrays
+or torch tensors on any device; they are copied to the host once): `roc_curve` (a `RocCurve`:
+one point per distinct score, tied scores entering together, from (0, 0) to (1, 1); its `auc`
+equals `roc_auc`), `auc_with_ci` (an `AucResult`: the AUC with a stratified bootstrap confidence
+interval, positives and negatives each resampled with replacement, bounds by the same order
+statistics as FROC's) and `sensitivity_specificity` at a threshold (positive when prob > threshold).
+
 Part 2 (numpy / pandas): `match_predictions` and `froc`, LUNA16's evaluation of a set of
 scored candidate locations, following the challenge's evaluation page
 (luna16.grand-challenge.org/Evaluation) and its script `noduleCADEvaluationLIDC.py`:
@@ -817,3 +824,188 @@ def _bootstrap_intervals(
     cpm_ci = _interval(resampled.mean(axis=1), confidence)
     points_ci = [_interval(resampled[:, k], confidence) for k in range(len(FROC_FPS_PER_SCAN))]
     return cpm_ci, points_ci
+
+
+# --------------------------------------------------------------------------------------------
+# Part 1, continued: ROC curve, AUC with a bootstrap confidence interval (numpy, on the host;
+# after Part 2 because the interval uses its `_interval`)
+# --------------------------------------------------------------------------------------------
+
+
+def _host_array(value: Any) -> np.ndarray:
+    """`value` (numpy array, sequence, or torch tensor on any device) as a numpy array on the host."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return (value.float() if value.dtype == torch.bfloat16 else value).numpy()  # numpy has no bfloat16
+    return np.asarray(value)
+
+
+def _host_pair(labels: Any, scores: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(is_pos (N,) bool, scores (N,) float64) on the host, checked as Part 1 checks its tensors."""
+    labels, scores = _host_array(labels), _host_array(scores)
+    if labels.ndim != 1 or scores.ndim != 1 or labels.shape[0] != scores.shape[0]:
+        raise DataFormatError(
+            f"labels shape {labels.shape} and {what} shape {scores.shape}: expected two 1-D "
+            "arrays of the same length N (one entry per sample)"
+        )
+    if labels.size and labels.dtype.kind not in "biu":
+        raise DataFormatError(f"labels dtype {labels.dtype}: expected bool or an integer dtype holding 0/1")
+    if scores.size and scores.dtype.kind not in "iuf":
+        raise DataFormatError(f"{what} dtype {scores.dtype}: expected real numbers (a floating-point array)")
+    scores = scores.astype(np.float64)
+    bad_labels = 0 if labels.dtype == np.bool_ else int(((labels != 0) & (labels != 1)).sum())
+    _raise_if_bad(bad_labels, int((~np.isfinite(scores)).sum()), what)
+    return labels.astype(bool), scores
+
+
+def _class_counts(is_pos: np.ndarray) -> tuple[int, int]:
+    """(positives, negatives); DataFormatError unless both are present (an ROC curve needs both)."""
+    positives = int(is_pos.sum())
+    negatives = len(is_pos) - positives
+    if len(is_pos) == 0:
+        raise DataFormatError("labels and scores are empty: an ROC curve needs samples of both classes")
+    if positives == 0 or negatives == 0:
+        raise DataFormatError(
+            f"an ROC curve needs both classes: got {positives} positive(s) and {negatives} negative(s); "
+            "evaluate on samples that include both"
+        )
+    return positives, negatives
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RocCurve:
+    """ROC curve: at threshold t (positive when score >= t) the false and true positive rates.
+
+    fpr, tpr, thresholds: (K,) float64. The first point is (0, 0) at threshold +inf, then one
+    point per distinct score, highest first (tied scores enter together); the last is (1, 1).
+    """
+
+    fpr: np.ndarray
+    tpr: np.ndarray
+    thresholds: np.ndarray
+
+    @property
+    def auc(self) -> float:
+        """Trapezoidal area under the curve; equals `roc_auc` (ties count one half)."""
+        return float(np.sum(np.diff(self.fpr) * (self.tpr[1:] + self.tpr[:-1])) / 2.0)
+
+
+def roc_curve(labels: Any, scores: Any) -> RocCurve:
+    """The ROC curve of `scores` against `labels` (one point per distinct score).
+
+    labels: (N,) bool or integer 0/1, numpy or torch (any device); 1/True = positive.
+    scores: (N,) real, higher = more likely positive. Raises DataFormatError for mismatched
+    shapes, non-binary labels, NaN or infinite scores, empty input or only one class present.
+    """
+    is_pos, scores = _host_pair(labels, scores, "scores")
+    positives, negatives = _class_counts(is_pos)
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores = scores[order]
+    ends = np.flatnonzero(np.append(sorted_scores[1:] != sorted_scores[:-1], True))  # last of each tie run
+    tp = np.cumsum(is_pos[order], dtype=np.int64)[ends]
+    fp = ends + 1 - tp
+    return RocCurve(
+        fpr=np.concatenate([[0.0], fp / negatives]),
+        tpr=np.concatenate([[0.0], tp / positives]),
+        thresholds=np.concatenate([[np.inf], sorted_scores[ends]]),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class AucResult:
+    """ROC AUC with a bootstrap confidence interval (ci_low, ci_high nan when bootstrap is 0).
+
+    positives, negatives: the class counts. bootstrap: resamples drawn. confidence: e.g. 0.95.
+    """
+
+    auc: float
+    ci_low: float
+    ci_high: float
+    positives: int
+    negatives: int
+    bootstrap: int
+    confidence: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict (nan and ±inf become None)."""
+        values = dataclasses.asdict(self)
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
+
+
+def _aucs_of_draws(pos_bucket: np.ndarray, neg_bucket: np.ndarray, buckets: int) -> np.ndarray:
+    """(B,) float64, the exact AUC of each row of drawn samples.
+
+    pos_bucket: (B, P) int64, neg_bucket: (B, N) int64: the score rank (0 .. buckets - 1, ties
+    share one) of each drawn positive and negative. A positive wins over every negative ranked
+    below it and half of those tied with it.
+    """
+    rows = len(neg_bucket)
+    flat = (neg_bucket + np.arange(rows)[:, None] * buckets).ravel()
+    per_bucket = np.bincount(flat, minlength=rows * buckets).reshape(rows, buckets)
+    wins2 = 2 * np.cumsum(per_bucket, axis=1) - per_bucket  # twice (below + half of tied), exact
+    total2 = np.take_along_axis(wins2, pos_bucket, axis=1).sum(axis=1)
+    return total2 / (2.0 * pos_bucket.shape[1] * neg_bucket.shape[1])
+
+
+def _bootstrap_aucs(
+    pos_bucket: np.ndarray, neg_bucket: np.ndarray, buckets: int, bootstrap: int, rng: np.random.Generator
+) -> np.ndarray:
+    """(bootstrap,) float64: AUCs of stratified resamples (each class drawn with replacement, its own size)."""
+    positives, negatives = len(pos_bucket), len(neg_bucket)
+    values = np.empty(bootstrap, dtype=np.float64)
+    batch = max(1, _BOOTSTRAP_BATCH_ELEMENTS // (positives + negatives + buckets))
+    for start in range(0, bootstrap, batch):
+        rows = min(batch, bootstrap - start)
+        pos = pos_bucket[rng.integers(0, positives, size=(rows, positives))]
+        neg = neg_bucket[rng.integers(0, negatives, size=(rows, negatives))]
+        values[start : start + rows] = _aucs_of_draws(pos, neg, buckets)
+    return values
+
+
+def auc_with_ci(
+    labels: Any, scores: Any, *, bootstrap: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> AucResult:
+    """ROC AUC and its stratified bootstrap confidence interval.
+
+    labels: (N,) bool or integer 0/1; scores: (N,) real; numpy or torch (any device).
+    Each resample draws as many positives and as many negatives as there are, with replacement
+    (so every resample has both classes), seeded by `seed`; bounds are LUNA16's order statistics
+    (`_interval`), as for FROC. bootstrap 0: no interval (nan bounds). Raises ConfigError for bad
+    options and DataFormatError as `roc_curve` does (also when only one class is present).
+    """
+    _check_froc_options(bootstrap, confidence)
+    is_pos, scores = _host_pair(labels, scores, "scores")
+    positives, negatives = _class_counts(is_pos)
+    _, bucket = np.unique(scores, return_inverse=True)
+    bucket = bucket.reshape(-1).astype(np.int64)
+    buckets = int(bucket.max()) + 1
+    pos_bucket, neg_bucket = bucket[is_pos], bucket[~is_pos]
+    auc = float(_aucs_of_draws(pos_bucket[None], neg_bucket[None], buckets)[0])
+    ci_low, ci_high = math.nan, math.nan
+    if bootstrap:
+        rng = np.random.default_rng(seed)
+        ci_low, ci_high = _interval(_bootstrap_aucs(pos_bucket, neg_bucket, buckets, int(bootstrap), rng), confidence)
+    return AucResult(
+        auc=auc,
+        ci_low=ci_low,
+        ci_high=ci_high,
+        positives=positives,
+        negatives=negatives,
+        bootstrap=int(bootstrap),
+        confidence=float(confidence),
+    )
+
+
+def sensitivity_specificity(labels: Any, prob: Any, threshold: float = 0.5) -> tuple[float, float]:
+    """(sensitivity, specificity) of the predictions `prob > threshold` (the module's rule).
+
+    labels: (N,) bool or integer 0/1; prob: (N,) real; numpy or torch (any device).
+    sensitivity = tp / positives (nan without positives); specificity = tn / negatives (nan
+    without negatives). Raises DataFormatError for mismatched shapes, non-binary labels or NaN.
+    """
+    is_pos, prob = _host_pair(labels, prob, "prob")
+    predicted = prob > threshold
+    positives = int(is_pos.sum())
+    tp = int((predicted & is_pos).sum())
+    tn = int((~predicted & ~is_pos).sum())
+    return _ratio(tp, positives), _ratio(tn, len(is_pos) - positives)

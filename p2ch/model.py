@@ -141,6 +141,44 @@ class LunaModel(nn.Module):
         }
 
 
+def weight_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's top-level modules that hold weights, input to output (the book's fine-tuning units).
+
+    For `LunaModel`: tail_batchnorm, block1, block2, block3, block4, head_linear (6 blocks).
+    """
+    return [(name, module) for name, module in model.named_children() if any(True for _ in module.parameters())]
+
+
+def freeze_for_finetune(model: nn.Module, depth: int) -> list[str]:
+    """Train only the last `depth` weight blocks (1: the head alone; the book's --finetune-depth).
+
+    Sets `requires_grad=False` on every parameter of the other blocks and returns the names of the
+    blocks that still train. Frozen blocks should also stay in eval mode while training, so their
+    batch-norm statistics do not drift (`set_train_mode`). ConfigError for a depth outside 1..blocks.
+    """
+    blocks = weight_blocks(model)
+    names = [name for name, _ in blocks]
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= len(blocks):
+        raise ConfigError(
+            f"--finetune-depth {depth}: {type(model).__name__} has {len(blocks)} blocks with weights "
+            f"({', '.join(names)}); expected 1 (only {names[-1]} trains) to {len(blocks)} (all of them)"
+        )
+    trained = names[-depth:]
+    for name, module in blocks:
+        module.requires_grad_(name in trained)
+    return trained
+
+
+def set_train_mode(model: nn.Module, training: bool = True) -> None:
+    """`model.train(training)`, but top-level blocks without trainable parameters stay in eval mode
+    (frozen batch norm keeps its running statistics, as a frozen block should)."""
+    model.train(training)
+    if training:
+        for _, module in weight_blocks(model):
+            if not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters (buffers such as batch-norm running stats excluded)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -167,7 +167,8 @@ def predict(args: argparse.Namespace) -> int:
     """The command's work for parsed arguments: score, write the CSV, log the counts; returns 0."""
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: expected a positive integer")
-    model, info = load_model(resolve_checkpoint(args.checkpoint, args.models_dir))
+    checkpoint = resolve_checkpoint(args.checkpoint, args.models_dir, task="nodule")
+    model, info = load_model(checkpoint, task="nodule", use=f"{PROG} (nodule probabilities for a submission)")
     data_root = resolve_data_root(args.data_root or info.config.data_root)
     candidates_path = Path(args.candidates) if args.candidates else find_candidates_file(data_root)
     locations = read_locations(candidates_path)

@@ -11,7 +11,8 @@ series whose chunks are all cached are skipped without loading the CT, so after 
 kill the same call carries on where it stopped.
 
 - `make_plan` / `check_room` / `run_prefill`: the whole data set (or some subsets), as
-  `python -m p2ch.prepcache` does it, with an estimate of the disk space it needs.
+  `python -m p2ch.prepcache` does it, with an estimate of the disk space it needs; with
+  `malignant`, also the chunks at the malignancy rows' centres (the book's chapter 14 task).
 - `fill_missing`: the chunks of some candidates (e.g. an evaluation's), as other commands need.
 - `make_slice_plan` / `run_slice_prefill` / `fill_slices`: the same for the segmentation model's
   slice cache (`p2ch.slices.SliceCache`, `python -m p2ch.prepcache --segmentation`): one task per
@@ -40,7 +41,7 @@ import numpy as np
 
 from p2ch import store
 from p2ch.cache import CacheError, CacheFullError, ChunkCache, FillResult
-from p2ch.candidates import CandidateArrays, get_candidate_arrays, group_rows
+from p2ch.candidates import CandidateArrays, get_candidate_arrays, get_malignancy_arrays, group_rows
 from p2ch.ct import read_mhd_header
 from p2ch.errors import ConfigError, DataNotFoundError, P2chError
 from p2ch.geometry import DEFAULT_WIDTH_IRC, check_width_irc
@@ -139,28 +140,41 @@ def _wanted_subsets(subsets: Sequence[int] | None, folds: dict[str, int | None],
     return set(subsets)
 
 
+def _planned_centers(data_root: Path, malignant: bool) -> dict[str, np.ndarray]:
+    """{series_uid: (n, 3) float64 mm centres to cache}, by uid: the candidates', then the malignancy rows'."""
+    sources = [get_candidate_arrays(data_root)]
+    if malignant:
+        sources.append(get_malignancy_arrays(data_root))
+    parts: dict[str, list[np.ndarray]] = {}
+    for arrays in sources:
+        for rows in group_rows(arrays.series_index):
+            parts.setdefault(arrays.series_uid(int(rows[0])), []).append(arrays.center_xyz[rows])
+    return {uid: np.concatenate(parts[uid]) for uid in sorted(parts)}
+
+
 def make_plan(
     cache: ChunkCache,
     width_irc: Sequence[int] = DEFAULT_WIDTH_IRC,
     subsets: Sequence[int] | None = None,
     check_cache: bool = True,
+    malignant: bool = False,
 ) -> Plan:
     """Group the candidates of the CTs on disk (optionally only those in subset folders `subsets`) by series.
 
     With `check_cache`, count what is cached already (reads the cache index; creates nothing).
-    Candidates with the same centre to the µm count once.
+    With `malignant`, also plan the chunks at the centres of the malignancy rows
+    (`get_malignancy_arrays`; annotations_with_malignancy.csv must be in the data root, else
+    DataNotFoundError), so that training the malignancy model reads a warm cache.
+    Centres equal to the µm count once.
     """
     width = check_width_irc(width_irc)
     index = series_index(cache.data_root)
-    candidates = get_candidate_arrays(cache.data_root)
     folds = {uid: subset_of(path) for uid, path in index.items()}
     wanted = _wanted_subsets(subsets, folds, cache.data_root)
     tasks: list[SeriesTask] = []
-    for rows in group_rows(candidates.series_index):
-        uid = candidates.series_uid(int(rows[0]))
+    for uid, centers in _planned_centers(cache.data_root, malignant).items():
         if wanted is not None and folds.get(uid) not in wanted:
             continue
-        centers = candidates.center_xyz[rows]
         # One entry per distinct key: identical centres (to the µm) are one chunk.
         _, unique_rows = np.unique(np.round(centers * 1000.0), axis=0, return_index=True)
         centers = np.ascontiguousarray(centers[np.sort(unique_rows)])

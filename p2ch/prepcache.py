@@ -9,6 +9,7 @@ the same command carries on where it stopped.
     python -m p2ch.prepcache --subsets 0 1 2       # only CTs in subset0..2
     python -m p2ch.prepcache --prune               # delete entries of changed CTs / old formats
     python -m p2ch.prepcache --segmentation        # the slice cache of the segmentation model instead
+    python -m p2ch.prepcache --malignant           # also the malignancy rows' chunks (the book's chapter 14)
 """
 
 from __future__ import annotations
@@ -95,6 +96,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="zlib level for new entries (0: off; 1-9 save disk but make reads about 10x slower; default: 0)",
+    )
+    parser.add_argument(
+        "--malignant",
+        action="store_true",
+        help="also cache the chunks at the nodule centres of annotations_with_malignancy.csv (the book's "
+        "chapter 14 file; it must be in the data root), which training the malignancy model reads",
     )
     _add_maintenance_arguments(parser)
     return parser
@@ -225,7 +232,9 @@ def _prepcache(args: argparse.Namespace, run: _Run) -> int:
             print(f"would clear {len(cache):,} entries from {cache.cache_dir}")
         else:
             print(f"cleared {cache.clear():,} entries from {cache.cache_dir}", file=sys.stderr)
-    plan = run.plan = make_plan(cache, width, args.subsets, check_cache=not (args.clear and args.dry_run))
+    plan = run.plan = make_plan(
+        cache, width, args.subsets, check_cache=not (args.clear and args.dry_run), malignant=args.malignant
+    )
     if args.dry_run:
         _report_plan(plan, cache, sys.stdout)
         return 0
@@ -274,8 +283,10 @@ def _report_slice_summary(summary: SliceSummary, cache: SliceCache, out) -> None
 def _prepcache_slices(args: argparse.Namespace, run: _Run) -> int:
     if args.prune:
         raise ConfigError("--prune applies to the chunk cache; to renew the slice cache use --segmentation --clear")
-    if tuple(args.width_irc) != DEFAULT_WIDTH_IRC or args.compress_level:
-        raise ConfigError("--width-irc and --compress-level apply to the chunk cache, not to --segmentation")
+    if tuple(args.width_irc) != DEFAULT_WIDTH_IRC or args.compress_level or args.malignant:
+        raise ConfigError(
+            "--width-irc, --compress-level and --malignant apply to the chunk cache, not to --segmentation"
+        )
     cache = SliceCache(resolve_cache_dir(args.cache_dir), resolve_data_root(args.data_root))
     if args.clear:
         if args.dry_run:

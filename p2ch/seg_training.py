@@ -222,6 +222,7 @@ class SegmentationTrainingApp(TrainingRun):
 
     tb_kind = "seg"
     memory_format = torch.channels_last
+    task = "segmentation"
 
     def __init__(self, config: SegTrainingConfig, resume_state: dict[str, Any] | None = None):
         self.config: SegTrainingConfig

@@ -7,6 +7,9 @@ holds, so that every command of the project runs without the 120 GB of real data
     DIR/annotations.csv            seriesuid,coordX,coordY,coordZ,diameter_mm     (the nodules)
     DIR/annotations_excluded.csv   seriesuid,coordX,coordY,coordZ,diameter_mm     (findings to ignore;
                                    diameter_mm -1 where LUNA16 knows no size, as in the real file)
+    DIR/annotations_with_malignancy.csv   the book's chapter 14 file: annotations.csv's rows (same
+                                   order, centres and diameters) + mal_bool,mal_details,bboxLowX..Z,
+                                   bboxHighX..Z,len_mal_details (readers' ratings, see below)
     DIR/candidates.csv             seriesuid,coordX,coordY,coordZ,class
     DIR/seriesuids.csv             one series uid per line, no header (LUNA16's evaluation script
                                    reads every line as a uid)
@@ -32,6 +35,15 @@ Candidates: exactly `candidates_per_ct` rows per CT: 1–3 per nodule (class 1, 
 0.3 × radius of the nodule's, so LUNA16's hit rule "within diameter/2" matches them), one on most
 excluded findings (class 0), the rest class 0 on vessels (55 %), lung tissue (25 %) and elsewhere in
 the body (20 %). With the defaults about 1 candidate in 400 is positive, as in LUNA16.
+
+Malignancy: 3 or 4 simulated readers (mostly 4) rate each nodule 1..5 around a latent suspicion
+score z = -0.25 + 1.5·ln(diameter / 6 mm) + kind offset (part-solid +0.7, solid 0, ground-glass
+-0.8) + 0.8·lobulation amplitude / 0.12 + N(0, 0.5²): reader i rates clip(rint(3 + z + N(0, 0.7²)),
+1, 5); mal_bool is True when at least two readers rate 4 or 5, the real file's rule. So bigger,
+part-solid and lobulated nodules are malignant more often, about 40 % of them with the defaults,
+and what the CT shows predicts about 80 % of the labels (constants: `MAL_*`, `plan_malignancy`).
+The bounding box is that of the nodule's lobulated surface, in world mm. The ratings come from a
+random stream of their own, so the CTs and the other CSVs are the same as without them.
 
 Guarantee (for tests that need both classes): when `nodules_per_ct > 0`, CT k (generation order,
 the order of seriesuids.csv) has at least one nodule, and so at least one positive candidate,
@@ -71,6 +83,8 @@ from p2ch.luna import (
     CANDIDATE_COLUMNS,
     CANDIDATE_FILES,
     EXCLUDED_FILE,
+    MALIGNANCY_COLUMNS,
+    MALIGNANCY_FILE,
     NUM_SUBSETS,
     SERIESUIDS_FILE,
     SUBSET_GLOB,
@@ -80,8 +94,9 @@ from p2ch.luna import (
 UID_PREFIX = "1.3.6.1.4.1.14519.5.2.1.6279.6001."
 ANNOTATIONS_HEADER = ",".join(ANNOTATION_COLUMNS)
 CANDIDATES_HEADER = ",".join(CANDIDATE_COLUMNS)
+MALIGNANCY_HEADER = ",".join(MALIGNANCY_COLUMNS)
 CANDIDATES_FILE = CANDIDATE_FILES[0]
-CSV_FILES = (ANNOTATIONS_FILE, EXCLUDED_FILE, CANDIDATES_FILE, SERIESUIDS_FILE)
+CSV_FILES = (ANNOTATIONS_FILE, EXCLUDED_FILE, MALIGNANCY_FILE, CANDIDATES_FILE, SERIESUIDS_FILE)
 MASKS_DIR = "masks"  # --masks: <out>/masks/<series_uid>.mhd + .raw, the true nodule labels
 
 DEFAULT_NUM_CTS = 10
@@ -114,6 +129,7 @@ _EASY_MIN_DIAMETER_MM = 6.0
 _POSITIVES_PER_NODULE = ((1, 2, 3), (0.6, 0.3, 0.1))
 _JITTER_FRACTION = 0.3  # of the nodule radius
 _NO_NODULE_EVERY = 3  # CT k has no nodules when k % 3 == 2
+MAX_LOBULATION = 0.12  # a nodule's lobulation amplitude (Σ|lobes|) is uniform in 0..0.12
 _EDGE_MM = 0.8  # width of the soft (partial-volume) edge of every structure
 _AIR_HU = -1000.0
 
@@ -662,7 +678,7 @@ def _plan_nodules(
                 core_hu=core_hu,
                 core_fraction=core_fraction if kind == "part-solid" else 0.0,
                 juxtapleural=juxtapleural,
-                lobes=_lobes(rng, rng.uniform(0.0, 0.12)),
+                lobes=_lobes(rng, rng.uniform(0.0, MAX_LOBULATION)),
             )
         )
     return nodules
@@ -864,6 +880,107 @@ def plan_dataset(
     return plans
 
 
+# ---------------------------------------------------------------------------------- malignancy
+
+# The readers' malignancy ratings of a nodule (annotations_with_malignancy.csv) follow a latent
+# suspicion score made of what the CT shows, plus noise the CT does not show:
+#
+#     z = MAL_BASE + MAL_DIAMETER_WEIGHT · ln(diameter_mm / 6 mm) + MAL_KIND_OFFSET[kind]
+#         + MAL_IRREGULARITY_WEIGHT · irregularity / MAX_LOBULATION + N(0, MAL_NODULE_SD²)
+#
+# irregularity = Σ|lobes|, the lobulation amplitude (0..MAX_LOBULATION = 0.12). Each of 3 or 4
+# readers (MAL_READERS) rates clip(rint(3 + z + N(0, MAL_READER_SD²)), 1, 5); mal_bool = at least
+# MAL_MIN_HIGH_RATINGS ratings of MAL_HIGH_RATING or more (the book's real file's rule).
+# With the defaults about 40 % of nodules are malignant (1,591 nodules of 8 seeds × 150 CTs:
+# 39.9 %); the best threshold on the visible part of z (`visible_suspicion`) gets 80 % of the
+# labels right, size alone 74 %, always "benign" 60 %; the rest is per-nodule and reader noise.
+MAL_BASE = -0.25
+MAL_DIAMETER_WEIGHT = 1.5  # per unit of ln(diameter / 6 mm): 12 mm adds 1.04, 4 mm takes 0.61 off
+MAL_KIND_OFFSET = {"part-solid": 0.7, "solid": 0.0, "ground-glass": -0.8}
+MAL_IRREGULARITY_WEIGHT = 0.8  # at the largest lobulation amplitude
+MAL_NODULE_SD = 0.5  # what the readers see and the CT does not show (history, growth, ...)
+MAL_READER_SD = 0.7  # one reader's disagreement with the others
+MAL_READERS = ((3, 4), (0.25, 0.75))  # number of readers and their probabilities
+MAL_HIGH_RATING, MAL_MIN_HIGH_RATINGS = 4, 2
+_MALIGNANCY_STREAM = 3  # SeedSequence([seed, index, 3]): 0 plans the CT, 1 its noise, 2 its uid
+
+
+@dataclasses.dataclass(frozen=True)
+class Malignancy:
+    """One nodule's row of annotations_with_malignancy.csv (beyond its annotation).
+
+    ratings: per-reader malignancy 1..5 (LIDC's scale); suspicion: the latent score z (see above)
+    without the reader noise. bbox_low_xyz, bbox_high_xyz: world mm, the nodule's lobulated outer
+    surface (low ≤ high per axis).
+    """
+
+    ratings: tuple[int, ...]
+    suspicion: float
+    bbox_low_xyz: tuple[float, float, float]
+    bbox_high_xyz: tuple[float, float, float]
+
+    @property
+    def mal_bool(self) -> bool:
+        return sum(r >= MAL_HIGH_RATING for r in self.ratings) >= MAL_MIN_HIGH_RATINGS
+
+
+def visible_suspicion(finding: Finding) -> float:
+    """The part of the suspicion score z that the CT shows: size, kind and lobulation of the nodule."""
+    irregularity = float(np.abs(finding.lobes).sum())
+    return (
+        MAL_BASE
+        + MAL_DIAMETER_WEIGHT * math.log(finding.diameter_mm / 6.0)
+        + MAL_KIND_OFFSET[finding.kind]
+        + MAL_IRREGULARITY_WEIGHT * irregularity / MAX_LOBULATION
+    )
+
+
+@functools.cache
+def _sphere_directions(count: int = 2000) -> np.ndarray:
+    """(count, 3) unit vectors spread evenly over the sphere (a Fibonacci lattice)."""
+    k = np.arange(count) + 0.5
+    z = 1.0 - 2.0 * k / count
+    phi = np.pi * (1.0 + 5**0.5) * k
+    rho = np.sqrt(1.0 - z**2)
+    return np.stack([rho * np.cos(phi), rho * np.sin(phi), z], axis=1)
+
+
+def _bounding_box(finding: Finding, direction: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """World-mm (low (3,), high (3,)) box of the finding's lobulated surface, as `_finding_shape` draws it."""
+    u = _sphere_directions()
+    shape = _lobulation(finding.lobes, u[:, 0], u[:, 1], u[:, 2])
+    local = u * (finding.diameter_mm / 2 * shape)[:, None]  # local-mm offsets from the centre
+    world = local @ np.array(direction).reshape(3, 3).T + np.array(finding.center_xyz)
+    return world.min(axis=0), world.max(axis=0)
+
+
+def plan_malignancy(plan: CtPlan) -> tuple[Malignancy, ...]:
+    """The readers' malignancy ratings and bounding box of each of the plan's nodules, in order.
+
+    Drawn from the CT's own stream SeedSequence([seed, index, 3]), never from the one that plans the
+    CT, so the voxels and the other CSVs do not depend on it; the same plan gives the same rows.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([plan.seed, plan.index, _MALIGNANCY_STREAM]))
+    counts, weights = MAL_READERS
+    rows = []
+    for nodule in plan.nodules:
+        # A fixed number of draws per nodule: a nodule's ratings depend only on its place in the CT.
+        suspicion = visible_suspicion(nodule) + float(rng.normal(0.0, MAL_NODULE_SD))
+        readers = int(rng.choice(counts, p=weights))
+        noise = rng.normal(0.0, MAL_READER_SD, size=max(counts))[:readers]
+        ratings = np.clip(np.rint(3.0 + suspicion + noise), 1, 5).astype(int)
+        low, high = _bounding_box(nodule, plan.direction)
+        rows.append(
+            Malignancy(
+                ratings=tuple(int(r) for r in ratings),
+                suspicion=suspicion,
+                bbox_low_xyz=tuple(map(float, low)),
+                bbox_high_xyz=tuple(map(float, high)),
+            )
+        )
+    return tuple(rows)
+
+
 # ----------------------------------------------------------------------------------- rendering
 
 
@@ -911,9 +1028,12 @@ def _finding_shape(finding: Finding, spacing: np.ndarray, shape_xyz):
     dist = np.sqrt(dx**2 + dy**2 + dz**2)
     inv = 1.0 / np.maximum(dist, np.float32(1e-3))
     ux, uy, uz = dx * inv, dy * inv, dz * inv
-    k = [np.float32(v) for v in finding.lobes]
-    shape = 1.0 + k[0] * (ux**2 - uy**2) + k[1] * ux * uy + k[2] * ux * uz + k[3] * uy * uz + k[4] * (1.5 * uz**2 - 0.5)
-    return region, dist, shape
+    return region, dist, _lobulation([np.float32(v) for v in finding.lobes], ux, uy, uz)
+
+
+def _lobulation(k, ux, uy, uz):
+    """Radius factor of a finding with lobe coefficients k (5,) in the unit directions (ux, uy, uz)."""
+    return 1.0 + k[0] * (ux**2 - uy**2) + k[1] * ux * uy + k[2] * ux * uz + k[3] * uy * uz + k[4] * (1.5 * uz**2 - 0.5)
 
 
 def _draw_finding(hu: np.ndarray, finding: Finding, spacing: np.ndarray, shape_xyz) -> None:
@@ -1024,6 +1144,7 @@ class SynthSummary:
     num_excluded: int
     num_candidates: int
     num_positive: int
+    num_malignant: int
     bytes_written: int
     seconds: float
     workers: int
@@ -1105,10 +1226,12 @@ def _write_text(path: Path, lines: list[str]) -> int:
 
 
 def write_csvs(plans: Sequence[CtPlan], out: str | os.PathLike[str]) -> int:
-    """Write annotations.csv, annotations_excluded.csv, candidates.csv, seriesuids.csv; returns bytes.
+    """Write annotations.csv, annotations_excluded.csv, annotations_with_malignancy.csv, candidates.csv,
+    seriesuids.csv; returns bytes.
 
-    Rows are grouped by series in series-uid order, as in LUNA16's files; seriesuids.csv lists the
-    CTs in generation order, one uid per line without a header.
+    Rows are grouped by series in series-uid order, as in LUNA16's files; the malignancy file has
+    annotations.csv's rows in its order; seriesuids.csv lists the CTs in generation order, one uid
+    per line without a header.
     """
     out = Path(out)
     by_uid = sorted(plans, key=lambda p: p.series_uid)
@@ -1129,9 +1252,35 @@ def write_csvs(plans: Sequence[CtPlan], out: str | os.PathLike[str]) -> int:
     return (
         _write_text(out / ANNOTATIONS_FILE, [ANNOTATIONS_HEADER, *finding_rows("nodules")])
         + _write_text(out / EXCLUDED_FILE, [ANNOTATIONS_HEADER, *finding_rows("excluded")])
+        + _write_text(out / MALIGNANCY_FILE, [MALIGNANCY_HEADER, *malignancy_rows(by_uid)])
         + _write_text(out / CANDIDATES_FILE, candidates)
         + _write_text(out / SERIESUIDS_FILE, [p.series_uid for p in plans])
     )
+
+
+def malignancy_rows(plans: Sequence[CtPlan]) -> list[str]:
+    """annotations_with_malignancy.csv's rows (no header) of the plans' nodules, in the plans' order.
+
+    Centre and diameter as annotations.csv writes them; mal_details quoted ("[4, 2, 4, 2]").
+    """
+    rows = []
+    for plan in plans:
+        for nodule, mal in zip(plan.nodules, plan_malignancy(plan), strict=True):
+            details = "[" + ", ".join(map(str, mal.ratings)) + "]"
+            rows.append(
+                ",".join(
+                    [
+                        plan.series_uid,
+                        *map(_number, nodule.center_xyz),
+                        _number(nodule.listed_diameter_mm),
+                        str(mal.mal_bool),
+                        f'"{details}"',
+                        *map(_number, (*mal.bbox_low_xyz, *mal.bbox_high_xyz)),
+                        str(len(mal.ratings)),
+                    ]
+                )
+            )
+    return rows
 
 
 def _default_workers() -> int:
@@ -1220,6 +1369,7 @@ def _summarize(
         num_excluded=sum(len(p.excluded) for p in plans),
         num_candidates=sum(len(p.candidate_class) for p in plans),
         num_positive=int(sum(int(p.candidate_class.sum()) for p in plans)),
+        num_malignant=sum(m.mal_bool for p in plans for m in plan_malignancy(p)),
         bytes_written=bytes_written,
         seconds=seconds,
         workers=workers,
@@ -1249,6 +1399,8 @@ def format_summary(summary: SynthSummary) -> str:
             f"(slices×rows×cols), direction {summary.direction}, in subset0..{NUM_SUBSETS - 1}",
             f"  nodules:     {summary.num_nodules:,} in {ANNOTATIONS_FILE}, "
             f"{summary.num_excluded:,} excluded findings in {EXCLUDED_FILE}",
+            f"  malignancy:  {summary.num_malignant:,} of the {summary.num_nodules:,} nodules malignant "
+            f"in {MALIGNANCY_FILE}",
             f"  candidates:  {summary.num_candidates:,} in {CANDIDATES_FILE}, "
             f"{summary.num_positive:,} positive ({ratio})",
             *([f"  masks:       true nodule labels in {MASKS_DIR}/<series_uid>.mhd"] if summary.masks else []),
@@ -1263,7 +1415,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         prog="python -m p2ch.synth",
         formatter_class=DefaultsHelpFormatter,
         description="Write a synthetic data set in LUNA16's layout (subset0..9/*.mhd+.raw, annotations.csv, "
-        "annotations_excluded.csv, candidates.csv, seriesuids.csv).",
+        "annotations_excluded.csv, annotations_with_malignancy.csv, candidates.csv, seriesuids.csv).",
     )
     parser.add_argument(
         "--out",

@@ -19,6 +19,9 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
+from p2ch.metrics import auc_with_ci, roc_curve
+from p2ch.plots import figure_rgb, roc_figure
+
 MODES = ("trn", "val")
 HISTOGRAM_BINS = np.linspace(0.0, 1.0, 51)
 
@@ -80,6 +83,26 @@ class RunWriters:
             writer.add_histogram("is_neg", prob_pos[~labels], step, bins=HISTOGRAM_BINS)
         if labels.any():
             writer.add_histogram("is_pos", prob_pos[labels], step, bins=HISTOGRAM_BINS)
+
+    def roc_curve(self, mode: str, labels: torch.Tensor, prob_pos: torch.Tensor, step: int) -> None:
+        """ROC figure (image `roc`) and its area (scalar `roc/auc`); nothing unless both classes are present.
+
+        labels: (N,) bool; prob_pos: (N,) float; any device. The figure is rendered by Agg and
+        written with add_image (add_figure would import pyplot).
+        """
+        if not self.enabled:
+            return
+        labels = labels.detach().cpu().to(torch.bool)
+        positives = int(labels.sum())
+        if positives == 0 or positives == labels.numel():
+            return
+        prob_pos = prob_pos.detach().float().cpu()
+        curve = roc_curve(labels, prob_pos)
+        auc = auc_with_ci(labels, prob_pos, bootstrap=0)  # class counts for the legend; no CI per epoch
+        fig = roc_figure(curve, auc, title=f"ROC, {mode}, step {step}")
+        writer = self.writer(mode)
+        writer.add_image("roc", figure_rgb(fig), step, dataformats="HWC")
+        writer.add_scalar("roc/auc", auc.auc, step)
 
     def images(self, mode: str, tag: str, images: torch.Tensor, step: int) -> None:
         """images: (N, 1, H, W) float in [0, 1]."""

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from p2ch.checkpoint import BEST_NAME, LAST_NAME, load_checkpoint, load_weights, save_checkpoint
+from p2ch.checkpoint import BEST_NAME, LAST_NAME, check_task, load_checkpoint, load_weights, save_checkpoint
 from p2ch.cli import configure_logging, run_cli
 from p2ch.config import RunConfig, absolute_paths, config_from_args, display_path, explicit_settings, resume_config
 from p2ch.errors import ConfigError, DataFormatError
@@ -62,10 +62,12 @@ def load_resume_state(path: str, arch: str | None = None) -> dict[str, Any]:
 
 
 def make_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Optimizer:
-    """--optimizer adam or sgd (with --momentum), --lr and --weight-decay."""
+    """--optimizer adam or sgd (with --momentum), --lr and --weight-decay, over the parameters that train
+    (a fine-tuning run freezes some: `requires_grad=False`)."""
+    params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
 def batches_of(loader: Any, limit: int | None) -> int:
@@ -78,11 +80,13 @@ class TrainingRun:
 
     config: the run's settings (paths made absolute here). resume_state: the checkpoint to continue
     (loaded from `config.resume` when not given); main() first merges its settings (`resume_config`).
-    Subclasses set `tb_kind` (TensorBoard folder kind, e.g. "cls") and `memory_format`.
+    Subclasses set `tb_kind` (TensorBoard folder kind, e.g. "cls"), `memory_format` and `task` (what
+    the model does, saved in every checkpoint so that other commands can refuse the wrong kind).
     """
 
     tb_kind = "cls"
     memory_format = torch.channels_last_3d
+    task = "nodule"
 
     def __init__(self, config: RunConfig, resume_state: dict[str, Any] | None = None):
         self.config = config = absolute_paths(config)
@@ -140,6 +144,9 @@ class TrainingRun:
     def build_data(self) -> None:
         raise NotImplementedError
 
+    def prepare_model(self, model: torch.nn.Module, resume_state: dict[str, Any] | None) -> None:
+        """Change the model before the optimizer sees it (e.g. load and freeze for fine-tuning); default none."""
+
     def train_epoch(self, epoch: int) -> EpochResult:
         raise NotImplementedError
 
@@ -157,8 +164,10 @@ class TrainingRun:
         self.model = model.to(self.device)
         if config.init_weights:
             init_state = load_checkpoint(config.init_weights, arch=self.arch)
+            check_task(config.init_weights, init_state, self.task, "--init-weights")
             load_weights(self.model, init_state["model"], config.init_weights)
             log.info("initial weights from %s (epoch %s)", config.init_weights, init_state.get("epoch"))
+        self.prepare_model(self.model, resume_state)
         if self.channels_last:
             self.model = self.model.to(memory_format=self.memory_format)
         self.optimizer = make_optimizer(self.model, config)
@@ -209,6 +218,7 @@ class TrainingRun:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
             "arch": self.arch,
+            "task": self.task,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,

@@ -5,6 +5,13 @@ sampling with a real epoch length, batched augmentation on the training device, 
 precision, channels-last, torch.compile, DistributedDataParallel under torchrun, atomic
 checkpoints with exact resume, and LUNA16's CPM on the validation set.
 
+Two tasks share the app (the book's chapter 14 `--dataset`): `nodule` (default; candidates of
+candidates.csv, nodule vs non-nodule, best.pt by CPM) and `malignancy` (`--malignant`: annotated
+nodules of annotations_with_malignancy.csv, benign vs malignant, always balanced 1:1, a ROC curve in
+TensorBoard, best.pt by AUC). `--finetune PATH` starts from a nodule classifier's weights except
+its head, and `--finetune-depth N` trains only the last N weight blocks (1: the head alone); frozen
+blocks stay in eval mode, so their batch-norm statistics stay those of the nodule model.
+
 The app is a recipe over the library: data from `p2ch.datasets`, the epoch loop and the
 best-checkpoint policy from `p2ch.loop`, TensorBoard from `p2ch.tblog`, checkpoints from
 `p2ch.checkpoint`, device/AMP/DDP from `p2ch.runtime`.
@@ -18,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import sys
@@ -32,9 +38,16 @@ import torch.nn.functional as F
 
 from p2ch.augment import AugmentConfig, augment_batch
 from p2ch.cache import ChunkCache
-from p2ch.candidates import CandidateArrays, get_candidate_arrays, read_reference, submission_frame
+from p2ch.candidates import (
+    CandidateArrays,
+    get_task_arrays,
+    read_reference,
+    submission_frame,
+)
+from p2ch.checkpoint import load_finetune_weights
 from p2ch.config import (
     SELECT_BY,
+    TASK_OF_DATASET,
     DefaultsHelpFormatter,
     TrainingConfig,
     add_augmentation_arguments,
@@ -51,15 +64,17 @@ from p2ch.datasets import (
     BalancedSampler,
     EvalSampler,
     LunaDataset,
+    MalignantLunaDataset,
     ShuffleSampler,
     Split,
     create_loader,
     split_candidates,
     to_device_batch,
 )
+from p2ch.errors import ConfigError
 from p2ch.loop import BestCheckpoint, EpochResult, Metric, run_epoch
 from p2ch.metrics import classification_summary, froc
-from p2ch.model import LunaModel, arch_signature
+from p2ch.model import LunaModel, arch_signature, freeze_for_finetune, set_train_mode
 from p2ch.runtime import DistInfo, autocast
 from p2ch.trainer import TrainingRun, batches_of, training_main
 from p2ch.vis import LUNG_WINDOW_HU
@@ -68,8 +83,17 @@ log = logging.getLogger("p2ch.training")
 
 PROG = "p2ch.training"  # as errors are prefixed
 # The ladder that picks best.pt: --select-by first, then F1, then the lowest loss (p2ch.loop).
-SELECTION_METRICS = {"cpm": Metric("cpm", "froc/cpm"), "f1": Metric("f1", "pr/f1_score")}
-HPARAM_TAGS = ("hparam/val_f1", "hparam/val_auc", "hparam/val_cpm")
+SELECTION_METRICS = {
+    "cpm": Metric("cpm", "froc/cpm"),
+    "f1": Metric("f1", "pr/f1_score"),
+    "auc": Metric("auc", "pr/auc"),
+}
+HPARAM_TAGS = {
+    "nodule": ("hparam/val_f1", "hparam/val_auc", "hparam/val_cpm"),
+    "malignancy": ("hparam/val_auc", "hparam/val_f1"),
+}
+# What label 0 and label 1 are called in logs and image tags, per task.
+CLASS_NAMES = {"nodule": ("neg", "pos"), "malignancy": ("benign", "malignant")}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -78,10 +102,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         prog="python -m p2ch.training",
         description="Train the LUNA16 nodule/non-nodule classifier (LunaModel) and log to TensorBoard.",
         formatter_class=DefaultsHelpFormatter,
-        epilog="Example: python -m p2ch.training --epochs 10 --balanced --augmented --batch-size 256 "
-        "--num-workers 16 first-run; then: tensorboard --logdir runs",
+        epilog="Examples: python -m p2ch.training --epochs 10 --balanced --augmented --batch-size 256 "
+        "--num-workers 16 first-run; then: tensorboard --logdir runs. Malignancy, fine-tuned from a nodule "
+        "model: python -m p2ch.training --malignant --finetune data-unversioned/models/p2ch/<run>/best.pt "
+        "--finetune-depth 2 --augmented --epochs 10 mal",
     )
     parser.add_argument("comment", nargs="?", default=d.comment, help="suffix for the run directories")
+    _add_task_arguments(parser)
     add_data_arguments(parser)
     add_split_arguments(parser, d)
     _add_sampling_arguments(parser, d)
@@ -97,11 +124,54 @@ def get_args_parser() -> argparse.ArgumentParser:
     control.add_argument(
         "--select-by",
         choices=SELECT_BY,
-        default=d.select_by,
-        help="validation metric that picks best.pt (cpm falls back to f1 when validation has no nodules)",
+        default=None,
+        help="validation metric that picks best.pt (default: cpm for nodules, falling back to f1 when validation "
+        "has no nodules; auc for malignancy)",
     )
     add_output_arguments(parser, d)
     return parser
+
+
+def _dataset_task(name: str) -> str:
+    """--dataset NAME (the book's class names) → the task it trains."""
+    if name not in TASK_OF_DATASET:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(TASK_OF_DATASET)}")
+    return TASK_OF_DATASET[name]
+
+
+def _add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """--malignant / --dataset, --finetune, --finetune-depth."""
+    g = parser.add_argument_group("task (the book's chapter 14)")
+    g.add_argument(
+        "--malignant",
+        dest="task",
+        action="store_const",
+        const="malignancy",
+        default="nodule",
+        help="train benign vs malignant on the annotated nodules of annotations_with_malignancy.csv "
+        "(balanced 1:1; best.pt by validation AUC) instead of nodule vs non-nodule candidates",
+    )
+    g.add_argument(
+        "--dataset",
+        dest="task",
+        type=_dataset_task,
+        metavar="{LunaDataset,MalignantLunaDataset}",
+        help="the book's spelling: MalignantLunaDataset is --malignant, LunaDataset the default",
+    )
+    g.add_argument(
+        "--finetune",
+        default=None,
+        metavar="PATH",
+        help="start from this nodule classifier checkpoint: every weight but the head (which starts fresh)",
+    )
+    g.add_argument(
+        "--finetune-depth",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --finetune: train only the last N weight blocks of tail_batchnorm, block1-4, head_linear "
+        "(default 1: only the head; 2: block4 and the head)",
+    )
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser, d: TrainingConfig) -> None:
@@ -136,16 +206,32 @@ class LunaData:
     val_loader: Any
 
 
+def check_malignancy_split(train_ds: LunaDataset, val_ds: LunaDataset, split: Split) -> None:
+    """ConfigError unless training and validation each hold benign and malignant nodules (AUC needs both)."""
+    for name, ds, series in (("training", train_ds, split.train_series), ("validation", val_ds, split.val_series)):
+        malignant = int(ds.labels.sum())
+        benign = len(ds) - malignant
+        if malignant == 0 or benign == 0:
+            raise ConfigError(
+                f"malignancy split: {name} has {malignant} malignant and {benign} benign nodules ({len(series)} "
+                "series); it needs both (AUC and balanced sampling compare the two); raise --val-fraction, use "
+                "another --split, or add CTs"
+            )
+
+
 def build_data(config: TrainingConfig, dist: DistInfo, device: torch.device) -> LunaData:
-    """Candidates, the leak-free split, datasets over the chunk cache, this rank's samplers and loaders."""
+    """Rows of the task, the leak-free split, datasets over the chunk cache, this rank's samplers and loaders."""
     data_root = Path(config.data_root)
-    candidates = get_candidate_arrays(data_root)
+    candidates = get_task_arrays(data_root, config.task)
+    dataset_class = MalignantLunaDataset if config.task == "malignancy" else LunaDataset
     split = split_candidates(candidates, config.split, **config.split_settings(), data_root=data_root)
     source = ChunkCache(config.cache_dir, data_root)
-    train_ds = LunaDataset(candidates, split.train, source, config.width_irc)
-    val_ds = LunaDataset(candidates, split.val, source, config.width_irc)
+    train_ds = dataset_class(candidates, split.train, source, config.width_irc)
+    val_ds = dataset_class(candidates, split.val, source, config.width_irc)
+    if config.task == "malignancy":
+        check_malignancy_split(train_ds, val_ds, split)
     rank, world = dist.rank, dist.world_size
-    if config.balanced:
+    if config.balanced or config.task == "malignancy":  # malignancy: always benign:malignant 1:1 (the book)
         train_sampler = BalancedSampler(
             train_ds.labels,
             ratio=config.balance_ratio or 1,
@@ -177,15 +263,18 @@ def augment_config(config: TrainingConfig) -> AugmentConfig:
     )  # fmt: skip
 
 
-def hardest_examples(val: EpochResult, dataset: LunaDataset, count: int = 8) -> dict[str, torch.Tensor]:
-    """Centre slices (lung window, (n, 1, R, C) float in [0, 1]) of the highest-scoring negatives
-    (`val/hardest_negatives`) and the lowest-scoring positives (`val/hardest_positives`)."""
+def hardest_examples(
+    val: EpochResult, dataset: LunaDataset, count: int = 8, names: tuple[str, str] = ("negatives", "positives")
+) -> dict[str, torch.Tensor]:
+    """Centre slices (lung window, (n, 1, R, C) float in [0, 1]) of the highest-scoring label-0 samples
+    (`val/hardest_<names[0]>`) and the lowest-scoring label-1 samples (`val/hardest_<names[1]>`)."""
     labels = val.outputs["labels"].cpu().numpy()
     probs = val.outputs["prob_pos"].cpu().numpy()
     positions = val.outputs["positions"].cpu().numpy()
     low, high = LUNG_WINDOW_HU
     found = {}
-    for tag, mask, descending in (("val/hardest_negatives", ~labels, True), ("val/hardest_positives", labels, False)):
+    tags = (f"val/hardest_{names[0]}", f"val/hardest_{names[1]}")
+    for tag, mask, descending in ((tags[0], ~labels, True), (tags[1], labels, False)):
         idx = np.flatnonzero(mask)
         order = idx[np.argsort(probs[idx])]
         chosen = (order[::-1] if descending else order)[:count]
@@ -200,16 +289,16 @@ def hardest_examples(val: EpochResult, dataset: LunaDataset, count: int = 8) -> 
 
 
 def log_run_description(app: LunaTrainingApp) -> None:
-    """Log the settings and what the run trains on, once, at the start."""
+    """Log what the run trains on, once, at the start (TrainingRun.run logs the settings)."""
     split, data = app.data.split, app.data
-    log.info("config: %s", json.dumps(app.config.to_dict(), sort_keys=True))
+    rows, positive = ("annotated nodules", "malignant") if app.task == "malignancy" else ("candidates", "positive")
     log.info(
-        "device %s, AMP %s, channels-last %s, compile %s, world size %d; data %s: %d candidates; "
-        "split %s: train %d candidates (%d series, %d positive), val %d (%d series, %d positive), test %d",
-        app.device, app.amp_dtype or "off", app.channels_last, app.config.compile, app.dist.world_size,
-        display_path(data.data_root), len(data.candidates), split.mode, len(split.train), len(split.train_series),
-        int(data.train_ds.labels.sum()), len(split.val), len(split.val_series), int(data.val_ds.labels.sum()),
-        len(split.test),
+        "device %s, AMP %s, channels-last %s, compile %s, world size %d; task %s; data %s: %d %s; "
+        "split %s: train %d (%d series, %d %s), val %d (%d series, %d %s), test %d",
+        app.device, app.amp_dtype or "off", app.channels_last, app.config.compile, app.dist.world_size, app.task,
+        display_path(data.data_root), len(data.candidates), rows, split.mode, len(split.train),
+        len(split.train_series), int(data.train_ds.labels.sum()), positive, len(split.val), len(split.val_series),
+        int(data.val_ds.labels.sum()), positive, len(split.test),
     )  # fmt: skip
 
 
@@ -217,7 +306,8 @@ class LunaTrainingApp(TrainingRun):
     """The classification run (the book's LunaTrainingApp): a recipe over `TrainingRun`.
 
     Per epoch: train on balanced, augmented chunks; validate; log loss, accuracy, precision/recall/F1,
-    AUC and LUNA16's CPM; save last.pt and best.pt (by CPM, then F1, then loss).
+    AUC and LUNA16's CPM (nodule task) or a ROC curve (malignancy task); save last.pt and best.pt (by
+    `config.best_by`, then F1, then loss).
     """
 
     tb_kind = "cls"
@@ -225,6 +315,9 @@ class LunaTrainingApp(TrainingRun):
 
     def __init__(self, config: TrainingConfig, resume_state: dict[str, Any] | None = None):
         self.config: TrainingConfig
+        self.task = config.task
+        self.tb_kind = "mal" if config.task == "malignancy" else "cls"
+        self.class_names = CLASS_NAMES[config.task]
         self.augment = augment_config(config)
         self._reference = None  # validation annotations for CPM, read on first use
         self._hit_rate = math.nan
@@ -240,13 +333,25 @@ class LunaTrainingApp(TrainingRun):
         return arch_signature(model)
 
     def make_best(self) -> BestCheckpoint:
-        return BestCheckpoint([SELECTION_METRICS[self.config.select_by], SELECTION_METRICS["f1"]])
+        return BestCheckpoint([SELECTION_METRICS[self.config.best_by], SELECTION_METRICS["f1"]])
 
     def build_data(self) -> None:
         self.data = build_data(self.config, self.dist, self.device)
 
+    def prepare_model(self, model: torch.nn.Module, resume_state: dict[str, Any] | None) -> None:
+        """--finetune: a nodule model's weights but the head (new runs only), then freeze all but the last
+        --finetune-depth blocks (also when resuming, so the same parameters train)."""
+        config = self.config
+        if not config.finetune:
+            return
+        if resume_state is None:
+            source = load_finetune_weights(model, config.finetune, config.width_irc)
+            log.info("fine-tuning from %s (epoch %s), head re-initialised", config.finetune, source.get("epoch"))
+        trained = freeze_for_finetune(model, config.finetune_depth or 1)
+        log.info("training %s; the other blocks are frozen", ", ".join(trained))
+
     def hparam_tags(self) -> tuple[str, ...]:
-        return HPARAM_TAGS
+        return HPARAM_TAGS[self.task]
 
     # -- one epoch -----------------------------------------------------------------------------
 
@@ -280,6 +385,7 @@ class LunaTrainingApp(TrainingRun):
 
     def train_epoch(self, epoch: int) -> EpochResult:
         self.train_model.train()
+        set_train_mode(self.model)  # frozen (fine-tuning) blocks stay in eval mode
         self.data.train_sampler.set_epoch(epoch)
         self.seed_augmentation(epoch)
         order = self.data.train_sampler.indices()
@@ -313,9 +419,11 @@ class LunaTrainingApp(TrainingRun):
             self.writers.scalars(mode, summary, self.samples_seen)
             out = result.outputs
             self.writers.score_distribution(mode, out["labels"], out["prob_pos"], self.samples_seen)
+            if self.task == "malignancy" and mode == "val":
+                self.writers.roc_curve(mode, out["labels"], out["prob_pos"], self.samples_seen)
             self.writers.flush()
             partial_of = None if result.complete or mode != "val" else len(self.data.val_ds)
-            log.info("%s", format_epoch(epoch, mode, result.count, summary, partial_of))
+            log.info("%s", format_epoch(epoch, mode, result.count, summary, partial_of, self.class_names))
         return summary
 
     def log_training(self, epoch: int, result: EpochResult) -> None:
@@ -323,8 +431,8 @@ class LunaTrainingApp(TrainingRun):
         self.log_epoch("trn", epoch, result, extra)
 
     def _validation_extra(self, val: EpochResult) -> dict[str, float]:
-        """CPM of the validation pass (rank 0 only), tagged partial when --max-val-batches cut it."""
-        if not self.dist.is_main or val.count == 0:
+        """CPM of the validation pass (rank 0 only, nodule task), tagged partial when --max-val-batches cut it."""
+        if not self.dist.is_main or val.count == 0 or self.task != "nodule":
             return {}
         if self._reference is None:
             self._reference = read_reference(self.data.data_root, self.data.split.val_series)
@@ -340,7 +448,8 @@ class LunaTrainingApp(TrainingRun):
             self.writers.scalars("val", {**hparams, "hparam/val_cpm": cpm}, self.samples_seen)
             every = self.config.images_every
             if every and (epoch % every == 0 or epoch == self.config.epochs):
-                for tag, images in hardest_examples(val, self.data.val_ds).items():
+                names = ("negatives", "positives") if self.task == "nodule" else self.class_names
+                for tag, images in hardest_examples(val, self.data.val_ds, names=names).items():
                     self.writers.images("val", tag, images, self.samples_seen)
         return self.best.update({**summary, "froc/cpm": cpm}, epoch)
 
@@ -373,15 +482,22 @@ def epoch_summary(result: EpochResult, extra: dict[str, float]) -> dict[str, flo
     return summary
 
 
-def format_epoch(epoch: int, mode: str, count: int, summary: dict[str, float], partial_of: int | None) -> str:
-    """The one log line of an epoch."""
+def format_epoch(
+    epoch: int,
+    mode: str,
+    count: int,
+    summary: dict[str, float],
+    partial_of: int | None,
+    class_names: tuple[str, str] = CLASS_NAMES["nodule"],
+) -> str:
+    """The one log line of an epoch; `class_names` name labels 0 and 1 (neg/pos, benign/malignant)."""
     cpm = summary.get("froc/cpm", summary.get("froc/cpm_partial"))
     cpm_text = "" if cpm is None else f", CPM {cpm:.3f}"
     if partial_of is not None and cpm is not None:
         cpm_text += f" (partial: {count:,} of {partial_of:,} validation candidates, --max-val-batches)"
     return (
         f"E{epoch} {mode} {count:,} samples: loss {summary['loss/all']:.4f}, correct {summary['correct/all']:.1f}% "
-        f"(neg {summary['correct/neg']:.1f}%, pos {summary['correct/pos']:.1f}%), precision "
+        f"({class_names[0]} {summary['correct/neg']:.1f}%, {class_names[1]} {summary['correct/pos']:.1f}%), precision "
         f"{summary['pr/precision']:.3f}, recall {summary['pr/recall']:.3f}, F1 {summary['pr/f1_score']:.3f}, "
         f"AUC {summary['pr/auc']:.3f}{cpm_text}, {summary['perf/samples_per_sec']:.0f} samples/s, "
         f"data wait {100 * summary['perf/data_wait_fraction']:.0f}%"

@@ -81,9 +81,10 @@ def test_hit_rule_boundary_and_nearest(tmp_path):
             ],
         )
     )
-    diameter, matched = cmod.match_annotations(candidates, annotations)
+    diameter, matched, annotation_row = cmod.match_annotations(candidates, annotations)
     np.testing.assert_array_equal(matched, [True, True, True, False, False, False])
     np.testing.assert_array_equal(diameter, [20.0, 20.0, 10.0, 0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(annotation_row, [1, 1, 0, -1, -1, -1])
 
 
 def test_book_box_rule_would_lose_this_diameter(tmp_path):
@@ -92,8 +93,8 @@ def test_book_box_rule_would_lose_this_diameter(tmp_path):
     uid = make_uid(5)
     annotations = read_annotations(write_csv(tmp_path / "a.csv", ANNOTATIONS_HEADER, [(uid, 0, 0, 0, 10)]))
     candidates = read_candidates(write_csv(tmp_path / "c.csv", CANDIDATES_HEADER, [(uid, 3, 0, 0, 1)]))
-    diameter, matched = cmod.match_annotations(candidates, annotations)
-    assert matched[0] and diameter[0] == 10.0
+    diameter, matched, annotation_row = cmod.match_annotations(candidates, annotations)
+    assert matched[0] and diameter[0] == 10.0 and annotation_row[0] == 0
 
 
 def test_columnar_form_matches_list(tiny_root):
@@ -103,6 +104,15 @@ def test_columnar_form_matches_list(tiny_root):
     assert arrays.to_list() == listed
     assert [arrays[k] for k in range(len(arrays))] == listed
     assert arrays.is_nodule.dtype == bool and arrays.diameter_mm.dtype == np.float32
+    assert arrays.is_mal.dtype == bool and not arrays.is_mal.any()  # no annotations_with_malignancy.csv
+    assert CandidateInfoTuple._fields == (
+        "is_nodule",
+        "has_annotation",
+        "is_mal",
+        "diameter_mm",
+        "series_uid",
+        "center_xyz",
+    )
     assert arrays.center_xyz.shape == (7, 3) and arrays.center_xyz.dtype == np.float64
     assert arrays.series_index.dtype == np.int32
     assert arrays.series_uids.dtype.kind == "U"  # no Python objects for workers to refcount

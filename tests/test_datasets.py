@@ -81,6 +81,7 @@ def make_candidates(num_series: int, per_series: int, *, first_series: int = 0, 
         center_xyz=center_xyz.astype(np.float64),
         is_nodule=rows % positive_every == 0,
         has_annotation=rows % positive_every == 0,
+        is_mal=rows % (2 * positive_every) == 0,
         diameter_mm=np.where(rows % positive_every == 0, 6.0, 0.0).astype(np.float32),
     )
 

@@ -670,3 +670,135 @@ def test_bad_settings_raise():
     with pytest.raises(ConfigError, match="single string"):
         froc(p, a, series_uids=UIDS[0])
     assert issubclass(DataFormatError, P2chError)
+
+
+# -- ROC curve, AUC with bootstrap CI, sensitivity / specificity (numpy) ---------------------------
+
+ROC_LABELS = [1, 0, 1, 1, 0, 0, 1, 0]
+ROC_SCORES = [0.9, 0.8, 0.8, 0.6, 0.5, 0.3, 0.3, 0.1]  # two ties, each with one positive and one negative
+
+
+def random_ties(seed: int, n: int = 300, rate: float = 0.3, shift: float = 0.2):
+    rng = np.random.default_rng(seed)
+    labels = rng.random(n) < rate
+    scores = np.round(rng.random(n) + shift * labels, 1)  # few distinct values: many ties
+    return labels, scores
+
+
+def test_roc_curve_by_hand_with_ties():
+    curve = metrics.roc_curve(np.array(ROC_LABELS), np.array(ROC_SCORES))
+    # 4 positives, 4 negatives; the tie at 0.8 adds (1 neg, 1 pos), the tie at 0.3 (1 neg, 1 pos).
+    np.testing.assert_array_equal(curve.thresholds, [np.inf, 0.9, 0.8, 0.6, 0.5, 0.3, 0.1])
+    np.testing.assert_array_equal(curve.fpr, [0, 0, 0.25, 0.25, 0.5, 0.75, 1])
+    np.testing.assert_array_equal(curve.tpr, [0, 0.25, 0.5, 0.75, 0.75, 1, 1])
+    assert all(a.dtype == np.float64 for a in (curve.fpr, curve.tpr, curve.thresholds))
+    # Pairs: 16; positive above negative in 11, tied in 2 → (11 + 1) / 16.
+    assert curve.auc == 0.75 == roc_auc(torch.tensor(ROC_LABELS), torch.tensor(ROC_SCORES, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_roc_curve_area_equals_roc_auc_on_random_ties(seed):
+    labels, scores = random_ties(seed)
+    curve = metrics.roc_curve(torch.from_numpy(labels), torch.from_numpy(scores))
+    exact = roc_auc(torch.from_numpy(labels), torch.from_numpy(scores))
+    assert curve.auc == pytest.approx(exact, rel=1e-12, abs=1e-15)
+    assert curve.auc == pytest.approx(brute_auc(labels.tolist(), scores.tolist()), rel=1e-12)
+    assert metrics.auc_with_ci(labels, scores, bootstrap=0).auc == pytest.approx(exact, rel=1e-12)
+    assert len(curve.thresholds) == len(np.unique(scores)) + 1
+    assert (np.diff(curve.fpr) >= 0).all() and (np.diff(curve.tpr) >= 0).all()
+    assert (curve.fpr[-1], curve.tpr[-1]) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "labels, scores, message",
+    [
+        ([1, 1, 1], [0.1, 0.2, 0.3], r"needs both classes: got 3 positive\(s\) and 0 negative\(s\)"),
+        ([0, 0], [0.1, 0.2], r"needs both classes: got 0 positive\(s\) and 2 negative\(s\)"),
+        ([1, 0], [0.1, nan], "scores: 1 NaN"),
+        ([1, 0, 1], [0.1, 0.2], "same length"),
+        ([[1, 0]], [[0.1, 0.2]], "1-D"),
+        ([1, 2], [0.1, 0.2], "other than 0 and 1"),
+        ([1.0, 0.0], [0.1, 0.2], "bool or an integer"),
+        ([], [], "empty"),
+    ],
+)
+def test_roc_curve_and_auc_with_ci_reject_bad_input(labels, scores, message):
+    for fn in (metrics.roc_curve, metrics.auc_with_ci):
+        with pytest.raises(DataFormatError, match=message):
+            fn(np.array(labels), np.array(scores))
+
+
+def test_auc_with_ci_is_reproducible_and_contains_the_auc():
+    labels, scores = random_ties(1, n=200)
+    first = metrics.auc_with_ci(labels, scores, bootstrap=500, seed=3)
+    again = metrics.auc_with_ci(torch.from_numpy(labels), torch.from_numpy(scores), bootstrap=500, seed=3)
+    other = metrics.auc_with_ci(labels, scores, bootstrap=500, seed=4)
+    assert first == again and other != first
+    assert first.ci_low < first.auc < first.ci_high
+    assert (first.positives, first.negatives) == (int(labels.sum()), int((~labels).sum()))
+    assert (first.bootstrap, first.confidence) == (500, 0.95)
+    narrow = metrics.auc_with_ci(labels, scores, bootstrap=500, seed=3, confidence=0.5)
+    assert first.ci_low <= narrow.ci_low <= narrow.ci_high <= first.ci_high
+    assert json.loads(json.dumps(first.to_dict(), allow_nan=False)) == vars(first)
+
+
+def test_auc_with_ci_narrows_with_more_samples():
+    small = metrics.auc_with_ci(*random_ties(2, n=60), bootstrap=400)
+    large = metrics.auc_with_ci(*random_ties(2, n=3000), bootstrap=400)
+    assert large.ci_high - large.ci_low < 0.5 * (small.ci_high - small.ci_low)
+
+
+def test_bootstrap_aucs_equal_roc_auc_of_the_stratified_resamples():
+    labels, scores = random_ties(5, n=40)
+    result = metrics.auc_with_ci(labels, scores, bootstrap=50, seed=9, confidence=0.9)
+    rng = np.random.default_rng(9)  # the same draws, in the same order: positives, then negatives
+    pos, neg = np.flatnonzero(labels), np.flatnonzero(~labels)
+    pos_draws = pos[rng.integers(0, len(pos), size=(50, len(pos)))]
+    neg_draws = neg[rng.integers(0, len(neg), size=(50, len(neg)))]
+    expected = [
+        brute_auc([1] * len(p) + [0] * len(n), scores[np.concatenate([p, n])].tolist())
+        for p, n in zip(pos_draws, neg_draws, strict=True)
+    ]
+    assert (result.ci_low, result.ci_high) == pytest.approx(metrics._interval(np.array(expected), 0.9), abs=1e-12)
+
+
+def test_auc_with_ci_of_perfect_separation_is_one_and_bootstrap_zero_gives_nan():
+    labels = np.array([0, 0, 0, 1, 1])
+    perfect = metrics.auc_with_ci(labels, np.array([0.1, 0.2, 0.3, 0.8, 0.9]), bootstrap=200)
+    assert (perfect.auc, perfect.ci_low, perfect.ci_high) == (1.0, 1.0, 1.0)
+    none = metrics.auc_with_ci(labels, np.array([0.1, 0.2, 0.9, 0.8, 0.3]), bootstrap=0)
+    assert none.auc == pytest.approx(4 / 6) and math.isnan(none.ci_low) and math.isnan(none.ci_high)
+    assert none.to_dict()["ci_low"] is None and none.to_dict()["bootstrap"] == 0
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"bootstrap": -1}, "bootstrap"),
+        ({"bootstrap": 2.5}, "bootstrap"),
+        ({"bootstrap": True}, "bootstrap"),
+        ({"confidence": 0.0}, "confidence"),
+        ({"confidence": 95}, "confidence"),
+    ],
+)
+def test_auc_with_ci_rejects_bad_options(options, message):
+    with pytest.raises(ConfigError, match=message):
+        metrics.auc_with_ci(np.array([0, 1]), np.array([0.1, 0.9]), **options)
+
+
+def test_sensitivity_specificity_by_hand():
+    labels, prob = np.array(ROC_LABELS), np.array(ROC_SCORES)
+    # > 0.5: positives 0.9, 0.8, 0.6 (3 of 4); negatives 0.5, 0.3, 0.1 below (3 of 4; 0.5 is not > 0.5).
+    assert metrics.sensitivity_specificity(labels, prob) == (0.75, 0.75)
+    assert metrics.sensitivity_specificity(
+        torch.tensor(ROC_LABELS).bool(), torch.tensor(ROC_SCORES, dtype=torch.float64), 0.8
+    ) == (
+        0.25,
+        1.0,
+    )
+    sens, spec = metrics.sensitivity_specificity(np.array([1, 1]), np.array([0.9, 0.2]))
+    assert sens == 0.5 and math.isnan(spec)
+    sens, spec = metrics.sensitivity_specificity(np.array([0, 0]), np.array([0.9, 0.2]))
+    assert math.isnan(sens) and spec == 0.5
+    with pytest.raises(DataFormatError, match="NaN"):
+        metrics.sensitivity_specificity(np.array([0, 1]), np.array([nan, 0.2]))

@@ -5,7 +5,10 @@ World → voxel conversions use SimpleITK's TransformPhysicalPointToIndex, never
 
 from __future__ import annotations
 
+import ast
 import csv
+import dataclasses
+import hashlib
 import math
 import re
 from pathlib import Path
@@ -15,11 +18,15 @@ import pytest
 import SimpleITK as sitk
 
 from p2ch import synth
-from p2ch.synth import SynthConfigError, generate, main, plan_dataset
+from p2ch.synth import SynthConfigError, generate, main, plan_dataset, plan_malignancy, render_mask
 
 TINY = dict(num_cts=4, size=64, slices=40, candidates_per_ct=30, seed=0)
 # Bigger voxels grid and more nodules: enough annotations to test HU at every one of them.
 NODULAR = dict(num_cts=3, size=128, slices=64, candidates_per_ct=200, nodules_per_ct=3.0, seed=5)
+MALIGNANCY_HEADER = (
+    "seriesuid,coordX,coordY,coordZ,diameter_mm,mal_bool,mal_details,"
+    "bboxLowX,bboxLowY,bboxLowZ,bboxHighX,bboxHighY,bboxHighZ,len_mal_details"
+)
 UID_RE = re.compile(r"^1\.3\.6\.1\.4\.1\.14519\.5\.2\.1\.6279\.6001\.[1-9][0-9]{29}$")
 
 
@@ -86,6 +93,7 @@ def test_layout_headers_and_uids(tiny):
     for name, header in (
         ("annotations.csv", "seriesuid,coordX,coordY,coordZ,diameter_mm"),
         ("annotations_excluded.csv", "seriesuid,coordX,coordY,coordZ,diameter_mm"),
+        ("annotations_with_malignancy.csv", MALIGNANCY_HEADER),
         ("candidates.csv", "seriesuid,coordX,coordY,coordZ,class"),
     ):
         data = (root / name).read_bytes()
@@ -220,6 +228,8 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tiny, tmp_path):
     again = generate(tmp_path / "again", workers=2, **TINY)  # also: worker count does not matter
     assert again.series_uids == summary.series_uids and again.workers == 2
     assert tree_bytes(tmp_path / "again") == tree_bytes(root)
+    assert "annotations_with_malignancy.csv" in tree_bytes(root)
+    assert again.num_malignant == summary.num_malignant
     other = generate(tmp_path / "other", workers=1, **{**TINY, "seed": 1})
     assert set(other.series_uids).isdisjoint(summary.series_uids)
     first = tree_bytes(tmp_path / "other")[f"subset0/{other.series_uids[0]}.raw"]
@@ -233,8 +243,8 @@ def test_fewer_cts_give_a_prefix_of_the_set():
         np.testing.assert_array_equal(a.candidate_xyz, b.candidate_xyz)
 
 
-def test_defaults_give_luna16_like_statistics():
-    plans = plan_dataset(num_cts=300, seed=0)
+def test_defaults_give_luna16_like_statistics(default_plans):
+    plans = default_plans
     candidates = sum(len(p.candidate_class) for p in plans)
     positives = sum(int(p.candidate_class.sum()) for p in plans)
     assert candidates == 300 * synth.DEFAULT_CANDIDATES_PER_CT
@@ -322,6 +332,12 @@ def test_refuses_to_overwrite_without_force(tiny, tmp_path, capsys):
     assert after["notes.txt"] == b"mine"
     assert len([name for name in after if name.endswith(".mhd")]) == 1  # the 2 old CTs are gone
     assert len(read_rows(root / "candidates.csv")[1]) == 5
+    # The malignancy file is one of the set's CSVs: replaced with the set, rows of the new CT only.
+    annotations = read_rows(root / "annotations.csv")[1]
+    assert [row[:5] for row in read_rows(root / "annotations_with_malignancy.csv")[1]] == annotations
+    (root / "annotations_with_malignancy.csv").write_text("stale")
+    assert main([*args, "--force", "--nodules-per-ct", "0"]) == 0
+    assert read_rows(root / "annotations_with_malignancy.csv") == (MALIGNANCY_HEADER.split(","), [])
     (root / "data").write_text("x")
     with pytest.raises(SynthConfigError, match="is a file"):
         generate(root / "data", num_cts=1, size=32, slices=16, candidates_per_ct=5)
@@ -351,6 +367,7 @@ def test_main_defaults_to_the_data_root(tmp_path, monkeypatch, capsys):
     _, candidates = read_rows(tmp_path / "root" / "candidates.csv")
     assert len(candidates) == 7 and all(row[4] == "0" for row in candidates)
     assert read_rows(tmp_path / "root" / "annotations.csv")[1] == []
+    assert read_rows(tmp_path / "root" / "annotations_with_malignancy.csv")[1] == []
     assert capsys.readouterr().err == ""
 
 
@@ -406,12 +423,14 @@ def test_small_sets_still_have_nodules_and_both_classes():
 
 def test_pipeline_readers_accept_the_files(tiny):
     # The project's CSV readers (format checks only; no geometry) take the files as LUNA16's.
-    from p2ch.candidates import read_annotations, read_candidates, read_excluded
+    from p2ch.candidates import read_annotations, read_candidates, read_excluded, read_malignancy
 
     root, summary = tiny
     assert len(read_candidates(root / "candidates.csv")) == summary.num_candidates
     assert len(read_annotations(root / "annotations.csv")) == summary.num_nodules
     assert len(read_excluded(root / "annotations_excluded.csv")) == summary.num_excluded
+    malignancy = read_malignancy(root / "annotations_with_malignancy.csv")
+    assert len(malignancy) == summary.num_nodules and int(malignancy["mal_bool"].sum()) == summary.num_malignant
 
 
 def test_easy_set_has_only_lung_negatives_and_solid_nodules():
@@ -523,3 +542,109 @@ def test_masks_flag_adds_only_the_masks_and_force_clears_them(tiny, tmp_path):
     (tmp_path / "other" / "masks").write_text("x")
     with pytest.raises(SynthConfigError, match="masks is a file"):
         generate(tmp_path / "other", masks=True, force=True, **{**TINY, "num_cts": 1})
+
+
+# ------------------------------------------------------------------------ malignancy (chapter 14)
+
+# sha256 of the TINY set's CSVs as written before annotations_with_malignancy.csv existed: the
+# malignancy ratings have a random stream of their own, so adding them changed none of these (the
+# CT voxels were compared byte for byte at the time too). Update only for a deliberate change of
+# the generator, in the same commit.
+TINY_CSV_SHA256 = {
+    "annotations.csv": "5822284c8d9d5cfc525408ad6518afc2ff208fbded55776737c6ad15074cc740",
+    "annotations_excluded.csv": "5f7de151f768d1dc455c87933dceff57922f6cabf8fbb0035e63b6115dd05bf2",
+    "candidates.csv": "856ae3934d99e64ccc73e979d770630e2f86e9523819aa87e2053562218f88a6",
+    "seriesuids.csv": "3fdb3c7419c3fb80e5a97de953cf7fb6288b1ed63c4a74c3984c9a46426c1f8f",
+}
+
+
+@pytest.fixture(scope="module")
+def default_plans():
+    """300 CTs planned with the default settings (no voxels): about 400 nodules."""
+    return plan_dataset(num_cts=300, seed=0)
+
+
+def test_malignancy_rows_follow_the_annotations_and_the_readers_rule(nodular):
+    root, summary, _ = nodular
+    header, rows = read_rows(root / "annotations_with_malignancy.csv")
+    _, annotations = read_rows(root / "annotations.csv")
+    assert ",".join(header) == MALIGNANCY_HEADER and all(len(row) == 14 for row in rows)
+    assert len(rows) == len(annotations) == summary.num_nodules >= 4
+    # Same series, centres and diameters, as the same strings, in the same order: distance 0.
+    assert [row[:5] for row in rows] == annotations
+    for row in rows:
+        ratings = ast.literal_eval(row[6])
+        assert isinstance(ratings, list) and int(row[13]) == len(ratings) in (3, 4)
+        assert all(isinstance(r, int) and 1 <= r <= 5 for r in ratings)
+        assert row[5] == str(sum(r >= 4 for r in ratings) >= 2)  # the real file's rule, True/False
+        centre, diameter = np.array(row[1:4], dtype=float), float(row[4])
+        low, high = np.array(row[7:10], dtype=float), np.array(row[10:13], dtype=float)
+        assert (low <= centre).all() and (centre <= high).all()
+        # Lobulation moves the surface by at most 12 % of the radius.
+        assert (0.87 * diameter <= high - low).all() and (high - low <= 1.13 * diameter).all()
+    assert sum(row[5] == "True" for row in rows) == summary.num_malignant
+    # mal_details is quoted as in the book's file: ...,True,"[4, 2, 4, 2]",...
+    lines = (root / "annotations_with_malignancy.csv").read_text().splitlines()[1:]
+    assert all(re.search(r',(True|False),"\[[1-5](, [1-5]){2,3}\]",', line) for line in lines)
+
+
+@pytest.mark.parametrize("direction", ["identity", "oblique"])
+def test_malignancy_boxes_hold_the_nodule_voxels(direction):
+    settings = dict(num_cts=2, size=96, slices=48, candidates_per_ct=5, nodules_per_ct=3.0, seed=5)
+    checked = 0
+    for plan in plan_dataset(**settings, direction=direction):
+        labels = render_mask(plan)  # the voxels whose centre is inside each nodule's surface
+        image = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+        image.SetSpacing(plan.spacing_xyz)
+        image.SetOrigin(plan.origin_xyz)
+        image.SetDirection(plan.direction)
+        for k, mal in enumerate(plan_malignancy(plan)):
+            i, r, c = np.nonzero(labels == k + 1)
+            if not len(i):
+                continue
+            world = np.array(
+                [image.TransformIndexToPhysicalPoint((int(x), int(y), int(z))) for x, y, z in zip(c, r, i, strict=True)]
+            )
+            low, high = np.array(mal.bbox_low_xyz), np.array(mal.bbox_high_xyz)
+            assert (world >= low - 0.01).all() and (world <= high + 0.01).all()
+            reach = float(np.linalg.norm(plan.spacing_xyz))  # and no looser than a voxel
+            assert (world.min(axis=0) - low <= reach).all() and (high - world.max(axis=0) <= reach).all()
+            checked += 1
+    assert checked >= 4
+
+
+def test_malignancy_depends_on_what_the_ct_shows(default_plans):
+    pairs = [(f, m) for p in default_plans for f, m in zip(p.nodules, plan_malignancy(p), strict=True)]
+    malignant = np.array([m.mal_bool for _, m in pairs])
+    diameter = np.array([f.diameter_mm for f, _ in pairs])
+    kind = np.array([f.kind for f, _ in pairs])
+    assert len(pairs) > 300 and 0.3 < malignant.mean() < 0.5
+    small_ground_glass = malignant[(kind == "ground-glass") & (diameter < 8.0)]
+    assert len(small_ground_glass) >= 15 and small_ground_glass.mean() < 0.35
+    assert malignant[diameter >= 10.0].mean() > small_ground_glass.mean() + 0.4
+    assert malignant[kind == "part-solid"].mean() > small_ground_glass.mean() + 0.4
+    assert malignant[diameter < 6.0].mean() < malignant[diameter >= 6.0].mean() - 0.3
+    # Learnable, not trivial: the best threshold on what the CT shows gets most labels, not all.
+    visible = np.array([synth.visible_suspicion(f) for f, _ in pairs])
+    accuracy = max(np.mean((visible > t) == malignant) for t in visible)
+    assert max(malignant.mean(), 1 - malignant.mean()) + 0.1 < accuracy < 0.9
+    readers = np.array([len(m.ratings) for _, m in pairs])
+    assert set(readers) == {3, 4} and 0.6 < np.mean(readers == 4) < 0.9
+    assert np.mean([len(set(m.ratings)) > 1 for _, m in pairs]) > 0.5  # readers disagree
+
+
+def test_malignancy_is_deterministic_and_changes_nothing_else(tiny):
+    root, _ = tiny
+    for name, digest in TINY_CSV_SHA256.items():
+        assert hashlib.sha256((root / name).read_bytes()).hexdigest() == digest, name
+    plans = plan_dataset(**TINY)
+    rows = [plan_malignancy(p) for p in plans]
+    again = plan_dataset(**TINY)  # planned without computing malignancy
+    for a, b in zip(plans, again, strict=True):
+        for field in dataclasses.fields(a):
+            x, y = getattr(a, field.name), getattr(b, field.name)
+            assert np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y, field.name
+    assert [plan_malignancy(p) for p in again] == rows
+    # Like everything of CT k, its ratings depend on (seed, k) only: fewer CTs give a prefix.
+    assert [plan_malignancy(p) for p in plan_dataset(**{**TINY, "num_cts": 2})] == rows[:2]
+    assert plan_malignancy(plan_dataset(**{**TINY, "seed": 1})[0]) != rows[0]

@@ -35,6 +35,7 @@ SCALAR_TAGS = {
 CHECKPOINT_KEYS = {
     "format",
     "arch",
+    "task",
     "model",
     "optimizer",
     "scaler",
