@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from p2ch import evaluate, synth, training
+from p2ch import evaluate, prepcache, synth, training
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -49,6 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--depths", type=int, nargs="+", default=[1, 2], help="fine-tuning depths to compare")
     parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, auto (training and evaluation)")
     parser.add_argument("--work", default=None, help="keep runs here (default: a temporary folder, removed)")
     return parser
 
@@ -59,7 +60,7 @@ def _common(args: argparse.Namespace, root: Path, work: Path, epochs: int) -> li
         "--checkpoint-dir", str(work / "models"), "--num-workers", str(args.num_workers),
         "--batch-size", str(args.batch_size), "--optimizer", "adam", "--lr", str(args.lr), "--augmented",
         "--epochs", str(epochs), "--epoch-size", str(args.epoch_size), "--val-fraction", str(args.val_fraction),
-        "--images-every", "0", "--device", "cpu", "--log-level", "WARNING",
+        "--images-every", "0", "--device", args.device, "--log-level", "WARNING",
     ]  # fmt: skip
 
 
@@ -71,10 +72,10 @@ def _train(argv: list[str], work: Path, comment: str) -> tuple[Path, float]:
     return run / "best.pt", time.perf_counter() - started
 
 
-def _evaluate(checkpoint: Path, work: Path, name: str) -> dict:
+def _evaluate(checkpoint: Path, work: Path, name: str, device: str) -> dict:
     out = work / "eval" / name
     argv = ["--task", "malignancy", "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress"]
-    if evaluate.main([*argv, "--log-level", "WARNING", "--num-workers", "0"]) != 0:
+    if evaluate.main([*argv, "--log-level", "WARNING", "--num-workers", "0", "--device", device]) != 0:
         raise SystemExit(f"evaluating {name} failed")
     return json.loads((out / "metrics.json").read_text())
 
@@ -86,6 +87,9 @@ def run(args: argparse.Namespace, work: Path) -> list[dict]:
             root, num_cts=args.num_cts, size=args.size, slices=args.slices, nodules_per_ct=args.nodules_per_ct,
             candidates_per_ct=args.candidates_per_ct, seed=args.synth_seed, workers=os.cpu_count() or 1,
         )  # fmt: skip
+    fill = ["--data-root", str(root), "--cache-dir", str(work / "cache"), "--malignant", "--log-level", "WARNING"]
+    if prepcache.main([*fill, "--num-workers", str(os.cpu_count() or 1)]) != 0:
+        raise SystemExit("prefilling the cache failed")
     nodule = Path(args.nodule_checkpoint) if args.nodule_checkpoint else None
     if nodule is None:
         argv = [*_common(args, root, work, args.nodule_epochs), "--balanced"]
@@ -97,7 +101,7 @@ def run(args: argparse.Namespace, work: Path) -> list[dict]:
     for name, extra in variants:
         argv = [*_common(args, root, work, args.mal_epochs), "--malignant", *extra]
         best, seconds = _train(argv, work, name)
-        metrics = _evaluate(best, work, name)
+        metrics = _evaluate(best, work, name, args.device)
         mal = metrics["malignancy"]
         results.append(
             {

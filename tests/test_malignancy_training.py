@@ -303,3 +303,21 @@ def test_newest_model_of_each_kind_is_found(mal_run, nodule_run, tmp_path):
     assert find_latest(models, task="malignancy").parent.name == "b-mal"
     with pytest.raises(DataNotFoundError, match=r"no best\.pt of a segmentation model"):
         find_latest(models, task="segmentation")
+
+
+def test_finetune_flag_errors_are_one_line(mal_root, nodule_run, mal_run, tmp_path, capsys):
+    deep = _args(mal_root, tmp_path, "--malignant", "--finetune", str(nodule_run), "--finetune-depth", "7")
+    assert training.main(deep) == 2
+    err = capsys.readouterr().err
+    assert "--finetune-depth 7: LunaModel has 6 blocks with weights" in err and "Traceback" not in err
+    missing = _args(mal_root, tmp_path, "--malignant", "--finetune", str(tmp_path / "nope.pt"))
+    assert training.main(missing) == 2
+    assert "nope.pt not found" in capsys.readouterr().err
+    run, args = mal_run
+    assert training.main([*args, "--epochs", "3", "--resume", str(run / "last.pt")]) == 2
+    assert "drop --finetune" in capsys.readouterr().err
+
+
+def test_evaluate_malignancy_refuses_pictures(tmp_path, capsys):
+    assert evaluate.main(["--task", "malignancy", "--pictures", "4", "--out", str(tmp_path / "e")]) == 2
+    assert "--pictures draws the nodule task's" in capsys.readouterr().err
