@@ -668,6 +668,21 @@ def _malignancy_table(root: str) -> _MalignancyTable:
     return _MalignancyTable(path, malignancy, annotation_row, annotation_is_mal)
 
 
+def read_rated_annotations(data_root: str | os.PathLike[str] | None = None) -> pd.DataFrame:
+    """annotations.csv (as `read_annotations`) with a column `is_mal`: True / False from
+    annotations_with_malignancy.csv, None for an annotation no row rates or when the file is absent."""
+    root = resolve_data_root(data_root).resolve()
+    annotations = read_annotations(root / ANNOTATIONS_FILE)
+    is_mal = np.full(len(annotations), None, dtype=object)
+    if (root / MALIGNANCY_FILE).is_file():
+        table = _malignancy_table(str(root))
+        kept = table.annotation_row >= 0
+        values = table.malignancy["mal_bool"].to_numpy(dtype=bool)[kept]
+        for row, value in zip(table.annotation_row[kept].tolist(), values.tolist(), strict=True):
+            is_mal[row] = bool(value)
+    return annotations.assign(is_mal=is_mal)
+
+
 @dataclasses.dataclass(frozen=True)
 class MalignancyStats:
     """What building the malignancy task's rows found (logged once).

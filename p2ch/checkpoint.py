@@ -1,8 +1,8 @@
 """Checkpoints: plain dicts of tensors and plain values, written atomically, loaded weights-only.
 
 Writing and reading (`save_checkpoint`, `load_checkpoint`, `find_latest`) serve training;
-finding and loading a trained model (`resolve_checkpoint`, `load_model`, `CheckpointInfo`)
-serve evaluation and prediction.
+finding and loading a trained model (`resolve_checkpoint`, `load_model`, `CheckpointInfo`;
+`load_segmentation_model` for the UNet) serve evaluation and prediction.
 
 A checkpoint is what `torch.load(path, weights_only=True)` can read without executing code:
 model and optimizer state dicts, GradScaler state, RNG states as tensors, counters, the run's
@@ -25,11 +25,11 @@ import numpy
 import torch
 
 from p2ch import __version__
-from p2ch.config import TASKS, TrainingConfig, resolve_models_dir
+from p2ch.config import TASKS, SegTrainingConfig, TrainingConfig, resolve_models_dir
 from p2ch.errors import ConfigError, DataFormatError, DataNotFoundError
 from p2ch.fileio import atomic_writer
 from p2ch.model import MODEL_ARCH, LunaModel, arch_signature
-from p2ch.unet import UNET_ARCH
+from p2ch.unet import UNET_ARCH, UNetWrapper, unet_signature
 
 CHECKPOINT_FORMAT = "p2ch-checkpoint-v1"
 LAST_NAME = "last.pt"
@@ -243,6 +243,61 @@ def load_model(
         raise DataFormatError(f"{path}: the training config stored in the checkpoint is unusable ({exc})") from None
     model.eval()
     return model, _checkpoint_info(path, state, config, versions_found)
+
+
+def load_segmentation_model(
+    path: str | os.PathLike[str], use: str = "this command"
+) -> tuple[UNetWrapper, dict[str, Any]]:
+    """A `UNetWrapper` (CPU, eval mode) rebuilt from a `python -m p2ch.seg_training` checkpoint, and its settings.
+
+    Returns `(model, settings)`; settings: `context_slices` (int: the model takes 2c + 1 slices),
+    `threshold` (float: the probability that counts as nodule in its validation), `config` (the run's
+    `SegTrainingConfig`) and `info` (a JSON-able dict like `CheckpointInfo.to_dict()`: path, sha1, arch,
+    task, epoch, samples_seen, run_time, selected_by, best_metric, versions). Refuses (ConfigError, one
+    line) a checkpoint of another task (a nodule or malignancy classifier) or architecture, and
+    (DataFormatError) files that are not p2ch checkpoints or whose config or weights do not fit. `use`
+    names the caller in refusals.
+    """
+    path = Path(path).absolute()
+    state = _load_training_checkpoint(path)
+    check_task(path, state, "segmentation", use)
+    missing = [key for key in ("model", "config") if not isinstance(state.get(key), dict)]
+    if missing:
+        raise DataFormatError(
+            f"{path}: checkpoint has no {' or '.join(missing)} entry; expected a checkpoint written by "
+            "python -m p2ch.seg_training (best.pt or last.pt)"
+        )
+    try:
+        config = SegTrainingConfig.from_dict(state["config"])
+        config.validate()
+        model = UNetWrapper(
+            in_channels=2 * config.context_slices + 1, n_classes=1, depth=config.depth, wf=config.wf,
+            up_mode=config.up_mode,
+        )  # fmt: skip
+    except (TypeError, ValueError) as exc:  # ConfigError is a ValueError
+        raise DataFormatError(f"{path}: the segmentation config stored in the checkpoint is unusable ({exc})") from None
+    versions_found = {str(k): str(v) for k, v in (state.get("versions") or {}).items()}
+    if state.get("arch") != unet_signature(model):
+        raise ConfigError(
+            f"{path}: checkpoint is for model architecture {state.get('arch')!r}, but its config builds "
+            f"{unet_signature(model)!r}; use the p2ch version that trained it (p2ch {versions_found.get('p2ch', '?')})"
+        )
+    load_weights(model, state["model"], path)
+    model.eval()
+    info = {
+        "path": str(path),
+        "sha1": sha1_of(path),
+        "arch": str(state.get("arch")),
+        "task": task_of(state),
+        **{key: _optional(state, key, int) for key in ("epoch", "samples_seen")},
+        **{key: _optional(state, key, str) for key in ("run_time", "selected_by")},
+        "best_metric": _optional(state, "best_metric", float),
+        "versions": versions_found,
+    }
+    if info["best_metric"] is not None and not math.isfinite(info["best_metric"]):
+        info["best_metric"] = None
+    settings = {"context_slices": config.context_slices, "threshold": config.threshold, "config": config}
+    return model, {**settings, "info": info}
 
 
 def load_finetune_weights(

@@ -1,14 +1,29 @@
-"""One CT volume (`Ct`), its geometry, cropping chunks, and finding a series' `.mhd` on disk.
+"""One CT volume (`Ct`), its geometry, cropping chunks, and finding a CT on disk.
 
 LUNA16 stores each CT as a MetaIO header (`<series_uid>.mhd`) next to raw int16 voxels
 (`<series_uid>.raw`) in `subset0/` … `subset9/`. We check the header and the size of the raw
 file ourselves before handing the pair to SimpleITK, because SimpleITK's own errors for a
 missing or truncated `.raw` do not say which file or what was wrong.
+
+A CT can come from three kinds of input (`load_ct_input`, for commands that take "any CT"):
+
+- a LUNA16 series uid: `<data root>/subset*/<uid>.mhd`, through `get_ct` (cached);
+- a path to a `.mhd` file anywhere: `load_mhd` (same header and `.raw` checks). Its series uid is
+  the file name's stem when that is a uid (digits and dots); otherwise one derived from the
+  file's absolute path, `2.25.<int of the first 30 hex digits of sha1(path)>`: 2.25 is the
+  OID root for UUID-derived uids, so it is a valid DICOM uid (≤ 42 characters), the same for
+  the same file on every run, and never a LUNA16 uid;
+- a path to a folder of DICOM files: `load_dicom` (checks in `p2ch.dicom`) (one CT series; pick one with
+  `dicom_series` when the folder holds several).
+
+Every input ends in `Ct.from_image`, so the voxels (int16 HU clipped to [-1000, 1000]) and the
+geometry are handled the same way whatever the source.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -17,10 +32,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from p2ch import dicom
 from p2ch.config import resolve_data_root
-from p2ch.errors import CandidateOutsideCtError, DataFormatError, DataNotFoundError
+from p2ch.errors import CandidateOutsideCtError, ConfigError, DataFormatError, DataNotFoundError
 from p2ch.geometry import DEFAULT_WIDTH_IRC, IrcTuple, XyzTuple, check_width_irc, inside_volume, xyz2irc
-from p2ch.luna import check_series_uid, clear_series_index, find_mhd
+from p2ch.luna import check_series_uid, clear_series_index, find_mhd, is_valid_series_uid
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +121,27 @@ def read_mhd_header(mhd_path: str | os.PathLike[str]) -> dict[str, str]:
     return header
 
 
+def _read_mhd_image(mhd_path: Path) -> sitk.Image:
+    """Check a `.mhd` + `.raw` pair (`read_mhd_header`) and read it with SimpleITK."""
+    read_mhd_header(mhd_path)
+    try:
+        return sitk.ReadImage(str(mhd_path))
+    except RuntimeError as exc:
+        # SimpleITK's first line names its own source file; the reason is on the lines after.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = " ".join(lines[1:] or lines)[:300] or type(exc).__name__
+        raise DataFormatError(
+            f"{mhd_path}: SimpleITK cannot read it ({reason}); re-download or re-extract it"
+        ) from None
+
+
 class Ct:
     """One CT: HU voxels (index, row, col) and the geometry to map them to patient mm.
 
     Attributes:
-        series_uid: the LUNA16 series uid.
-        mhd_path: where it was read from.
+        series_uid: the LUNA16 (or DICOM, or path-derived) series uid.
+        source: where it was read from: the `.mhd` file, or the DICOM folder.
+        mhd_path: the same as `source` (the name older callers use; a folder for a DICOM CT).
         hu: (I, R, C) int16 HU, clipped to [-1000, 1000]. Air is -1000 and anything denser
             than bone is noise for nodule finding; clipping also folds LUNA16's out-of-field
             padding (-3024 or -2000) into air. Clipping happens on int16, before any float
@@ -120,21 +151,28 @@ class Ct:
     """
 
     def __init__(self, series_uid: str, data_root: str | os.PathLike[str] | None = None):
-        self.series_uid = check_series_uid(series_uid)
-        self.mhd_path = find_mhd(series_uid, data_root)
-        read_mhd_header(self.mhd_path)
-        try:
-            image = sitk.ReadImage(str(self.mhd_path))
-        except RuntimeError as exc:
-            # SimpleITK's first line names its own source file; the reason is on the lines after.
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            reason = " ".join(lines[1:] or lines)[:300] or type(exc).__name__
-            raise DataFormatError(
-                f"{self.mhd_path}: SimpleITK cannot read it ({reason}); re-download or re-extract it"
-            ) from None
+        series_uid = check_series_uid(series_uid)
+        mhd_path = find_mhd(series_uid, data_root)
+        self._set_image(_read_mhd_image(mhd_path), series_uid, mhd_path)
+
+    @classmethod
+    def from_image(cls, image: sitk.Image, series_uid: str, source: str | os.PathLike[str]) -> Ct:
+        """A `Ct` from a SimpleITK image already read (voxels in HU, any pixel type).
+
+        `source` (the file or folder it came from) is kept as `source` and `mhd_path` and named
+        in errors. Raises DataFormatError for an image that is not 3-D single-channel.
+        """
+        ct = cls.__new__(cls)
+        ct._set_image(image, check_series_uid(series_uid), Path(source))
+        return ct
+
+    def _set_image(self, image: sitk.Image, series_uid: str, source: Path) -> None:
+        self.series_uid = series_uid
+        self.source = source
+        self.mhd_path = source
         if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
             raise DataFormatError(
-                f"{self.mhd_path}: expected a 3-D single-channel CT, got {image.GetDimension()}-D "
+                f"{source}: expected a 3-D single-channel CT, got {image.GetDimension()}-D "
                 f"with {image.GetNumberOfComponentsPerPixel()} components per voxel"
             )
         hu = sitk.GetArrayFromImage(image)
@@ -229,3 +267,58 @@ def clear_caches() -> None:
     """Forget the series index and the CTs kept by `get_ct` (after CT files were added or replaced)."""
     clear_series_index()
     _get_ct.cache_clear()
+
+
+def _derived_series_uid(path: Path) -> str:
+    """`2.25.<decimal>` from sha1 of the absolute path: a stable, valid DICOM uid (≤ 42 characters)."""
+    digest = hashlib.sha1(str(path).encode("utf-8")).hexdigest()
+    return "2.25." + str(int(digest[:30], 16))
+
+
+def load_mhd(path: str | os.PathLike[str]) -> Ct:
+    """A `Ct` from a `.mhd` (+ its `.raw`) anywhere on disk, not only in a LUNA16 data root.
+
+    The series uid is the file's stem when it is a uid (digits and dots, ≤ 64 characters), else
+    `2.25.<int(sha1(absolute path)[:30 hex digits], 16)>` (see the module docstring). Not cached.
+    """
+    mhd_path = Path(path).resolve()
+    image = _read_mhd_image(mhd_path)
+    uid = mhd_path.stem if is_valid_series_uid(mhd_path.stem) else _derived_series_uid(mhd_path)
+    return Ct.from_image(image, uid, mhd_path)
+
+
+INPUT_KINDS = "a LUNA16 series uid, a .mhd file (with its .raw) or a folder of DICOM files"
+
+
+def load_dicom(folder: str | os.PathLike[str], series_uid: str | None = None) -> Ct:
+    """The CT of a folder of DICOM files (its one series, or `series_uid`): see `p2ch.dicom.read_dicom_image`
+    for the checks (CT modality, HU rescale, one orientation, evenly spaced slices, no gaps)."""
+    image, uid = dicom.read_dicom_image(folder, series_uid)
+    return Ct.from_image(image, uid, Path(folder))
+
+
+def load_ct_input(spec: str, data_root: str | os.PathLike[str] | None = None, dicom_series: str | None = None) -> Ct:
+    """A `Ct` from whatever names one: a `.mhd` path, a DICOM folder or a series uid.
+
+    `spec` ending in `.mhd` → `load_mhd`; an existing folder → `load_dicom(spec, dicom_series)`; an
+    existing file of another kind → DataFormatError; else a series uid → `get_ct(spec, data_root)`.
+    `dicom_series` is only for a DICOM folder (ConfigError otherwise).
+    """
+    path = Path(spec)
+    if path.is_dir():
+        return load_dicom(path, dicom_series)
+    if dicom_series is not None:
+        raise ConfigError(f"--dicom-series {dicom_series} applies to a DICOM folder only, but {spec} is not a folder")
+    if path.suffix.lower() == ".mhd":
+        return load_mhd(path)
+    if path.exists():
+        hint = f"; pass {path.with_suffix('.mhd')} instead" if path.suffix.lower() == ".raw" else ""
+        raise DataFormatError(f"{spec}: not a CT input; expected {INPUT_KINDS}{hint}")
+    if not is_valid_series_uid(spec):
+        raise DataNotFoundError(
+            f"{spec!r}: no such file or folder, and not a series uid (digits and dots); expected {INPUT_KINDS}"
+        )
+    try:
+        return get_ct(spec, data_root)
+    except DataNotFoundError as exc:
+        raise DataNotFoundError(f"{exc}; a path to a .mhd file or to a folder of DICOM files also works") from None

@@ -5,6 +5,7 @@
 - `score_from_cache`: candidates read through the chunk cache by DataLoader workers (evaluation).
 - `predict_locations`: candidate locations (a CSV's rows) scored CT by CT, each CT loaded once and
   cropped in memory, nothing cached (prediction, and evaluation with --no-cache).
+- `score_ct`: locations in one CT already in memory (no data root, no cache), nan outside it.
 - `read_locations`: such locations from a CSV (seriesuid, coordX, coordY, coordZ; other columns ignored).
 """
 
@@ -285,6 +286,39 @@ def predict_locations(
         seconds=time.perf_counter() - started,
     )
     return probability, stats
+
+
+def score_ct(
+    scorer: Scorer, ct: Ct, centers_xyz: np.ndarray, *, width_irc: Sequence[int], batch_size: int = 64
+) -> np.ndarray:
+    """P(class 1) of locations in one CT in memory: `scorer`'s model on a chunk around each centre.
+
+    scorer: a `Scorer` of a nodule or a malignancy classifier. ct: a `p2ch.ct.Ct`. centers_xyz:
+    (N, 3) float mm. width_irc: the chunk the model was trained on (its config's `width_irc`).
+    Chunks are cropped with `Ct.get_raw_candidates`, `batch_size` at a time, so the numbers equal
+    `predict_locations`'s for the same locations of the CT on disk.
+    Returns (N,) float64 in row order, nan for a centre whose voxel lies outside the CT (and for a
+    non-finite centre): `get_raw_candidates` would raise CandidateOutsideCtError for it.
+    """
+    width = check_width_irc(width_irc)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size {batch_size!r}: expected a positive integer")
+    centers = np.asarray(centers_xyz, dtype=np.float64)
+    if centers.size == 0:
+        centers = centers.reshape(0, 3)
+    if centers.ndim != 2 or centers.shape[1] != 3:
+        raise DataFormatError(f"centers_xyz has shape {centers.shape}; expected (N, 3) mm (x, y, z)")
+    probability = np.full(len(centers), np.nan, dtype=np.float64)
+    finite = np.isfinite(centers).all(axis=1)
+    _, inside = ct.locate(np.where(finite[:, None], centers, 0.0))
+    rows = np.flatnonzero(inside & finite)
+    parts = []
+    for start in range(0, len(rows), batch_size):
+        chunks, _ = ct.get_raw_candidates(centers[rows[start : start + batch_size]], width)
+        parts.append(scorer(torch.from_numpy(chunks).unsqueeze(1)))
+    if parts:
+        probability[rows] = torch.cat(parts).cpu().numpy().astype(np.float64)
+    return probability
 
 
 def read_locations(path: str | os.PathLike[str]) -> pd.DataFrame:

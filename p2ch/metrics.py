@@ -1009,3 +1009,69 @@ def sensitivity_specificity(labels: Any, prob: Any, threshold: float = 0.5) -> t
     tp = int((predicted & is_pos).sum())
     tn = int((~predicted & ~is_pos).sum())
     return _ratio(tp, positives), _ratio(tn, len(is_pos) - positives)
+
+
+# --------------------------------------------------------------------------------------------
+# Part 3: the whole detector's confusion matrix (the book's chapter 14 nodule_analysis)
+# --------------------------------------------------------------------------------------------
+
+CONFUSION_ROWS = ("non-nodule", "benign", "malignant", "nodule, no malignancy rating")
+CONFUSION_COLUMNS = (
+    "complete miss",
+    "filtered out",
+    "predicted benign",
+    "predicted malignant",
+    "predicted nodule, malignancy not scored",
+)
+
+
+def detection_confusion(
+    components: pd.DataFrame,
+    annotations: pd.DataFrame,
+    excluded: pd.DataFrame | None = None,
+    *,
+    nodule_threshold: float = 0.5,
+    malignancy_threshold: float = 0.5,
+) -> dict[str, dict[str, int]]:
+    """The book's confusion matrix of a whole detector: {row: {column: count}} (rows `CONFUSION_ROWS`,
+    columns `CONFUSION_COLUMNS`; the last row and column stay 0 when every nodule is rated and every
+    predicted nodule scored).
+
+    components: what the detector found, one row each: seriesuid, coordX, coordY, coordZ (mm),
+    p_nodule (nan: dropped before classification, e.g. by the size rule) and p_malignant (nan: not
+    scored). annotations: seriesuid, coordX/Y/Z, diameter_mm and is_mal (True, False, or nan for a
+    nodule without a malignancy rating). excluded: annotations_excluded.csv rows or None.
+
+    A nodule's row: its label. Its column: "complete miss" when no component lies within its radius
+    (LUNA16's hit rule); "filtered out" when the best component hitting it was dropped or scored
+    p_nodule ≤ nodule_threshold; else predicted malignant when that component's p_malignant >
+    malignancy_threshold, benign when ≤, "not scored" when nan. Components that hit no nodule and no
+    excluded finding make the non-nodule row ("complete miss" stays 0 there); those on excluded
+    findings are ignored, as in FROC.
+    """
+    for column in ("p_nodule", "p_malignant"):
+        if column not in components.columns:
+            raise DataFormatError(f"components: missing column {column}")
+    if "is_mal" not in annotations.columns:
+        raise DataFormatError("annotations: missing column is_mal (True, False or nan when not rated)")
+    p_nodule = components["p_nodule"].to_numpy(dtype=np.float64)
+    p_mal = components["p_malignant"].to_numpy(dtype=np.float64)
+    scored = components[list(PREDICTION_COLUMNS[:4])].assign(probability=np.where(np.isnan(p_nodule), -1.0, p_nodule))
+    match = match_predictions(scored, annotations[list(ANNOTATION_COLUMNS)], excluded)
+    matrix = {row: dict.fromkeys(CONFUSION_COLUMNS, 0) for row in CONFUSION_ROWS}
+
+    def column_of(k: int) -> str:
+        if not p_nodule[k] > nodule_threshold:  # nan (dropped) or below the threshold
+            return "filtered out"
+        if np.isnan(p_mal[k]):
+            return "predicted nodule, malignancy not scored"
+        return "predicted malignant" if p_mal[k] > malignancy_threshold else "predicted benign"
+
+    labels = annotations["is_mal"].to_numpy(dtype=object)
+    for j, k in enumerate(match.nodule_prediction.tolist()):
+        label = labels[j]
+        row = CONFUSION_ROWS[3] if label is None or pd.isna(label) else ("malignant" if bool(label) else "benign")
+        matrix[row]["complete miss" if k < 0 else column_of(k)] += 1
+    for k in np.flatnonzero(match.is_false_positive).tolist():
+        matrix["non-nodule"][column_of(k)] += 1
+    return matrix

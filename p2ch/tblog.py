@@ -100,9 +100,13 @@ class RunWriters:
         curve = roc_curve(labels, prob_pos)
         auc = auc_with_ci(labels, prob_pos, bootstrap=0)  # class counts for the legend; no CI per epoch
         fig = roc_figure(curve, auc, title=f"ROC, {mode}, step {step}")
-        writer = self.writer(mode)
-        writer.add_image("roc", figure_rgb(fig), step, dataformats="HWC")
-        writer.add_scalar("roc/auc", auc.auc, step)
+        self.figure(mode, "roc", fig, step)
+        self.writer(mode).add_scalar("roc/auc", auc.auc, step)
+
+    def figure(self, mode: str, tag: str, fig: Any, step: int) -> None:
+        """A matplotlib Figure (made without pyplot, e.g. by p2ch.plots) as the image `tag`."""
+        if self.enabled:
+            self.writer(mode).add_image(tag, figure_rgb(fig), step, dataformats="HWC")
 
     def images(self, mode: str, tag: str, images: torch.Tensor, step: int) -> None:
         """images: (N, 1, H, W) float in [0, 1]."""

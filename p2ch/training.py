@@ -445,7 +445,9 @@ class LunaTrainingApp(TrainingRun):
         cpm = summary.get("froc/cpm", summary.get("froc/cpm_partial", math.nan))
         if self.dist.is_main:
             hparams = {"hparam/val_f1": summary["pr/f1_score"], "hparam/val_auc": summary["pr/auc"]}
-            self.writers.scalars("val", {**hparams, "hparam/val_cpm": cpm}, self.samples_seen)
+            if self.task == "nodule":
+                hparams["hparam/val_cpm"] = cpm
+            self.writers.scalars("val", hparams, self.samples_seen)
             every = self.config.images_every
             if every and (epoch % every == 0 or epoch == self.config.epochs):
                 names = ("negatives", "positives") if self.task == "nodule" else self.class_names

@@ -33,7 +33,7 @@ SHEET_ROWS = 4
 PANEL_INCHES = 2.5
 LABEL_INCHES = 0.45
 DPI = 100
-FALSE_POSITIVE, MISSED_NODULE = "false_positive", "missed_nodule"
+FALSE_POSITIVE, MISSED_NODULE, DETECTED = "false_positive", "missed_nodule", "detected"
 _VIEWS = ("axial", "coronal", "sagittal")
 _MARK_COLOUR = "#ff3b30"
 _OUTSIDE_COLOUR = "#27324a"
@@ -43,10 +43,11 @@ _OUTSIDE_COLOUR = "#27324a"
 class Finding:
     """One location to draw.
 
-    kind: FALSE_POSITIVE or MISSED_NODULE. rank: 1-based position in its list.
-    center_xyz: (x, y, z) mm. diameter_mm: the nodule's (nan for a false positive).
+    kind: FALSE_POSITIVE, MISSED_NODULE or DETECTED (a nodule found by `nodule_analysis`).
+    rank: 1-based position in its list. center_xyz: (x, y, z) mm. diameter_mm: the nodule's (nan for
+    a false positive; the estimate from its segmented volume for a detected one).
     probability: the candidate's P(nodule); for a missed nodule the best hit's, nan when no
-    candidate lies within its radius.
+    candidate lies within its radius. p_malignant: a detected nodule's P(malignant) (nan: not scored).
     """
 
     kind: str
@@ -55,12 +56,19 @@ class Finding:
     center_xyz: tuple[float, float, float]
     diameter_mm: float
     probability: float
+    p_malignant: float = math.nan
 
     def label(self, total: int) -> str:
         x, y, z = self.center_xyz
         where = f"{short_uid(self.series_uid)}  ({x:.1f}, {y:.1f}, {z:.1f}) mm"
         if self.kind == FALSE_POSITIVE:
             return f"false positive {self.rank}/{total}: p = {self.probability:.3f}\n{where}"
+        if self.kind == DETECTED:
+            malignant = "not scored" if math.isnan(self.p_malignant) else f"{self.p_malignant:.3f}"
+            return (
+                f"nodule {self.rank}/{total}: p_nodule = {self.probability:.3f}, p_malignant = {malignant}, "
+                f"d ≈ {self.diameter_mm:.1f} mm\n{where}"
+            )
         best = (
             "no candidate within its radius"
             if math.isnan(self.probability)
@@ -228,7 +236,7 @@ def _draw_panel(ax, image: np.ndarray, spacing: tuple[float, float], view: str, 
         extent=(-half_w, half_w, -half_h, half_h),
         interpolation="nearest",
     )
-    if finding.kind == MISSED_NODULE and math.isfinite(finding.diameter_mm):
+    if finding.kind in (MISSED_NODULE, DETECTED) and math.isfinite(finding.diameter_mm):
         ax.add_patch(Circle((0.0, 0.0), finding.diameter_mm / 2.0, fill=False, edgecolor=_MARK_COLOUR, linewidth=1.2))
     else:
         inner, outer = 3.0, 9.0
@@ -244,16 +252,18 @@ def _draw_panel(ax, image: np.ndarray, spacing: tuple[float, float], view: str, 
 
 def write_sheets(
     findings: Sequence[Finding],
-    data_root: str | os.PathLike[str],
+    data_root: str | os.PathLike[str] | None,
     out_dir: str | os.PathLike[str],
     prefix: str,
     *,
     context_mm: float = CONTEXT_MM,
+    cts: dict[str, Ct] | None = None,
 ) -> list[tuple[Path, list[Finding]]]:
     """Draw `findings` as sheets `<out_dir>/<prefix>_01.png`, `_02.png`, … of SHEET_ROWS rows each.
 
-    Loads each CT once (findings of one series are drawn together). Returns [(path, findings on
-    that sheet)], in order. Nothing is written for an empty list.
+    Loads each CT once (findings of one series are drawn together), or takes it from `cts`
+    (series uid → `Ct` already in memory, e.g. one read from DICOM; then `data_root` may be None).
+    Returns [(path, findings on that sheet)], in order. Nothing is written for an empty list.
     """
     from matplotlib.figure import Figure  # matplotlib (0.4 s) is loaded only when a picture is drawn
 
@@ -266,7 +276,7 @@ def write_sheets(
     for k, finding in enumerate(findings):
         by_series.setdefault(finding.series_uid, []).append(k)
     for uid, ks in by_series.items():
-        ct = Ct(uid, data_root)
+        ct = cts[uid] if cts is not None and uid in cts else Ct(uid, data_root)
         for k in ks:
             slices[k] = orthogonal_slices(ct, findings[k].center_xyz, context_mm)
         del ct

@@ -120,3 +120,75 @@ def test_weights_of_the_wrong_shape_name_the_first_mismatch(tmp_path):
     save_checkpoint(saved, path)
     with pytest.raises(DataFormatError, match=rf"bad.pt: the model weights do not load into LunaModel \(.*{key}"):
         load_model(path)
+
+
+def _segmentation_checkpoint(path: Path, *, weights: dict | None = None) -> torch.nn.Module:
+    """A checkpoint shaped like SegmentationTrainingApp's (TrainingRun._state) of a tiny UNet."""
+    from p2ch.config import SegTrainingConfig
+    from p2ch.unet import UNetWrapper, unet_signature
+
+    torch.manual_seed(1)
+    model = UNetWrapper(in_channels=3, depth=2, wf=1, up_mode="upsample")
+    config = SegTrainingConfig(context_slices=1, depth=2, wf=1, up_mode="upsample", threshold=0.3)
+    save_checkpoint(
+        {
+            "arch": unet_signature(model),
+            "task": "segmentation",
+            "model": weights if weights is not None else model.state_dict(),
+            "optimizer": {},
+            "scaler": None,
+            "epoch": 4,
+            "samples_seen": 64,
+            "best_metric": float("nan"),
+            "selected_by": "recall",
+            "config": config.to_dict(),
+            "run_time": "2025-01-01_00.00.00",
+            "rng": {"torch": torch.get_rng_state()},
+        },
+        path,
+    )
+    return model
+
+
+def test_a_segmentation_model_round_trips_with_its_settings(tmp_path):
+    from p2ch.checkpoint import load_segmentation_model
+
+    path = tmp_path / "seg" / "best.pt"
+    saved = _segmentation_checkpoint(path)
+    model, settings = load_segmentation_model(path)
+    assert not model.training and next(model.parameters()).device.type == "cpu"
+    assert model.settings == saved.settings
+    loaded, expected = model.state_dict(), saved.state_dict()
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+    assert settings["context_slices"] == 1 and settings["threshold"] == 0.3 and settings["config"].up_mode == "upsample"
+    info = settings["info"]
+    assert info["path"] == str(path.absolute()) and info["sha1"] == sha1_of(path) and info["epoch"] == 4
+    assert info["task"] == "segmentation" and info["best_metric"] is None and info["selected_by"] == "recall"
+    x = torch.randn(2, 3, 16, 16) * 300
+    with torch.no_grad():
+        assert torch.equal(model(x), saved.eval()(x))
+
+
+def test_segmentation_loader_refuses_classifiers_and_wrong_weights(tmp_path):
+    from p2ch.checkpoint import load_segmentation_model
+    from p2ch.config import TrainingConfig
+
+    from conftest import make_model, write_checkpoint
+
+    nodule = write_checkpoint(tmp_path / "nodule.pt", make_model(), TrainingConfig())
+    malignancy = write_checkpoint(tmp_path / "mal.pt", make_model(), TrainingConfig(task="malignancy"))
+    for path, kind in ((nodule, "nodule"), (malignancy, "malignancy")):
+        with pytest.raises(ConfigError, match=f"this is a {kind} model .* needs a segmentation model") as info:
+            load_segmentation_model(path, use="nodule_analysis --segmentation")
+        assert "\n" not in str(info.value) and "nodule_analysis --segmentation" in str(info.value)
+    state = _segmentation_checkpoint(tmp_path / "good.pt").state_dict()
+    key = next(k for k in state if k.endswith("weight") and state[k].ndim == 4)
+    state[key] = torch.zeros(2, 2)
+    _segmentation_checkpoint(tmp_path / "bad.pt", weights=state)
+    with pytest.raises(
+        DataFormatError, match=rf"bad.pt: the model weights do not load into UNetWrapper \(.*{key}"
+    ) as info:
+        load_segmentation_model(tmp_path / "bad.pt")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="this is a segmentation model"):
+        load_model(tmp_path / "good.pt")

@@ -1,12 +1,15 @@
+import hashlib
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from test_dicom import SERIES_UID, rotation, write_dicom_series
 
 from p2ch import ct as ct_module
-from p2ch.ct import Ct, get_ct, read_mhd_header
+from p2ch.ct import Ct, get_ct, load_ct_input, load_mhd, read_mhd_header
 from p2ch.errors import CandidateOutsideCtError, ConfigError, DataFormatError, DataNotFoundError
 from p2ch.geometry import IrcTuple, XyzTuple, irc2xyz
-from p2ch.luna import find_mhd, series_index
+from p2ch.luna import find_mhd, is_valid_series_uid, series_index
 
 from conftest import make_uid, write_ct
 
@@ -195,3 +198,114 @@ def test_get_ct_is_cached_and_cleared(tiny_root):
     assert get_ct(make_uid(1), tiny_root) is a
     ct_module.clear_caches()
     assert get_ct(make_uid(1), tiny_root) is not a
+
+
+def _write_mhd(path, hu, **geometry):
+    """Write hu (I, R, C) int16 as `path` (.mhd + .raw) outside any LUNA16 layout; returns the image."""
+    image = sitk.GetImageFromArray(np.asarray(hu, dtype=np.int16))
+    image.SetSpacing(geometry.get("spacing_xyz", (0.8, 0.7, 2.0)))
+    image.SetOrigin(geometry.get("origin_xyz", (-50.0, 10.0, 300.0)))
+    if "direction" in geometry:
+        image.SetDirection(tuple(np.asarray(geometry["direction"], dtype=np.float64).ravel()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+    return image
+
+
+def _same_ct(a: Ct, b: Ct) -> None:
+    assert a.series_uid == b.series_uid
+    np.testing.assert_array_equal(a.hu, b.hu)
+    assert a.hu.dtype == b.hu.dtype == np.int16
+    assert a.origin_xyz == b.origin_xyz and a.voxel_size_xyz == b.voxel_size_xyz
+    np.testing.assert_array_equal(a.direction, b.direction)
+
+
+def test_from_image_equals_reading_by_uid(tiny_root):
+    by_uid = Ct(make_uid(1), tiny_root)
+    assert by_uid.source == by_uid.mhd_path == find_mhd(make_uid(1), tiny_root)
+    from_image = Ct.from_image(sitk.ReadImage(str(by_uid.mhd_path)), make_uid(1), by_uid.mhd_path)
+    _same_ct(from_image, by_uid)
+    assert from_image.source == from_image.mhd_path == by_uid.mhd_path
+    with pytest.raises(DataFormatError, match="invalid series_uid"):
+        Ct.from_image(sitk.ReadImage(str(by_uid.mhd_path)), "not/a/uid", by_uid.mhd_path)
+    with pytest.raises(DataFormatError, match=r"flat\.png: expected a 3-D single-channel CT, got 2-D"):
+        Ct.from_image(sitk.Image(8, 8, sitk.sitkInt16), make_uid(1), "flat.png")
+
+
+def test_load_mhd_outside_a_data_root(tiny_root, tmp_path):
+    path = tmp_path / "elsewhere" / f"{make_uid(1)}.mhd"
+    path.parent.mkdir()
+    for suffix in (".mhd", ".raw"):
+        source = tiny_root / "subset0" / f"{make_uid(1)}{suffix}"
+        path.with_suffix(suffix).write_bytes(source.read_bytes())
+    ct = load_mhd(path)
+    _same_ct(ct, Ct(make_uid(1), tiny_root))
+    assert ct.source == ct.mhd_path == path.resolve()
+
+
+def test_non_uid_file_name_gets_a_stable_derived_uid(tmp_path):
+    hu = np.full((4, 5, 6), 2000, dtype=np.int16)
+    path = tmp_path / "scans" / "patient 7.mhd"
+    _write_mhd(path, hu)
+    ct = load_mhd(path)
+    digest = hashlib.sha1(str(path.resolve()).encode("utf-8")).hexdigest()
+    assert ct.series_uid == "2.25." + str(int(digest[:30], 16))
+    assert is_valid_series_uid(ct.series_uid) and len(ct.series_uid) <= 64
+    assert load_mhd(path).series_uid == ct.series_uid
+    assert (ct.hu == 1000).all()
+    other = tmp_path / "scans" / "patient 8.mhd"
+    _write_mhd(other, hu)
+    assert load_mhd(other).series_uid != ct.series_uid
+
+
+def test_oblique_xyz2irc_agrees_with_simpleitk(tmp_path):
+    direction = rotation((0.3, -1.0, 0.6), 0.7)
+    image = _write_mhd(
+        tmp_path / "oblique.mhd", np.zeros((20, 30, 40)), spacing_xyz=(0.6, 0.9, 1.7), direction=direction
+    )
+    ct = load_mhd(tmp_path / "oblique.mhd")
+    np.testing.assert_allclose(ct.direction, direction, atol=1e-6)
+    rng = np.random.default_rng(0)
+    # Continuous indices away from half-voxel boundaries, where both roundings agree by definition.
+    index_xyz = rng.integers(0, (40, 30, 20), size=(12, 3)) + rng.uniform(-0.3, 0.3, size=(12, 3))
+    points = np.array([image.TransformContinuousIndexToPhysicalPoint(tuple(v)) for v in index_xyz])
+    expected = np.array([image.TransformPhysicalPointToIndex(tuple(p))[::-1] for p in points])
+    np.testing.assert_array_equal(ct.xyz2irc(points), expected)
+    for point, want in zip(points, expected, strict=True):
+        assert ct.xyz2irc(point) == IrcTuple(*want)
+
+
+def test_load_ct_input_dispatch(tiny_root, tmp_path):
+    assert load_ct_input(make_uid(1), tiny_root) is get_ct(make_uid(1), tiny_root)
+    mhd = tiny_root / "subset1" / f"{make_uid(2)}.mhd"
+    _same_ct(load_ct_input(str(mhd)), Ct(make_uid(2), tiny_root))
+    hu = np.arange(3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5)
+    write_dicom_series(tmp_path / "dicom", hu)
+    (tmp_path / "dicom" / "notes.txt").write_text("not DICOM\n")
+    ct = load_ct_input(str(tmp_path / "dicom"), tiny_root)
+    assert ct.series_uid == SERIES_UID and ct.source == tmp_path / "dicom"
+    np.testing.assert_array_equal(ct.hu, hu)
+    assert load_ct_input(str(tmp_path / "dicom"), dicom_series=SERIES_UID).series_uid == SERIES_UID
+
+
+def test_load_ct_input_errors(tiny_root, tmp_path):
+    with pytest.raises(DataNotFoundError, match=rf"series 1\.2\.3 not found.*{tiny_root}.*\.mhd file or to a folder"):
+        load_ct_input("1.2.3", tiny_root)
+    with pytest.raises(DataNotFoundError, match=r"no \.mhd files under .*a folder of DICOM files also works"):
+        load_ct_input("1.2.3", tmp_path / "no-data")
+    raw = tiny_root / "subset0" / f"{make_uid(1)}.raw"
+    with pytest.raises(DataFormatError, match=r"\.raw: not a CT input; .*pass .*\.mhd instead"):
+        load_ct_input(str(raw))
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    with pytest.raises(DataFormatError, match=r"notes\.txt: not a CT input; expected a LUNA16 series uid"):
+        load_ct_input(str(text))
+    with pytest.raises(DataNotFoundError, match=r"'no-such-scan': no such file or folder, and not a series uid"):
+        load_ct_input("no-such-scan", tiny_root)
+    with pytest.raises(DataNotFoundError, match=r"missing\.mhd: file not found"):
+        load_ct_input(str(tmp_path / "missing.mhd"))
+    raw.unlink()
+    with pytest.raises(DataNotFoundError, match=r"voxel file .*\.raw is missing"):
+        load_ct_input(str(raw.with_suffix(".mhd")))
+    with pytest.raises(ConfigError, match=r"--dicom-series 1\.2 applies to a DICOM folder only"):
+        load_ct_input(make_uid(2), tiny_root, dicom_series="1.2")

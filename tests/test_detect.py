@@ -1,0 +1,344 @@
+"""p2ch.detect (segmenting a whole CT, its connected components) and inference.score_ct (CPU; one CUDA test)."""
+
+from __future__ import annotations
+
+import tracemalloc
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.ndimage
+import SimpleITK as sitk
+import torch
+
+from p2ch.checkpoint import load_segmentation_model
+from p2ch.ct import Ct
+from p2ch.detect import (
+    Components,
+    find_components,
+    mask_from_probability,
+    segment_ct,
+    slab_batch,
+)
+from p2ch.errors import ConfigError, DataFormatError
+from p2ch.inference import Scorer, predict_locations, score_ct
+from p2ch.seg_training import SegmentationTrainingApp
+from p2ch.segdatasets import Luna2dSegmentationDataset
+from p2ch.slices import SliceCache
+from p2ch.unet import UNetWrapper
+
+from conftest import make_model, make_uid, write_ct
+
+CPU = torch.device("cpu")
+SPACING_XYZ = (0.7, 0.7, 1.25)
+CONTEXT = 3
+
+
+def make_unet(context_slices: int = CONTEXT, seed: int = 0) -> UNetWrapper:
+    """A small UNet whose probabilities spread over (0, 1) on raw HU (not saturated at 0 or 1)."""
+    torch.manual_seed(seed)
+    model = UNetWrapper(in_channels=2 * context_slices + 1, depth=3, wf=2).eval()
+    with torch.no_grad():
+        model.input_batchnorm.running_mean.fill_(-500.0)
+        model.input_batchnorm.running_var.fill_(400.0**2)
+        model.unet.last.weight.mul_(500.0)  # fresh weights give logits of ~0.004 on this input
+    return model
+
+
+@pytest.fixture
+def striped(tiny_root):
+    """tiny_root plus CT 3: 12 × 32 × 48 voxels whose every slice differs (so repeated edges show)."""
+    uid = make_uid(3)
+    rng = np.random.default_rng(3)
+    hu = (rng.integers(-1000, 1000, size=(12, 32, 48)) // 7 + np.arange(12)[:, None, None] * 60).astype(np.int16)
+    write_ct(tiny_root, uid, np.clip(hu, -1000, 1000), subset=2)
+    return tiny_root, uid
+
+
+def training_input(image: torch.Tensor) -> torch.Tensor:
+    """What the segmentation training app feeds its model for a loader batch (its own `_input`)."""
+    return SegmentationTrainingApp._input(SimpleNamespace(device=CPU, channels_last=True), image)
+
+
+# ---------------------------------------------------------------------------------------------
+# segment_ct
+
+
+def test_input_and_output_match_the_validation_dataset_slice_by_slice(striped, tmp_path):
+    root, uid = striped
+    ct = Ct(uid, root)
+    dataset = Luna2dSegmentationDataset(SliceCache(tmp_path / "cache", root), [uid], CONTEXT, full_ct=True)
+    assert dataset.slice_index.tolist() == list(range(12))
+    for k in range(12):  # every slice, the first and last three with repeated edges among them
+        expected = training_input(dataset[k].image[None])
+        got = slab_batch(ct.hu, k, k + 1, CONTEXT, CPU)
+        assert got.dtype == torch.float32 and torch.equal(got, expected)
+    first = slab_batch(ct.hu, 0, 1, CONTEXT, CPU)[0]
+    assert all(torch.equal(first[j], torch.from_numpy(ct.hu[0]).float()) for j in range(4))
+    assert torch.equal(first[6], torch.from_numpy(ct.hu[3]).float())
+    last = slab_batch(ct.hu, 11, 12, CONTEXT, CPU)[0]
+    assert all(torch.equal(last[j], torch.from_numpy(ct.hu[11]).float()) for j in range(3, 7))
+    model = make_unet()
+    prob = segment_ct(model, ct, context_slices=CONTEXT, device="cpu", batch_size=5)
+    assert prob.shape == ct.hu.shape and prob.dtype == np.float16
+    with torch.no_grad():
+        direct = torch.cat([model(training_input(dataset[k].image[None]))[:, 0] for k in range(12)]).numpy()
+    assert 0.05 < direct.mean() < 0.95 and direct.std() > 0.01, "the test model must not saturate"
+    np.testing.assert_allclose(prob.astype(np.float32), direct, atol=1e-3)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_batch_size_and_memory_format_do_not_change_the_result(tiny_root, channels_last):
+    ct = Ct(make_uid(1), tiny_root)
+    model = make_unet()
+    reference = segment_ct(model, ct, context_slices=CONTEXT, device=CPU, batch_size=40, channels_last=False)
+    for batch_size in (1, 7, 16):
+        prob = segment_ct(
+            model, ct, context_slices=CONTEXT, device=CPU, batch_size=batch_size, channels_last=channels_last
+        )
+        np.testing.assert_allclose(prob.astype(np.float32), reference.astype(np.float32), atol=2e-3)
+
+
+def test_slabs_are_built_a_batch_at_a_time(tmp_path):
+    hu = np.random.default_rng(0).integers(-1000, 1000, size=(64, 64, 64)).astype(np.int16)
+    ct = SimpleNamespace(hu=hu)
+    model = make_unet()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    full_slab_bytes = hu.size * (2 * CONTEXT + 1) * 4
+    tracemalloc.start()
+    try:
+        prob = segment_ct(model, ct, context_slices=CONTEXT, device=CPU, batch_size=4)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert prob.shape == hu.shape
+    assert seen == [(4, 7, 64, 64)] * 16
+    assert peak < full_slab_bytes / 8, f"numpy peak {peak} bytes, a full float slab is {full_slab_bytes}"
+
+
+def test_a_slice_size_the_unet_cannot_take_is_padded_with_air_and_cut_back():
+    hu = np.random.default_rng(1).integers(-1000, 1000, size=(3, 30, 42)).astype(np.int16)
+    model = make_unet(context_slices=1)
+    prob = segment_ct(model, SimpleNamespace(hu=hu), context_slices=1, device=CPU)
+    padded = np.full((3, 32, 44), -1000, dtype=np.int16)
+    padded[:, :30, :42] = hu
+    expected = segment_ct(model, SimpleNamespace(hu=padded), context_slices=1, device=CPU)[:, :30, :42]
+    assert prob.shape == (3, 30, 42)
+    np.testing.assert_array_equal(prob, expected)
+
+
+def test_segment_ct_refuses_bad_settings():
+    ct = SimpleNamespace(hu=np.zeros((2, 8, 8), dtype=np.int16))
+    with pytest.raises(ConfigError, match="context_slices"):
+        segment_ct(make_unet(), ct, context_slices=-1, device=CPU)
+    with pytest.raises(ConfigError, match="batch_size"):
+        segment_ct(make_unet(), ct, context_slices=CONTEXT, device=CPU, batch_size=0)
+    with pytest.raises(DataFormatError, match="int16"):
+        segment_ct(make_unet(), SimpleNamespace(hu=ct.hu.astype(np.float32)), context_slices=CONTEXT, device=CPU)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_result_matches_the_cpu_and_memory_stays_a_batch():
+    hu = np.random.default_rng(2).integers(-1000, 1000, size=(96, 256, 256)).astype(np.int16)
+    ct = SimpleNamespace(hu=hu)
+    model = make_unet()
+    cpu = segment_ct(model, ct, context_slices=CONTEXT, device=CPU, batch_size=8)
+    device = torch.device("cuda")
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    gpu = segment_ct(model, ct, context_slices=CONTEXT, device=device, batch_size=2)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    full_slab_bytes = hu.size * (2 * CONTEXT + 1) * 4
+    assert peak < full_slab_bytes / 2, f"CUDA peak {peak} bytes, a full float slab is {full_slab_bytes}"
+    np.testing.assert_allclose(gpu.astype(np.float32), cpu.astype(np.float32), atol=5e-3)
+    for channels_last in (True, False):
+        amp = segment_ct(
+            model, ct, context_slices=CONTEXT, device=device, amp_dtype=torch.bfloat16, channels_last=channels_last
+        )
+        assert amp.dtype == np.float16 and np.abs(amp.astype(np.float32) - cpu).mean() < 0.02
+
+
+# ---------------------------------------------------------------------------------------------
+# find_components
+
+
+def sphere(shape, center_irc, diameter_mm, spacing_xyz=SPACING_XYZ) -> np.ndarray:
+    """(I, R, C) bool: the voxels whose centres lie within the ball."""
+    grid = np.indices(shape, dtype=np.float64)
+    spacing_irc = np.asarray(spacing_xyz, dtype=np.float64)[::-1]
+    dist2 = sum(((grid[a] - center_irc[a]) * spacing_irc[a]) ** 2 for a in range(3))
+    return dist2 <= (diameter_mm / 2) ** 2
+
+
+def fake_ct(hu, spacing_xyz=SPACING_XYZ, origin_xyz=(-100.0, -50.0, 20.0), direction=None):
+    return SimpleNamespace(
+        hu=hu,
+        voxel_size_xyz=spacing_xyz,
+        origin_xyz=origin_xyz,
+        direction=np.eye(3) if direction is None else np.asarray(direction),
+    )
+
+
+def test_two_spheres_and_a_speck_are_counted_measured_and_filtered():
+    shape = (48, 96, 96)
+    small, large = sphere(shape, (16, 30, 30), 10.0), sphere(shape, (30, 64, 64), 16.0)
+    mask = small | large
+    mask[5, 80, 10] = True
+    hu = np.full(shape, -800, dtype=np.int16)
+    comps = find_components(mask, fake_ct(hu))
+    assert isinstance(comps, Components) and len(comps) == 3
+    order = np.argsort(comps.voxels)  # speck, 10 mm, 16 mm
+    assert comps.voxels[order].tolist() == [1, int(small.sum()), int(large.sum())]
+    voxel_mm3 = 0.7 * 0.7 * 1.25
+    np.testing.assert_allclose(comps.volume_mm3, comps.voxels * voxel_mm3)
+    np.testing.assert_allclose(comps.diameter_mm[order[1:]], [10.0, 16.0], rtol=0.1)
+    np.testing.assert_allclose(comps.center_irc[order[1:]], [(16, 30, 30), (30, 64, 64)], atol=1e-9)
+    assert comps.kept[order].tolist() == [False, True, True]
+    assert comps.reason[order].tolist() == ["too_small", "", ""]
+    assert comps.bbox_start_irc[order[0]].tolist() == [5, 80, 10] and comps.bbox_stop_irc[order[0]].tolist() == [
+        6,
+        81,
+        11,
+    ]
+    lo, hi = comps.bbox_start_irc[order[2]], comps.bbox_stop_irc[order[2]]
+    assert (hi - lo).tolist() == [int(np.ptp(a)) + 1 for a in np.nonzero(large)]
+    strict = find_components(mask, fake_ct(hu), min_diameter_mm=12.0, max_diameter_mm=14.0)
+    assert strict.reason[order].tolist() == ["too_small", "too_small", "too_large"]
+    by_voxels = find_components(mask, fake_ct(hu), min_voxels=10_000, min_diameter_mm=0.0)
+    assert by_voxels.reason[order].tolist() == ["too_small", "too_small", "too_small"]
+    kept = comps.take(comps.kept)
+    assert len(kept) == 2 and kept.center_xyz.shape == (2, 3) and set(kept.reason.tolist()) == {""}
+
+
+def test_six_and_twenty_six_connectivity_differ_on_diagonal_neighbours():
+    mask = np.zeros((10, 10, 10), dtype=bool)
+    mask[2, 2, 2] = mask[3, 3, 3] = True  # corners touch
+    mask[6, 2, 2] = mask[6, 3, 3] = True  # edges touch
+    ct = fake_ct(np.zeros((10, 10, 10), dtype=np.int16))
+    loose = dict(min_voxels=1, min_diameter_mm=0.0)
+    assert find_components(mask, ct, connectivity=26, **loose).voxels.tolist() == [2, 2]
+    assert find_components(mask, ct, connectivity=6, **loose).voxels.tolist() == [1, 1, 1, 1]
+    with pytest.raises(ConfigError, match="connectivity"):
+        find_components(mask, ct, connectivity=18)
+
+
+def test_centres_are_density_weighted_as_ndimage_computes_them():
+    hu = np.full((8, 8, 8), -1000, dtype=np.int16)
+    hu[4, 4, 5] = 1000
+    mask = np.zeros(hu.shape, dtype=bool)
+    mask[4, 4, 4:6] = True
+    (center,) = find_components(mask, fake_ct(hu), min_voxels=1, min_diameter_mm=0.0).center_irc
+    np.testing.assert_allclose(center, (4.0, 4.0, 4.0 + 2001.0 / 2002.0))
+    # Many components of random density: the same numbers as the book's ndimage call.
+    rng = np.random.default_rng(4)
+    hu = rng.integers(-1000, 1001, size=(20, 30, 30)).astype(np.int16)
+    mask = rng.random(hu.shape) < 0.2
+    comps = find_components(mask, fake_ct(hu), min_voxels=1, min_diameter_mm=0.0)
+    labels, count = scipy.ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    expected = scipy.ndimage.center_of_mass(hu.astype(np.float32) + 1001, labels, np.arange(1, count + 1))
+    assert len(comps) == count > 5
+    np.testing.assert_allclose(comps.center_irc, np.asarray(expected), atol=1e-9)
+    np.testing.assert_array_equal(comps.voxels, np.bincount(labels.ravel())[1:])
+
+
+def test_centres_in_world_mm_agree_with_simpleitk_for_an_oblique_ct(tmp_path):
+    a, b = np.radians(25.0), np.radians(-40.0)
+    rot_z = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rot_x = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    direction = rot_z @ rot_x
+    hu = np.random.default_rng(5).integers(-1000, 1000, size=(24, 40, 36)).astype(np.int16)
+    uid = make_uid(7)
+    path = write_ct(
+        tmp_path, uid, hu, spacing_xyz=(0.8, 0.6, 1.5), origin_xyz=(12.5, -40.0, 300.0), direction=direction
+    )
+    ct = Ct(uid, tmp_path)
+    mask = sphere(hu.shape, (8, 12, 10), 6.0, (0.8, 0.6, 1.5)) | sphere(hu.shape, (16, 28, 25), 8.0, (0.8, 0.6, 1.5))
+    comps = find_components(mask, ct)
+    assert len(comps) == 2
+    image = sitk.ReadImage(str(path))
+    expected = [
+        image.TransformContinuousIndexToPhysicalPoint([float(v) for v in irc[::-1]]) for irc in comps.center_irc
+    ]
+    np.testing.assert_allclose(comps.center_xyz, np.asarray(expected), atol=1e-6)
+
+
+def test_an_empty_mask_has_no_components_and_bad_masks_are_refused():
+    ct = fake_ct(np.zeros((4, 8, 8), dtype=np.int16))
+    comps = find_components(np.zeros((4, 8, 8), dtype=bool), ct)
+    assert len(comps) == 0 and comps.center_xyz.shape == (0, 3) and comps.bbox_start_irc.shape == (0, 3)
+    assert len(comps.take(comps.kept)) == 0
+    with pytest.raises(DataFormatError, match="bool"):
+        find_components(np.zeros((4, 8, 8), dtype=np.float32), ct)
+    with pytest.raises(DataFormatError, match=r"\(4, 8, 8\)"):
+        find_components(np.zeros((4, 8, 9), dtype=bool), ct)
+    with pytest.raises(ConfigError, match="max_diameter_mm"):
+        find_components(np.zeros((4, 8, 8), dtype=bool), ct, min_diameter_mm=5.0, max_diameter_mm=3.0)
+
+
+def test_mask_from_probability_is_strictly_above_the_threshold():
+    prob = np.array([0.2, 0.5, 0.51], dtype=np.float16).reshape(1, 1, 3)
+    assert mask_from_probability(prob, 0.5).ravel().tolist() == [False, False, True]
+    for bad in (0.0, 1.0, True, "0.5"):
+        with pytest.raises(ConfigError, match="threshold"):
+            mask_from_probability(prob, bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# score_ct
+
+
+def test_score_ct_gives_predict_locations_numbers_and_nan_outside(tiny_root):
+    uid = make_uid(1)
+    frame = pd.read_csv(tiny_root / "candidates.csv", dtype={"seriesuid": str})
+    frame = frame[frame.seriesuid == uid][["seriesuid", "coordX", "coordY", "coordZ"]].reset_index(drop=True)
+    outside = pd.DataFrame([{"seriesuid": uid, "coordX": 500.0, "coordY": 0.0, "coordZ": 0.0}])
+    frame = pd.concat([frame.iloc[:2], outside, frame.iloc[2:]], ignore_index=True)
+    scorer = Scorer(make_model(), CPU)
+    width = (32, 48, 48)
+    expected, _ = predict_locations(scorer, tiny_root, frame, width_irc=width, batch_size=2, progress=False)
+    ct = Ct(uid, tiny_root)
+    centers = frame[["coordX", "coordY", "coordZ"]].to_numpy()
+    got = score_ct(scorer, ct, centers, width_irc=width, batch_size=2)
+    assert got.dtype == np.float64 and got.shape == (len(frame),) and np.isnan(got[2])
+    np.testing.assert_allclose(got, expected, rtol=1e-6, equal_nan=True)
+    assert np.isfinite(np.delete(got, 2)).all() and np.ptp(np.delete(got, 2)) > 1e-4
+    np.testing.assert_allclose(score_ct(scorer, ct, centers, width_irc=width), got, rtol=1e-5, equal_nan=True)
+    assert score_ct(scorer, ct, np.zeros((0, 3)), width_irc=width).shape == (0,)
+    assert np.isnan(score_ct(scorer, ct, [[np.nan, 0.0, 0.0]], width_irc=width)).all()
+    with pytest.raises(DataFormatError, match=r"\(N, 3\)"):
+        score_ct(scorer, ct, np.zeros((2, 2)), width_irc=width)
+    with pytest.raises(ConfigError, match="batch_size"):
+        score_ct(scorer, ct, centers, width_irc=width, batch_size=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the steps together, with a checkpoint written by python -m p2ch.seg_training
+
+
+def test_a_seg_training_checkpoint_segments_a_ct_as_its_validation_did(synth_set, tmp_path):
+    from p2ch import seg_training
+
+    root = synth_set(num_cts=4, size=64, slices=24, candidates_per_ct=10, nodules_per_ct=2, seed=21)
+    args = [
+        "--data-root", str(root), "--cache-dir", str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs"),
+        "--checkpoint-dir", str(tmp_path / "models"), "--batch-size", "4", "--num-workers", "0",
+        "--epoch-size", "4", "--crop-size", "32", "--val-fraction", "0.5", "--context-slices", "2",
+        "--depth", "2", "--wf", "2", "--threshold", "0.4", "--log-level", "WARNING", "detect",
+    ]  # fmt: skip
+    assert seg_training.main([*args, "--epochs", "1"]) == 0
+    (checkpoint,) = (tmp_path / "models").rglob("last.pt")
+    model, settings = load_segmentation_model(checkpoint)
+    assert settings["context_slices"] == 2 and settings["threshold"] == 0.4 and settings["info"]["epoch"] == 1
+    uid = sorted(p.stem for p in root.glob("subset*/*.mhd"))[0]
+    ct = Ct(uid, root)
+    dataset = Luna2dSegmentationDataset(SliceCache(tmp_path / "cache", root), [uid], 2, full_ct=True)
+    prob = segment_ct(model, ct, context_slices=2, device=CPU, batch_size=8)
+    with torch.no_grad():
+        for k in (0, 1, 12, 22, 23):
+            direct = model(training_input(dataset[k].image[None]))[0, 0].numpy()
+            np.testing.assert_allclose(prob[k].astype(np.float32), direct, atol=1e-3)
+    comps = find_components(mask_from_probability(prob, settings["threshold"]), ct)
+    assert comps.center_xyz.shape == (len(comps), 3)

@@ -1,0 +1,233 @@
+"""Reading a CT from a DICOM folder: series written slice by slice with SimpleITK into tmp_path."""
+
+from __future__ import annotations
+
+import locale
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from p2ch.ct import HU_MAX, HU_MIN
+from p2ch.ct import load_dicom as read_dicom_series
+from p2ch.dicom import DicomSeries, list_dicom_series
+from p2ch.errors import DataFormatError, DataNotFoundError
+
+SERIES_UID = "1.2.826.0.1.3680043.8.498.1001"
+OTHER_UID = "1.2.826.0.1.3680043.8.498.1002"
+STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
+
+
+def make_hu(shape=(6, 10, 12), seed=0) -> np.ndarray:
+    """(I, R, C) int16 HU, with values beyond [-1000, 1000] so that clipping shows."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(-3024, 3000, size=shape).astype(np.int16)
+
+
+def rotation(axis, angle: float) -> np.ndarray:
+    """(3, 3) proper rotation about `axis` by `angle` radians (Rodrigues)."""
+    k = np.asarray(axis, dtype=np.float64) / np.linalg.norm(axis)
+    cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross
+
+
+def write_dicom_series(
+    folder: Path,
+    hu: np.ndarray,
+    *,
+    spacing_xyz=(0.7, 0.8, 1.25),
+    origin_xyz=(-120.0, -95.5, -310.25),
+    direction=None,
+    series_uid: str = SERIES_UID,
+    modality: str = "CT",
+    description: str = "chest",
+    names=None,
+    index_z=None,
+    intercept: str | None = "-1024",
+) -> sitk.Image:
+    """Write hu (I, R, C) int16 HU as one DICOM file per slice; returns the source image.
+
+    names: file name per slice (default `slice_<k>.dcm`). index_z: the (continuous) slice index
+    each file's ImagePositionPatient is computed at (default k): to make gaps uneven or missing.
+    intercept None writes no rescale tags at all.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    saved_locale = locale.setlocale(locale.LC_ALL)  # GDCM's writer sets the C locale (ASCII text I/O after it)
+    try:
+        return _write_slices(folder, hu, spacing_xyz, origin_xyz, direction, series_uid, modality, description,
+                             names, index_z, intercept)  # fmt: skip
+    finally:
+        locale.setlocale(locale.LC_ALL, saved_locale)
+
+
+def _write_slices(folder, hu, spacing_xyz, origin_xyz, direction, series_uid, modality, description, names, index_z,
+                  intercept) -> sitk.Image:  # fmt: skip
+    image = sitk.GetImageFromArray(np.asarray(hu, dtype=np.int16))
+    image.SetSpacing(tuple(float(v) for v in spacing_xyz))
+    image.SetOrigin(tuple(float(v) for v in origin_xyz))
+    if direction is not None:
+        image.SetDirection(tuple(float(v) for v in np.asarray(direction).ravel()))
+    d = image.GetDirection()
+    orientation = "\\".join(f"{v:.10f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        z = k if index_z is None else index_z[k]
+        position = image.TransformContinuousIndexToPhysicalPoint((0.0, 0.0, float(z)))
+        tags = {
+            "0008|0060": modality,
+            "0008|0008": "ORIGINAL\\PRIMARY\\AXIAL",
+            "0008|103e": description,
+            "0020|000e": series_uid,
+            "0020|000d": STUDY_UID,
+            "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(f"{v:.6f}" for v in position),
+            "0020|0037": orientation,
+            "0028|0030": f"{spacing_xyz[1]}\\{spacing_xyz[0]}",
+        }
+        if intercept is not None:
+            tags.update({"0028|1052": intercept, "0028|1053": "1"})
+        piece = image[:, :, k]
+        for tag, value in tags.items():
+            piece.SetMetaData(tag, value)
+        path = folder / (f"slice_{k:03d}.dcm" if names is None else names[k])
+        writer.SetFileName(str(path))
+        writer.Execute(piece)
+        if intercept is None:
+            _drop_elements(path, [(0x0028, 0x1052), (0x0028, 0x1053), (0x0028, 0x1054)])
+    return image
+
+
+def _drop_elements(path: Path, tags) -> None:
+    # GDCM adds default rescale tags to every CT it writes; a file without them needs surgery.
+    # The data set after the file meta group is implicit VR little endian: tag, 4-byte length, value.
+    data = path.read_bytes()
+    for group, element in tags:
+        at = data.find(struct.pack("<HH", group, element))
+        if at >= 0:
+            (length,) = struct.unpack("<I", data[at + 4 : at + 8])
+            data = data[:at] + data[at + 8 + length :]
+    path.write_bytes(data)
+
+
+def assert_same_geometry(ct, image: sitk.Image) -> None:
+    np.testing.assert_allclose(ct.origin_xyz, image.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(ct.voxel_size_xyz, image.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(ct.direction.ravel(), image.GetDirection(), atol=1e-4)
+
+
+def test_round_trip_hu_and_geometry(tmp_path):
+    hu = make_hu()
+    image = write_dicom_series(tmp_path / "scan", hu)
+    ct = read_dicom_series(tmp_path / "scan")
+    assert ct.series_uid == SERIES_UID
+    assert ct.source == ct.mhd_path == tmp_path / "scan"
+    assert ct.hu.dtype == np.int16 and ct.hu.shape == hu.shape
+    np.testing.assert_array_equal(ct.hu, np.clip(hu, HU_MIN, HU_MAX))
+    assert_same_geometry(ct, image)
+
+
+def test_round_trip_oblique_orientation(tmp_path):
+    hu = make_hu((5, 8, 9), seed=1)
+    direction = rotation((1.0, 2.0, 3.0), 0.4)
+    image = write_dicom_series(tmp_path / "scan", hu, spacing_xyz=(0.6, 0.9, 2.5), direction=direction)
+    ct = read_dicom_series(tmp_path / "scan")
+    np.testing.assert_array_equal(ct.hu, np.clip(hu, HU_MIN, HU_MAX))
+    assert_same_geometry(ct, image)
+    point = image.TransformIndexToPhysicalPoint((7, 3, 2))
+    assert ct.xyz2irc(point) == (2, 3, 7)
+
+
+def test_order_comes_from_positions_and_other_files_are_ignored(tmp_path):
+    hu = make_hu((7, 6, 5), seed=2)
+    folder = tmp_path / "scan"
+    names = [f"img{n}.dcm" for n in (5, 2, 6, 0, 3, 1, 4)]  # name order is not slice order
+    image = write_dicom_series(folder, hu, names=names)
+    (folder / "README.txt").write_text("exported by the scanner\n")
+    (folder / "thumbnail.bin").write_bytes(bytes(range(256)) * 4)
+    (folder / "sub").mkdir()
+    ct = read_dicom_series(folder)
+    np.testing.assert_array_equal(ct.hu, np.clip(hu, HU_MIN, HU_MAX))
+    assert_same_geometry(ct, image)
+
+
+def test_list_series(tmp_path):
+    write_dicom_series(tmp_path, make_hu((3, 4, 4)), description="lung kernel")
+    write_dicom_series(tmp_path, make_hu((4, 4, 4)), series_uid=OTHER_UID, names=[f"b{k}.dcm" for k in range(4)])
+    found = sorted(list_dicom_series(tmp_path), key=lambda s: s.series_uid)
+    assert [s.series_uid for s in found] == [SERIES_UID, OTHER_UID]
+    assert isinstance(found[0], DicomSeries)
+    assert found[0].files == tuple(tmp_path / f"slice_{k:03d}.dcm" for k in range(3))
+    assert (found[0].description, found[0].modality, len(found[1].files)) == ("lung kernel", "CT", 4)
+
+
+def test_two_series_need_a_choice(tmp_path):
+    hu_a, hu_b = make_hu((3, 4, 5), seed=3), make_hu((4, 4, 5), seed=4)
+    write_dicom_series(tmp_path, hu_a, description="soft")
+    write_dicom_series(tmp_path, hu_b, series_uid=OTHER_UID, description="sharp", names=[f"b{k}.dcm" for k in range(4)])
+    with pytest.raises(DataFormatError, match=r"holds 2 DICOM series; pass --dicom-series UID") as info:
+        read_dicom_series(tmp_path)
+    message = str(info.value)
+    assert f"{SERIES_UID} (3 slices, 'soft')" in message and f"{OTHER_UID} (4 slices, 'sharp')" in message
+    assert str(tmp_path) in message and "\n" not in message
+    np.testing.assert_array_equal(read_dicom_series(tmp_path, OTHER_UID).hu, np.clip(hu_b, HU_MIN, HU_MAX))
+    assert read_dicom_series(tmp_path, SERIES_UID).series_uid == SERIES_UID
+    with pytest.raises(DataNotFoundError, match=rf"no DICOM series 1\.2\.3; the series there: .*{OTHER_UID}"):
+        read_dicom_series(tmp_path, "1.2.3")
+
+
+def test_missing_slice(tmp_path):
+    write_dicom_series(tmp_path, make_hu((6, 4, 4)))
+    (tmp_path / "slice_003.dcm").unlink()
+    with pytest.raises(
+        DataFormatError, match=r"1 slice\(s\) missing: a gap of 2\.500 mm .*\(slice_002\.dcm and slice_004\.dcm\)"
+    ):
+        read_dicom_series(tmp_path)
+
+
+def test_uneven_spacing_and_duplicates(tmp_path):
+    write_dicom_series(tmp_path / "uneven", make_hu((6, 4, 4)), index_z=[0, 1, 2, 3.4, 4, 5])
+    with pytest.raises(
+        DataFormatError, match=r"uneven slice spacing: a gap of 1\.750 mm .*slice_002\.dcm and slice_003"
+    ):
+        read_dicom_series(tmp_path / "uneven")
+    write_dicom_series(tmp_path / "dup", make_hu((5, 4, 4)), index_z=[0, 1, 2, 2, 3])
+    with pytest.raises(DataFormatError, match=r"two slices at the same position .*slice_002\.dcm and slice_003"):
+        read_dicom_series(tmp_path / "dup")
+
+
+def test_spacing_within_tolerance_is_accepted(tmp_path):
+    # Positions rounded by a scanner differ by far less than 1 % of the spacing (0.0125 mm here).
+    hu = make_hu((5, 4, 4), seed=5)
+    write_dicom_series(tmp_path, hu, index_z=[0, 1.004, 2, 2.996, 4])
+    np.testing.assert_array_equal(read_dicom_series(tmp_path).hu, np.clip(hu, HU_MIN, HU_MAX))
+
+
+def test_not_ct_modality(tmp_path):
+    write_dicom_series(tmp_path, make_hu((3, 4, 4)), modality="MR")
+    with pytest.raises(DataFormatError, match=r"modality 'MR', not 'CT'"):
+        read_dicom_series(tmp_path)
+
+
+def test_no_rescale_tags(tmp_path):
+    write_dicom_series(tmp_path, make_hu((3, 4, 4)), intercept=None)
+    assert len(list_dicom_series(tmp_path)[0].files) == 3  # still DICOM, only the tags are gone
+    with pytest.raises(DataFormatError, match=r"no HU rescale \(RescaleSlope/RescaleIntercept"):
+        read_dicom_series(tmp_path)
+
+
+def test_empty_missing_and_single_slice_folders(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(DataNotFoundError, match=r"empty: no DICOM series found"):
+        read_dicom_series(tmp_path / "empty")
+    assert list_dicom_series(tmp_path / "empty") == []
+    with pytest.raises(DataNotFoundError, match=r"nowhere: no such folder"):
+        read_dicom_series(tmp_path / "nowhere")
+    with pytest.raises(DataNotFoundError, match=r"notes\.txt: not a folder"):
+        read_dicom_series(tmp_path / "empty" / "notes.txt")
+    write_dicom_series(tmp_path / "one", make_hu((1, 4, 4)))
+    with pytest.raises(DataFormatError, match=r"one: the series has 1 slice; a CT needs at least 2"):
+        read_dicom_series(tmp_path / "one")

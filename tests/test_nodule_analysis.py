@@ -1,0 +1,254 @@
+"""python -m p2ch.nodule_analysis end to end on tiny synthetic CTs (CPU).
+
+Most tests replace the segmentation step by the synthetic set's true nodule masks (`synth --masks`),
+so everything after it — components, centres in mm, classification, malignancy, outputs, FROC and
+the confusion matrix — is checked against known nodules; one test runs a real (untrained) UNet.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from p2ch import nodule_analysis
+from p2ch.candidates import read_candidates
+from p2ch.checkpoint import save_checkpoint
+from p2ch.config import SegTrainingConfig, TrainingConfig
+from p2ch.metrics import match_predictions
+from p2ch.unet import UNetWrapper, unet_signature
+
+from conftest import make_model, write_checkpoint, write_ct
+
+SETTINGS = {"num_cts": 3, "size": 96, "slices": 48, "candidates_per_ct": 20, "nodules_per_ct": 3, "seed": 12}
+
+
+@pytest.fixture(scope="module")
+def root(synth_set) -> Path:
+    return synth_set(masks=True, **SETTINGS)
+
+
+def _seg_model() -> tuple[UNetWrapper, SegTrainingConfig]:
+    config = SegTrainingConfig(context_slices=1, depth=2, wf=2)
+    model = UNetWrapper(in_channels=3, n_classes=1, depth=2, wf=2, padding=True, batch_norm=True, up_mode="upconv")
+    return model, config
+
+
+@pytest.fixture(scope="module")
+def models(root, tmp_path_factory) -> Path:
+    """A models folder with one checkpoint of each kind (untrained weights)."""
+    folder = tmp_path_factory.mktemp("models")
+    seg, seg_config = _seg_model()
+    (folder / "seg").mkdir()
+    save_checkpoint(
+        {"arch": unet_signature(seg), "task": "segmentation", "model": seg.state_dict(),
+         "config": seg_config.to_dict(), "epoch": 1},
+        folder / "seg" / "best.pt",
+    )  # fmt: skip
+    config = TrainingConfig(data_root=str(root), val_fraction=0.5)
+    for name, task, seed in (("nod", "nodule", 0), ("mal", "malignancy", 1)):
+        (folder / name).mkdir()
+        task_config = TrainingConfig(**{**config.__dict__, "task": task})
+        write_checkpoint(folder / name / "best.pt", make_model(seed), task_config)
+    return folder
+
+
+def _true_segmentation(root: Path):
+    """A stand-in for segment_ct: P = 1 on the synthetic set's true nodule voxels."""
+
+    def segment(model, ct, **kwargs):
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "masks" / f"{ct.series_uid}.mhd")))
+        assert mask.shape == ct.hu.shape
+        return (mask > 0).astype(np.float16)
+
+    return segment
+
+
+def _annotations(root: Path, uid: str) -> pd.DataFrame:
+    ann = pd.read_csv(root / "annotations.csv", dtype={"seriesuid": str})
+    return ann[ann["seriesuid"] == uid].reset_index(drop=True)
+
+
+def _uids_with_nodules(root: Path) -> list[str]:
+    ann = pd.read_csv(root / "annotations.csv", dtype={"seriesuid": str})
+    return sorted(ann["seriesuid"].unique())
+
+
+def _argv(models: Path, root: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--models-dir", str(models), "--data-root", str(root), "--out", str(out), "--no-progress",
+        "--log-level", "WARNING", "--bootstrap", "50", "--runs-dir", str(out / "runs"), *extra,
+    ]  # fmt: skip
+
+
+def test_help_names_the_books_flags(capsys):
+    with pytest.raises(SystemExit):
+        nodule_analysis.main(["--help"])
+    out = capsys.readouterr().out
+    for flag in ("--run-validation", "--include-train", "--segmentation-path", "--classification-path",
+                 "--malignancy-path", "--batch-size", "--num-workers", "--tb-prefix", "--dicom-series",
+                 "--write-candidates", "--min-diameter-mm", "--max-diameter-mm"):  # fmt: skip
+        assert flag in out, flag
+
+
+def test_one_series_finds_its_nodules_with_probabilities(root, models, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(nodule_analysis, "segment_ct", _true_segmentation(root))
+    uid = _uids_with_nodules(root)[0]
+    out = tmp_path / "out"
+    assert nodule_analysis.main([uid, *_argv(models, root, out, "--nodule-threshold", "0")]) == 0
+    folder = out / uid
+    components = pd.read_csv(folder / "components.csv", dtype={"seriesuid": str})
+    nodules = pd.read_csv(folder / "nodules.csv", dtype={"seriesuid": str})
+    ann = _annotations(root, uid)
+    kept = components[components["kept"]]
+    match = match_predictions(
+        kept.assign(probability=kept["p_nodule"])[[*list(nodule_analysis.LOCATION_COLUMNS), "probability"]], ann
+    )
+    assert match.is_detected.all(), "every true nodule yields a component whose centre lies within its radius"
+    assert np.isfinite(kept["p_nodule"]).all() and np.isfinite(kept["p_malignant"]).all()
+    assert list(nodules.columns) == list(nodule_analysis.NODULE_COLUMNS)
+    assert len(nodules) == len(kept) and nodules["p_nodule"].is_monotonic_decreasing
+    # the estimated diameter of each nodule's component is close to its annotated one
+    hit_rows = np.flatnonzero(match.is_hit)
+    diameters = ann["diameter_mm"].to_numpy()[match.nodule_index[hit_rows]]
+    np.testing.assert_allclose(kept["diameter_mm"].to_numpy()[hit_rows], diameters, rtol=0.35)
+    summary = json.loads((folder / "analysis.json").read_text())
+    assert set(summary["seconds"]) == set(nodule_analysis.STEPS)
+    assert summary["models"]["segmentation"]["path"].endswith("seg/best.pt")
+    assert summary["models"]["malignancy"]["path"].endswith("mal/best.pt")
+    assert summary["pictures"] and (folder / summary["pictures"][0]).read_bytes()[:4] == b"\x89PNG"
+    assert f"{uid}: {len(nodules)} nodule(s)" in capsys.readouterr().out
+
+
+def test_threshold_leaves_malignancy_to_likely_nodules(root, models, tmp_path, monkeypatch):
+    monkeypatch.setattr(nodule_analysis, "segment_ct", _true_segmentation(root))
+    uid = _uids_with_nodules(root)[0]
+    out = tmp_path / "out"
+    assert nodule_analysis.main([uid, *_argv(models, root, out, "--nodule-threshold", "0.5", "--no-pictures")]) == 0
+    components = pd.read_csv(out / uid / "components.csv")
+    likely = components["p_nodule"] > 0.5
+    assert np.isfinite(components.loc[likely, "p_malignant"]).all()
+    assert components.loc[~likely, "p_malignant"].isna().all()
+    assert not list((out / uid).glob("*.png"))
+
+
+def test_run_validation_scores_the_detector(root, models, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(nodule_analysis, "segment_ct", _true_segmentation(root))
+    out = tmp_path / "out"
+    argv = _argv(models, root, out, "--run-validation", "--include-train", "--nodule-threshold", "0", "--no-pictures")
+    assert nodule_analysis.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "validation:" in printed and "train:" in printed and "complete miss" in printed
+    for part in ("validation", "train"):
+        metrics = json.loads((out / part / "metrics.json").read_text())
+        froc = metrics["froc"]
+        assert froc["num_detected"] == froc["num_nodules"], "true masks find every nodule"
+        confusion = metrics["confusion"]
+        rated = confusion["benign"] | confusion["malignant"]
+        assert sum(confusion["benign"].values()) + sum(confusion["malignant"].values()) == froc["num_nodules"]
+        assert confusion["benign"]["complete miss"] == confusion["malignant"]["complete miss"] == 0
+        assert rated
+        submission = pd.read_csv(out / part / "submission.csv")
+        assert list(submission.columns) == ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
+        assert (out / part / "froc.png").is_file() and (out / part / "confusion.csv").is_file()
+    events = list((out / "runs" / "p2ch").glob("*-val_analysis-analysis/events.out.tfevents.*"))
+    assert events
+
+
+def test_write_candidates_is_a_luna16_candidates_file(root, models, tmp_path, monkeypatch):
+    monkeypatch.setattr(nodule_analysis, "segment_ct", _true_segmentation(root))
+    uids = _uids_with_nodules(root)
+    out = tmp_path / "out"
+    assert nodule_analysis.main([",".join(uids), *_argv(models, root, out, "--write-candidates", "--no-pictures")]) == 0
+    candidates = read_candidates(out / "candidates.csv")
+    assert set(candidates["seriesuid"]) <= set(uids)
+    annotations = pd.read_csv(root / "annotations.csv", dtype={"seriesuid": str})
+    assert candidates["class"].sum() >= len(annotations[annotations["seriesuid"].isin(uids)])
+
+
+def test_mhd_path_and_dicom_folder_inputs(root, models, tmp_path, monkeypatch):
+    from test_dicom import write_dicom_series
+
+    from p2ch.ct import Ct
+
+    monkeypatch.setattr(nodule_analysis, "segment_ct", _true_segmentation(root))
+    uid = _uids_with_nodules(root)[0]
+    source = Ct(uid, root)
+    elsewhere = tmp_path / "scans"
+    elsewhere.mkdir()
+    for suffix in (".mhd", ".raw"):
+        shutil.copy(source.mhd_path.with_suffix(suffix), elsewhere / f"{uid}{suffix}")
+    write_dicom_series(
+        tmp_path / "dicom", source.hu, spacing_xyz=source.voxel_size_xyz, origin_xyz=source.origin_xyz,
+        direction=source.direction, series_uid=uid,
+    )  # fmt: skip
+    for spec, name in ((elsewhere / f"{uid}.mhd", "mhd"), (tmp_path / "dicom", "dicom")):
+        out = tmp_path / name
+        assert nodule_analysis.main([str(spec), *_argv(models, root, out, "--no-pictures")]) == 0
+        components = pd.read_csv(out / uid / "components.csv", dtype={"seriesuid": str})
+        kept = components[components["kept"]]
+        scored = kept[list(nodule_analysis.LOCATION_COLUMNS)].assign(probability=kept["p_nodule"])
+        assert match_predictions(scored, _annotations(root, uid)).is_detected.all(), name
+
+
+def test_oblique_ct_centres_land_on_the_nodules(synth_set, models, tmp_path, monkeypatch):
+    oblique = synth_set(masks=True, direction="oblique", **SETTINGS)
+    monkeypatch.setattr(nodule_analysis, "segment_ct", _true_segmentation(oblique))
+    uid = _uids_with_nodules(oblique)[0]
+    out = tmp_path / "out"
+    assert nodule_analysis.main([uid, *_argv(models, oblique, out, "--no-pictures")]) == 0
+    kept = pd.read_csv(out / uid / "components.csv", dtype={"seriesuid": str}).query("kept")
+    scored = kept[list(nodule_analysis.LOCATION_COLUMNS)].assign(probability=kept["p_nodule"])
+    assert match_predictions(scored, _annotations(oblique, uid)).is_detected.all()
+
+
+def test_real_unet_on_a_ct_without_lungs(models, tmp_path):
+    """No lungs in view (soft tissue only): the untrained UNet runs end to end; no crash, sane files."""
+    data = tmp_path / "luna"
+    uid = "1.2.840.99.1"
+    write_ct(data, uid, np.full((20, 40, 44), 40, dtype=np.int16))
+    out = tmp_path / "out"
+    argv = [str(data / "subset0" / f"{uid}.mhd"), *_argv(models, data, out, "--no-pictures", "--batch-size", "4")]
+    assert nodule_analysis.main(argv) == 0
+    summary = json.loads((out / uid / "analysis.json").read_text())
+    assert summary["ct"]["shape_irc"] == [20, 40, 44]
+    assert summary["counts"]["nodules"] <= summary["counts"]["kept_by_size"] <= summary["counts"]["components"]
+
+
+@pytest.mark.parametrize(
+    ("flag", "kind", "expected"),
+    [
+        ("--segmentation-path", "nod", "this is a nodule model"),
+        ("--classification-path", "seg", "this is a segmentation model"),
+        ("--classification-path", "mal", "this is a malignancy model"),
+        ("--malignancy-path", "nod", "this is a nodule model"),
+    ],
+)
+def test_model_of_the_wrong_kind_is_one_line(root, models, tmp_path, capsys, flag, kind, expected):
+    uid = _uids_with_nodules(root)[0]
+    argv = [uid, *_argv(models, root, tmp_path / "out"), flag, str(models / kind / "best.pt")]
+    assert nodule_analysis.main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_inputs_are_one_line(root, models, tmp_path, capsys):
+    cases = [
+        ([], "nothing to analyse"),
+        (["1.2.3.4.5"], "1.2.3.4.5"),
+        ([str(tmp_path)], "DICOM"),
+        (["--include-train", "1.2.3"], "--include-train goes with --run-validation"),
+    ]
+    for inputs, expected in cases:
+        assert nodule_analysis.main([*inputs, *_argv(models, root, tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, (inputs, err)
+    empty = tmp_path / "empty-models"
+    empty.mkdir()
+    assert nodule_analysis.main(["1.2.3", *_argv(empty, root, tmp_path / "out")]) == 2
+    assert "no best.pt of a segmentation model" in capsys.readouterr().err
