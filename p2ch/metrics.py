@@ -36,6 +36,9 @@ scored candidate locations, following the challenge's evaluation page
   Bounds are the script's order statistics: sorted values v, lower v[floor(n·(1-c)/2)],
   upper v[floor(n·(1+c)/2)].
 
+Part 3 (pandas): `detection_confusion`, the book's chapter-14 confusion matrix of a whole detector
+(segmentation components, classified and graded), with the same hit rule as Part 2.
+
 Where this module deliberately differs from the script: predictions that name a scan outside
 the evaluated set raise `DataFormatError` (the script silently drops them); the confidence
 interval is given for the CPM itself and for each of the seven sensitivities (the script gives

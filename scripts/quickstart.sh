@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The whole job on the built-in synthetic LUNA16-format data set, from nothing:
-# set up .venv, make the data set (if absent), explore it, prefill the chunk cache,
-# train briefly, evaluate (CPM, FROC plot, pictures) and say how to open TensorBoard.
+# set up .venv, make the data set (if absent), explore it, prefill the caches, train the nodule
+# classifier briefly, evaluate it (CPM, FROC plot, pictures), train the segmentation model and the
+# malignancy classifier (fine-tuned from the nodule classifier) briefly, run the end-to-end analysis
+# on the validation CTs (nodules with probabilities and pictures, the detector's CPM) and say how to
+# open TensorBoard.
 #
 # Everything lands under data-unversioned/synthetic/ (data, cache, checkpoints, evaluation)
 # and runs/quickstart/ (TensorBoard); a second run reuses the data and the cache.
@@ -50,9 +53,11 @@ py=${P2CH_VENV:-.venv}/bin/python
 
 data=$work/luna cache=$work/cache models=$work/models eval_out=$work/eval
 synth_args=() train_args=(--epochs "$epochs" --epoch-size "$epoch_size")
+seg_args=(--epochs 2 --epoch-size 1024) mal_args=(--epochs 2 --epoch-size 256)
 if [ "$tiny" = 1 ]; then
   synth_args=(--num-cts 4 --size 128 --slices 64 --candidates-per-ct 60 --nodules-per-ct 3)
   train_args=(--epochs 1 --epoch-size 64 --max-val-batches 4)
+  seg_args=(--epochs 1 --epoch-size 32 --val-slices nodules) mal_args=(--epochs 1 --epoch-size 32)
   batch_size=16
 fi
 
@@ -66,8 +71,8 @@ fi
 step "explore (scripts/explore_data.sh)"
 bash scripts/explore_data.sh "$data"
 
-step "prefill the chunk cache (python -m p2ch.prepcache)"
-"$py" -m p2ch.prepcache --data-root "$data" --cache-dir "$cache" --num-workers "$num_workers"
+step "prefill the chunk cache, malignancy chunks included (python -m p2ch.prepcache --malignant)"
+"$py" -m p2ch.prepcache --data-root "$data" --cache-dir "$cache" --num-workers "$num_workers" --malignant
 
 step "train (python -m p2ch.training)"
 "$py" -m p2ch.training --data-root "$data" --cache-dir "$cache" --checkpoint-dir "$models" \
@@ -78,8 +83,25 @@ step "evaluate the best checkpoint on the validation series (python -m p2ch.eval
 "$py" -m p2ch.evaluate --models-dir "$models" --data-root "$data" --cache-dir "$cache" --split val \
   --device "$device" --num-workers "$num_workers" --pictures 4 --out "$eval_out"
 
+step "segmentation model (python -m p2ch.prepcache --segmentation, python -m p2ch.seg_training)"
+"$py" -m p2ch.prepcache --segmentation --data-root "$data" --cache-dir "$cache" --num-workers "$num_workers"
+"$py" -m p2ch.seg_training --data-root "$data" --cache-dir "$cache" --checkpoint-dir "$models" \
+  --tb-prefix quickstart --augmented --num-workers "$num_workers" --device "$device" "${seg_args[@]}" quickstart-seg
+
+step "malignancy classifier, fine-tuned from the nodule classifier (python -m p2ch.training --malignant)"
+nodule_model=$(ls -t "$models"/quickstart/*-quickstart/best.pt | head -n 1)
+"$py" -m p2ch.training --malignant --finetune "$nodule_model" --finetune-depth 2 --data-root "$data" \
+  --cache-dir "$cache" --checkpoint-dir "$models" --tb-prefix quickstart --augmented --batch-size "$batch_size" \
+  --num-workers "$num_workers" --device "$device" "${mal_args[@]}" quickstart-mal
+
+step "end to end on the validation CTs (python -m p2ch.nodule_analysis --run-validation)"
+"$py" -m p2ch.nodule_analysis --run-validation --models-dir "$models" --data-root "$data" \
+  --out "$work/analysis" --tb-prefix quickstart --device "$device" --num-workers "$num_workers"
+
 runs=${P2CH_RUNS_DIR:-runs}/quickstart
 step "done"
 echo "evaluation:  $eval_out (metrics.json, froc.png, submission.csv, pictures/)"
+echo "analysis:    $work/analysis/validation/<series uid>/ (nodules.csv, nodules_01.png, analysis.json),"
+echo "             $work/analysis/validation/ (the detector's metrics.json, froc.png, confusion.csv)"
 echo "checkpoints: $models/quickstart/"
 echo "TensorBoard: ${P2CH_VENV:-.venv}/bin/tensorboard --logdir $runs   (then open http://localhost:6006)"

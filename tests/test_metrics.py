@@ -802,3 +802,53 @@ def test_sensitivity_specificity_by_hand():
     assert math.isnan(sens) and spec == 0.5
     with pytest.raises(DataFormatError, match="NaN"):
         metrics.sensitivity_specificity(np.array([0, 1]), np.array([nan, 0.2]))
+
+
+def test_detection_confusion_counts_each_cell():
+    from p2ch.metrics import CONFUSION_COLUMNS, detection_confusion
+
+    uid = "1.2.3"
+    annotations = pd.DataFrame(
+        {
+            "seriesuid": [uid] * 5,
+            "coordX": [0.0, 100.0, 200.0, 300.0, 400.0],
+            "coordY": 0.0,
+            "coordZ": 0.0,
+            "diameter_mm": 10.0,
+            "is_mal": [True, False, True, None, False],
+        }
+    )
+    excluded = pd.DataFrame({"seriesuid": [uid], "coordX": [600.0], "coordY": 0.0, "coordZ": 0.0, "diameter_mm": -1.0})
+    nan = float("nan")
+    components = pd.DataFrame(
+        {
+            "seriesuid": uid,
+            # hits: nodule 0 twice (best: malignant prediction), nodule 1 (filtered by the threshold),
+            # nodule 3 (unrated, predicted, not graded); nodule 2 only by a dropped component; nodule 4 missed.
+            "coordX": [1.0, -2.0, 101.0, 201.0, 301.0, 500.0, 510.0, 520.0, 601.0],
+            "coordY": 0.0,
+            "coordZ": 0.0,
+            "p_nodule": [0.9, 0.6, 0.2, nan, 0.8, 0.1, 0.7, 0.95, 0.99],
+            "p_malignant": [0.8, 0.1, nan, nan, nan, nan, 0.3, 0.6, 0.9],
+        }
+    )
+    matrix = detection_confusion(components, annotations, excluded, nodule_threshold=0.5, malignancy_threshold=0.5)
+    expected = {
+        "non-nodule": {"filtered out": 1, "predicted benign": 1, "predicted malignant": 1},
+        "benign": {"filtered out": 1, "complete miss": 1},
+        "malignant": {"predicted malignant": 1, "filtered out": 1},
+        "nodule, no malignancy rating": {"predicted nodule, malignancy not scored": 1},
+    }
+    for row, cells in expected.items():
+        assert matrix[row] == {c: cells.get(c, 0) for c in CONFUSION_COLUMNS}, row
+
+
+def test_detection_confusion_needs_its_columns():
+    from p2ch.metrics import detection_confusion
+
+    frame = pd.DataFrame({"seriesuid": ["1"], "coordX": [0.0], "coordY": [0.0], "coordZ": [0.0], "p_nodule": [0.5]})
+    ann = pd.DataFrame({"seriesuid": ["1"], "coordX": [0.0], "coordY": [0.0], "coordZ": [0.0], "diameter_mm": [4.0]})
+    with pytest.raises(DataFormatError, match="p_malignant"):
+        detection_confusion(frame, ann.assign(is_mal=True))
+    with pytest.raises(DataFormatError, match="is_mal"):
+        detection_confusion(frame.assign(p_malignant=0.1), ann)

@@ -252,3 +252,15 @@ def test_bad_inputs_are_one_line(root, models, tmp_path, capsys):
     empty.mkdir()
     assert nodule_analysis.main(["1.2.3", *_argv(empty, root, tmp_path / "out")]) == 2
     assert "no best.pt of a segmentation model" in capsys.readouterr().err
+
+
+def test_dicom_folder_with_two_series_asks_for_one(root, models, tmp_path, capsys):
+    from test_dicom import write_dicom_series
+
+    hu = np.full((4, 16, 16), -800, dtype=np.int16)
+    write_dicom_series(tmp_path / "two", hu, series_uid="1.2.826.0.1.1", names=[f"a{k}.dcm" for k in range(4)])
+    write_dicom_series(tmp_path / "two", hu, series_uid="1.2.826.0.1.2", names=[f"b{k}.dcm" for k in range(4)])
+    assert nodule_analysis.main([str(tmp_path / "two"), *_argv(models, root, tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "1.2.826.0.1.1" in err and "1.2.826.0.1.2" in err and "--dicom-series" in err
+    assert "Traceback" not in err

@@ -95,5 +95,11 @@ def test_quickstart_tiny(tmp_path):
     assert len(list((work / "luna").glob("subset*/*.mhd"))) == 4
     assert list((work / "models" / "quickstart").glob("*/best.pt"))
     assert (work / "eval" / "metrics.json").is_file() and (work / "eval" / "froc.png").is_file()
+    # the segmentation and malignancy models, and the end-to-end analysis of the validation CTs
+    kinds = {p.parent.name.rsplit("-", 1)[-1] for p in (work / "models" / "quickstart").glob("*/best.pt")}
+    assert {"seg", "mal", "quickstart"} <= kinds, kinds
+    assert (work / "analysis" / "validation" / "metrics.json").is_file()
+    assert list((work / "analysis" / "validation").glob("*/nodules.csv"))
+    assert "complete miss" in result.stdout
     assert list((tmp_path / "runs" / "quickstart").iterdir())
     assert f"tensorboard --logdir {tmp_path / 'runs'}/quickstart" in result.stdout
