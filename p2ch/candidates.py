@@ -57,9 +57,11 @@ from p2ch.luna import (
     EXCLUDED_FILE,
     MALIGNANCY_COLUMNS,
     MALIGNANCY_FILE,
+    cut_text,
     find_candidates_file,
     is_valid_series_uid,
     no_data_message,
+    quoted,
     series_index,
 )
 
@@ -115,26 +117,13 @@ def read_luna_csv(
             f"{path}: file not found; LUNA16's CSVs (annotations.csv, candidates.csv) belong in "
             "the data root (see --data-root / P2CH_DATA_ROOT)"
         )
-    try:
-        frame = pd.read_csv(path, encoding="utf-8-sig", dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise DataFormatError(f"{path}: empty file; expected the header {','.join(columns)} and rows") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataFormatError(f"{path}: not a readable CSV ({exc})") from None
-    frame.columns = [str(c).strip() for c in frame.columns]
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise DataFormatError(
-            f"{path}: missing column(s) {', '.join(missing)}; expected the header "
-            f"{','.join(columns)}, got {','.join(frame.columns)}"
-        )
-    frame = frame[list(columns)].copy()
+    frame = _read_fields(path, columns)
     uids = frame["seriesuid"].str.strip()
     bad_uid = ~uids.map(is_valid_series_uid)
     if bad_uid.any():
         row = int(np.flatnonzero(bad_uid.to_numpy())[0])
         raise DataFormatError(
-            f"{path}: line {_file_line(row)}: seriesuid {uids.iloc[row]!r} is not a series uid "
+            f"{path}: line {_file_line(row)}: seriesuid {quoted(uids.iloc[row])} is not a series uid "
             "(expected digits and dots, like 1.3.6.1.4.1.14519.5.2.1.6279.6001.1051…)"
         )
     frame["seriesuid"] = uids
@@ -147,9 +136,60 @@ def read_luna_csv(
         bad = values.isna() | ~np.isfinite(values.to_numpy(dtype=np.float64, na_value=np.nan))
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise DataFormatError(f"{path}: line {_file_line(row)}: {column} is {raw.iloc[row]!r}; expected a number")
+            raise DataFormatError(
+                f"{path}: line {_file_line(row)}: {column} is {quoted(raw.iloc[row])}; expected a number"
+            )
         frame[column] = values.astype(np.float64)
     return frame.reset_index(drop=True)
+
+
+_FIELD_COUNT_RE = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
+
+
+def _read_fields(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    """The CSV's `columns` as str, index 0..n-1 (row k is line k + 2).
+
+    The header is read as a row of its own (header=None): pandas would otherwise take the first
+    field as the index when every row has one field more than the header (a trailing comma), and
+    blame the next field for the shift. A row with more fields than the header is an error here.
+    """
+    try:
+        frame = pd.read_csv(path, encoding="utf-8-sig", dtype=str, keep_default_na=False, header=None)
+    except pd.errors.EmptyDataError:
+        raise DataFormatError(f"{path}: empty file; expected the header {','.join(columns)} and rows") from None
+    except pd.errors.ParserError as exc:
+        counts = _FIELD_COUNT_RE.search(str(exc))
+        if counts is None:
+            raise DataFormatError(f"{path}: not a readable CSV ({cut_text(' '.join(str(exc).split()))})") from None
+        _check_header(path, _header_names(path), columns)
+        header_fields, line, fields = counts.groups()
+        raise DataFormatError(
+            f"{path}: line {line} has {fields} fields, the header has {header_fields} (a trailing comma?); "
+            f"expected {','.join(columns)}"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(
+            f"{path}: not a readable CSV, not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
+    names = [str(c).strip() for c in frame.iloc[0]]
+    _check_header(path, names, columns)
+    return frame.iloc[1:].set_axis(names, axis=1).reset_index(drop=True)[list(columns)].copy()
+
+
+def _header_names(path: Path) -> list[str]:
+    return [str(c).strip() for c in pd.read_csv(path, encoding="utf-8-sig", dtype=str, nrows=0).columns]
+
+
+def _check_header(path: Path, names: list[str], columns: tuple[str, ...]) -> None:
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise DataFormatError(
+            f"{path}: missing column(s) {', '.join(missing)}; expected the header "
+            f"{','.join(columns)}, got {cut_text(','.join(names))}"
+        )
+    repeated = [c for c in columns if names.count(c) > 1]
+    if repeated:
+        raise DataFormatError(f"{path}: column {repeated[0]} appears {names.count(repeated[0])} times in the header")
 
 
 def _drop_duplicates(frame: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, int]:
@@ -204,7 +244,44 @@ def _read_candidates(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, int]:
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataFormatError(f"{path}: line {_file_line(row)}: class is {frame['class'].iloc[row]:g}; expected 0 or 1")
     frame["class"] = frame["class"].astype(np.int8)
+    frame = _drop_class_conflicts(frame, Path(path))
     return _drop_duplicates(frame, Path(path))
+
+
+def _drop_class_conflicts(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Drop class-0 rows at a location a class-1 row also lists (same series, centre equal to the µm).
+
+    A nodule is a nodule: class 1 wins. One warning names the file lines of the first few pairs.
+    `frame` as from read_luna_csv (row k is line k + 2); the result is indexed 0..m-1.
+    """
+    located = pd.DataFrame(
+        np.rint(frame[_COORDS].to_numpy(dtype=np.float64) * 1000.0).astype(np.int64), columns=_COORDS
+    )  # µm
+    located["seriesuid"] = frame["seriesuid"].to_numpy()
+    located["row"] = np.arange(len(frame))
+    is_nodule = frame["class"].to_numpy() == 1
+    keys = ["seriesuid", *_COORDS]
+    positives = located[is_nodule].drop_duplicates(keys)  # the first class-1 line of each location
+    pairs = located[~is_nodule].merge(positives, on=keys, suffixes=("_neg", "_pos"))
+    if pairs.empty:
+        return frame
+    pairs = pairs.sort_values("row_neg")
+    shown = ", ".join(
+        f"lines {_file_line(pos)} (class 1) and {_file_line(neg)} (class 0)"
+        for pos, neg in zip(pairs["row_pos"][:3].tolist(), pairs["row_neg"][:3].tolist(), strict=True)
+    )
+    more = f" and {len(pairs) - 3} more" if len(pairs) > 3 else ""
+    log.warning(
+        "%s: %d class-0 row(s) list a location (same series, same centre to the µm) that a class-1 row also "
+        "lists: %s%s; class 1 wins (a nodule is a nodule), the class-0 rows are dropped",
+        path,
+        len(pairs),
+        shown,
+        more,
+    )
+    drop = np.zeros(len(frame), dtype=bool)
+    drop[pairs["row_neg"].to_numpy()] = True
+    return frame[~drop].reset_index(drop=True)
 
 
 # --- annotations_with_malignancy.csv (the book's chapter 14) -------------------------------------
@@ -248,7 +325,7 @@ def _parse_mal_bool(raw: pd.Series, path: Path) -> pd.Series:
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataFormatError(
-            f"{path}: line {_file_line(row)}: mal_bool is {raw.iloc[row]!r}; expected True or False (or 1 or 0)"
+            f"{path}: line {_file_line(row)}: mal_bool is {quoted(raw.iloc[row])}; expected True or False (or 1 or 0)"
         )
     return is_true.astype(bool)
 
@@ -260,7 +337,7 @@ def _parse_mal_details(raw: pd.Series, path: Path) -> pd.Series:
         ratings = tuple(int(v) for v in match.group(1).split(",")) if match else ()
         if not ratings or any(r not in _MAL_RATINGS for r in ratings):
             raise DataFormatError(
-                f"{path}: line {_file_line(row)}: mal_details is {text!r}; expected a list of the readers' "
+                f"{path}: line {_file_line(row)}: mal_details is {quoted(text)}; expected a list of the readers' "
                 'LIDC malignancy ratings, integers 1 to 5, like "[4, 2, 4, 2]"'
             )
         ratings_per_row.append(ratings)

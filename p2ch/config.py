@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,6 +70,38 @@ def resolve_models_dir(value: str | os.PathLike[str] | None = None) -> Path:
     return _resolve(value, MODELS_DIR_ENV, DEFAULT_MODELS_DIR)
 
 
+def check_output_dir(path: str | os.PathLike[str], flag: str, named: str | os.PathLike[str] | None = None) -> Path:
+    """`path` as a Path when it is a folder this process can write in, or one it can create; else ConfigError.
+
+    Nothing is created: the nearest part of `path` that exists must be a folder (not a file) that is
+    writable. Commands call this for every output location before they read the first sample, so a
+    run cannot fail after hours of work at its first save. flag: the option that named `path`; named:
+    what it named, when that is not `path` itself (a file in the folder).
+    """
+    path = Path(path).expanduser()
+    shown = named if named is not None else path
+    existing = next((p for p in (path, *path.absolute().parents) if os.path.lexists(p)), None)
+    if existing is None:  # nothing exists, not even the root: nothing to check
+        return path
+    fix = f"pass another {flag}" if flag.startswith("-") else f"choose another {flag}"
+    if not existing.is_dir():
+        what = "a broken symbolic link" if existing.is_symlink() and not existing.exists() else "a file"
+        raise ConfigError(f"{flag} {shown}: {existing} is {what}, not a folder; {fix}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path else f"; it would be created in {existing}"
+        raise ConfigError(f"{flag} {shown}: the folder {existing} is not writable (permission denied){where}; {fix}")
+    return path
+
+
+def check_output_file(path: str | os.PathLike[str], flag: str) -> Path:
+    """`path` as a Path when a file can be written there (not a folder; its folder writable or creatable)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path}: this is a folder; name a file (in it, or elsewhere)")
+    check_output_dir(path.parent, flag, named=path)
+    return path
+
+
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends `(default: X)` to an option's help unless the text already states its default."""
 
@@ -121,6 +154,17 @@ _Config = TypeVar("_Config", bound="RunConfig")
 def _need(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def check_finite_settings(config: Any) -> None:
+    """ConfigError naming the first setting of `config` (a dataclass) that is a float but nan or infinite.
+
+    argparse's `type=float` takes "inf" and "nan", and both pass range checks written as `x > 0`.
+    """
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{field.name.replace('_', '-')} must be a finite number, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +244,8 @@ class RunConfig:
         }
 
     def validate(self) -> None:
-        """Raise ConfigError naming the flag for any unusable value."""
+        """Raise ConfigError naming the flag for any unusable value (every number finite, in its range)."""
+        check_finite_settings(self)
         _need(self.split in SPLIT_MODES, f"--split {self.split!r}: expected one of {', '.join(SPLIT_MODES)}")
         _need(self.optimizer in OPTIMIZERS, f"--optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
         _need(self.amp in AMP_MODES, f"--amp {self.amp!r}: expected one of {', '.join(AMP_MODES)}")
@@ -208,7 +253,11 @@ class RunConfig:
         _need(self.num_workers >= 0, f"--num-workers must be ≥ 0, got {self.num_workers}")
         _need(self.epochs >= 1, f"--epochs must be ≥ 1, got {self.epochs}")
         _need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        _need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
         _need(self.weight_decay >= 0, f"--weight-decay must be ≥ 0, got {self.weight_decay}")
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            _need(0 <= value < 1, f"--{name.replace('_', '-')} must be a fraction in [0, 1), got {value}")
         _need(self.val_every >= 1, f"--val-every must be ≥ 1, got {self.val_every}")
         _need(self.images_every >= 0, f"--images-every must be ≥ 0, got {self.images_every}")
         _need(self.epoch_size is None or self.epoch_size >= 1, f"--epoch-size must be ≥ 1, got {self.epoch_size}")

@@ -2,8 +2,24 @@
 
 LUNA16 stores each CT as a MetaIO header (`<series_uid>.mhd`) next to raw int16 voxels
 (`<series_uid>.raw`) in `subset0/` … `subset9/`. We check the header and the size of the raw
-file ourselves before handing the pair to SimpleITK, because SimpleITK's own errors for a
-missing or truncated `.raw` do not say which file or what was wrong.
+file ourselves before handing the pair to SimpleITK (`read_mhd_header`), because SimpleITK's
+own errors for a missing or truncated `.raw` do not say which file or what was wrong, and
+because it reads some broken headers without a word and returns a wrong CT. Each of these is a
+DataFormatError naming the file and the header line:
+
+- a data file whose size is not exactly DimSize × the element's bytes (smaller: truncated;
+  larger: DimSize would drop part of the CT); compressed data (`CompressedData = True`,
+  `.zraw`) is left to SimpleITK; `HeaderSize` is honoured; `LOCAL` data (the voxels after the
+  header in the `.mhd`) is measured the same way;
+- no `ElementSpacing` (nor `ElementSize`) line (SimpleITK would take 1 mm), a spacing that is
+  not 3 positive numbers, an `Offset`/`Origin`/`Position` that is not 3 finite numbers, a
+  `TransformMatrix`/`Rotation`/`Orientation` that is not orthonormal within `DIRECTION_TOL`;
+- an unsigned `ElementType` (MET_UCHAR, MET_USHORT, …): HU are negative, and MetaIO has no
+  rescale field to map unsigned values to HU;
+- an `ElementDataFile` outside the `.mhd`'s folder (`../../elsewhere/x.raw`, an absolute path
+  elsewhere; judged on the path as written, so a symbolic link in the folder is fine): a data
+  root should be self-contained. Set the environment variable `P2CH_ALLOW_EXTERNAL_DATA=1` to
+  read such files anyway.
 
 A CT can come from three kinds of input (`load_ct_input`, for commands that take "any CT"):
 
@@ -26,6 +42,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,7 +53,7 @@ from p2ch import dicom
 from p2ch.config import resolve_data_root
 from p2ch.errors import CandidateOutsideCtError, ConfigError, DataFormatError, DataNotFoundError
 from p2ch.geometry import DEFAULT_WIDTH_IRC, IrcTuple, XyzTuple, check_width_irc, inside_volume, xyz2irc
-from p2ch.luna import check_series_uid, clear_series_index, find_mhd, is_valid_series_uid
+from p2ch.luna import check_series_uid, clear_series_index, cut_text, find_mhd, is_valid_series_uid, quoted
 
 log = logging.getLogger(__name__)
 
@@ -44,43 +61,39 @@ HU_MIN = -1000
 HU_MAX = 1000
 CT_CACHE_SIZE = 3
 
+# MetaIO writes some fields under several names and reads whichever it finds; we check each one present.
+SPACING_KEYS = ("ElementSpacing", "ElementSize")  # ElementSize stands in when ElementSpacing is absent
+ORIGIN_KEYS = ("Offset", "Origin", "Position")
+DIRECTION_KEYS = ("TransformMatrix", "Rotation", "Orientation")
+DIRECTION_TOL = 1e-3  # max |DDᵀ − I| of a direction matrix (headers store it rounded)
+ALLOW_EXTERNAL_DATA_ENV = "P2CH_ALLOW_EXTERNAL_DATA"
+_HEADER_BYTES = 65536  # a MetaIO header is a few hundred bytes; LOCAL voxels may follow it
+
+# Bytes per voxel of MetaIO's signed element types. HU are negative for air and fat, and MetaIO has
+# no rescale field that would map unsigned stored values to HU, so a CT must be stored signed.
 _ELEMENT_BYTES = {
     "MET_CHAR": 1,
-    "MET_UCHAR": 1,
     "MET_SHORT": 2,
-    "MET_USHORT": 2,
     "MET_INT": 4,
-    "MET_UINT": 4,
     "MET_LONG": 4,
-    "MET_ULONG": 4,
     "MET_LONG_LONG": 8,
-    "MET_ULONG_LONG": 8,
     "MET_FLOAT": 4,
     "MET_DOUBLE": 8,
 }
+_UNSIGNED_TYPES = frozenset({"MET_UCHAR", "MET_USHORT", "MET_UINT", "MET_ULONG", "MET_ULONG_LONG"})
 
 
 def read_mhd_header(mhd_path: str | os.PathLike[str]) -> dict[str, str]:
-    """Parse a MetaIO header and check it describes a 3-D image whose data file is complete.
+    """Parse a MetaIO header and check it describes a CT SimpleITK will read right (see the module docstring).
 
     Returns the header's `key = value` pairs. Raises DataNotFoundError for a missing `.mhd` or
-    `.raw`, DataFormatError for an unreadable or non-3-D header or a truncated `.raw`.
+    data file, DataFormatError naming the file and header line for anything else: not a 3-D
+    image, an unsigned or unknown ElementType, no or non-positive spacing, a non-finite origin, a
+    non-orthonormal direction, a data file outside the `.mhd`'s folder (unless
+    P2CH_ALLOW_EXTERNAL_DATA=1) or one whose size is not what DimSize and ElementType describe.
     """
     mhd_path = Path(mhd_path)
-    try:
-        text = mhd_path.read_bytes()[:65536].decode("ascii")
-    except FileNotFoundError:
-        raise DataNotFoundError(f"{mhd_path}: file not found") from None
-    except UnicodeDecodeError:
-        raise DataFormatError(f"{mhd_path}: not a MetaIO header (not ASCII text)") from None
-    header: dict[str, str] = {}
-    for line in text.splitlines():
-        if "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        header[key.strip()] = value.strip()
-        if key.strip() == "ElementDataFile":
-            break  # binary data may follow in a LOCAL file
+    header, local_offset, list_lines = _parse_header(mhd_path)
     for key in ("NDims", "DimSize", "ElementType", "ElementDataFile"):
         if key not in header:
             raise DataFormatError(
@@ -92,33 +105,232 @@ def read_mhd_header(mhd_path: str | os.PathLike[str]) -> dict[str, str]:
         dims = [int(v) for v in header["DimSize"].split()]
     except ValueError:
         raise DataFormatError(
-            f"{mhd_path}: corrupt MetaIO header, NDims={header['NDims']!r} "
-            f"DimSize={header['DimSize']!r} are not integers"
+            f"{mhd_path}: corrupt MetaIO header, NDims={quoted(header['NDims'])} "
+            f"DimSize={quoted(header['DimSize'])} are not integers"
         ) from None
     if ndims != 3 or len(dims) != 3 or min(dims) < 1:
         raise DataFormatError(f"{mhd_path}: expected a 3-D CT volume, got NDims={ndims} DimSize={dims}")
-    data_file = header["ElementDataFile"]
-    element_bytes = _ELEMENT_BYTES.get(header["ElementType"])
-    if element_bytes is None:
-        raise DataFormatError(f"{mhd_path}: unsupported ElementType {header['ElementType']!r} (LUNA16 uses MET_SHORT)")
-    compressed = header.get("CompressedData", "False").lower() == "true"
-    if data_file.upper() != "LOCAL" and " " not in data_file and "%" not in data_file:
-        raw_path = mhd_path.parent / data_file
-        if not raw_path.is_file():
-            raise DataNotFoundError(
-                f"{mhd_path}: its voxel file {raw_path} is missing; unpack the .raw next to the .mhd"
-            )
-        if not compressed:
-            channels = int(header.get("ElementNumberOfChannels", "1") or 1)
-            expected = int(np.prod(dims)) * element_bytes * channels
-            actual = raw_path.stat().st_size
-            if actual < expected:
-                raise DataFormatError(
-                    f"{raw_path}: truncated, {actual} bytes but the header {mhd_path.name} needs "
-                    f"{expected} ({'x'.join(map(str, dims))} × {element_bytes} bytes); "
-                    "re-download or re-extract this series"
-                )
+    element_bytes = _element_bytes(header["ElementType"], mhd_path)
+    _check_geometry(header, mhd_path)
+    if _header_int(header, "ElementNumberOfChannels", 1, mhd_path) != 1:
+        raise DataFormatError(
+            f"{mhd_path}: header line 'ElementNumberOfChannels = {cut_text(header['ElementNumberOfChannels'])}': "
+            "expected 1 (a CT has one value per voxel)"
+        )
+    _check_data(header, mhd_path, dims, element_bytes, local_offset, list_lines)
     return header
+
+
+def _check_data(
+    header: dict[str, str],
+    mhd_path: Path,
+    dims: list[int],
+    element_bytes: int,
+    local_offset: int,
+    list_lines: list[str],
+) -> None:
+    """The data file(s) inside the .mhd's folder, present, and exactly as large as the header says."""
+    compressed = header.get("CompressedData", "False").lower() == "true"
+    # ASCII voxels (BinaryData = False) have no fixed size; SimpleITK checks them while reading.
+    measured = not compressed and header.get("BinaryData", "True").lower() != "false"
+    names, file_dims = _data_file_names(header["ElementDataFile"], list_lines, mhd_path)
+    expected = int(np.prod(dims[:file_dims])) * element_bytes  # per data file
+    described = f"{'x'.join(map(str, dims[:file_dims]))} × {element_bytes} bytes"
+    if names is None:  # LOCAL: the voxels follow the header in the .mhd itself
+        actual = mhd_path.stat().st_size - local_offset
+        if measured and actual != expected:
+            raise DataFormatError(
+                f"{mhd_path}: {actual} bytes of LOCAL data after the header, but the header describes "
+                f"{expected} ({described}); re-download or re-extract this series"
+            )
+        return
+    count = int(np.prod(dims[file_dims:]))
+    if len(names) != count:
+        raise DataFormatError(
+            f"{mhd_path}: header line 'ElementDataFile = {cut_text(header['ElementDataFile'])}' names "
+            f"{len(names)} data file(s), but DimSize {'x'.join(map(str, dims))} needs {count} ({described} each)"
+        )
+    paths = [_data_path(name, mhd_path) for name in names]
+    for path in paths:
+        if not path.is_file():
+            raise DataNotFoundError(f"{mhd_path}: its voxel file {path} is missing; unpack the .raw next to the .mhd")
+    header_size = _header_int(header, "HeaderSize", 0, mhd_path)
+    for path in paths if measured else ():
+        _check_data_size(path, mhd_path, path.stat().st_size, expected, header_size, described)
+    if compressed and len(paths) == 1 and header_size == 0:
+        _check_compressed(paths[0], mhd_path, header)
+
+
+def _check_compressed(path: Path, mhd_path: Path, header: dict[str, str]) -> None:
+    """A compressed data file must be zlib or gzip data of CompressedDataSize bytes (when given):
+    SimpleITK reads anything else as garbage voxels after printing 'Uncompress failed'."""
+    with open(path, "rb") as file:
+        magic = file.read(2)
+    zlib_header = len(magic) == 2 and magic[0] & 0x0F == 8 and (magic[0] * 256 + magic[1]) % 31 == 0
+    if not (zlib_header or magic == b"\x1f\x8b"):
+        raise DataFormatError(
+            f"{path}: not zlib-compressed data, but the header {mhd_path.name} says 'CompressedData = True'; "
+            "re-download or re-extract this series"
+        )
+    size = _header_int(header, "CompressedDataSize", 0, mhd_path)
+    if size and path.stat().st_size != size:
+        raise DataFormatError(
+            f"{path}: {path.stat().st_size} bytes, but the header {mhd_path.name} says "
+            f"'CompressedDataSize = {size}'; re-download or re-extract this series"
+        )
+
+
+def _parse_header(mhd_path: Path) -> tuple[dict[str, str], int, list[str]]:
+    """The `key = value` pairs up to ElementDataFile, the byte offset just after that line (where
+    LOCAL voxels start) and the lines after it (the file names of `ElementDataFile = LIST`)."""
+    try:
+        with open(mhd_path, "rb") as file:
+            data = file.read(_HEADER_BYTES)
+    except FileNotFoundError:
+        raise DataNotFoundError(f"{mhd_path}: file not found") from None
+    except IsADirectoryError:
+        raise DataFormatError(f"{mhd_path}: a folder, not a MetaIO header") from None
+    header: dict[str, str] = {}
+    offset = 0
+    for raw_line in data.splitlines(keepends=True):
+        offset += len(raw_line)
+        try:
+            line = raw_line.decode("ascii")
+        except UnicodeDecodeError:
+            raise DataFormatError(f"{mhd_path}: not a MetaIO header (not ASCII text)") from None
+        if "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        header[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            break  # binary data may follow in a LOCAL file
+    rest = data[offset:].decode("ascii", errors="replace") if "ElementDataFile" in header else ""
+    return header, offset, [line.strip() for line in rest.splitlines() if line.strip()]
+
+
+def _element_bytes(element_type: str, mhd_path: Path) -> int:
+    if element_type in _UNSIGNED_TYPES:
+        raise DataFormatError(
+            f"{mhd_path}: header line 'ElementType = {element_type}' is unsigned; a CT must be stored as a "
+            "signed type (HU are negative: air is -1000), e.g. MET_SHORT as in LUNA16, and MetaIO has no rescale "
+            "to turn unsigned values into HU"
+        )
+    element_bytes = _ELEMENT_BYTES.get(element_type)
+    if element_bytes is None:
+        raise DataFormatError(f"{mhd_path}: unsupported ElementType {quoted(element_type)} (LUNA16 uses MET_SHORT)")
+    return element_bytes
+
+
+def _header_int(header: dict[str, str], key: str, default: int, mhd_path: Path) -> int:
+    text = header.get(key, "")
+    try:
+        return int(text) if text else default
+    except ValueError:
+        raise DataFormatError(f"{mhd_path}: header line '{key} = {cut_text(text)}': expected an integer") from None
+
+
+def _header_numbers(header: dict[str, str], key: str, count: int, mhd_path: Path, expected: str) -> np.ndarray:
+    """`count` finite numbers of a header line, else DataFormatError naming the line and `expected`."""
+    text = header[key]
+    try:
+        values = np.array([float(v) for v in text.split()], dtype=np.float64)
+    except ValueError:
+        values = np.array([])
+    if values.shape != (count,) or not np.isfinite(values).all():
+        raise DataFormatError(f"{mhd_path}: header line '{key} = {cut_text(text)}': expected {expected}")
+    return values
+
+
+def _check_geometry(header: dict[str, str], mhd_path: Path) -> None:
+    """Spacing present and positive, origin finite, direction orthonormal: what SimpleITK lets through."""
+    if not any(key in header for key in SPACING_KEYS):
+        raise DataFormatError(
+            f"{mhd_path}: no 'ElementSpacing = …' line (nor ElementSize), so SimpleITK would take 1 mm voxels; "
+            "expected the voxel spacing in mm along x, y, z (LUNA16's headers have it)"
+        )
+    for key in (k for k in SPACING_KEYS if k in header):
+        spacing = _header_numbers(header, key, 3, mhd_path, "3 finite numbers (mm per voxel along x, y, z)")
+        if (spacing <= 0).any():
+            flipped = "; a flipped axis belongs in TransformMatrix" if (spacing < 0).any() else ""
+            raise DataFormatError(
+                f"{mhd_path}: header line '{key} = {header[key]}': expected 3 positive numbers (mm per voxel along "
+                f"x, y, z){flipped}"
+            )
+    for key in (k for k in ORIGIN_KEYS if k in header):
+        _header_numbers(header, key, 3, mhd_path, "3 finite numbers (the first voxel's position in mm)")
+    for key in (k for k in DIRECTION_KEYS if k in header):
+        direction = _header_numbers(header, key, 9, mhd_path, "9 finite numbers (a 3 × 3 direction matrix)")
+        matrix = direction.reshape(3, 3)
+        error = float(np.abs(matrix @ matrix.T - np.eye(3)).max())
+        if error > DIRECTION_TOL:
+            raise DataFormatError(
+                f"{mhd_path}: header line '{key} = {header[key]}' is not an orthonormal direction matrix "
+                f"(max |DDᵀ − I| = {error:.3g} > {DIRECTION_TOL:g}); expected unit axes at right angles"
+            )
+
+
+def _data_file_names(value: str, list_lines: list[str], mhd_path: Path) -> tuple[list[str] | None, int]:
+    """The data files an ElementDataFile names (None for LOCAL) and how many of the image's leading
+    dimensions each holds: one file (spaces allowed) holds all 3; a LIST (`LIST [2D]`, names on the
+    following lines) or a pattern `format first last [step]` (`slice%03d.raw 1 40 1`) one slice each."""
+    if value.upper() == "LOCAL":
+        return None, 3
+    listed = re.match(r"^LIST\s*(?:([123])D)?\s*$", value, flags=re.IGNORECASE)
+    if listed:
+        return _named(list_lines, value, mhd_path), int(listed.group(1) or 2)
+    if "%" not in value:
+        return [value], 3
+    fields = value.split()
+    try:
+        first, last, step = (int(v) for v in (fields[1:4] if len(fields) > 3 else [*fields[1:3], "1"]))
+        names = [fields[0] % k for k in range(first, last + 1, step)]
+    except (ValueError, TypeError, IndexError):
+        names = []
+    return _named(names, value, mhd_path), 2
+
+
+def _named(names: list[str], value: str, mhd_path: Path) -> list[str]:
+    if not names:
+        raise DataFormatError(
+            f"{mhd_path}: header line 'ElementDataFile = {cut_text(value)}': expected a file name, LOCAL, "
+            "LIST (and the names on the lines after it) or a pattern 'name%03d.raw first last step'"
+        )
+    return names
+
+
+def _data_path(name: str, mhd_path: Path) -> Path:
+    """The path of a data file named in the header, refused outside the `.mhd`'s folder (the path as
+    written, symbolic links not followed) unless P2CH_ALLOW_EXTERNAL_DATA=1."""
+    folder = os.path.normpath(os.path.abspath(mhd_path.parent))
+    path = os.path.normpath(os.path.join(folder, name))
+    if os.path.commonpath([folder, path]) != folder and os.environ.get(ALLOW_EXTERNAL_DATA_ENV) != "1":
+        raise DataFormatError(
+            f"{mhd_path}: header line 'ElementDataFile = {cut_text(name)}' points outside the .mhd's folder "
+            f"({path}); a data root must be self-contained: put the data file next to the .mhd, or set "
+            f"{ALLOW_EXTERNAL_DATA_ENV}=1 to read it anyway"
+        )
+    return Path(path)
+
+
+def _check_data_size(
+    raw_path: Path, mhd_path: Path, actual: int, expected: int, header_bytes: int, described: str
+) -> None:
+    """Raise unless the data file(s) hold exactly the voxels (HeaderSize = -1: at least, at the end)."""
+    if header_bytes < 0:
+        expected_total, exact = expected, False
+    else:
+        expected_total, exact = expected + header_bytes, True
+    if actual < expected_total:
+        raise DataFormatError(
+            f"{raw_path}: truncated, {actual} bytes but the header {mhd_path.name} needs "
+            f"{expected_total} ({described}); re-download or re-extract this series"
+        )
+    if exact and actual > expected_total:
+        raise DataFormatError(
+            f"{raw_path}: {actual} bytes but the header {mhd_path.name} describes {expected_total} ({described}): "
+            "its DimSize or ElementType does not match the data, so part of the CT would be dropped; "
+            "fix the header or re-extract this series"
+        )
 
 
 def _read_mhd_image(mhd_path: Path) -> sitk.Image:

@@ -59,6 +59,9 @@ import gc
 import hashlib
 import itertools
 import math
+import os
+import sys
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -67,6 +70,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from p2ch.candidates import CandidateArrays
+from p2ch.cli import exit_with_parent
 from p2ch.config import SPLIT_MODES
 from p2ch.errors import ConfigError, DataFormatError, DataNotFoundError
 from p2ch.geometry import DEFAULT_WIDTH_IRC, check_width_irc
@@ -853,11 +857,32 @@ class EvalSampler(Sampler[int]):
 # --- loader -----------------------------------------------------------------------------------
 
 
-def _freeze_gc_in_worker(worker_init_fn: Callable[[int], None] | None, worker_id: int) -> None:
-    """Worker start-up of a `LunaDataLoader` with freeze_gc: `gc.freeze()` here, then the caller's init."""
-    gc.freeze()
+def _init_loader_worker(freeze_gc: bool, worker_init_fn: Callable[[int], None] | None, worker_id: int) -> None:
+    """Worker start-up of a `LunaDataLoader`: exit with the parent, `gc.freeze()` (freeze_gc), then the caller's init.
+
+    torch's own watchdog ends an idle worker about 5 s after its parent died, but not one busy in
+    `__getitem__` (a CT load, a blocked read): the parent-death signal ends that one too, at once.
+    """
+    exit_with_parent(os.getppid())
+    sys.excepthook = functools.partial(_quiet_broken_handoff, sys.excepthook)
+    if freeze_gc:
+        gc.freeze()
     if worker_init_fn is not None:
         worker_init_fn(worker_id)
+
+
+def _quiet_broken_handoff(previous: Callable[..., None], kind: type[BaseException], value: BaseException, tb) -> None:
+    """A worker's `sys.excepthook` that drops one known traceback: a batch hand-off the parent broke off.
+
+    torch hands a batch's shared memory to the parent through multiprocessing's resource sharer, a
+    thread in the worker that reports its errors with `sys.excepthook`. When the parent stops mid-hand-off
+    (Ctrl-C, SIGTERM, an error), that connection breaks and the traceback would follow the command's
+    one-line message; it is noise.
+    """
+    in_sharer = any(frame.f_code.co_filename.endswith("resource_sharer.py") for frame, _ in traceback.walk_tb(tb))
+    if in_sharer and issubclass(kind, (EOFError, OSError)):
+        return
+    previous(kind, value, tb)
 
 
 class LunaDataLoader(DataLoader):
@@ -894,8 +919,7 @@ class LunaDataLoader(DataLoader):
         worker_init_fn: Callable[[int], None] | None = None,
         **kwargs: Any,
     ):
-        if freeze_gc:
-            worker_init_fn = functools.partial(_freeze_gc_in_worker, worker_init_fn)
+        worker_init_fn = functools.partial(_init_loader_worker, freeze_gc, worker_init_fn)
         super().__init__(*args, worker_init_fn=worker_init_fn, **kwargs)
         self.freeze_gc = freeze_gc
 

@@ -67,6 +67,7 @@ from p2ch.cache import ChunkCache
 from p2ch.candidates import (
     CandidateArrays,
     get_task_arrays,
+    group_rows,
     read_reference,
     submission_frame,
 )
@@ -80,6 +81,8 @@ from p2ch.config import (
     TrainingConfig,
     add_inference_arguments,
     add_model_arguments,
+    check_finite_settings,
+    check_output_dir,
     resolve_cache_dir,
     resolve_data_root,
 )
@@ -87,7 +90,7 @@ from p2ch.datasets import Split, split_candidates
 from p2ch.errors import ConfigError, DataNotFoundError, P2chError
 from p2ch.fileio import write_text_atomic
 from p2ch.geometry import check_width_irc
-from p2ch.inference import Scorer, make_scorer, predict_locations, score_from_cache
+from p2ch.inference import OutsideReport, Scorer, make_scorer, predict_locations, read_locations, score_from_cache
 from p2ch.luna import ANNOTATION_COLUMNS, MALIGNANCY_FILE, check_series_uid, find_candidates_file, series_index
 from p2ch.metrics import (
     AucResult,
@@ -155,6 +158,7 @@ class EvalConfig:
             if not ok:
                 raise ConfigError(message)
 
+        check_finite_settings(self)
         need(self.task in TASKS, f"--task {self.task!r}: expected one of {', '.join(TASKS)}")
         need(self.split in SPLITS, f"--split {self.split!r}: expected one of {', '.join(SPLITS)}")
         need(self.batch_size >= 1, f"--batch-size must be ≥ 1, got {self.batch_size}")
@@ -311,13 +315,6 @@ def default_out_dir(checkpoint: Path, selection_name: str, series: Sequence[str]
     return DEFAULT_EVAL_DIR / f"{checkpoint.parent.name}-{checkpoint.stem}-{label}"
 
 
-def check_out_dir(out_dir: Path) -> None:
-    """ConfigError when `out_dir`, or the nearest part of it that exists, is not a folder."""
-    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise ConfigError(f"--out {out_dir}: {existing} is a file, not a folder; pass another --out")
-
-
 def prepare(config: EvalConfig) -> EvalInputs:
     """Load the checkpoint, the candidates and the reference, and choose what to score (nothing scored yet)."""
     checkpoint = resolve_checkpoint(config.checkpoint, config.models_dir, task=config.task)
@@ -331,7 +328,9 @@ def prepare(config: EvalConfig) -> EvalInputs:
     else:
         annotations, excluded = read_reference(data_root, selection.series_uids)
     out_dir = Path(config.out) if config.out else default_out_dir(checkpoint, selection.name, config.series)
-    check_out_dir(out_dir)
+    check_output_dir(out_dir, "--out")  # every output location, before the first chunk is read
+    if not config.no_cache:
+        check_output_dir(resolve_cache_dir(config.cache_dir or info.config.cache_dir), "--cache-dir")
     return EvalInputs(
         checkpoint=checkpoint,
         info=info,
@@ -357,6 +356,7 @@ def _score_through_cache(inputs: EvalInputs, config: EvalConfig) -> Scores:
     indices = inputs.selection.indices
     # Serially, one CT load per CT: the cache is then warm for the DataLoader workers below.
     written = fill_missing(cache, inputs.candidates, indices, inputs.width_irc, progress=config.progress)
+    _check_all_cached(inputs, config, cache)
     started = time.perf_counter()  # the rate reported is inference from the (now warm) cache
     workers = config.num_workers if config.num_workers is not None else _default_num_workers(inputs.scorer.device)
     probability = score_from_cache(
@@ -372,18 +372,58 @@ def _score_through_cache(inputs: EvalInputs, config: EvalConfig) -> Scores:
     return Scores(probability, time.perf_counter() - started, written, str(cache.cache_dir), workers)
 
 
-def _score_from_cts(inputs: EvalInputs, config: EvalConfig) -> Scores:
+def _check_all_cached(inputs: EvalInputs, config: EvalConfig, cache: ChunkCache) -> None:
+    """CandidateOutsideCtError naming the CSV line of a selected candidate outside its CT.
+
+    `fill_missing` caches every chunk it can and skips centres outside their CT, so a chunk still
+    missing is one of those: its CT is loaded again here to say which, as --no-cache does.
+    """
+    candidates, indices = inputs.candidates, inputs.selection.indices
+    left = np.zeros(len(indices), dtype=bool)
+    for rows in group_rows(candidates.series_index[indices]):
+        uid = candidates.series_uid(int(indices[rows[0]]))
+        left[rows] = cache.missing(uid, np.ascontiguousarray(candidates.center_xyz[indices[rows]]), inputs.width_irc)
+    if left.any():
+        _score_from_cts(inputs, config, np.flatnonzero(left))
+
+
+def _outside_report(inputs: EvalInputs, config: EvalConfig, rows: np.ndarray) -> OutsideReport:
+    """How an evaluated candidate outside its CT is named: the file and line it was read from."""
+    malignancy = config.task == "malignancy"
+    path = inputs.data_root / MALIGNANCY_FILE if malignancy else find_candidates_file(inputs.data_root)
+    candidates = inputs.candidates
+
+    def where(row: int) -> str:
+        k = int(rows[row])
+        return csv_line(path, candidates.series_uid(k), candidates.center_xyz[k])
+
+    return OutsideReport(where=where, fix="correct its coordinates in the CSV, or remove the row")
+
+
+def csv_line(path: Path, series_uid: str, center_xyz: np.ndarray) -> str:
+    """`path: line N` of the first row of a LUNA16 CSV at this location (the header is line 1), else `path`."""
+    frame = read_locations(path)
+    same = (frame["seriesuid"].to_numpy() == series_uid) & np.isclose(
+        frame[["coordX", "coordY", "coordZ"]].to_numpy(dtype=np.float64), np.asarray(center_xyz), rtol=0, atol=1e-6
+    ).all(axis=1)
+    found = np.flatnonzero(same)
+    return f"{path}: line {int(found[0]) + 2}" if len(found) else str(path)
+
+
+def _score_from_cts(inputs: EvalInputs, config: EvalConfig, positions: np.ndarray | None = None) -> Scores:
+    """Score the selection (or its `positions`) from the CTs; a candidate outside its CT is an error."""
     started = time.perf_counter()
-    indices = inputs.selection.indices
+    rows = inputs.selection.indices if positions is None else inputs.selection.indices[positions]
     probability, _ = predict_locations(
         inputs.scorer,
         inputs.data_root,
-        submission_frame(inputs.candidates, indices, np.zeros(len(indices))),
+        submission_frame(inputs.candidates, rows, np.zeros(len(rows))),
         width_irc=inputs.width_irc,
         batch_size=config.batch_size,
         outside="error",
         skip_missing_series=False,
-        progress=config.progress,
+        progress=config.progress and positions is None,
+        report=_outside_report(inputs, config, rows),
     )
     return Scores(probability, time.perf_counter() - started, 0, None, None)
 

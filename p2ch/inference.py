@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -203,20 +203,37 @@ def _prefetched_cts(
         del ct
 
 
-def _inside_rows(ct: Ct, rows: np.ndarray, centers_xyz: np.ndarray, outside: str) -> np.ndarray:
+@dataclasses.dataclass(frozen=True)
+class OutsideReport:
+    """How a centre outside its CT is named in the error of `predict_locations(outside="error")`.
+
+    where: input row (0-based position) → where it came from, e.g. "scores.csv: line 7" (None: "row k
+    of the locations"). fix: what the user can do about it.
+    """
+
+    where: Callable[[int], str] | None = None
+    fix: str = "check the CSV coordinates, or pass --outside skip"
+
+    def error(self, ct: Ct, rows: np.ndarray, centers_xyz: np.ndarray, centers_irc: np.ndarray, inside: np.ndarray):
+        k = int(np.flatnonzero(~inside)[0])
+        row = int(rows[k])
+        where = self.where(row) if self.where is not None else f"row {row} of the locations"
+        return CandidateOutsideCtError(
+            f"{where}: candidate centre {tuple(round(float(v), 2) for v in centers_xyz[row])} mm lies outside CT "
+            f"{ct.series_uid} (voxel {tuple(int(v) for v in centers_irc[k])}, volume "
+            f"{tuple(int(v) for v in ct.hu.shape)} index/row/col; {int((~inside).sum())} of the {len(rows)} "
+            f"centres in this CT are outside); {self.fix}"
+        )
+
+
+def _inside_rows(ct: Ct, rows: np.ndarray, centers_xyz: np.ndarray, outside: str, report: OutsideReport) -> np.ndarray:
     """The rows whose centre lies inside `ct`; with outside="error", CandidateOutsideCtError for any other.
 
     rows: (k,) positions; centers_xyz: (N, 3) float64 mm of every input row.
     """
     centers_irc, inside = ct.locate(centers_xyz[rows])
     if outside == "error" and not inside.all():
-        k = int(np.flatnonzero(~inside)[0])
-        raise CandidateOutsideCtError(
-            f"candidate centre {tuple(round(float(v), 2) for v in centers_xyz[rows[k]])} mm (row "
-            f"{int(rows[k])}) lies outside CT {ct.series_uid} (voxel {tuple(int(v) for v in centers_irc[k])}, "
-            f"volume {tuple(int(v) for v in ct.hu.shape)} index/row/col; {int((~inside).sum())} of "
-            f"{len(rows)} centres are outside); check the CSV coordinates, or pass --outside skip"
-        )
+        raise report.error(ct, rows, centers_xyz, centers_irc, inside)
     return rows[inside]
 
 
@@ -237,6 +254,7 @@ def predict_locations(
     outside: str = "skip",
     skip_missing_series: bool = True,
     progress: bool = True,
+    report: OutsideReport | None = None,
 ) -> tuple[np.ndarray, PredictStats]:
     """Score candidate locations straight from the CTs (one load per CT, no cache).
 
@@ -244,8 +262,8 @@ def predict_locations(
         candidate; other columns are ignored.
     Returns `(probability, stats)`: probability (N,) float64 P(nodule) per row, in row order, nan
     for skipped rows (see `PredictStats`). outside: "skip" rows whose centre lies outside the CT
-    (counted) or "error" (CandidateOutsideCtError). skip_missing_series: False makes a series
-    without a .mhd under `data_root` an error (DataNotFoundError) instead of skipped rows.
+    (counted) or "error" (CandidateOutsideCtError, worded by `report`: the row's CSV line, the fix).
+    skip_missing_series: False makes a series without a .mhd under `data_root` an error instead.
     """
     _check_predict_settings(outside, batch_size)
     width = check_width_irc(width_irc)
@@ -261,7 +279,7 @@ def predict_locations(
     ):
         cts = _prefetched_cts(pool, [uid for uid, _ in plan.todo], data_root)
         for ct, (_, rows) in zip(cts, plan.todo, strict=True):
-            kept = _inside_rows(ct, rows, centers_xyz, outside)
+            kept = _inside_rows(ct, rows, centers_xyz, outside, report or OutsideReport())
             outside_count += len(rows) - len(kept)
             bar.update(len(rows) - len(kept))
             for start in range(0, len(kept), batch_size):

@@ -23,12 +23,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from p2ch.errors import P2chError
 from p2ch.progress import Progress
 from p2ch.runtime import DistInfo, gather_cat, synchronize
 
 log = logging.getLogger(__name__)
 
+# Batches between checks that the training loss is finite: each check waits for the device, so not
+# every batch; broken weights stay broken, so a few more batches change nothing.
+FINITE_CHECK_EVERY = 10
+
 StepFn = Callable[[Any], Mapping[str, torch.Tensor]]
+
+
+class NonFiniteLossError(P2chError):
+    """The training loss became nan or infinite: the weights are broken from that step on."""
 
 
 @dataclasses.dataclass
@@ -73,6 +82,7 @@ def run_epoch(
     batches: int,
     positions: np.ndarray | None = None,
     show_progress: bool = True,
+    finite: str | None = None,
 ) -> EpochResult:
     """Run `step` on the first `batches` batches of `loader` and collect its per-sample outputs.
 
@@ -80,10 +90,13 @@ def run_epoch(
     so the loop never waits for the device per batch). total_samples: this rank's samples in the
     full pass (for the progress line). positions: this rank's dataset positions in loader order
     (the sampler's indices); the first `count` of them are returned as outputs["positions"].
+    finite: the name of an output that must stay finite (the training loss), checked every
+    `FINITE_CHECK_EVERY` batches and at the end; NonFiniteLossError when it is not.
     """
     parts: dict[str, list[torch.Tensor]] = {}
     seen = done = 0
     wait = 0.0
+    broken: torch.Tensor | None = None  # on the device: whether `finite` has held a nan or inf yet
     start = time.perf_counter()
     with Progress(total_samples, desc, "samples", enabled=show_progress and dist.is_main) as progress:
         fetch_start = time.perf_counter()
@@ -96,9 +109,15 @@ def run_epoch(
             seen += size
             done += 1
             progress.update(size)
+            if finite is not None:
+                bad = ~torch.isfinite(outputs[finite]).all()
+                broken = bad if broken is None else broken | bad
+                _raise_if_broken(broken, done % FINITE_CHECK_EVERY == 0, finite, desc, done)
             if done >= batches:
                 break
             fetch_start = time.perf_counter()
+    if broken is not None:
+        _raise_if_broken(broken, True, finite or "", desc, done)
     synchronize(device)
     seconds = time.perf_counter() - start
     gathered = {name: torch.cat(tensors) for name, tensors in parts.items()}
@@ -107,6 +126,11 @@ def run_epoch(
     gathered = {name: gather_cat(tensor, dist) for name, tensor in gathered.items()}
     count = int(next(iter(gathered.values())).shape[0]) if gathered else 0
     return EpochResult(gathered, count, seconds, wait, complete=done >= _loader_length(loader, batches))
+
+
+def _raise_if_broken(broken: torch.Tensor, now: bool, name: str, desc: str, done: int) -> None:
+    if now and bool(broken):
+        raise NonFiniteLossError(f"{desc}: the loss ({name}) became nan or infinite by batch {done}")
 
 
 def _loader_length(loader: Any, fallback: int) -> int:

@@ -55,6 +55,10 @@ MALIGNANCY_COLUMNS = (
 LOCATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ")
 SUBMISSION_COLUMNS = (*LOCATION_COLUMNS, "probability")  # LUNA16's submission CSV
 
+# A value read from a data file and quoted in a message is cut to this many characters: a 2 MB
+# field must not make a 2 MB error line.
+QUOTED_VALUE_CHARS = 80
+
 # DICOM UIDs: digits and dots, at most 64 characters. Checked before a uid goes into a path.
 SERIES_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 SERIES_UID_MAX_LEN = 64
@@ -80,11 +84,27 @@ def is_valid_series_uid(series_uid: str) -> bool:
     )
 
 
+def cut_text(value: object, limit: int = QUOTED_VALUE_CHARS) -> str:
+    """`str(value)` for a message, cut to `limit` characters with "…" and the full length."""
+    text = str(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text):,} characters)"
+
+
+def quoted(value: object, limit: int = QUOTED_VALUE_CHARS) -> str:
+    """`repr(str(value))` for a message, cut to `limit` characters with "…" and the full length."""
+    text = str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}… ({len(text):,} characters)"
+
+
 def check_series_uid(series_uid: str) -> str:
     """Return `series_uid` unchanged, or raise DataFormatError if it is not digits and dots."""
     if not is_valid_series_uid(series_uid):
         raise DataFormatError(
-            f"invalid series_uid {series_uid!r}: expected a LUNA16/DICOM uid of digits and dots "
+            f"invalid series_uid {quoted(series_uid)}: expected a LUNA16/DICOM uid of digits and dots "
             f"(at most {SERIES_UID_MAX_LEN} characters)"
         )
     return series_uid

@@ -36,10 +36,24 @@ import pandas as pd
 
 from p2ch.checkpoint import CheckpointInfo, load_model, resolve_checkpoint
 from p2ch.cli import configure_logging, run_cli
-from p2ch.config import DefaultsHelpFormatter, add_inference_arguments, add_model_arguments, resolve_data_root
+from p2ch.config import (
+    DefaultsHelpFormatter,
+    add_inference_arguments,
+    add_model_arguments,
+    check_output_file,
+    resolve_data_root,
+)
 from p2ch.errors import ConfigError, DataNotFoundError
 from p2ch.fileio import write_text_atomic
-from p2ch.inference import OUTSIDE_MODES, PredictStats, Scorer, make_scorer, predict_locations, read_locations
+from p2ch.inference import (
+    OUTSIDE_MODES,
+    OutsideReport,
+    PredictStats,
+    Scorer,
+    make_scorer,
+    predict_locations,
+    read_locations,
+)
 from p2ch.luna import LOCATION_COLUMNS, check_series_uid, find_candidates_file, find_mhd
 
 log = logging.getLogger("p2ch.predict")
@@ -167,13 +181,17 @@ def predict(args: argparse.Namespace) -> int:
     """The command's work for parsed arguments: score, write the CSV, log the counts; returns 0."""
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: expected a positive integer")
+    if args.out != "-":  # before the first CT is read
+        check_output_file(args.out, "--out")
     checkpoint = resolve_checkpoint(args.checkpoint, args.models_dir, task="nodule")
     model, info = load_model(checkpoint, task="nodule", use=f"{PROG} (nodule probabilities for a submission)")
     data_root = resolve_data_root(args.data_root or info.config.data_root)
     candidates_path = Path(args.candidates) if args.candidates else find_candidates_file(data_root)
-    locations = read_locations(candidates_path)
+    locations = read_locations(candidates_path)  # row k is line k + 2 of the file (the header is line 1)
+    locations["line"] = np.arange(2, len(locations) + 2)
     if args.series:
         locations = select_series(locations, args.series, data_root, candidates_path)
+    lines = locations["line"].to_numpy()
     scorer = make_scorer(model, args.device, args.amp, args.channels_last)
     _log_start(locations, candidates_path, info, scorer)
     probability, stats = predict_locations(
@@ -184,6 +202,7 @@ def predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         outside=args.outside,
         skip_missing_series=not args.series,
+        report=OutsideReport(where=lambda row: f"{candidates_path}: line {lines[row]}"),
     )
     if stats.scored == 0:
         raise DataNotFoundError(

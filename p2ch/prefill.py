@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import logging
 import multiprocessing
+import os
 import signal
 import sys
 import time
@@ -42,6 +43,7 @@ import numpy as np
 from p2ch import store
 from p2ch.cache import CacheError, CacheFullError, ChunkCache, FillResult
 from p2ch.candidates import CandidateArrays, get_candidate_arrays, get_malignancy_arrays, group_rows
+from p2ch.cli import exit_with_parent
 from p2ch.ct import read_mhd_header
 from p2ch.errors import ConfigError, DataNotFoundError, P2chError
 from p2ch.geometry import DEFAULT_WIDTH_IRC, check_width_irc
@@ -201,10 +203,13 @@ def check_room(plan: Plan, cache: ChunkCache, advice: str = "free some space or 
 _WORKER_CACHE: Any = None  # the ChunkCache or SliceCache of a worker process
 
 
-def _init_worker(cache: ChunkCache | SliceCache, log_level: int) -> None:
+def _init_worker(cache: ChunkCache | SliceCache, log_level: int, parent_pid: int) -> None:
     global _WORKER_CACHE
     # Ctrl-C goes to the whole process group; the main process handles it and stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A parent killed outright (SIGKILL, out of memory) cannot stop its workers: they would wait on the
+    # task queue forever, each holding its memory. SIGTERM keeps its default action: it ends them.
+    exit_with_parent(parent_pid)
     logging.basicConfig(
         level=log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
     )
@@ -306,7 +311,7 @@ def _run_pool(cache, tasks, fill, num_workers, summary, progress, log_level) -> 
     # spawn: workers start clean (no inherited SQLite handles or threads) on every platform.
     context = multiprocessing.get_context("spawn")
     executor = cf.ProcessPoolExecutor(
-        max_workers=num_workers, mp_context=context, initializer=_init_worker, initargs=(cache, log_level)
+        max_workers=num_workers, mp_context=context, initializer=_init_worker, initargs=(cache, log_level, os.getpid())
     )
     try:
         futures = {executor.submit(_fill_in_worker, fill, task): task for task in tasks}

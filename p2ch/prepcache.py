@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 from p2ch.cache import CacheFullError, ChunkCache
 from p2ch.cli import configure_logging, run_cli
-from p2ch.config import DefaultsHelpFormatter, resolve_cache_dir, resolve_data_root
+from p2ch.config import DefaultsHelpFormatter, check_output_dir, resolve_cache_dir, resolve_data_root
 from p2ch.errors import ConfigError, P2chError
 from p2ch.geometry import DEFAULT_WIDTH_IRC
 from p2ch.prefill import (
@@ -217,6 +217,8 @@ class _Run:
 def _prepcache(args: argparse.Namespace, run: _Run) -> int:
     if args.num_workers < 0:
         raise ConfigError(f"--num-workers {args.num_workers}: expected 0 or more")
+    if not args.dry_run:  # before the first CT is read
+        check_output_dir(resolve_cache_dir(args.cache_dir), "--cache-dir")
     if args.segmentation:
         return _prepcache_slices(args, run)
     cache = run.cache = ChunkCache(

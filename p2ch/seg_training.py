@@ -50,6 +50,7 @@ from p2ch.config import (
     add_run_control_arguments,
     add_speed_arguments,
     add_split_arguments,
+    check_output_file,
 )
 from p2ch.datasets import BalancedSampler, ShuffleSampler, split_series
 from p2ch.fileio import write_text_atomic
@@ -294,7 +295,7 @@ class SegmentationTrainingApp(TrainingRun):
         total = min(batches * self.config.batch_size, len(self.data.train_sampler))
         return run_epoch(
             self.data.train_loader, self._train_step, device=self.device, dist=self.dist,
-            desc=f"epoch {epoch} train", total_samples=total, batches=batches,
+            desc=f"epoch {epoch} train", total_samples=total, batches=batches, finite="losses",
         )  # fmt: skip
 
     def validate(self, epoch: int) -> tuple[EpochResult, dict[str, float]]:
@@ -410,6 +411,11 @@ def build_seg_data(config: SegTrainingConfig, dist, device: torch.device) -> Seg
     )  # fmt: skip
 
 
+def _check_report(args: argparse.Namespace) -> None:
+    if args.report:
+        check_output_file(args.report, "--report")
+
+
 def _write_report_if_asked(app: SegmentationTrainingApp, args: argparse.Namespace) -> None:
     if args.report:
         write_report(args.report, app)
@@ -434,7 +440,13 @@ def write_report(path: str, app: SegmentationTrainingApp) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     return training_main(
-        PROG, get_args_parser, SegTrainingConfig, SegmentationTrainingApp, argv, after_run=_write_report_if_asked
+        PROG,
+        get_args_parser,
+        SegTrainingConfig,
+        SegmentationTrainingApp,
+        argv,
+        after_run=_write_report_if_asked,
+        check_args=_check_report,
     )
 
 

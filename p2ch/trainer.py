@@ -27,9 +27,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from p2ch.checkpoint import BEST_NAME, LAST_NAME, check_task, load_checkpoint, load_weights, save_checkpoint
 from p2ch.cli import configure_logging, run_cli
-from p2ch.config import RunConfig, absolute_paths, config_from_args, display_path, explicit_settings, resume_config
+from p2ch.config import (
+    RunConfig,
+    absolute_paths,
+    check_output_dir,
+    config_from_args,
+    display_path,
+    explicit_settings,
+    resume_config,
+)
 from p2ch.errors import ConfigError, DataFormatError
-from p2ch.loop import BestCheckpoint, EpochResult
+from p2ch.loop import BestCheckpoint, EpochResult, NonFiniteLossError
 from p2ch.runtime import (
     barrier,
     close_distributed,
@@ -117,17 +125,28 @@ class TrainingRun:
         self.run_time = (
             resume_state["run_time"] if resume_state else datetime.datetime.now().strftime("%Y-%m-%d_%H.%M.%S")
         )
-        self.build_data()
-        self._init_model(model, resume_state)
         if config.resume:  # a resumed run keeps writing next to the checkpoint it came from
             self.checkpoint_dir = Path(config.resume).parent
         else:
             self.checkpoint_dir = Path(config.checkpoint_dir) / config.tb_prefix / f"{self.run_time}-{config.comment}"
+        self._check_outputs()
+        self.build_data()
+        self._init_model(model, resume_state)
         purge = self.samples_seen + 1 if config.resume else None  # drop events after the resumed step
         self.writers = RunWriters(
             config.runs_dir, config.tb_prefix, self.run_time, config.comment, kind=self.tb_kind, purge_step=purge
         )
         self.writers.enabled = self.dist.is_main
+
+    def _check_outputs(self) -> None:
+        """Every folder the run writes in, checked before the first sample is read (`check_output_dir`)."""
+        config = self.config
+        if config.resume:
+            check_output_dir(self.checkpoint_dir, "--resume", named=config.resume)
+        else:
+            check_output_dir(self.checkpoint_dir, "--checkpoint-dir", named=config.checkpoint_dir)
+        check_output_dir(Path(config.runs_dir) / config.tb_prefix, "--runs-dir", named=config.runs_dir)
+        check_output_dir(config.cache_dir, "--cache-dir")
 
     # -- what an app supplies --------------------------------------------------------------------
 
@@ -190,6 +209,7 @@ class TrainingRun:
         load_weights(self.model, state["model"], self.config.resume or "checkpoint")
         try:
             self.optimizer.load_state_dict(state["optimizer"])
+            self._apply_optimizer_settings()
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["rng"]["torch"])
@@ -205,6 +225,17 @@ class TrainingRun:
         self.samples_seen = int(state["samples_seen"])
         self.best.load_state_dict(state)
         log.info("resuming %s after epoch %d (%d samples seen)", self.config.resume, self.epoch, self.samples_seen)
+
+    def _apply_optimizer_settings(self) -> None:
+        """This run's --lr, --weight-decay (and SGD's --momentum) over those a restored optimizer state carries.
+
+        Equal for a plain resume; a resume with a lower --lr (e.g. after the loss became nan) takes effect.
+        """
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr
+            group["weight_decay"] = self.config.weight_decay
+            if "momentum" in group:
+                group["momentum"] = self.config.momentum
 
     def seed_augmentation(self, epoch: int) -> None:
         """Reseed the device generator from (seed, epoch, rank): resumed runs augment as uninterrupted ones."""
@@ -258,7 +289,7 @@ class TrainingRun:
                 self.writers.hparams(config.to_dict(), self.hparam_tags())
         try:
             for epoch in range(self.epoch + 1, config.epochs + 1):
-                trn = self.train_epoch(epoch)
+                trn = self._train_epoch_checked(epoch)
                 self.samples_seen += trn.count
                 self.log_training(epoch, trn)
                 self.epoch = epoch
@@ -269,6 +300,30 @@ class TrainingRun:
             barrier(self.dist)  # every rank ends together (only rank 0 computes some metrics and writes)
         finally:
             self.writers.close()
+
+    def _train_epoch_checked(self, epoch: int) -> EpochResult:
+        """`train_epoch`; a loss that turned nan or infinite stops the run before anything is saved."""
+        try:
+            return self.train_epoch(epoch)
+        except NonFiniteLossError as exc:
+            raise NonFiniteLossError(f"{exc}; {self._non_finite_advice()}") from None
+
+    def _non_finite_advice(self) -> str:
+        """The likely causes of a non-finite training loss and where to go on from."""
+        causes = f"a learning rate too high (--lr {self.config.lr:g}; try it 10x lower)"
+        if self.amp_dtype == torch.float16:
+            causes += " or fp16 mixed precision overflowing (try --amp bf16 or --amp off)"
+        else:
+            causes += f" (mixed precision is {'bf16' if self.amp_dtype else 'off'}, so not an fp16 overflow)"
+        last = self.checkpoint_dir / LAST_NAME
+        if self.epoch > 0 and last.is_file():
+            where = (
+                f"the last good checkpoint is {display_path(last)} (epoch {self.epoch}): continue with "
+                f"--resume {display_path(last)} and a lower --lr"
+            )
+        else:
+            where = "no checkpoint was written yet: start again with a lower --lr"
+        return f"likely causes: {causes}; the broken weights were not saved; {where}"
 
     def close(self) -> None:
         close_distributed(self.dist)
@@ -281,17 +336,21 @@ def training_main(
     app_class: type[TrainingRun],
     argv: Sequence[str] | None,
     after_run: Callable[[TrainingRun, argparse.Namespace], None] | None = None,
+    check_args: Callable[[argparse.Namespace], None] | None = None,
 ) -> int:
     """The `main` of a training command: parse, merge the settings of a resumed run, run, report.
 
-    Expected failures end as one line (`run_cli`); Ctrl-C says how to resume. `after_run(app, args)`
-    runs on rank 0 after a finished run (e.g. to write a report).
+    Expected failures end as one line (`run_cli`); Ctrl-C and SIGTERM say how to resume. `after_run(app,
+    args)` runs on rank 0 after a finished run (e.g. to write a report); `check_args(args)` first of all
+    (e.g. that the report's location is writable).
     """
     args = get_args_parser().parse_args(argv)
     configure_logging(args.log_level)
     holder: dict[str, TrainingRun] = {}
 
     def body() -> int:
+        if check_args is not None:
+            check_args(args)
         config = config_from_args(args, config_class)
         resume_state = None
         if config.resume:

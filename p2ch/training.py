@@ -394,7 +394,7 @@ class LunaTrainingApp(TrainingRun):
         result = run_epoch(
             self.data.train_loader, self._train_step, device=self.device, dist=self.dist,
             desc=f"epoch {epoch} train", total_samples=min(batches * self.config.batch_size, len(order)),
-            batches=batches, positions=order,
+            batches=batches, positions=order, finite="losses",
         )  # fmt: skip
         # Every miss writes one entry (in whichever worker process met it), so the growth of the
         # cache over the epoch counts the misses of all workers and ranks.

@@ -30,6 +30,52 @@ fi
 # LUNA16's CSVs may carry a UTF-8 BOM or CRLF line endings: strip both before reading.
 clean() { sed -e '1s/^\xEF\xBB\xBF//' -e 's/\r$//' "$1"; }
 
+# A CSV's records as tab-separated fields, unquoted ("a,b" is one field, "" inside quotes is a
+# quote) and trimmed, as p2ch (pandas) reads them. POSIX awk (mawk, gawk, busybox): no FPAT.
+# A quoted field that spans lines is not supported: the script says so on stderr.
+fields() {
+  clean "$1" | awk -v file="$1" '
+    function trim(s) { sub(/^ +/, "", s); sub(/ +$/, "", s); return s }
+    {
+      s = $0; gsub(/\t/, " ", s)
+      if (index(s, "\"") == 0) {
+        gsub(/ *, */, "\t", s); print trim(s); next
+      }
+      out = ""; sep = ""
+      while (1) {
+        if (substr(s, 1, 1) == "\"") {
+          s = substr(s, 2); f = ""
+          while ((p = index(s, "\"")) > 0) {
+            f = f substr(s, 1, p - 1)
+            if (substr(s, p + 1, 1) != "\"") { s = substr(s, p + 1); break }
+            f = f "\""; s = substr(s, p + 2)
+          }
+          if (p == 0 && !warned++) {
+            printf "explore_data: %s line %d: a quoted field runs past the end of the line; counts may be wrong\n", file, NR | "cat 1>&2"
+          }
+          if (p == 0) { f = f s; s = "" }
+        } else {
+          f = ""
+        }
+        p = index(s, ",")
+        if (p == 0) { out = out sep trim(f s); break }
+        out = out sep trim(f substr(s, 1, p - 1)); sep = "\t"; s = substr(s, p + 1)
+      }
+      print out
+    }'
+}
+
+# The non-empty values of column NAME (found by name in the header) of CSV file FILE, one a line.
+column() {
+  fields "$1" | awk -F '\t' -v file="$1" -v name="$2" '
+    NR == 1 {
+      for (i = 1; i <= NF; i++) if ($i == name) c = i
+      if (!c) printf "explore_data: %s has no column %s; its counts are left out\n", file, name | "cat 1>&2"
+      next
+    }
+    c && $c != "" { print $c }'
+}
+
 section() { printf '\n== %s\n' "$1"; }
 
 # The first N lines. Unlike `head`, it reads its input to the end: with pipefail, a writer
@@ -70,7 +116,7 @@ done
 
 if [ -n "$candidates" ]; then
   section "candidates by class ($(basename "$candidates"))"
-  clean "$candidates" | awk -F, 'NR > 1 && NF { n[$5]++; total++ }
+  column "$candidates" class | awk '{ n[$1 + 0]++ }
     END {
       pos = n["1"] + 0; neg = n["0"] + 0
       printf "positive (class 1): %d\nnegative (class 0): %d\n", pos, neg
@@ -78,15 +124,15 @@ if [ -n "$candidates" ]; then
     }'
 
   section "candidates per series (top 10)"
-  clean "$candidates" | awk -F, 'NR > 1 && NF { print $1 }' | sort | uniq -c | sort -k1,1nr -k2 | first 10
-  clean "$candidates" | awk -F, 'NR > 1 && NF { print $1 }' | sort -u | wc -l | awk '{ print "series with candidates: " $1 }'
+  column "$candidates" seriesuid | sort | uniq -c | sort -k1,1nr -k2 | first 10
+  column "$candidates" seriesuid | sort -u | wc -l | awk '{ print "series with candidates: " $1 }'
 else
   echo "no candidates.csv or candidates_V2.csv in $root" >&2
 fi
 
 if [ -f "$annotations" ]; then
   section "annotation diameters (mm)"
-  clean "$annotations" | awk -F, 'NR > 1 && NF { print $5 }' | sort -g | awk '
+  column "$annotations" diameter_mm | sort -g | awk '
     { d[NR] = $1 }
     END {
       if (NR == 0) { print "no annotations"; exit }
@@ -105,7 +151,7 @@ if [ -f "$annotations" ]; then
         printf "%s mm %6d %s\n", label[b], bin[b] + 0, bar
       }
     }'
-  clean "$annotations" | awk -F, 'NR > 1 && NF { print $1 }' | sort -u | wc -l | awk '{ print "series with nodules: " $1 }'
+  column "$annotations" seriesuid | sort -u | wc -l | awk '{ print "series with nodules: " $1 }'
 fi
 
 section "series named in the CSVs but missing on disk"
@@ -114,7 +160,7 @@ named=$(mktemp)
 trap 'rm -f "$on_disk" "$named"' EXIT
 for mhd in "${mhds[@]}"; do basename "$mhd" .mhd; done | sort -u > "$on_disk"
 for csv in "$candidates" "$annotations"; do
-  if [ -n "$csv" ] && [ -f "$csv" ]; then clean "$csv" | awk -F, 'NR > 1 && NF { print $1 }'; fi
+  if [ -n "$csv" ] && [ -f "$csv" ]; then column "$csv" seriesuid; fi
 done | sort -u > "$named"
 missing=$(comm -23 "$named" "$on_disk" | wc -l)
 echo "named in CSVs: $(wc -l < "$named")  on disk: $(wc -l < "$on_disk")  missing on disk: $missing"

@@ -253,3 +253,60 @@ def test_empty_annotations_is_allowed_and_excluded_accepts_minus_one(tmp_path):
     assert read_annotations(path).empty
     excluded = read_excluded(write_csv(tmp_path / "x.csv", ANNOTATIONS_HEADER, [("1.2.3", 1, 2, 3, -1)]))
     assert excluded["diameter_mm"].tolist() == [-1.0]
+
+
+def test_same_location_as_class_1_and_class_0_keeps_class_1(tiny_root, caplog):
+    path = tiny_root / "candidates.csv"
+    header, *rows = path.read_text().splitlines()
+    uid, x, y, z, _ = rows[0].split(",")
+    near = f"{float(x) + 0.0004:.6f}"  # the same centre to the µm
+    other = f"{float(x) + 0.002:.6f}"  # 2 µm away: another location
+    rows = [*rows, f"{uid},{near},{y},{z},0", f"{uid},{other},{y},{z},0", f"{uid},{x},{y},{z},0"]
+    path.write_text("\n".join([header, *rows]) + "\n")
+    with caplog.at_level(logging.WARNING, logger="p2ch.candidates"):
+        arrays = get_candidate_arrays(tiny_root)
+    assert len(arrays) == 8  # the 7 of the fixture + the one 2 µm away; both class-0 repeats dropped
+    at_first = np.linalg.norm(arrays.center_xyz - [float(x), float(y), float(z)], axis=1) < 1e-3
+    assert arrays.is_nodule[at_first].all() and at_first.sum() == 1
+    assert arrays.has_annotation[at_first].all() and arrays.diameter_mm[at_first] == 10.0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "class 1" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "lines 2 (class 1) and 9 (class 0)" in warnings[0] and "lines 2 (class 1) and 11 (class 0)" in warnings[0]
+    assert len(read_candidates(path)) == 8
+
+
+def test_trailing_comma_names_the_line_and_field_counts(tmp_path):
+    """pandas took the first field as the index and blamed the next one: "seriesuid '-171.6' is not a series uid"."""
+    path = tmp_path / "candidates.csv"
+    path.write_text(f"{CANDIDATES_HEADER}\n1.2.3,-171.616687,0,0,1,\n1.2.3,5,0,0,0,\n")
+    with pytest.raises(
+        DataFormatError, match=r"candidates\.csv: line 2 has 6 fields, the header has 5 \(a trailing comma\?\)"
+    ):
+        read_candidates(path)
+    path.write_text(f"{CANDIDATES_HEADER}\n1.2.3,-171.616687,0,0,1\n\n1.2.3,5,0,0,0,\n")
+    with pytest.raises(DataFormatError, match=r"line 4 has 6 fields, the header has 5") as info:
+        read_candidates(path)
+    assert "\n" not in str(info.value)
+    path.write_text(f"{ANNOTATIONS_HEADER}\n1.2.3,1,2,3,4,\n")
+    with pytest.raises(DataFormatError, match=r"line 2 has 6 fields, the header has 5"):
+        read_annotations(path)
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        "1.2." + "3" * 2_000_000 + ",0,0,0,1",  # a 2 MB uid
+        "1.2.3," + "9" * 2_000_000 + "x,0,0,1",  # a 2 MB coordinate
+        "x" * 2_000_000,  # a 2 MB line without a comma
+    ],
+)
+def test_huge_values_are_cut_in_messages(tmp_path, row):
+    path = tmp_path / "candidates.csv"
+    path.write_text(f"{CANDIDATES_HEADER}\n{row}\n")
+    with pytest.raises(DataFormatError, match=r"line 2: .*… \(2,000,00\d characters\)") as info:
+        read_candidates(path)
+    assert len(str(info.value)) < 400
+    path.write_text("x" * 2_000_000 + "\n1.2.3,0,0,0,1\n")
+    with pytest.raises(DataFormatError, match=r"missing column\(s\)") as info:
+        read_candidates(path)
+    assert len(str(info.value)) < 400

@@ -1,4 +1,5 @@
 import hashlib
+import re
 
 import numpy as np
 import pytest
@@ -163,14 +164,146 @@ def test_corrupt_header(tiny_root):
 
 
 def test_header_simpleitk_rejects_is_wrapped(tiny_root):
-    mhd = tiny_root / "subset0" / f"{make_uid(1)}.mhd"
-    lines = [
-        "ElementSpacing = not numbers" if line.startswith("ElementSpacing") else line
-        for line in mhd.read_text().splitlines()
-    ]
-    mhd.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataFormatError, match=r"\.mhd: SimpleITK cannot read it \(.*spacing"):
+    # ASCII voxels (BinaryData = False) have no fixed size, so only SimpleITK can find this one wrong.
+    mhd = _set_header(tiny_root / "subset0" / f"{make_uid(1)}.mhd", "BinaryData", "False")
+    with pytest.raises(DataFormatError, match=r"\.mhd: SimpleITK cannot read it \("):
         Ct(make_uid(1), tiny_root)
+    assert mhd.is_file()
+
+
+def _set_header(mhd, key, value=None):
+    """Replace (or add, before ElementDataFile) the header line `key = value`; value None removes it."""
+    lines = mhd.read_text().splitlines()
+    keys = [line.partition("=")[0].strip() for line in lines]
+    new = [] if value is None else [f"{key} = {value}"]
+    at = keys.index(key) if key in keys else keys.index("ElementDataFile")
+    lines[at : at + (key in keys)] = new
+    mhd.write_text("\n".join(lines) + "\n")
+    return mhd
+
+
+# Headers SimpleITK reads without a word into a wrong CT (1 mm voxels, origin 0, a skewed or
+# scaled direction, 0..65535 read as HU), each refused naming the header line.
+BAD_HEADERS = [
+    ("ElementSpacing", None, r"no 'ElementSpacing = …' line \(nor ElementSize\), so SimpleITK would take 1 mm"),
+    ("ElementSpacing", "-0.7 0.7 1.25", r"line 'ElementSpacing = -0\.7 0\.7 1\.25': expected 3 positive numbers"),
+    ("ElementSpacing", "0.7 0 1.25", r"line 'ElementSpacing = 0\.7 0 1\.25': expected 3 positive numbers"),
+    ("ElementSpacing", "0.7 0.7", r"line 'ElementSpacing = 0\.7 0\.7': expected 3 finite numbers"),
+    ("ElementSpacing", "not numbers", r"line 'ElementSpacing = not numbers': expected 3 finite numbers"),
+    ("ElementSize", "0.7 -1 1.25", r"line 'ElementSize = 0\.7 -1 1\.25': expected 3 positive numbers"),
+    ("Offset", "nan -170 -320", r"line 'Offset = nan -170 -320': expected 3 finite numbers"),
+    ("Position", "1 inf 3", r"line 'Position = 1 inf 3': expected 3 finite numbers"),
+    ("Origin", "1 2", r"line 'Origin = 1 2': expected 3 finite numbers"),
+    ("TransformMatrix", "1 0 0 0 2 0 0 0 1", r"'TransformMatrix = 1 0 0 0 2 0 0 0 1' is not an orthonormal"),
+    (
+        "TransformMatrix",
+        "1 0.01 0 0 1 0 0 0 1",
+        r"'TransformMatrix = 1 0\.01 .*' is not an orthonormal.* 0\.01 > 0\.001",
+    ),
+    ("Rotation", "1 0 0 0 1 0 0 0 -2", r"'Rotation = .*' is not an orthonormal direction matrix"),
+    ("Orientation", "1 0 0", r"line 'Orientation = 1 0 0': expected 9 finite numbers"),
+    ("ElementType", "MET_USHORT", r"'ElementType = MET_USHORT' is unsigned; a CT must be stored as a signed type"),
+    ("ElementType", "MET_UCHAR", r"'ElementType = MET_UCHAR' is unsigned"),
+    ("ElementNumberOfChannels", "2", r"line 'ElementNumberOfChannels = 2': expected 1"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), BAD_HEADERS)
+def test_header_that_simpleitk_misreads_is_refused(tiny_root, key, value, message):
+    mhd = _set_header(tiny_root / "subset0" / f"{make_uid(1)}.mhd", key, value)
+    with pytest.raises(DataFormatError, match=message) as info:
+        Ct(make_uid(1), tiny_root)
+    assert str(info.value).startswith(f"{mhd}: ") and "\n" not in str(info.value)
+    with pytest.raises(DataFormatError, match=message):
+        load_mhd(mhd)
+
+
+def test_header_geometry_within_tolerance_and_element_size_load(tiny_root):
+    mhd = tiny_root / "subset0" / f"{make_uid(1)}.mhd"
+    direction = np.round(rotation((0.3, -1.0, 0.6), 0.7), 4)  # headers store the matrix rounded
+    _set_header(mhd, "TransformMatrix", " ".join(str(v) for v in direction.T.ravel()))
+    _set_header(mhd, "ElementSpacing")
+    _set_header(mhd, "ElementSize", "0.5 0.6 2")
+    ct = Ct(make_uid(1), tiny_root)
+    np.testing.assert_allclose(ct.voxel_size_xyz, (0.5, 0.6, 2.0))
+    np.testing.assert_allclose(ct.direction, direction, atol=1e-6)
+
+
+def test_raw_larger_than_dimsize_is_refused(tiny_root):
+    """DimSize 64 x 64 x 20 on a 40-slice raw: SimpleITK reads half the CT without a word."""
+    mhd = _set_header(tiny_root / "subset0" / f"{make_uid(1)}.mhd", "DimSize", "64 64 20")
+    with pytest.raises(
+        DataFormatError, match=r"\.raw: 327680 bytes but the header .*\.mhd describes 163840 \(64x64x20 × 2 bytes\)"
+    ):
+        Ct(make_uid(1), tiny_root)
+    _set_header(mhd, "DimSize", "64 64 40")
+    raw = mhd.with_suffix(".raw")
+    raw.write_bytes(raw.read_bytes() + b"\0\0")
+    with pytest.raises(DataFormatError, match=r"327682 bytes but the header .* describes 327680"):
+        Ct(make_uid(1), tiny_root)
+
+
+def test_header_size_local_list_and_compressed_data_load(tmp_path):
+    hu = np.arange(3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5) - 30
+    _write_mhd(tmp_path / "plain.mhd", hu)
+    header = (tmp_path / "plain.mhd").read_text()
+    raw = (tmp_path / "plain.raw").read_bytes()
+    (tmp_path / "skip.raw").write_bytes(b"x" * 100 + raw)
+    variants = {
+        "skip.mhd": header.replace("ElementDataFile = plain.raw", "HeaderSize = 100\nElementDataFile = skip.raw"),
+        "tail.mhd": header.replace("ElementDataFile = plain.raw", "HeaderSize = -1\nElementDataFile = skip.raw"),
+        "list.mhd": header.replace("plain.raw", "LIST\n" + "\n".join(f"s{k}.raw" for k in range(3))),
+        "pattern.mhd": header.replace("plain.raw", "s%d.raw 0 2 1"),
+    }
+    for k in range(3):  # one slice per file
+        (tmp_path / f"s{k}.raw").write_bytes(hu[k].tobytes())
+    for name, text in variants.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "local.mhd").write_bytes(header.replace("plain.raw", "LOCAL").encode() + raw)
+    image = sitk.GetImageFromArray(hu)
+    sitk.WriteImage(image, str(tmp_path / "packed.mhd"), useCompression=True)
+    for name in ("plain.mhd", "skip.mhd", "tail.mhd", "list.mhd", "pattern.mhd", "local.mhd", "packed.mhd"):
+        np.testing.assert_array_equal(load_mhd(tmp_path / name).hu, hu, err_msg=name)
+    (tmp_path / "short.mhd").write_bytes(header.replace("plain.raw", "LOCAL").encode() + raw[:-2])
+    with pytest.raises(
+        DataFormatError, match=r"short\.mhd: 118 bytes of LOCAL data after the header, .* describes 120"
+    ):
+        load_mhd(tmp_path / "short.mhd")
+    # MetaIO reads a LIST one slice per file: the whole volume in one listed file is not 3 slices.
+    (tmp_path / "one.mhd").write_text(header.replace("plain.raw", "LIST\nplain.raw"))
+    with pytest.raises(
+        DataFormatError, match=r"'ElementDataFile = LIST' names 1 data file\(s\), but DimSize 5x4x3 needs 3"
+    ):
+        load_mhd(tmp_path / "one.mhd")
+
+
+def test_compressed_flag_on_uncompressed_data_is_refused(tiny_root):
+    """SimpleITK prints 'Uncompress failed' and returns garbage voxels."""
+    _set_header(tiny_root / "subset0" / f"{make_uid(1)}.mhd", "CompressedData", "True")
+    with pytest.raises(
+        DataFormatError, match=r"\.raw: not zlib-compressed data, but the header .* 'CompressedData = True'"
+    ):
+        Ct(make_uid(1), tiny_root)
+
+
+def test_data_file_outside_the_mhd_folder(tiny_root, tmp_path, monkeypatch):
+    mhd = tiny_root / "subset0" / f"{make_uid(1)}.mhd"
+    elsewhere = tmp_path / "elsewhere" / "x.raw"
+    elsewhere.parent.mkdir()
+    mhd.with_suffix(".raw").rename(elsewhere)
+    expected = Ct(make_uid(2), tiny_root)  # unaffected
+    for name in ("../../elsewhere/x.raw", str(elsewhere)):
+        _set_header(mhd, "ElementDataFile", name)
+        with pytest.raises(DataFormatError, match=rf"'ElementDataFile = {re.escape(name)}' points outside the \.mhd's"):
+            Ct(make_uid(1), tiny_root)
+        monkeypatch.setenv("P2CH_ALLOW_EXTERNAL_DATA", "1")
+        assert Ct(make_uid(1), tiny_root).hu.shape == (40, 64, 64)
+        monkeypatch.delenv("P2CH_ALLOW_EXTERNAL_DATA")
+    # A symbolic link in the folder is the user's own choice: the path as written is inside.
+    (mhd.parent / "linked.raw").symlink_to(elsewhere)
+    _set_header(mhd, "ElementDataFile", "linked.raw")
+    assert Ct(make_uid(1), tiny_root).hu.shape == (40, 64, 64)
+    assert expected.hu.shape == (30, 50, 60)
 
 
 def test_non_3d_image(tmp_path):

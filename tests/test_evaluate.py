@@ -6,7 +6,9 @@ import hashlib
 import json
 import math
 import os
+import signal
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -437,6 +439,8 @@ def bad_checkpoints(world, tmp_path):
         "bad_uid",
         "empty_split",
         "bad_threshold",
+        "nan_threshold",
+        "inf_confidence",
         "bad_batch_size",
     ],
 )
@@ -451,6 +455,8 @@ def test_bad_input_exits_2_with_one_clear_line(case, world, bad_checkpoints, tmp
         "bad_uid": (["--checkpoint", checkpoint, "--series", "not-a-uid"], "not-a-uid"),
         "empty_split": (["--checkpoint", str(bad_checkpoints["no_test_part"]), "--split", "test"], "--split test"),
         "bad_threshold": (["--checkpoint", checkpoint, "--threshold", "1.5"], "1.5"),
+        "nan_threshold": (["--checkpoint", checkpoint, "--threshold", "nan"], "--threshold must be a finite number"),
+        "inf_confidence": (["--checkpoint", checkpoint, "--confidence", "inf"], "--confidence must be a finite"),
         "bad_batch_size": (["--checkpoint", checkpoint, "--batch-size", "0"], "--batch-size"),
     }[case]
     out = tmp_path / "out"
@@ -474,6 +480,62 @@ def test_out_that_is_a_file_fails_before_scoring(world, tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith("python -m p2ch.evaluate: error: ") and str(blocker) in lines[0]
     assert not cache.exists()  # refused before the first chunk was read or cached
     assert blocker.read_text() == "a file where --out wants a folder"
+
+
+@pytest.mark.parametrize("flag", ["--out", "--cache-dir"])
+def test_an_unwritable_output_location_fails_before_scoring(world, tmp_path, capsys, monkeypatch, flag):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    # Root may write anywhere, so the refusal of the file system is simulated for this folder.
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: Path(p) != ro and real_access(p, mode, **k))
+    monkeypatch.setattr(evaluate, "fill_missing", lambda *a, **k: pytest.fail("scored before the outputs were checked"))
+    for bad, expected in ((blocker / "x", f"{blocker} is a file, not a folder"), (ro / "x", f"the folder {ro} is not")):
+        paths = {"--out": str(tmp_path / "out"), "--cache-dir": str(tmp_path / "cache"), flag: str(bad)}
+        rc, _, err = run(capsys, "--checkpoint", str(world["checkpoint"]), *[v for pair in paths.items() for v in pair])
+        assert rc == 2
+        assert err.count("\n") == 1 and f"error: {flag} {bad}: {expected}" in err
+
+
+@pytest.mark.parametrize("source", ["cache", "cts"])
+def test_a_candidate_outside_its_ct_names_the_csv_line(world, tmp_path, capsys, source):
+    import shutil
+
+    root = tmp_path / "luna"
+    shutil.copytree(world["root"], root)
+    uid = str(world["split"].val_series[0])
+    with open(root / "candidates.csv") as handle:
+        lines = handle.read().splitlines()
+    row = next(line for line in lines[1:] if line.startswith(uid)).split(",")
+    row[3] = "5000.0"  # coordZ far above the CT
+    lines.insert(4, ",".join(row))  # file line 5 (the header is line 1)
+    (root / "candidates.csv").write_text("\n".join(lines) + "\n")
+    more = ["--no-cache"] if source == "cts" else ["--cache-dir", str(tmp_path / "cache"), "--num-workers", "1"]
+    rc, _, err = run(
+        capsys, "--checkpoint", str(world["checkpoint"]), "--data-root", str(root), "--out", str(tmp_path / "o"), *more
+    )
+    assert rc == 2
+    x, y = (round(float(v), 2) for v in row[1:3])
+    assert (
+        err.count("\n") == 1
+        and f"error: {root / 'candidates.csv'}: line 5: candidate centre ({x}, {y}, 5000.0) mm" in err
+    )
+    assert f"lies outside CT {uid}" in err and "np.float64" not in err
+
+
+def test_sigterm_while_scoring_exits_143_and_writes_no_metrics(world, tmp_path, capsys, monkeypatch):
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the signal arrives first
+
+    monkeypatch.setattr(evaluate, "score_from_cache", terminated)
+    out = tmp_path / "out"
+    rc, _, err = run(capsys, "--checkpoint", str(world["checkpoint"]), "--out", str(out))
+    assert rc == 143
+    assert err == "python -m p2ch.evaluate: terminated (SIGTERM); the output folder may hold files of an earlier run\n"
+    assert not (out / "metrics.json").exists()
 
 
 def test_cpm_equals_what_training_logged(synth_set, tmp_path, capsys):

@@ -154,6 +154,20 @@ def test_detector_csv_without_class_skips_outside_and_absent_series(world, tmp_p
     )
     assert rc == 2 and "outside CT" in err
     assert not (tmp_path / "strict.csv").exists()
+    # The header is line 1, so the second data row (the outside one) is line 3 of the file.
+    x, y, z = (round(float(v), 2) for v in outside[["coordX", "coordY", "coordZ"]].iloc[0])
+    assert f"error: {path}: line 3: candidate centre ({x}, {y}, {z}) mm lies outside CT" in err
+    assert err.count("\n") == 1 and "np.float64" not in err
+
+
+def test_an_out_that_cannot_be_written_fails_before_any_ct_is_read(world, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    monkeypatch.setattr(predict, "predict_locations", lambda *a, **k: pytest.fail("scored before --out was checked"))
+    for out, expected in ((blocker / "scores.csv", f"{blocker} is a file, not a folder"), (tmp_path, "is a folder")):
+        rc, stdout, err = run(capsys, "--checkpoint", str(world["checkpoint"]), "--out", str(out))
+        assert rc == 2 and stdout == ""
+        assert err.count("\n") == 1 and f"error: --out {out}: " in err and expected in err
 
 
 def test_predict_locations_counts(world):

@@ -1,3 +1,4 @@
+import contextlib
 import errno
 import os
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import children, wait_until_gone
 
 from p2ch import ct as ct_module
 from p2ch import prefill, prepcache
@@ -279,6 +281,26 @@ def test_bad_input_exits_2(tiny_root, tmp_path, capsys):
     assert "a-file/cache" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind", ["chunks", "segmentation"])
+@pytest.mark.parametrize("problem", ["a file", "below a file", "unwritable"])
+def test_a_cache_dir_that_cannot_be_written_fails_before_any_ct_is_read(
+    tiny_root, tmp_path, capsys, monkeypatch, kind, problem
+):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    cache_dir = {"a file": blocker, "below a file": blocker / "cache", "unwritable": tmp_path / "ro" / "cache"}[problem]
+    (tmp_path / "ro").mkdir()
+    real_access = os.access
+    # Root may write anywhere, so the refusal of the file system is simulated for this folder.
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: Path(p) != tmp_path / "ro" and real_access(p, mode, **k))
+    monkeypatch.setattr(ct_module.Ct, "__init__", lambda *a, **k: pytest.fail("a CT was read"))
+    more = ["--segmentation"] if kind == "segmentation" else []
+    assert prepcache.main(args(tiny_root, cache_dir, "--num-workers", "0", *more)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--cache-dir {cache_dir}: " in err
+    assert ("not writable" if problem == "unwritable" else f"{blocker} is a file, not a folder") in err
+
+
 def test_full_disk_stops_with_exit_2(tiny_root, tmp_path, monkeypatch, capsys):
     import diskcache
 
@@ -340,6 +362,46 @@ def test_ctrl_c_stops_workers_and_a_rerun_resumes(data_root, reference, tmp_path
     assert len(reader) == count < len(reference)  # the worker stopped too
     assert prepcache.main(args(data_root, cache_dir, "--num-workers", "0")) == 0
     assert snapshot(cache_dir, data_root) == reference
+
+
+def test_sigterm_is_handled_like_ctrl_c_and_stops_the_workers(data_root, reference, tmp_path):
+    cache_dir = tmp_path / "cache"
+    proc = start_prefill(tmp_path, data_root, cache_dir, 0.05, "--num-workers", "2")
+    try:
+        wait_for_entries(cache_dir, data_root, proc, 3)
+        workers = children(proc.pid)
+        assert len(workers) >= 2, workers  # the two workers (and the resource tracker)
+        os.kill(proc.pid, signal.SIGTERM)  # only the parent, as a job scheduler's stop would
+        assert proc.wait(timeout=30) == 143
+        err = proc.stderr.read().decode()
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("python -m p2ch.prepcache: terminated (SIGTERM) after ")
+        assert "rerun the same command to resume" in last
+        assert not wait_until_gone(workers, 10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the session
+        proc.wait(timeout=30)
+    assert len(ChunkCache(cache_dir, data_root)) < len(reference)
+    assert prepcache.main(args(data_root, cache_dir, "--num-workers", "0")) == 0
+    assert snapshot(cache_dir, data_root) == reference
+
+
+def test_workers_exit_when_the_parent_is_killed(data_root, tmp_path):
+    """SIGKILL of prepcache alone: its worker processes (and the resource tracker) do not outlive it."""
+    cache_dir = tmp_path / "cache"
+    proc = start_prefill(tmp_path, data_root, cache_dir, 0.05, "--num-workers", "2")
+    try:
+        wait_for_entries(cache_dir, data_root, proc, 3)
+        workers = children(proc.pid)
+        assert len(workers) >= 2, workers
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert not wait_until_gone(workers, 10), "worker processes outlived their parent"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the session
+        proc.wait(timeout=30)
 
 
 def test_two_prefills_at_once_agree(data_root, reference, tmp_path):

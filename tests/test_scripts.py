@@ -53,6 +53,55 @@ def test_explore_reports_missing_series_and_crlf(tiny_root):
     assert _value(result.stdout, "named in CSVs:").split()[-1] == "1"
 
 
+def _quote_fields(line: str) -> str:
+    """A CSV line with every field quoted, a quote inside doubled (as csv.QUOTE_ALL writes it)."""
+    return ",".join('"' + field.replace('"', '""') + '"' for field in line.split(","))
+
+
+def test_explore_reads_quoted_fields_and_crlf(tiny_root):
+    """Quoted fields (which p2ch reads fine) gave 0 positives and every series missing on disk."""
+    csv = tiny_root / "candidates.csv"
+    header, *rows = csv.read_text().splitlines()
+    # Columns in another order, a quoted header, quoted fields, spaces after a closing quote, CRLF.
+    order = [4, 0, 1, 2, 3]
+    lines = [",".join(line.split(",")[k] for k in order) for line in [header, *rows]]
+    lines = [_quote_fields(lines[0])] + [_quote_fields(line).replace(",", "  ,", 1) for line in lines[1:]]
+    csv.write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    annotations = tiny_root / "annotations.csv"
+    header, *rows = annotations.read_text().splitlines()
+    annotations.write_text("\n".join([header, *(_quote_fields(row) for row in rows)]) + "\n")
+    result = run(REPO / "scripts/explore_data.sh", tiny_root)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert _value(out, "positive (class 1):") == "3"
+    assert _value(out, "negative (class 0):") == "4"
+    assert _value(out, "series with candidates:") == "2"
+    assert _value(out, "count").split()[:6] == ["2", "min", "5.00", "median", "7.50", "max"]
+    assert _value(out, "series with nodules:") == "1"
+    assert _value(out, "named in CSVs:").split() == ["2", "on", "disk:", "2", "missing", "on", "disk:", "0"]
+    top = [line.split() for line in out.split("== candidates per series (top 10)")[1].splitlines()[1:3]]
+    assert [int(n) for n, _ in top] == [5, 2]
+    assert result.stderr == ""
+
+
+def test_explore_quoted_commas_and_unsupported_quoting(tiny_root):
+    csv = tiny_root / "candidates.csv"
+    header, *rows = csv.read_text().splitlines()
+    uid = rows[0].split(",")[0]
+    # A quoted field holding a comma and a doubled quote is one field; the class column stays 5th.
+    extra = "seriesuid,coordX,coordY,coordZ,class,note\n" + "\n".join(f'{row},"a, ""b"""' for row in rows)
+    csv.write_text(extra + "\n")
+    result = run(REPO / "scripts/explore_data.sh", tiny_root)
+    assert result.returncode == 0, result.stderr
+    assert _value(result.stdout, "positive (class 1):") == "3"
+    assert _value(result.stdout, "named in CSVs:").split()[-1] == "0"
+    # A quoted field running past its line (p2ch would read a field with a line break): say so.
+    csv.write_text(f'{header}\n"{uid},1,2,3,1\n{uid}",1,2,3,0\n')
+    result = run(REPO / "scripts/explore_data.sh", tiny_root)
+    assert result.returncode == 0, result.stderr
+    assert "quoted field runs past the end of the line; counts may be wrong" in result.stderr
+
+
 def test_explore_empty_or_missing_root(tmp_path):
     result = run(REPO / "scripts/explore_data.sh", tmp_path)
     assert result.returncode == 1

@@ -127,12 +127,34 @@ def test_a_classifier_checkpoint_is_refused_by_the_segmentation_app_and_the_reve
         (["--crop-size", "30"], "--crop-size 30: a UNet of depth 3 needs a multiple of 4"),
         (["--context-slices", "-1"], "--context-slices must be in 0…32"),
         (["--val-slices", "nodules", "--val-negative-fraction", "2"], "--val-negative-fraction must be in [0, 1]"),
+        (["--fn-weight", "inf"], "--fn-weight must be a finite number, got inf"),
+        (["--threshold", "nan"], "--threshold must be a finite number, got nan"),
+        (["--lr", "inf"], "--lr must be a finite number, got inf"),
+        (["--momentum", "nan"], "--momentum must be a finite number, got nan"),
+        (["--val-fraction", "1.5"], "--val-fraction must be a fraction in [0, 1), got 1.5"),
     ],
 )
 def test_bad_settings_are_one_line(small, tmp_path, capsys, extra, expected):
     assert seg_training.main([*_args(small, tmp_path), *extra]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint-dir", "--runs-dir", "--cache-dir", "--report"])
+def test_an_output_location_below_a_file_fails_before_any_data_is_read(small, tmp_path, capsys, monkeypatch, flag):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder belongs")
+    monkeypatch.setattr(seg_training, "build_seg_data", lambda *a: pytest.fail("data read before the check"))
+    assert seg_training.main([*_args(small, tmp_path), flag, str(blocker / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {flag} {blocker / 'x'}: {blocker} is a file, not a folder" in err
+
+
+def test_a_loss_that_turns_nan_stops_the_run_without_saving(small, tmp_path, capsys):
+    assert seg_training.main([*_args(small, tmp_path), "--lr", "1e30", "--epochs", "2", "--epoch-size", "12"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "epoch 1 train: the loss (losses) became nan or infinite" in err
+    assert "no checkpoint was written yet" in err and not list((tmp_path / "models").rglob("*.pt"))
 
 
 def test_the_stride_split_is_not_offered(small, tmp_path, capsys):

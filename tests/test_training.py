@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import wait_for_children, wait_until_gone
 
 from p2ch import training
 from p2ch.checkpoint import load_checkpoint, save_checkpoint
@@ -397,6 +399,40 @@ def test_sigkill_mid_run_then_resume(tiny, tmp_path):
     assert state["epoch"] == done + 1 and state["samples_seen"] == (done + 1) * 2 * BATCH
 
 
+def test_sigterm_is_handled_like_ctrl_c_and_its_dataloader_workers_exit(tiny, tmp_path):
+    """SIGTERM (a scheduler's stop): exit 143 with where to resume; the DataLoader workers end with the run."""
+    args = _args(tiny, tmp_path, "--max-train-batches", "2", "--max-val-batches", "1", "--epochs", "1000")
+    args[args.index("--num-workers") + 1] = "2"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "p2ch.training", *args],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "models").rglob("last.pt")) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            time.sleep(0.1)
+        (last,) = (tmp_path / "models").rglob("last.pt")
+        workers = wait_for_children(proc.pid, 2, 30)
+        assert len(workers) >= 2, workers
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+        stderr = proc.stderr.read().decode()
+        final = stderr.strip().splitlines()[-1]  # nothing after the one line: no worker's traceback
+        hint = f"p2ch.training: terminated (SIGTERM); resume with --resume {last.relative_to(tmp_path)}"
+        assert final == hint, stderr[-3000:]
+        assert not wait_until_gone(workers, 10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert load_checkpoint(last)["epoch"] >= 1  # what it saved before the signal still loads
+
+
 @pytest.mark.slow
 def test_learns_easy_synthetic_set(synth_set, tmp_path):
     """About 1,500 balanced samples on an easy set reach validation AUC > 0.9 (labels, crops and
@@ -527,6 +563,114 @@ def test_resume_with_a_weight_of_the_wrong_shape_is_one_line(one_epoch, tmp_path
     assert training.main([*base, "--epochs", "2", "--resume", str(tmp_path / "bad.pt")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "do not load into LunaModel" in err and key in err
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint-dir", "--runs-dir", "--cache-dir"])
+@pytest.mark.parametrize("where", ["the file", "below the file"])
+def test_an_output_location_that_is_a_file_fails_before_any_data_is_read(
+    tiny, tmp_path, capsys, monkeypatch, flag, where
+):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder belongs")
+    named = blocker if where == "the file" else blocker / "sub"
+    monkeypatch.setattr(training, "build_data", lambda *a: pytest.fail("data read before the outputs were checked"))
+    args = _args(tiny, tmp_path, "--cache-dir", str(tmp_path / "cache"), flag, str(named), "--max-train-batches", "1")
+    assert training.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {flag} {named}: {blocker} is a file, not a folder" in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "models").exists()
+
+
+def test_an_unwritable_checkpoint_folder_fails_at_start(tiny, tmp_path, capsys, monkeypatch):
+    models = tmp_path / "models"
+    models.mkdir()
+    real_access = os.access
+    # Root may write anywhere, so the refusal of the file system is simulated for this folder.
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: Path(p) != models and real_access(p, mode, **k))
+    monkeypatch.setattr(training, "build_data", lambda *a: pytest.fail("data read before the outputs were checked"))
+    assert training.main(_args(tiny, tmp_path, "--cache-dir", str(tmp_path / "cache"))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--checkpoint-dir {models}: the folder {models} is not writable" in err
+
+
+def test_resume_into_an_unwritable_folder_fails_at_start(one_epoch, tmp_path, capsys, monkeypatch):
+    _, last, base = one_epoch
+    last = _copy_run(last, tmp_path)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: Path(p) != last.parent and real_access(p, mode, **k))
+    monkeypatch.setattr(training, "build_data", lambda *a: pytest.fail("data read before the outputs were checked"))
+    assert training.main([*base, "--epochs", "2", "--resume", str(last)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--resume {last}: the folder {last.parent} is not writable" in err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--lr", "inf"),
+        ("--lr", "nan"),
+        ("--lr", "0"),
+        ("--lr", "-0.1"),
+        ("--momentum", "nan"),
+        ("--momentum", "1.5"),
+        ("--momentum", "-1"),
+        ("--weight-decay", "inf"),
+        ("--label-smoothing", "nan"),
+        ("--val-fraction", "inf"),
+        ("--test-fraction", "nan"),
+    ],
+)
+def test_a_float_flag_that_is_not_finite_or_out_of_range_is_one_line(tiny, tmp_path, capsys, monkeypatch, flag, value):
+    monkeypatch.setattr(training, "build_data", lambda *a: pytest.fail("data read before the flags were checked"))
+    assert training.main(_args(tiny, tmp_path, flag, value)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {flag} must be" in err and value in err
+    assert not (tmp_path / "models").exists()
+
+
+def test_a_loss_that_turns_nan_stops_the_run_at_once_without_saving(tiny, tmp_path, capsys):
+    args = _args(tiny, tmp_path, "--lr", "1e30", "--max-train-batches", "3", "--epochs", "2", "--balanced")
+    assert training.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "epoch 1 train: the loss (losses) became nan or infinite by batch 3" in err
+    assert "--lr 1e+30" in err and "no checkpoint was written yet" in err
+    assert not list((tmp_path / "models").rglob("*.pt"))
+
+
+def test_a_nan_loss_after_a_good_epoch_names_the_last_good_checkpoint(one_epoch, tmp_path, capsys):
+    _, last, base = one_epoch
+    last = _copy_run(last, tmp_path)
+    before = last.read_bytes()
+    # A changed --lr applies on resume (the optimizer state restored from last.pt carries the old one).
+    args = [*base, "--epochs", "2", "--resume", str(last), "--lr", "1e30", "--max-train-batches", "3"]
+    assert training.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "epoch 2 train: the loss (losses) became nan or infinite" in err
+    assert f"the last good checkpoint is {last} (epoch 1): continue with --resume {last} and a lower --lr" in err
+    assert last.read_bytes() == before  # the broken weights were not saved
+    state_lr = load_checkpoint(last)["optimizer"]["param_groups"][0]["lr"]
+    assert state_lr == pytest.approx(0.001)
+
+
+def test_a_candidate_outside_its_ct_read_by_a_dataloader_worker_is_one_line(tiny, tmp_path, capsys):
+    """The worker's CandidateOutsideCtError reaches the user as its one line, not torch's wrapped traceback."""
+    import shutil
+
+    root = tmp_path / "luna"
+    shutil.copytree(tiny, root)
+    from p2ch.candidates import get_candidate_arrays
+    from p2ch.datasets import split_candidates
+
+    val_uid = str(split_candidates(get_candidate_arrays(tiny), "series", val_fraction=0.5).val_series[0])
+    lines = (root / "candidates.csv").read_text().splitlines()
+    row = next(line for line in lines if line.startswith(val_uid)).split(",")
+    row[3], row[4] = "5000.0", "0"  # coordZ far above the CT; validation reads every candidate of its CTs
+    (root / "candidates.csv").write_text("\n".join([*lines, ",".join(row)]) + "\n")
+    args = _args(root, tmp_path, "--cache-dir", str(tmp_path / "cache"), "--num-workers", "1")
+    assert training.main([*args, "--max-train-batches", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lies outside CT" in err and "5000" in err
+    assert "Traceback" not in err and "DataLoader worker" not in err
 
 
 def test_paths_are_stored_absolute(tiny, tmp_path, monkeypatch):
