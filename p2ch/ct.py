@@ -422,7 +422,7 @@ class Ct:
         if outside.any():
             k = int(np.flatnonzero(outside)[0])
             raise CandidateOutsideCtError(
-                f"candidate centre {tuple(np.round(centers_xyz[k], 2))} mm lies outside CT "
+                f"candidate centre {tuple(round(float(v), 2) for v in centers_xyz[k])} mm lies outside CT "
                 f"{self.series_uid} (voxel {tuple(int(v) for v in centers_irc[k])}, volume "
                 f"{tuple(int(v) for v in shape)} index/row/col); check the CSV coordinates "
                 f"({int(outside.sum())} of {len(outside)} centres are outside)"

@@ -62,6 +62,8 @@ from p2ch.cli import configure_logging, run_cli
 from p2ch.config import (
     DefaultsHelpFormatter,
     add_inference_arguments,
+    check_finite_settings,
+    check_output_dir,
     resolve_data_root,
     resolve_runs_dir,
 )
@@ -142,6 +144,7 @@ class AnalysisConfig:
             if not ok:
                 raise ConfigError(message)
 
+        check_finite_settings(self)
         need(
             bool(self.inputs) or self.run_validation,
             "nothing to analyse: give CTs (series uids of the data root, .mhd files or DICOM folders) or "
@@ -675,9 +678,9 @@ def run(args: argparse.Namespace) -> int:
     """Analyse the CTs given and/or the validation series; print where everything went."""
     config = config_from_args(args)
     run_time = datetime.datetime.now().strftime("%Y-%m-%d_%H.%M.%S")
-    out = Path(config.out) if config.out else DEFAULT_OUT_DIR / run_time
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: a file, not a folder")
+    out = check_output_dir(Path(config.out) if config.out else DEFAULT_OUT_DIR / run_time, "--out")
+    if config.run_validation:
+        check_output_dir(resolve_runs_dir(config.runs_dir), "--runs-dir")
     models = load_models(config)
     data_root = resolve_data_root(config.data_root or models.classifier_config.data_root)
     tables, lines = [], []

@@ -129,8 +129,9 @@ def test_crop_with_oblique_direction_uses_true_inverse(tmp_path):
 
 def test_centre_outside_ct_is_a_clear_error(tiny_root):
     ct = Ct(make_uid(1), tiny_root)
-    with pytest.raises(CandidateOutsideCtError, match=r"outside CT .* volume \(40, 64, 64\)"):
+    with pytest.raises(CandidateOutsideCtError, match=r"outside CT .* volume \(40, 64, 64\)") as caught:
         ct.get_raw_candidate((0.0, 0.0, 0.0))
+    assert "candidate centre (0.0, 0.0, 0.0) mm" in str(caught.value) and "np.float64" not in str(caught.value)
     with pytest.raises(CandidateOutsideCtError):
         ct.get_raw_candidate(irc2xyz((40, 0, 0), ct.origin_xyz, ct.voxel_size_xyz, ct.direction))
     with pytest.raises(ConfigError, match="expected 3 positive integers"):

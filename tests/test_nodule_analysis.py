@@ -264,3 +264,27 @@ def test_dicom_folder_with_two_series_asks_for_one(root, models, tmp_path, capsy
     err = capsys.readouterr().err
     assert "1.2.826.0.1.1" in err and "1.2.826.0.1.2" in err and "--dicom-series" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--max-diameter-mm", "inf"], "--max-diameter-mm must be a finite number"),
+        (["--nodule-threshold", "nan"], "--nodule-threshold must be a finite number"),
+    ],
+)
+def test_non_finite_flags_are_refused(root, models, tmp_path, capsys, flags, expected):
+    uid = _uids_with_nodules(root)[0]
+    assert nodule_analysis.main([uid, *_argv(models, root, tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_out_that_is_a_file_is_refused_before_any_model_loads(root, models, tmp_path, capsys, monkeypatch):
+    uid = _uids_with_nodules(root)[0]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setattr(nodule_analysis, "load_models", lambda config: pytest.fail("models loaded before --out was checked"))
+    assert nodule_analysis.main([uid, *_argv(models, root, blocker / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {blocker / 'out'}: {blocker} is a file, not a folder" in err and "Traceback" not in err
