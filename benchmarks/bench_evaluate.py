@@ -261,7 +261,10 @@ def bench_end_to_end(setup: Setup) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    torch.backends.cudnn.benchmark = True
+    if torch.cuda.is_available():  # the same switch every command sets (p2ch.runtime)
+        from p2ch.runtime import configure_backends
+
+        configure_backends(torch.device("cuda"), cudnn_benchmark=True)
     with tempfile.TemporaryDirectory(prefix="p2ch-bench-evaluate-") as tmp_name:
         setup = make_setup(args, Path(tmp_name))
         print(

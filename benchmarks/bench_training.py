@@ -1,13 +1,22 @@
 """Steady-state training throughput of `p2ch.training.LunaTrainingApp` (balanced + augmented).
 
-For every combination of --batch-sizes × --workers × --amp × --channels-last it builds the app,
-runs one warm-up epoch of --warmup-batches, then one timed epoch of --batches, and prints
-samples/s and the fraction of the time spent waiting for data. The data set is a synthetic
-LUNA16-format set made (and its cache prefilled) in a temporary folder unless --data-root and
---cache-dir point at an existing, prefilled one.
+For every combination of --batch-sizes × --workers × --amp × --channels-last × --timing it builds
+the app, runs one warm-up epoch of --warmup-batches (worker start, cuDNN autotuning, allocator),
+then one timed epoch, and prints samples/s and the fraction of the time spent waiting for data.
+The data set is a synthetic LUNA16-format set made (and its cache prefilled) in a temporary folder
+unless --data-root and --cache-dir point at an existing, prefilled one.
+
+--timing epoch (default): the timed epoch is sized by the sampler (--epoch-size = --batches ×
+batch size), so it ends as a real epoch ends; its clock starts when the first batch arrives
+(`EpochResult.steady_seconds`), and the loader's start-up before it (restarting the persistent
+workers, which first drain what they prefetched for the cut warm-up epoch, and loading the first
+batch) is reported apart as "start-up". --timing early-stop: the old measurement, kept to compare:
+the timed epoch is cut after --batches batches of a longer epoch and timed from its `iter()`, so the
+drain of the warm-up's prefetched batches lands inside the timed epoch and inside its data wait.
 
 Examples:
     python benchmarks/bench_training.py --device cpu --batch-sizes 32 --workers 2 --batches 8
+    python benchmarks/bench_training.py --device cpu --timing epoch early-stop   # the two timings side by side
     python benchmarks/bench_training.py --device cuda --batch-sizes 32 256 1024 --workers 4 8 16 \
         --amp off bf16 --channels-last off on        # the issue's GPU grid
 """
@@ -22,8 +31,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import torch
 
 
 def prepare(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path]:
@@ -62,7 +69,10 @@ def measure(
     batches: int,
     warmup: int,
     tmp: Path,
+    timing: str = "epoch",
+    val_fraction: float = 0.1,
 ) -> dict:
+    """One setting: build the app, a warm-up epoch cut after `warmup` batches, then the timed epoch."""
     from p2ch.training import LunaTrainingApp, TrainingConfig
 
     config = TrainingConfig(
@@ -77,29 +87,48 @@ def measure(
         amp=amp,
         channels_last=channels_last,
         device=device,
-        epoch_size=batch * (warmup + batches),
+        # epoch: the timed epoch is exactly `batches` batches; early-stop: the old, longer epoch, cut.
+        epoch_size=batch * batches if timing == "epoch" else batch * (warmup + batches),
         max_train_batches=warmup,
         runs_dir=str(tmp / "runs"),
         checkpoint_dir=str(tmp / "models"),
-        val_fraction=0.1,
+        val_fraction=val_fraction,
     )
     app = LunaTrainingApp(config)
     try:
         app.train_epoch(1)  # warm-up: worker start, cuDNN autotuning, allocator
-        app.config = TrainingConfig(**{**config.__dict__, "max_train_batches": batches})
-        out = app.train_epoch(2)
+        timed_batches = None if timing == "epoch" else batches
+        app.config = TrainingConfig(**{**config.__dict__, "max_train_batches": timed_batches})
+        return timed_epoch(app, 2, timing) | {
+            "batch_size": batch,
+            "num_workers": workers,
+            "amp": amp,
+            "channels_last": channels_last,
+        }
     finally:
         app.close()
+
+
+def timed_epoch(app, epoch: int, timing: str = "epoch") -> dict:
+    """Run training epoch `epoch` of `app` and report its speed, as --timing says (see the module doc).
+
+    Returns device, timing, samples, seconds (the timed span), startup_seconds (before the first
+    batch; 0 for early-stop, which times from iter()), samples_per_sec, data_wait_fraction.
+    """
+    out = app.train_epoch(epoch)
+    if timing == "epoch":
+        seconds, startup = out.steady_seconds, out.startup_seconds
+        rate, wait = out.steady_samples_per_sec, out.steady_data_wait_fraction
+    else:
+        seconds, startup, rate, wait = out.seconds, 0.0, out.samples_per_sec, out.data_wait_fraction
     return {
         "device": str(app.device),
-        "batch_size": batch,
-        "num_workers": workers,
-        "amp": amp,
-        "channels_last": channels_last,
+        "timing": timing,
         "samples": out.count,
-        "seconds": round(out.seconds, 3),
-        "samples_per_sec": round(out.count / out.seconds, 1),
-        "data_wait_fraction": round(out.data_wait_seconds / out.seconds, 3),
+        "seconds": round(seconds, 3),
+        "startup_seconds": round(startup, 3),
+        "samples_per_sec": round(rate, 1),
+        "data_wait_fraction": round(wait, 3),
     }
 
 
@@ -116,18 +145,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=None, help="its prefilled cache")
     parser.add_argument("--synth-cts", type=int, default=4)
     parser.add_argument("--synth-candidates", type=int, default=400, help="candidates per synthetic CT")
+    parser.add_argument(
+        "--timing",
+        nargs="+",
+        default=["epoch"],
+        choices=("epoch", "early-stop"),
+        help="epoch: a sampler-sized epoch timed from its first batch; early-stop: the old cut epoch, to compare",
+    )
     args = parser.parse_args(argv)
+    if args.batches < 1 or args.warmup < 1 or min(args.batch_sizes) < 1:
+        parser.error("--batches, --warmup-batches and --batch-sizes must be ≥ 1")
     logging.basicConfig(level=logging.WARNING)
-    torch.backends.cudnn.benchmark = True
+    # cuDNN autotuning: on, set by the app through p2ch.runtime.configure_backends (TrainingConfig's default).
     with tempfile.TemporaryDirectory(prefix="p2ch-bench-training-") as tmp_name:
         tmp = Path(tmp_name)
         data, cache = prepare(args, tmp)
-        print(f"{'device':>8} {'batch':>6} {'workers':>7} {'amp':>5} {'ch-last':>7} {'samples/s':>10} {'data wait':>9}")
-        for batch, workers, amp, cl in itertools.product(args.batch_sizes, args.workers, args.amp, args.channels_last):
-            row = measure(data, cache, args.device, batch, workers, amp, cl, args.batches, args.warmup, tmp)
+        print(
+            f"{'device':>8} {'batch':>6} {'workers':>7} {'amp':>5} {'ch-last':>7} {'timing':>10} {'samples/s':>10} "
+            f"{'data wait':>9} {'start-up':>8}"
+        )
+        grid = itertools.product(args.batch_sizes, args.workers, args.amp, args.channels_last, args.timing)
+        for batch, workers, amp, cl, timing in grid:
+            row = measure(data, cache, args.device, batch, workers, amp, cl, args.batches, args.warmup, tmp, timing)
             print(
-                f"{row['device']:>8} {batch:>6} {workers:>7} {amp:>5} {cl:>7} {row['samples_per_sec']:>10.1f} "
-                f"{100 * row['data_wait_fraction']:>8.0f}%"
+                f"{row['device']:>8} {batch:>6} {workers:>7} {amp:>5} {cl:>7} {timing:>10} "
+                f"{row['samples_per_sec']:>10.1f} {100 * row['data_wait_fraction']:>8.0f}% "
+                f"{row['startup_seconds']:>7.2f}s"
             )
             print(json.dumps({"bench": "training", **row}), file=sys.stderr)
     return 0

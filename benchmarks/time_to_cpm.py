@@ -12,15 +12,20 @@ first one, and one JSON line last.
     python benchmarks/time_to_cpm.py --num-cts 24 --targets 0.5 0.7 --max-samples 8192   # ~10 min, 2 CPU cores
     python benchmarks/time_to_cpm.py --recipe "default=" \\
         --recipe "book=--optimizer sgd --lr 0.001 --momentum 0.99 --batch-size 32 --balanced --augmented"
-    python benchmarks/time_to_cpm.py --recipe "adam=--optimizer adam --lr 1e-3 --balanced --augmented" \\
-        --recipe "onecycle=--optimizer adam --lr-schedule onecycle --balanced --augmented"
+    python benchmarks/time_to_cpm.py --max-samples 6144 --recipe "default=--balanced --augmented" \\
+        --recipe "cosine=--lr-schedule cosine --schedule-samples 6144 --balanced --augmented" \\
+        --recipe "onecycle=--lr-schedule onecycle --schedule-samples 6144 --balanced --augmented" \\
+        --recipe "mixup=--mixup 0.2 --balanced --augmented"
     python benchmarks/time_to_cpm.py --smoke --work /tmp/ttc  # tiny, under a minute: does the tool work?
 
-Built-in recipes (when no --recipe is given): "default" is p2ch's default flags plus --balanced
---augmented; "book" is the book's recipe (SGD lr 0.001 momentum 0.99, batch 32, balanced, all of
-the book's augmentations). A recipe's flags go to `p2ch.training` unchanged (flags a later
-version adds pass through); only the flags that must be equal for every recipe (data, split, seed,
-epoch size, epochs, output folders) are refused, since this tool sets them.
+Built-in recipes (when no --recipe is given): "default" is p2ch's default flags (Adam lr 0.001, a
+constant lr) plus --balanced --augmented; "book" is the book's recipe (SGD lr 0.001 momentum 0.99,
+batch 32, balanced, all of the book's augmentations). A recipe with `--lr-schedule onecycle|cosine`
+needs `--schedule-samples` = this tool's --max-samples: the tool trains one epoch at a time, and a
+schedule's end is fixed when its run starts (by default after that run's first, and here only, epoch).
+A recipe's flags go to `p2ch.training` unchanged (flags a later version adds pass through); only
+the flags that must be equal for every recipe (data, split, seed, epoch size, epochs, output
+folders) are refused, since this tool sets them.
 
 How: each recipe trains epoch by epoch in this process (`p2ch.training.main`: epoch 1 as a new
 run, then `--resume last.pt --epochs E+1`, which continues exactly as one uninterrupted run

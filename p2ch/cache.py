@@ -215,8 +215,14 @@ def decode_chunk(value: bytes, width_irc: Sequence[int] | None = None, verify: b
         raise DataFormatError(f"damaged chunk cache value: {exc}") from None
 
 
-def _read_chunk(record: Record, width: tuple[int, ...], verify: bool) -> tuple[np.ndarray, IrcTuple]:
-    """Decode a stored record: chunk (I, R, C) int16 HU (writable, owns its memory) and center_irc."""
+def _read_chunk(
+    record: Record, width: tuple[int, ...], verify: bool, out: np.ndarray | None = None
+) -> tuple[np.ndarray, IrcTuple]:
+    """Decode a stored record: chunk (I, R, C) int16 HU and center_irc.
+
+    out: None for a fresh chunk (writable, owns its memory), or a checked `width` int16 C-order
+    writable array to decode into (returned as the chunk). On DamagedRecord, `out` holds garbage.
+    """
     with record.file as file:
         flags, shape, center_irc, length, crc = _parse_header(record.header, width)
         size = record.size()
@@ -226,14 +232,38 @@ def _read_chunk(record: Record, width: tuple[int, ...], verify: bool) -> tuple[n
             payload = file.read()
             if len(payload) != length:
                 raise DamagedRecord(f"read {len(payload)} of {length} bytes")
-            return _decode_payload(flags, shape, payload, crc, verify), center_irc
-        # Read straight into a fresh array: writable, owns its memory, no extra copy.
-        chunk = np.empty(shape, dtype=np.int16)
+            chunk = _decode_payload(flags, shape, payload, crc, verify)
+            if out is None:
+                return chunk, center_irc
+            np.copyto(out, chunk)
+            return out, center_irc
+        # Read straight into the destination (a fresh array, or the caller's batch slot): no extra copy.
+        chunk = np.empty(shape, dtype=np.int16) if out is None else out
         view = memoryview(chunk).cast("B")
         record.read_exact(view)
         if verify and zlib.crc32(view) != crc:
             raise DamagedRecord("CRC-32 mismatch")
         return chunk, center_irc
+
+
+def _check_out(out: Any, width: tuple[int, ...]) -> None:
+    """ConfigError unless `out` is None or can take a chunk of `width`: an int16, C-order, writable ndarray."""
+    if out is not None and (
+        not isinstance(out, np.ndarray)
+        or out.dtype != np.int16
+        or out.shape != width
+        or not (out.flags.c_contiguous and out.flags.writeable)
+    ):
+        got = (
+            f"{out.dtype} array of shape {out.shape}"
+            + ("" if out.flags.c_contiguous else ", not C-contiguous")
+            + ("" if out.flags.writeable else ", read-only")
+            if isinstance(out, np.ndarray)
+            else type(out).__name__
+        )
+        raise ConfigError(
+            f"out: expected a writable C-contiguous int16 array of shape {width} (the chunk width), got {got}"
+        )
 
 
 # --- keys ---------------------------------------------------------------------------------------
@@ -579,10 +609,12 @@ class ChunkCache:
 
     # --- reading -------------------------------------------------------------------------------
 
-    def _lookup(self, key: str, width: tuple[int, ...]) -> tuple[np.ndarray, IrcTuple] | None:
+    def _lookup(
+        self, key: str, width: tuple[int, ...], out: np.ndarray | None = None
+    ) -> tuple[np.ndarray, IrcTuple] | None:
         try:
             record = self.store.get(key)
-            return None if record is None else _read_chunk(record, width, self.verify)
+            return None if record is None else _read_chunk(record, width, self.verify, out)
         except (DamagedRecord, OSError) as exc:
             self._counts.note_corrupt(self.cache_dir, key, exc)
             self.store.delete([key])
@@ -596,19 +628,27 @@ class ChunkCache:
         return self._lookup(self._sources_here().prefix(series_uid, width)[0] + _center_key(center_xyz), width)
 
     def get_ct_raw_candidate(
-        self, series_uid: str, center_xyz: Sequence[float], width_irc: Sequence[int] = DEFAULT_WIDTH_IRC
+        self,
+        series_uid: str,
+        center_xyz: Sequence[float],
+        width_irc: Sequence[int] = DEFAULT_WIDTH_IRC,
+        *,
+        out: np.ndarray | None = None,
     ) -> tuple[np.ndarray, IrcTuple]:
         """The chunk around `center_xyz` of CT `series_uid`, from the cache or computed and stored.
 
-        center_xyz: 3 floats, mm (x, y, z). width_irc: 3 ints (index, row, col).
-        Returns `(chunk, center_irc)`: chunk `width_irc` int16 HU (writable), center_irc an
-        IrcTuple. Same values as `Ct.get_raw_candidate`. Raises DataNotFoundError for an
-        unknown series, CandidateOutsideCtError for a centre outside the CT, CacheFullError /
-        CacheDirError when the cache cannot be written.
+        center_xyz: 3 floats, mm (x, y, z). width_irc: 3 ints (index, row, col). out: None, or a
+        writable C-order int16 array of shape `width_irc` (a batch slot) to read the chunk into.
+        Returns `(chunk, center_irc)`: chunk `width_irc` int16 HU (writable; `out` when given),
+        center_irc an IrcTuple. Same values as `Ct.get_raw_candidate`. Raises DataNotFoundError
+        for an unknown series, CandidateOutsideCtError for a centre outside the CT, CacheFullError
+        / CacheDirError when the cache cannot be written, ConfigError for a bad `out`.
         """
         sources = self._sources_here()
         width = width_irc if type(width_irc) is tuple else tuple(width_irc)
-        found = self._lookup(sources.prefix(series_uid, width)[0] + _center_key(center_xyz), width)
+        key = sources.prefix(series_uid, width)[0] + _center_key(center_xyz)
+        _check_out(out, width)
+        found = self._lookup(key, width, out)
         if found is not None:
             self._counts.hits += 1
             return found
@@ -618,7 +658,10 @@ class ChunkCache:
         chunk, center_irc = ct.get_raw_candidate(center_xyz, width)
         prefix, tag = sources.prefix(series_uid, width)  # the identity may have been refreshed by the load
         self._store(prefix + _center_key(center_xyz), encode_chunk(chunk, center_irc, self.compress_level), tag, width)
-        return chunk, center_irc
+        if out is None:
+            return chunk, center_irc
+        np.copyto(out, chunk)
+        return out, center_irc
 
     # --- writing -------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from p2ch.errors import ConfigError
 
@@ -29,7 +29,17 @@ DEFAULT_RUNS_DIR = Path("runs")
 DEFAULT_MODELS_DIR = Path("data-unversioned/models")
 
 AMP_MODES = ("auto", "off", "bf16", "fp16")  # --amp of training, evaluation and prediction
-DEFAULT_BATCH_SIZE = 64  # candidates per forward pass in evaluation and prediction
+DEFAULT_BATCH_SIZE = 64  # candidates per forward pass in evaluation and prediction, on the CPU
+# On CUDA, batches of 32 (training) or 64 (evaluation) leave the GPU waiting on kernel launches, so
+# --batch-size defaults larger there: chosen from LunaModel's ~7,600 samples/s at batch 1024 on an
+# H100, measured outside p2ch; to be measured by benchmarks/gpu_suite.sh. The book's 32 is one flag
+# away (--batch-size 32). The learning rate is not scaled with the batch: Adam's step does not grow
+# with the batch size as plain SGD's effective step does.
+DEFAULT_CUDA_BATCH_SIZE = 512  # evaluation and prediction on CUDA
+CUDNN_BENCHMARK_HELP = (
+    "cuDNN autotuning: time the convolution algorithms for each new input shape and keep the fastest (CUDA only; "
+    "off: cuDNN's heuristic choice, the same in every run, for reproducibility)"
+)
 SPLIT_MODES = ("series", "subset", "stride")  # see p2ch.datasets.split_candidates
 SELECT_BY = ("cpm", "f1", "auc")  # the validation metric that picks best.pt
 # What a classifier run learns: nodule vs non-nodule candidates (chapters 11-12), or benign vs
@@ -38,6 +48,12 @@ TASKS = ("nodule", "malignancy")
 TASK_OF_DATASET = {"LunaDataset": "nodule", "MalignantLunaDataset": "malignancy"}
 DEFAULT_SELECT_BY = {"nodule": "cpm", "malignancy": "auc"}
 OPTIMIZERS = ("sgd", "adam")
+# --lr-schedule: the lr held (after an optional warm-up), or over the run's horizon a one-cycle
+# (rise to --lr, cosine down to ~0) or a linear warm-up and cosine decay to 0; see p2ch.trainer.
+LR_SCHEDULES = ("constant", "onecycle", "cosine")
+# The warm-up when --warmup-samples is not given, as a fraction of the schedule's horizon:
+# none for constant, 5 % for cosine, and torch's OneCycleLR default (pct_start 0.3) for onecycle.
+DEFAULT_WARMUP_FRACTION = {"constant": 0.0, "onecycle": 0.3, "cosine": 0.05}
 DEFAULT_EVAL_DIR = Path("data-unversioned/eval")
 
 
@@ -132,7 +148,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
 
 def add_inference_arguments(group: argparse._ArgumentGroup) -> None:
     """--batch-size, --device, --amp and --channels-last into `group` (the inference settings of make_scorer)."""
-    group.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="candidates per forward pass")
+    group.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"candidates per forward pass (default: {DEFAULT_BATCH_SIZE} on the CPU, {DEFAULT_CUDA_BATCH_SIZE} on "
+        "CUDA)",
+    )
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     group.add_argument(
         "--amp",
@@ -146,6 +168,21 @@ def add_inference_arguments(group: argparse._ArgumentGroup) -> None:
         default="on",
         help="channels_last_3d memory format for the model and batches",
     )
+    group.add_argument("--cudnn-benchmark", choices=("on", "off"), default="on", help=CUDNN_BENCHMARK_HELP)
+
+
+def resolve_batch_size(value: int | None, device: str, cpu: int, cuda: int | None) -> int:
+    """--batch-size: `value` when given, else `cpu` or `cuda` (`cpu` when None) by what --device `device` means."""
+    if value is not None:
+        return value
+    from p2ch.runtime import device_type_of  # torch only here: p2ch.synth imports this module without it
+
+    return cuda if cuda is not None and device_type_of(device) == "cuda" else cpu
+
+
+def inference_batch_size(value: int | None, device: str) -> int:
+    """--batch-size of evaluation and prediction (`add_inference_arguments`): `value`, else by device."""
+    return resolve_batch_size(value, device, DEFAULT_BATCH_SIZE, DEFAULT_CUDA_BATCH_SIZE)
 
 
 _Config = TypeVar("_Config", bound="RunConfig")
@@ -199,16 +236,22 @@ class RunConfig:
     batch_size: int = 32
     num_workers: int = 8
     epochs: int = 1
-    optimizer: str = "sgd"
+    # Adam at 1e-3 is the default because it is what learns: on the synthetic set the book's SGD
+    # (lr 1e-3, momentum 0.99) reached CPM 0.02 in 8,192 samples, Adam 0.29 (benchmarks/time_to_cpm.py).
+    optimizer: str = "adam"
     lr: float = 0.001
-    momentum: float = 0.99
+    momentum: float = 0.99  # SGD only (the book's)
     weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    warmup_samples: int | None = None  # None: DEFAULT_WARMUP_FRACTION of the schedule's horizon
+    schedule_samples: int | None = None  # the horizon of onecycle/cosine; None: the whole run at its start
     # speed
     amp: str = "auto"
     channels_last: str = "on"
     compile: bool = False
     device: str = "auto"
     sync_bn: bool = False
+    cudnn_benchmark: str = "on"
     # run control
     seed: int = 0
     val_every: int = 1
@@ -222,6 +265,8 @@ class RunConfig:
     resume: str | None = None
     init_weights: str | None = None
     log_level: str = "INFO"
+    # --batch-size when none is given on CUDA (None: `batch_size` there too); see DEFAULT_CUDA_BATCH_SIZE.
+    cuda_batch_size: ClassVar[int | None] = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples as lists) for checkpoints and hparams."""
@@ -249,12 +294,30 @@ class RunConfig:
         _need(self.split in SPLIT_MODES, f"--split {self.split!r}: expected one of {', '.join(SPLIT_MODES)}")
         _need(self.optimizer in OPTIMIZERS, f"--optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
         _need(self.amp in AMP_MODES, f"--amp {self.amp!r}: expected one of {', '.join(AMP_MODES)}")
+        _need(self.cudnn_benchmark in ("on", "off"), f"--cudnn-benchmark {self.cudnn_benchmark!r}: expected on or off")
         _need(self.batch_size >= 1, f"--batch-size must be ≥ 1, got {self.batch_size}")
         _need(self.num_workers >= 0, f"--num-workers must be ≥ 0, got {self.num_workers}")
         _need(self.epochs >= 1, f"--epochs must be ≥ 1, got {self.epochs}")
         _need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         _need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
         _need(self.weight_decay >= 0, f"--weight-decay must be ≥ 0, got {self.weight_decay}")
+        _need(
+            self.lr_schedule in LR_SCHEDULES,
+            f"--lr-schedule {self.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}",
+        )
+        _need(
+            self.warmup_samples is None or self.warmup_samples >= 0,
+            f"--warmup-samples must be ≥ 0 training samples, got {self.warmup_samples}",
+        )
+        _need(
+            self.schedule_samples is None or self.schedule_samples >= 1,
+            f"--schedule-samples must be ≥ 1 training samples, got {self.schedule_samples}",
+        )
+        _need(
+            self.schedule_samples is None or self.lr_schedule != "constant",
+            "--schedule-samples sets how long a onecycle or cosine schedule runs; a constant lr has no end: "
+            "add --lr-schedule onecycle|cosine or drop --schedule-samples",
+        )
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
             _need(0 <= value < 1, f"--{name.replace('_', '-')} must be a fraction in [0, 1), got {value}")
@@ -276,9 +339,11 @@ class TrainingConfig(RunConfig):
     balanced: bool = False
     balance_ratio: int | None = None
     label_smoothing: float = 0.0
+    mixup: float = 0.0  # alpha of Beta(alpha, alpha), one λ per sample; 0: off
     select_by: str | None = None  # None: the task's default (DEFAULT_SELECT_BY)
     finetune: str | None = None
     finetune_depth: int | None = None  # None: 1 with --finetune (the book's default)
+    cuda_batch_size: ClassVar[int | None] = 256
 
     @property
     def best_by(self) -> str:
@@ -311,6 +376,7 @@ class TrainingConfig(RunConfig):
             "use one of them",
         )
         _need(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        _need(self.mixup >= 0, f"--mixup must be ≥ 0 (the alpha of Beta(alpha, alpha); 0: off), got {self.mixup}")
         _need(
             self.balance_ratio is None or self.balance_ratio >= 1,
             f"--balance-ratio must be ≥ 1 negatives per positive, got {self.balance_ratio}",
@@ -452,15 +518,57 @@ def add_augmentation_arguments(parser: argparse.ArgumentParser, rotate_help: str
 
 
 def add_optimisation_arguments(parser: argparse.ArgumentParser, d: RunConfig) -> argparse._ArgumentGroup:
-    """--batch-size, --num-workers, --epochs, --optimizer, --lr, --momentum, --weight-decay."""
+    """--batch-size, --num-workers, --epochs, --optimizer, --lr, --momentum, --weight-decay, --lr-schedule,
+    --warmup-samples, --schedule-samples."""
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per batch (per GPU)")
-    g.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader worker processes (per GPU)")
+    cuda = type(d).cuda_batch_size
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"samples per batch (per GPU{f'; {cuda} on CUDA' if cuda else ''}) (default: {d.batch_size})",
+    )
+    g.add_argument(
+        "--num-workers",
+        type=int,
+        default=d.num_workers,
+        help="DataLoader worker processes (per GPU); each keeps 2 batches in shared memory (/dev/shm): in a "
+        "container, start it with docker's --ipc=host or --shm-size, or workers die with 'Bus error'",
+    )
     g.add_argument("--epochs", type=int, default=d.epochs, help="epochs to train (in total, when resuming)")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="optimizer")
-    g.add_argument("--lr", type=float, default=d.lr, help="learning rate")
-    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
+    g.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default=d.optimizer,
+        help="optimizer (the book's recipe: --optimizer sgd --lr 0.001 --momentum 0.99)",
+    )
+    g.add_argument("--lr", type=float, default=d.lr, help="learning rate (the peak of a schedule)")
+    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (Adam ignores it)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
+    g.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default=d.lr_schedule,
+        help="the lr per optimizer step: constant: --lr (after --warmup-samples, if any); onecycle: up from "
+        "--lr/25 to --lr over the warm-up, then a cosine down to ~0; cosine: a linear warm-up to --lr, then a "
+        "cosine down to 0 at the schedule's end",
+    )
+    g.add_argument(
+        "--warmup-samples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="training samples of linear warm-up (default: 0 for constant; cosine: 5%%, onecycle: 30%% of the "
+        "schedule)",
+    )
+    g.add_argument(
+        "--schedule-samples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="training samples over which a onecycle or cosine schedule runs (default: the whole run as started, "
+        "--epochs x the epoch size); a resumed run cannot train past its end",
+    )
     return g
 
 
@@ -482,6 +590,7 @@ def add_speed_arguments(parser: argparse.ArgumentParser, d: RunConfig, channels_
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (under torchrun: per rank)")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs (DDP only)")
+    g.add_argument("--cudnn-benchmark", choices=("on", "off"), default=d.cudnn_benchmark, help=CUDNN_BENCHMARK_HELP)
 
 
 def add_run_control_arguments(
@@ -547,6 +656,10 @@ RESUME_GUARDED = (
     "runs_dir",
     "comment",
 )
+# Settings a resumed run cannot change (not even with --allow-config-change): the optimizer's and
+# the lr schedule's state continue from the checkpoint and fit only the optimizer and schedule
+# that wrote them.
+RESUME_FIXED = ("optimizer", "lr_schedule", "warmup_samples", "schedule_samples")
 PATH_SETTINGS = ("data_root", "cache_dir", "runs_dir", "checkpoint_dir", "resume", "init_weights", "finetune")
 
 
@@ -599,6 +712,17 @@ def resume_config(
     }
     candidate = absolute_paths(dataclasses.replace(base, **updates, resume=resume, init_weights=None))
     candidate.validate()
+    fixed = [
+        f"--{name.replace('_', '-')} {getattr(base, name)} → {getattr(candidate, name)}"
+        for name in RESUME_FIXED
+        if name in updates and getattr(candidate, name) != getattr(base, name)
+    ]
+    if fixed:
+        raise ConfigError(
+            f"--resume {resume}: {'; '.join(fixed)}: a resumed run continues its optimizer and lr schedule from "
+            f"the checkpoint, so they cannot change; leave those flags out, or start a new run with "
+            f"--init-weights {resume} (its weights only)"
+        )
     changed = [
         f"--{name.replace('_', '-')} {_show(getattr(base, name))} → {_show(getattr(candidate, name))}"
         for name in RESUME_GUARDED
@@ -636,6 +760,10 @@ def config_from_args(args: argparse.Namespace, config_class: type[_Config]) -> _
             values[key] = tuple(values[key])
     if values.get("balance_ratio") is not None:
         values["balanced"] = True
+    if "batch_size" in values:  # None: the default of the device (saved resolved, so a resume is exact)
+        values["batch_size"] = resolve_batch_size(
+            values["batch_size"], values.get("device", "auto"), config_class.batch_size, config_class.cuda_batch_size
+        )
     config = config_class(**values)
     config.validate()
     return absolute_paths(config)

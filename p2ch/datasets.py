@@ -6,6 +6,7 @@ Chunks travel as **int16 HU**, never as float:
 
     LunaDataset[k].chunk      (1, I, R, C) int16 HU, default (1, 32, 48, 48)
     loader batch .chunk       (N, 1, I, R, C) int16 HU (pinned when CUDA is present)
+    DevicePrefetcher batch    (N, 1, I, R, C) int16 HU on the CUDA device (else as the loader's)
     to_device_batch(chunk)    (N, 1, I, R, C) float32 HU on the training device
 
 int16 is half the bytes of float32 through the worker pipes, shared memory and pinned host
@@ -13,6 +14,11 @@ memory, and it is exactly what the cache stores (CT voxels are int16 and clipped
 [-1000, 1000] HU), so nothing is lost. The conversion to float32 happens once per batch on
 the training device (`to_device_batch`), where augmentation (`p2ch.augment`) and the model
 run. The book converted every chunk to float32 in the worker.
+
+Batches are read whole: the DataLoader calls `LunaDataset.__getitems__`, which reads every
+chunk of a batch straight into one int16 tensor (shared memory in a worker), with no
+per-chunk buffer and no collate copy. `DevicePrefetcher` copies batch k+1 to the GPU on a side
+stream while batch k computes. `benchmarks/bench_loader.py` measures both paths.
 
 Splits
 ------
@@ -57,6 +63,7 @@ import dataclasses
 import functools
 import gc
 import hashlib
+import inspect
 import itertools
 import math
 import os
@@ -67,7 +74,7 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 from p2ch.candidates import CandidateArrays
 from p2ch.cli import exit_with_parent
@@ -90,7 +97,12 @@ class ChunkSource(Protocol):
     def get_ct_raw_candidate(
         self, series_uid: str, center_xyz: Sequence[float], width_irc: Sequence[int] = DEFAULT_WIDTH_IRC
     ) -> tuple[np.ndarray, Sequence[int]]:
-        """Return `(chunk, center_irc)`: chunk `width_irc` int16 HU; center_irc 3 ints."""
+        """Return `(chunk, center_irc)`: chunk `width_irc` int16 HU; center_irc 3 ints.
+
+        A source may also take a keyword `out` (a writable C-order int16 array of shape
+        `width_irc`) and decode the chunk straight into it, as `ChunkCache` does; batched
+        reads (`LunaDataset.__getitems__`) then allocate no per-chunk buffer.
+        """
         ...
 
 
@@ -148,6 +160,30 @@ def _check_indices(indices: Any, size: int, what: str = "indices") -> np.ndarray
     return array.astype(np.int64, copy=False)
 
 
+def _takes_out(method: Callable[..., Any]) -> bool:
+    """Whether a chunk source's `get_ct_raw_candidate` accepts the keyword `out` (see `ChunkSource`)."""
+    try:
+        parameters = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C method without a signature
+        return False
+    return any(
+        (p.name == "out" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)) or p.kind is p.VAR_KEYWORD
+        for p in parameters
+    )
+
+
+def _new_chunk_batch(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised int16 tensor of `shape`; in shared memory inside a DataLoader worker.
+
+    Shared memory is allocated directly, as torch's own collate does: `share_memory_()` on a
+    fresh tensor would allocate private memory first and copy it over (about 20 µs a chunk).
+    """
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.int16)
+    storage = torch.UntypedStorage._new_shared(2 * math.prod(shape))
+    return torch.empty(0, dtype=torch.int16).set_(storage, 0, shape)
+
+
 class LunaDataset(Dataset):
     """Map-style dataset of candidate chunks: item k is candidate `indices[k]`.
 
@@ -158,7 +194,8 @@ class LunaDataset(Dataset):
 
     Items are `LunaSample(chunk, label, series_uid, center_irc)`: chunk (1, I, R, C) int16 HU,
     label () int64 (1 = nodule), series_uid str, center_irc (3,) int64. See the module
-    docstring for why chunks stay int16.
+    docstring for why chunks stay int16. `__getitems__` reads a whole batch at once into one
+    tensor (what the DataLoader uses).
 
     Attributes: `indices` (M,) int64 candidate rows; `labels` (M,) bool, item k is a nodule
     (for samplers); `width_irc`. Everything per candidate is a numpy array, so forked
@@ -187,6 +224,7 @@ class LunaDataset(Dataset):
         self._series_index = np.ascontiguousarray(candidates.series_index[self.indices])
         self._center_xyz = np.ascontiguousarray(candidates.center_xyz[self.indices], dtype=np.float64)
         self.labels = np.ascontiguousarray(candidates.is_nodule[self.indices], dtype=bool)
+        self._source_takes_out = _takes_out(source.get_ct_raw_candidate)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -195,10 +233,8 @@ class LunaDataset(Dataset):
         """The series_uid of item k."""
         return str(self._series_uids[self._series_index[k]])
 
-    def __getitem__(self, k: int) -> LunaSample:
-        series_uid = self.series_uid(k)
-        center_xyz = tuple(self._center_xyz[k].tolist())
-        chunk, center_irc = self.source.get_ct_raw_candidate(series_uid, center_xyz, self.width_irc)
+    def _checked_chunk(self, chunk: Any, series_uid: str, center_xyz: tuple[float, ...]) -> np.ndarray:
+        """The source's chunk as an ndarray; DataFormatError unless it is int16 of shape `width_irc`."""
         chunk = np.asarray(chunk)
         if chunk.dtype != np.int16 or chunk.shape != self.width_irc:
             raise DataFormatError(
@@ -206,6 +242,13 @@ class LunaDataset(Dataset):
                 f"{chunk.shape} for series {series_uid} at {center_xyz} mm; expected int16 HU of "
                 f"shape {self.width_irc} (a stale or foreign cache? clear it and re-run prepcache)"
             )
+        return chunk
+
+    def __getitem__(self, k: int) -> LunaSample:
+        series_uid = self.series_uid(k)
+        center_xyz = tuple(self._center_xyz[k].tolist())
+        chunk, center_irc = self.source.get_ct_raw_candidate(series_uid, center_xyz, self.width_irc)
+        chunk = self._checked_chunk(chunk, series_uid, center_xyz)
         if not (chunk.flags.writeable and chunk.flags.c_contiguous and chunk.flags.owndata):
             # Read-only buffers (e.g. straight from a cache file) and views into the source's own
             # arrays are copied, so callers may modify the tensor in place.
@@ -215,6 +258,44 @@ class LunaDataset(Dataset):
             label=torch.tensor(int(self.labels[k]), dtype=torch.int64),
             series_uid=series_uid,
             center_irc=torch.tensor([int(v) for v in center_irc], dtype=torch.int64),
+        )
+
+    def __getitems__(self, ks: Sequence[int]) -> LunaBatch:
+        """Items `ks` as one `LunaBatch`, equal bit for bit to `collate_luna([self[k] for k in ks])`.
+
+        torch's DataLoader calls this (instead of `__getitem__` per item) when it batches, and
+        hands the result to its collate_fn (`collate_luna` passes a LunaBatch through). Every
+        chunk is read straight into its slot of one (N, 1, I, R, C) int16 tensor, allocated in
+        shared memory inside a worker so that sending it to the main process copies nothing:
+        no per-chunk buffer, no collate copy. (The tensor is fresh per batch: the main process
+        may hold a batch for as long as it likes, and a worker cannot tell when it lets go.)
+        Sources without an `out` keyword are read as in `__getitem__` and copied into the slot.
+        A subclass that overrides `__getitem__` gets its own items, collated.
+        """
+        if type(self).__getitem__ is not LunaDataset.__getitem__:
+            return collate_luna([self[k] for k in ks])
+        rows = np.asarray(ks, dtype=np.int64).reshape(-1)
+        n = len(rows)
+        chunk = _new_chunk_batch((n, 1, *self.width_irc))
+        slots = chunk.numpy()[:, 0]  # (N, I, R, C) int16 views into the batch
+        centers = np.empty((n, 3), dtype=np.int64)
+        uids = [str(u) for u in self._series_uids[self._series_index[rows]]]
+        centers_xyz = self._center_xyz[rows].tolist()
+        read = self.source.get_ct_raw_candidate
+        for j in range(n):
+            series_uid, center_xyz, slot = uids[j], tuple(centers_xyz[j]), slots[j]
+            if self._source_takes_out:
+                got, center_irc = read(series_uid, center_xyz, self.width_irc, out=slot)
+            else:
+                got, center_irc = read(series_uid, center_xyz, self.width_irc)
+            if got is not slot:
+                slot[...] = self._checked_chunk(got, series_uid, center_xyz)
+            centers[j] = [int(v) for v in center_irc]
+        return LunaBatch(
+            chunk=chunk,
+            label=torch.from_numpy(self.labels[rows].astype(np.int64)),
+            series_uid=uids,
+            center_irc=torch.from_numpy(centers),
         )
 
     def __repr__(self) -> str:
@@ -259,12 +340,15 @@ class MalignantLunaDataset(LunaDataset):
         )
 
 
-def collate_luna(samples: Sequence[LunaSample]) -> LunaBatch:
+def collate_luna(samples: Sequence[LunaSample] | LunaBatch) -> LunaBatch:
     """Stack `LunaSample`s into a `LunaBatch`; series_uid stays a list of str.
 
+    A `LunaBatch` (what `LunaDataset.__getitems__` gives the DataLoader) is returned as it is.
     Tensors go through torch's `default_collate`, which, inside a DataLoader worker, builds
     the batch directly in shared memory (no extra copy through the pipe).
     """
+    if isinstance(samples, LunaBatch):
+        return samples
     chunks, labels, uids, centers = zip(*samples, strict=True)
     return LunaBatch(
         chunk=default_collate(list(chunks)),
@@ -288,6 +372,77 @@ def to_device_batch(chunk_batch: torch.Tensor, device: torch.device | str, non_b
             "chunks travel as int16 and become float32 only here"
         )
     return chunk_batch.to(device, non_blocking=non_blocking).to(torch.float32)
+
+
+def _one_ahead(batches: Iterator[Any], start: Callable[[Any], Any], finish: Callable[[Any], Any]) -> Iterator[Any]:
+    """Yield `finish(start(batch))` for each batch, calling `start` on the next batch before handing out this one.
+
+    So the work `start` queues for batch k+1 (a device copy) runs while the consumer computes
+    on batch k. When the consumer stops early, one batch has been started for nothing.
+    """
+    pending = None
+    for batch in batches:
+        started = start(batch)
+        if pending is not None:
+            yield finish(pending)
+        pending = started
+    if pending is not None:
+        yield finish(pending)
+
+
+class DevicePrefetcher:
+    """A loader's `LunaBatch`es with chunk and label already on `device`, the next copy overlapping this batch's work.
+
+    loader: an iterable of `LunaBatch` (from `create_loader`; pinned on CUDA). device: where the
+    model runs. `len()` is the loader's.
+
+    On CUDA, as soon as batch k is handed out, batch k+1's chunk ((N, 1, I, R, C) int16 HU) and
+    label ((N,) int64) are copied to the device on a side stream (non-blocking from pinned
+    memory), so the copy overlaps batch k's kernels instead of queuing behind them on the compute
+    stream. When batch k+1 is handed out, the consumer's current stream waits on the copy's event,
+    and both tensors are `record_stream`-ed on it, so their memory is not reused before the
+    consumer's kernels are done with it. The chunk stays int16: `to_device_batch` makes it float32
+    on the compute stream (no copy, one conversion kernel), so results are unchanged.
+    series_uid and center_irc stay as the loader made them.
+
+    On any other device the loader's batches pass through unchanged (the step's
+    `to_device_batch` moves them), so CPU runs are exactly as without it.
+    """
+
+    def __init__(self, loader: Any, device: torch.device | str):
+        self.loader = loader
+        self.device = torch.device(device)
+        self._stream: torch.cuda.Stream | None = None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.device.type != "cuda":
+            return iter(self.loader)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=self.device)
+        return _one_ahead(iter(self.loader), self._start_copy, self._hand_over)
+
+    def _start_copy(self, batch: LunaBatch) -> tuple[LunaBatch, torch.cuda.Event]:
+        """Queue batch's chunk and label copies on the side stream; returns the device batch and the copy's event."""
+        stream = self._stream
+        assert stream is not None  # set by __iter__
+        with torch.cuda.stream(stream):
+            chunk = batch.chunk.to(self.device, non_blocking=True)
+            label = batch.label.to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(stream)
+        return batch._replace(chunk=chunk, label=label), copied
+
+    def _hand_over(self, started: tuple[LunaBatch, torch.cuda.Event]) -> LunaBatch:
+        """Make the consumer's stream wait for the copy, and keep the memory until its kernels have run."""
+        batch, copied = started
+        consumer = torch.cuda.current_stream(self.device)
+        consumer.wait_event(copied)
+        batch.chunk.record_stream(consumer)
+        batch.label.record_stream(consumer)
+        return batch
 
 
 # --- splits -----------------------------------------------------------------------------------

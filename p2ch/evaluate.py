@@ -83,6 +83,7 @@ from p2ch.config import (
     add_model_arguments,
     check_finite_settings,
     check_output_dir,
+    inference_batch_size,
     resolve_cache_dir,
     resolve_data_root,
 )
@@ -105,6 +106,7 @@ from p2ch.metrics import (
 )
 from p2ch.plots import fp_label, froc_figure, roc_figure, save_figure_png
 from p2ch.prefill import fill_missing
+from p2ch.runtime import check_loader_shared_memory, configure_backends, shared_memory_errors
 from p2ch.vis import write_pictures
 
 log = logging.getLogger("p2ch.evaluate")
@@ -141,6 +143,7 @@ class EvalConfig:
     device: str = "auto"
     amp: str = "auto"
     channels_last: str = "on"
+    cudnn_benchmark: str = "on"
     threshold: float = 0.5
     bootstrap: int = 1000
     seed: int = 0
@@ -331,6 +334,8 @@ def prepare(config: EvalConfig) -> EvalInputs:
     check_output_dir(out_dir, "--out")  # every output location, before the first chunk is read
     if not config.no_cache:
         check_output_dir(resolve_cache_dir(config.cache_dir or info.config.cache_dir), "--cache-dir")
+    scorer = make_scorer(model, config.device, config.amp, config.channels_last)
+    configure_backends(scorer.device, config.cudnn_benchmark == "on")
     return EvalInputs(
         checkpoint=checkpoint,
         info=info,
@@ -339,7 +344,7 @@ def prepare(config: EvalConfig) -> EvalInputs:
         selection=selection,
         annotations=annotations,
         excluded=excluded,
-        scorer=make_scorer(model, config.device, config.amp, config.channels_last),
+        scorer=scorer,
         width_irc=check_width_irc(info.config.width_irc),
         out_dir=out_dir,
     )
@@ -359,16 +364,19 @@ def _score_through_cache(inputs: EvalInputs, config: EvalConfig) -> Scores:
     _check_all_cached(inputs, config, cache)
     started = time.perf_counter()  # the rate reported is inference from the (now warm) cache
     workers = config.num_workers if config.num_workers is not None else _default_num_workers(inputs.scorer.device)
-    probability = score_from_cache(
-        inputs.scorer,
-        inputs.candidates,
-        indices,
-        cache,
-        width_irc=inputs.width_irc,
-        batch_size=config.batch_size,
-        num_workers=workers,
-        progress=config.progress,
-    )
+    # A sample hands over its int16 chunk, label and centre (int64) through shared memory.
+    check_loader_shared_memory([math.prod(inputs.width_irc) * 2 + 32], config.batch_size, workers)
+    with shared_memory_errors(f"--batch-size {config.batch_size}, --num-workers {workers}"):
+        probability = score_from_cache(
+            inputs.scorer,
+            inputs.candidates,
+            indices,
+            cache,
+            width_irc=inputs.width_irc,
+            batch_size=config.batch_size,
+            num_workers=workers,
+            progress=config.progress,
+        )
     return Scores(probability, time.perf_counter() - started, written, str(cache.cache_dir), workers)
 
 
@@ -996,11 +1004,12 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         data_root=args.data_root,
         cache_dir=args.cache_dir,
         no_cache=args.no_cache,
-        batch_size=args.batch_size,
+        batch_size=inference_batch_size(args.batch_size, args.device),
         num_workers=args.num_workers,
         device=args.device,
         amp=args.amp,
         channels_last=args.channels_last,
+        cudnn_benchmark=args.cudnn_benchmark,
         threshold=args.threshold,
         bootstrap=args.bootstrap,
         seed=args.seed,

@@ -28,7 +28,7 @@ from p2ch.cache import ChunkCache
 from p2ch.candidates import CandidateArrays, group_rows, read_luna_csv
 from p2ch.config import AMP_MODES, DEFAULT_BATCH_SIZE
 from p2ch.ct import Ct
-from p2ch.datasets import EvalSampler, LunaDataset, create_loader, to_device_batch
+from p2ch.datasets import DevicePrefetcher, EvalSampler, LunaDataset, create_loader, to_device_batch
 from p2ch.errors import CandidateOutsideCtError, ConfigError, DataFormatError, DataNotFoundError
 from p2ch.geometry import DEFAULT_WIDTH_IRC, check_width_irc
 from p2ch.luna import LOCATION_COLUMNS, find_mhd, series_index
@@ -119,7 +119,7 @@ def score_from_cache(
     )
     parts = []
     with Progress(len(dataset), "scoring", "candidates", enabled=progress) as bar:
-        for batch in loader:
+        for batch in DevicePrefetcher(loader, scorer.device):
             parts.append(scorer(batch.chunk))
             bar.update(len(batch.label))
     return torch.cat(parts).cpu().numpy().astype(np.float64)

@@ -1,10 +1,11 @@
 """The machinery every training app shares: one epoch loop and the best-checkpoint policy.
 
 `run_epoch` runs a loader through a step function (a training step or an evaluation step, the
-app's own) and does what is the same for every model: timing (with a device sync, so GPU work
-is counted), data wait, progress, an optional cut after N batches, and gathering the per-sample
-outputs of every DDP rank. `BestCheckpoint` decides whether a validation result beats the best
-so far, and keeps that decision stable when a metric is undefined in some epochs.
+app's own) and does what is the same for every model: timing (with a device sync at the first
+batch and at the end, so GPU work is counted where it belongs), data wait, progress, an optional
+cut after N batches, and gathering the per-sample outputs of every DDP rank. `BestCheckpoint`
+decides whether a validation result beats the best so far, and keeps that decision stable when a
+metric is undefined in some epochs.
 
 The apps (`p2ch.training.LunaTrainingApp`, and the segmentation app after it) stay recipes:
 build data and model, define `step`, call `run_epoch`, log with `p2ch.tblog`, save with
@@ -25,7 +26,7 @@ import torch
 
 from p2ch.errors import P2chError
 from p2ch.progress import Progress
-from p2ch.runtime import DistInfo, gather_cat, synchronize
+from p2ch.runtime import DistInfo, gather_cat, shared_memory_errors, synchronize
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,10 @@ class EpochResult:
     outputs: name → (N, ...) tensor on the device, as the step returned them, plus
     "positions" (N,) int64 (positions in the dataset) when `run_epoch` was given them.
     seconds: wall time of the pass (device work included); data_wait_seconds: time spent
-    waiting for the loader. complete: every batch was run (False when `max_batches` cut it).
+    waiting for the loader (the wait for the first batch included). complete: every batch was run
+    (False when `max_batches` cut it). startup_seconds: the part of `seconds` (and of the data wait)
+    before the first batch arrived: starting the loader's workers, or draining what they prefetched
+    for a pass that was cut, and loading the first batch.
     """
 
     outputs: dict[str, torch.Tensor]
@@ -55,6 +59,7 @@ class EpochResult:
     seconds: float
     data_wait_seconds: float
     complete: bool
+    startup_seconds: float = 0.0
 
     @property
     def samples_per_sec(self) -> float:
@@ -63,6 +68,22 @@ class EpochResult:
     @property
     def data_wait_fraction(self) -> float:
         return self.data_wait_seconds / self.seconds if self.seconds > 0 else math.nan
+
+    @property
+    def steady_seconds(self) -> float:
+        """Wall time from the first batch's arrival to the end (the loader's start-up left out)."""
+        return self.seconds - self.startup_seconds
+
+    @property
+    def steady_samples_per_sec(self) -> float:
+        """Samples per second from the first batch on: the rate a long epoch approaches."""
+        return self.count / self.steady_seconds if self.steady_seconds > 0 else math.nan
+
+    @property
+    def steady_data_wait_fraction(self) -> float:
+        """The fraction of `steady_seconds` spent waiting for batches after the first."""
+        steady = self.steady_seconds
+        return (self.data_wait_seconds - self.startup_seconds) / steady if steady > 0 else math.nan
 
 
 def _batch_size(outputs: Mapping[str, torch.Tensor]) -> int:
@@ -92,15 +113,24 @@ def run_epoch(
     (the sampler's indices); the first `count` of them are returned as outputs["positions"].
     finite: the name of an output that must stay finite (the training loss), checked every
     `FINITE_CHECK_EVERY` batches and at the end; NonFiniteLossError when it is not.
+    A worker killed by a bus error (shared memory full) raises `p2ch.runtime.SharedMemoryError`.
+    On CUDA the device is synchronized at the first batch (`startup_seconds`: the time until then)
+    and at the end, so the epoch's time holds exactly its own work.
     """
     parts: dict[str, list[torch.Tensor]] = {}
     seen = done = 0
-    wait = 0.0
+    wait = startup = 0.0
     broken: torch.Tensor | None = None  # on the device: whether `finite` has held a nan or inf yet
     start = time.perf_counter()
-    with Progress(total_samples, desc, "samples", enabled=show_progress and dist.is_main) as progress:
+    with (
+        Progress(total_samples, desc, "samples", enabled=show_progress and dist.is_main) as progress,
+        shared_memory_errors(),
+    ):
         fetch_start = time.perf_counter()
         for batch in loader:
+            if done == 0:
+                synchronize(device)
+                startup = time.perf_counter() - start
             wait += time.perf_counter() - fetch_start
             outputs = step(batch)
             for name, tensor in outputs.items():
@@ -110,9 +140,7 @@ def run_epoch(
             done += 1
             progress.update(size)
             if finite is not None:
-                bad = ~torch.isfinite(outputs[finite]).all()
-                broken = bad if broken is None else broken | bad
-                _raise_if_broken(broken, done % FINITE_CHECK_EVERY == 0, finite, desc, done)
+                broken = _track_finite(broken, outputs[finite], finite, desc, done)
             if done >= batches:
                 break
             fetch_start = time.perf_counter()
@@ -120,12 +148,28 @@ def run_epoch(
         _raise_if_broken(broken, True, finite or "", desc, done)
     synchronize(device)
     seconds = time.perf_counter() - start
+    gathered = _gather(parts, positions, seen, device, dist)
+    count = int(next(iter(gathered.values())).shape[0]) if gathered else 0
+    complete = done >= _loader_length(loader, batches)
+    return EpochResult(gathered, count, seconds, wait, complete=complete, startup_seconds=startup)
+
+
+def _track_finite(broken: torch.Tensor | None, values: torch.Tensor, name: str, desc: str, done: int) -> torch.Tensor:
+    """Whether `values` (or any earlier batch's) held a nan or inf, as a device flag; raises every few batches."""
+    bad = ~torch.isfinite(values).all()
+    broken = bad if broken is None else broken | bad
+    _raise_if_broken(broken, done % FINITE_CHECK_EVERY == 0, name, desc, done)
+    return broken
+
+
+def _gather(
+    parts: dict[str, list[torch.Tensor]], positions: np.ndarray | None, seen: int, device: torch.device, dist: DistInfo
+) -> dict[str, torch.Tensor]:
+    """Each output's batches concatenated (plus the dataset positions seen), gathered over ranks."""
     gathered = {name: torch.cat(tensors) for name, tensors in parts.items()}
     if positions is not None:
         gathered["positions"] = torch.as_tensor(np.asarray(positions[:seen], dtype=np.int64), device=device)
-    gathered = {name: gather_cat(tensor, dist) for name, tensor in gathered.items()}
-    count = int(next(iter(gathered.values())).shape[0]) if gathered else 0
-    return EpochResult(gathered, count, seconds, wait, complete=done >= _loader_length(loader, batches))
+    return {name: gather_cat(tensor, dist) for name, tensor in gathered.items()}
 
 
 def _raise_if_broken(broken: torch.Tensor, now: bool, name: str, desc: str, done: int) -> None:

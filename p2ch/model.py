@@ -8,7 +8,8 @@ Layout (module names are part of the checkpoint format; keep them):
     head_linear      Linear(1152 → 2) on the flattened (64, 2, 3, 3) features
 
 For a (1, 32, 48, 48) chunk that is 222,220 trainable parameters. `forward` returns the logits
-and their softmax. The model works under `torch.autocast` (bfloat16/float16), with
+and their softmax, both float32. The model works under `torch.autocast` (bfloat16/float16; the
+head runs in float32 all the same, see `float32_head`), with
 `memory_format=torch.channels_last_3d` (the features are flattened with a reshape, which keeps
 the logical (C, D, H, W) order whatever the strides), and under `torch.compile`.
 """
@@ -114,9 +115,9 @@ class LunaModel(nn.Module):
         """Classify a batch of chunks.
 
         x: (N, 1, 32, 48, 48) float HU (any float dtype, contiguous or channels_last_3d).
-        Returns (logits, probabilities): both (N, 2), column 1 = nodule. Logits are in the
-            autocast dtype when autocast is on; probabilities (their softmax over dim 1) are
-            float32 (float64 for a float64 model and input).
+        Returns (logits, probabilities): both (N, 2), column 1 = nodule, float32 also under
+            autocast (float64 for a float64 model and input); probabilities are the softmax of
+            the logits over dim 1.
         """
         self._check_input(x)
         x = self.tail_batchnorm(x)
@@ -125,9 +126,8 @@ class LunaModel(nn.Module):
         x = self.block3(x)
         x = self.block4(x)
         # flatten reshapes in logical order; a .view would fail on channels_last_3d strides.
-        logits = self.head_linear(torch.flatten(x, 1))
-        # Softmax in float32 even under autocast, so probabilities sum to 1 for the metrics.
-        return logits, F.softmax(logits, dim=1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        logits = float32_head(self.head_linear, torch.flatten(x, 1))
+        return logits, F.softmax(logits, dim=1)
 
     def describe(self) -> dict[str, Any]:
         """Plain description for logs and checkpoints: architecture, sizes, parameter count, signature."""
@@ -139,6 +139,20 @@ class LunaModel(nn.Module):
             "trainable_parameters": count_parameters(self),
             "signature": arch_signature(self),
         }
+
+
+def float32_head(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """`head(features)` in float32 (or wider) whatever autocast is on.
+
+    Under bf16 autocast a linear layer returns bf16: 8 significant bits, so logits above 16 are
+    0.125 apart and many candidates share one score, which ties the FROC ranking. The head is a
+    sliver of the model's work, so it runs in float32 (autocast off, features cast up); the
+    weights it was trained with are the same float32 tensors either way.
+    features: (N, F) any float dtype. Returns (N, out) float32 (float64 for float64 features).
+    """
+    wide = torch.promote_types(features.dtype, torch.float32)
+    with torch.autocast(features.device.type, enabled=False):
+        return head(features.to(wide))
 
 
 def weight_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -92,6 +92,7 @@ from p2ch.metrics import (
     match_predictions,
 )
 from p2ch.plots import froc_figure, save_figure_png
+from p2ch.runtime import configure_backends
 from p2ch.tblog import RunWriters
 from p2ch.vis import DETECTED, Finding, write_sheets
 
@@ -120,6 +121,7 @@ class AnalysisConfig:
     device: str = "auto"
     amp: str = "auto"
     channels_last: str = "on"
+    cudnn_benchmark: str = "on"
     segmentation_threshold: float | None = None
     nodule_threshold: float = 0.5
     malignancy_threshold: float = 0.5
@@ -212,6 +214,7 @@ def load_models(config: AnalysisConfig) -> Models:
     seg_model, seg = load_segmentation_model(seg_path, use=f"{PROG} --segmentation-path")
     nodule_model, nodule_info = load_model(cls_path, task="nodule", use=f"{PROG} --classification-path")
     nodule = make_scorer(nodule_model, config.device, config.amp, config.channels_last)
+    configure_backends(nodule.device, config.cudnn_benchmark == "on")
     malignancy, mal_info = None, None
     if mal_path is not None:
         mal_model, mal_info = load_model(mal_path, task="malignancy", use=f"{PROG} --malignancy-path")

@@ -41,6 +41,7 @@ from p2ch.config import (
     add_inference_arguments,
     add_model_arguments,
     check_output_file,
+    inference_batch_size,
     resolve_data_root,
 )
 from p2ch.errors import ConfigError, DataNotFoundError
@@ -55,6 +56,7 @@ from p2ch.inference import (
     read_locations,
 )
 from p2ch.luna import LOCATION_COLUMNS, check_series_uid, find_candidates_file, find_mhd
+from p2ch.runtime import configure_backends
 
 log = logging.getLogger("p2ch.predict")
 
@@ -179,6 +181,7 @@ def _log_done(stats: PredictStats, out: str) -> None:
 
 def predict(args: argparse.Namespace) -> int:
     """The command's work for parsed arguments: score, write the CSV, log the counts; returns 0."""
+    args.batch_size = inference_batch_size(args.batch_size, args.device)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: expected a positive integer")
     if args.out != "-":  # before the first CT is read
@@ -193,6 +196,7 @@ def predict(args: argparse.Namespace) -> int:
         locations = select_series(locations, args.series, data_root, candidates_path)
     lines = locations["line"].to_numpy()
     scorer = make_scorer(model, args.device, args.amp, args.channels_last)
+    configure_backends(scorer.device, args.cudnn_benchmark == "on")
     _log_start(locations, candidates_path, info, scorer)
     probability, stats = predict_locations(
         scorer,

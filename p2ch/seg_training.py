@@ -57,7 +57,7 @@ from p2ch.fileio import write_text_atomic
 from p2ch.loop import BestCheckpoint, EpochResult, Metric, run_epoch
 from p2ch.luna import series_index
 from p2ch.prefill import fill_slices
-from p2ch.runtime import autocast, barrier, gather_objects
+from p2ch.runtime import autocast, barrier, check_loader_shared_memory, configure_backends, gather_objects
 from p2ch.segdatasets import (
     Luna2dSegmentationDataset,
     SeriesShardSampler,
@@ -269,10 +269,7 @@ class SegmentationTrainingApp(TrainingRun):
         with autocast(self.device, self.amp_dtype):
             prob = self.train_model(x)
         loss = segmentation_loss(prob, y, self.config.fn_weight)  # float32 inside
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss.mean()).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.optimizer_step(loss.mean())  # and the lr schedule's step (--lr-schedule)
         return {"losses": loss.detach(), "counts": pixel_counts(prob.detach(), y, self.config.threshold)}
 
     @torch.inference_mode()
@@ -400,11 +397,20 @@ def build_seg_data(config: SegTrainingConfig, dist, device: torch.device) -> Seg
     else:
         train_sampler = ShuffleSampler(len(train_ds), **shard)
     val_sampler = SeriesShardSampler(val_ds.series_bounds(), rank=dist.rank, world_size=dist.world_size)
+    configure_backends(device, config.cudnn_benchmark == "on")
     pin = device.type == "cuda"
+    # Training drops a last partial batch (one shape for every step: no recompile under --compile); an
+    # epoch is then this rank's samples rounded down to whole batches. Validation sees every slice.
+    drop_last = len(train_sampler) >= config.batch_size
+    settings = {"batch_size": config.batch_size, "num_workers": config.num_workers, "pin_memory": pin}
     loaders = [
-        create_seg_loader(ds, sampler, batch_size=config.batch_size, num_workers=config.num_workers, pin_memory=pin)
-        for ds, sampler in ((train_ds, train_sampler), (val_ds, val_sampler))
+        create_seg_loader(train_ds, train_sampler, drop_last=drop_last, **settings),
+        create_seg_loader(val_ds, val_sampler, **settings),
     ]
+    # A sample hands over its int16 image ((2c+1) slices) and bool mask through shared memory.
+    channels, (rows, cols) = 2 * context + 1, val_ds.slice_shape()
+    sample_bytes = [(channels * 2 + 1) * crop * crop, (channels * 2 + 1) * rows * cols]
+    check_loader_shared_memory(sample_bytes, config.batch_size, config.num_workers)
     return SegData(
         data_root=data_root, slices=slices, split=split, train_ds=train_ds, val_ds=val_ds,
         train_sampler=train_sampler, val_sampler=val_sampler, train_loader=loaders[0], val_loader=loaders[1],

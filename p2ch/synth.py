@@ -23,13 +23,24 @@ transform of each written image, so they are right for any direction matrix.
 What a CT holds, laid out in mm relative to the field of view (so it stays plausible for any voxel
 count) with absolute sizes for nodules and vessels: a circular field of view padded outside with
 -3024 or -2000 HU; a body whose elliptic cross-section varies along z, with subcutaneous fat
-(~-100 HU), muscle and mediastinum (~40 HU), ribs crossing the slices obliquely and a spine with
-discs (bone 250–900 HU); two lungs (~-850 HU, denser posteriorly) with a trachea at the top;
-branching vessel trees of decreasing calibre (+20..60 HU, soft edges), the hard negatives;
-nodules of 3–30 mm (mostly 4–10 mm, slightly lobulated) that are solid (~+50 HU), part-solid
-(ground-glass halo with a solid core) or ground-glass (-500..-300 HU), about a quarter of them
-touching the lung wall; small (< 3 mm) nodules and calcified benign findings listed in
-annotations_excluded.csv; Gaussian noise with sigma 20–40 HU.
+(~-100 HU), muscle and mediastinum (~40 HU); ribs, arcs in the chest wall that descend anteriorly,
+with an oval cross-section 8–12 mm tall and 4–6 mm across (cortex 600–900 HU around 200–320 HU
+marrow); a spine (vertebral body 25–35 mm, canal and discs) with lung beside it; two lungs
+(~-850 HU, denser posteriorly) with a trachea at the top; vessel trees (+20..60 HU) from each
+hilum: branches that taper linearly from their own calibre (4–7 mm at the roots) to their
+children's, bend gently (2–3 straight pieces each) and fork at their ends, down to about 1 mm, the
+hard negatives; nodules of 3–30 mm (2.5 mm + a log-normal: mean 8 mm, median 7 mm, slightly
+lobulated) that are solid (~+50 HU, all of those under 5 mm), part-solid (ground-glass halo with a
+solid core) or ground-glass (-500..-300 HU), about a quarter of them touching the lung wall; small
+(< 3 mm) nodules and calcified benign findings listed in annotations_excluded.csv.
+
+Partial volume: every structure has a soft edge, a linear ramp across its surface whose width is
+sqrt(0.8² + Σ (n_k·spacing_k)²) mm for the surface's unit normal n (`_edge`), an approximation of
+each voxel's box-filter integral; thin vessels keep their mass (`_thin_factor`). So a 1 mm vessel
+crossing 2.5 mm slices is a fainter, continuous streak, and a voxel is "inside" (weight > 1/2, the
+rule of `render_mask`) exactly when its centre is. Noise: 20–40 HU with a CT kernel's texture,
+white noise smoothed within each slice (grains of about a millimetre, `_noise_filter`),
+independent between slices.
 
 Candidates: exactly `candidates_per_ct` rows per CT: 1–3 per nodule (class 1, centre within
 0.3 × radius of the nodule's, so LUNA16's hit rule "within diameter/2" matches them), one on most
@@ -37,7 +48,7 @@ excluded findings (class 0), the rest class 0 on vessels (55 %), lung tissue (25
 the body (20 %). With the defaults about 1 candidate in 400 is positive, as in LUNA16.
 
 Malignancy: 3 or 4 simulated readers (mostly 4) rate each nodule 1..5 around a latent suspicion
-score z = -0.25 + 1.5·ln(diameter / 6 mm) + kind offset (part-solid +0.7, solid 0, ground-glass
+score z = -0.55 + 1.5·ln(diameter / 6 mm) + kind offset (part-solid +0.7, solid 0, ground-glass
 -0.8) + 0.8·lobulation amplitude / 0.12 + N(0, 0.5²): reader i rates clip(rint(3 + z + N(0, 0.7²)),
 1, 5); mal_bool is True when at least two readers rate 4 or 5, the real file's rule. So bigger,
 part-solid and lobulated nodules are malignant more often, about 40 % of them with the defaults,
@@ -73,6 +84,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from p2ch.cli import run_cli
 from p2ch.config import DefaultsHelpFormatter, resolve_data_root
@@ -130,7 +142,8 @@ _POSITIVES_PER_NODULE = ((1, 2, 3), (0.6, 0.3, 0.1))
 _JITTER_FRACTION = 0.3  # of the nodule radius
 _NO_NODULE_EVERY = 3  # CT k has no nodules when k % 3 == 2
 MAX_LOBULATION = 0.12  # a nodule's lobulation amplitude (Σ|lobes|) is uniform in 0..0.12
-_EDGE_MM = 0.8  # width of the soft (partial-volume) edge of every structure
+_EDGE_MM = 0.8  # the scanner's blur: soft-edge width of every structure before the voxel's extent (`_edge`)
+_NOISE_GRAIN_MM = 0.7  # in-plane sd of the noise's Gaussian grain (`_noise_filter`)
 _AIR_HU = -1000.0
 
 
@@ -141,9 +154,37 @@ class SynthConfigError(ConfigError):
 # --------------------------------------------------------------------------------------- anatomy
 
 
-def _soft(distance_mm, edge_mm: float = _EDGE_MM):
-    """Partial-volume weight of a structure at signed distance `distance_mm` (negative inside)."""
+def _soft(distance_mm, edge_mm=_EDGE_MM):
+    """Partial-volume weight of a structure at signed distance `distance_mm` (negative inside).
+
+    A linear ramp `edge_mm` wide (a scalar or an array like `distance_mm`) centred on the surface:
+    weight 1/2 exactly on it, so "weight > 1/2" is "centre inside" whatever the edge.
+    """
     return np.clip(0.5 - distance_mm / edge_mm, 0.0, 1.0)
+
+
+def _edge(*normal_times_spacing):
+    """Soft-edge width (mm) where the surface's unit normal n meets voxels of spacing s (mm).
+
+    sqrt(_EDGE_MM² + Σ (n_k·s_k)²): the scanner's blur widened by the voxel's extent across the
+    surface, a ramp that approximates the voxel's box-filter integral (partial volume). So a
+    structure crossing 2.5 mm slices fades over a slice, not over 0.8 mm, and a thin vessel stays
+    visible as a fainter, continuous streak instead of dots where it misses voxel centres.
+    """
+    total = np.float32(_EDGE_MM**2)
+    for v in normal_times_spacing:
+        total = total + v * v
+    return np.sqrt(total)
+
+
+def _thin_factor(radius_mm, edge_mm):
+    """Weight factor (≤ 1) that keeps the mass of a structure thinner than its edge (radius < edge/2).
+
+    The ramp integrates to (r + w/2)² / w across a slab of half-thickness r < w/2, more than its
+    true 2r; scaling by 2rw / (r + w/2)² restores it, so sub-voxel vessels fade instead of glowing.
+    """
+    half = edge_mm * np.float32(0.5)
+    return np.where(radius_mm < half, 2.0 * radius_mm * edge_mm / (radius_mm + half) ** 2, np.float32(1.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,8 +228,9 @@ class Anatomy:
     cortical_mm: float
     disc_half_mm: float
     rib_rho: float
-    rib_half_mm: float  # half thickness across the wall
-    rib_half_z_mm: float  # half height along z
+    rib_half_mm: float  # half thickness across the wall (the oval's short semi-axis)
+    rib_half_z_mm: float  # half height along z (its long semi-axis)
+    rib_cortex_mm: float  # bright cortical shell around the rib's marrow
     rib_period: float
     rib_phase: float
     rib_slope: float  # mm of z per radian around the body: ribs descend anteriorly
@@ -223,8 +265,8 @@ class Anatomy:
         mr = np.sqrt(((nx - self.med_x) / self.med_sx) ** 2 + ((ny - self.med_y) / self.med_sy) ** 2)
         return mr, (mr - 1.0) * self.med_sx * self.body_a * s
 
-    def _lungs(self, x, y, z, nx, ny, s, rho):
-        """Lung weight in [0, 1] (both lungs), with soft edges."""
+    def _lungs(self, x, y, z, nx, ny, s, rho, edge=_EDGE_MM):
+        """Lung weight in [0, 1] (both lungs), with soft edges `edge` mm wide."""
         p = self.lung_profile(z)
         safe_p = np.maximum(p, 1e-3)
         alpha = 0.0
@@ -234,14 +276,14 @@ class Anatomy:
                 + ((ny - self.lung_y) / (self.lung_sy * safe_p)) ** 2
             )
             dist = np.where(p > 0.0, (lr - 1.0) * self.lung_sx * safe_p * self.body_a * s, 1e3)
-            alpha = np.maximum(alpha, _soft(dist))
+            alpha = np.maximum(alpha, _soft(dist, edge))
         _, med_dist = self._mediastinum(nx, ny, s)
         spine_dist, spine_radius = self._spine_distance(x, y, s)
         return (
             alpha
-            * _soft((rho - self.lung_rho_max) * self.body_b * s)
-            * (1.0 - _soft(med_dist))
-            * (1.0 - _soft(spine_dist - 1.3 * spine_radius))
+            * _soft((rho - self.lung_rho_max) * self.body_b * s, edge)
+            * (1.0 - _soft(med_dist, edge))
+            * (1.0 - _soft(spine_dist - 1.3 * spine_radius, edge))
         )
 
     def lung_alpha(self, x, y, z):
@@ -254,47 +296,77 @@ class Anatomy:
         nx, ny, _ = self._frame(x, y, z)
         return np.sqrt(nx**2 + ny**2)
 
-    def background_hu(self, x, y, z):
+    def rib_weights(self, nx, ny, z, rho, b_mm, spacing_mm=(0.0, 0.0, 0.0)):
+        """Partial-volume weights of the ribs' outer surface and of their marrow, each like rho, in [0, 1].
+
+        A rib is an arc in the chest wall whose band descends anteriorly; its cross-section is an
+        oval, rib_half_z_mm along z by rib_half_mm across the wall, with a marrow oval
+        rib_cortex_mm inside. Distances to an oval are the first-order (q - 1) / |∇q| estimate.
+        Computed only in the ring of the chest wall that can hold ribs (a few % of the voxels).
+        """
+        shape = np.broadcast_shapes(np.shape(nx), np.shape(ny), np.shape(z), np.shape(b_mm))
+        weights = np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
+        b_mm = np.broadcast_to(b_mm, shape)
+        dr_all = (np.broadcast_to(rho, shape) - self.rib_rho) * b_mm
+        reach = self.rib_half_mm + _EDGE_MM + max(spacing_mm)
+        ring = np.nonzero(np.abs(dr_all) < reach)
+        if not len(ring[0]):
+            return weights
+        dr = dr_all[ring]
+        around = np.arctan2(np.abs(np.broadcast_to(nx, shape)[ring]), np.broadcast_to(ny, shape)[ring])
+        phase = (np.broadcast_to(z, shape)[ring] + self.rib_slope * around - self.rib_phase) / self.rib_period
+        dz = (phase - np.round(phase)) * self.rib_period
+        arc = (around > 0.35) & (around < 2.7)  # no ribs over the spine and the sternum
+        for weight, shrink in zip(weights, (0.0, self.rib_cortex_mm), strict=True):
+            hz, hr = self.rib_half_z_mm - shrink, self.rib_half_mm - shrink
+            q = np.sqrt((dz / hz) ** 2 + (dr / hr) ** 2)
+            gz, gr = dz / hz**2, dr / hr**2
+            grad = np.sqrt(gz**2 + gr**2)
+            norm = np.maximum(grad / np.maximum(q, 1e-6), 1.0 / max(hz, hr))
+            inv = 1.0 / np.maximum(grad, 1e-6)
+            edge = _edge(gz * inv * spacing_mm[2], gr * inv * spacing_mm[0])
+            weight[ring] = _soft((q - 1.0) / norm, edge) * arc
+        return weights
+
+    def background_hu(self, x, y, z, spacing_mm=(0.0, 0.0, 0.0)):
         """HU of air, fat, muscle, mediastinum, bone and lung (no vessels, nodules or noise).
 
-        x: (1, 1, C), y: (1, R, 1), z: (I, 1, 1) float32 local mm. Returns (I, R, C) float32 HU.
+        x: (1, 1, C), y: (1, R, 1), z: (I, 1, 1) float32 local mm; spacing_mm: the voxel size
+        (x, y, z) mm that widens each soft edge across it (`_edge`; 0: point samples). Returns
+        (I, R, C) float32 HU.
         """
         nx, ny, s = self._frame(x, y, z)
         rho = np.sqrt(nx**2 + ny**2)
         b_mm = self.body_b * s
-        hu = _AIR_HU + (self.fat_hu - _AIR_HU) * _soft((rho - 1.0) * b_mm)
-        inner = _soft((rho - (1.0 - self.fat_frac)) * b_mm)
+        # Skin, fat, muscle, lungs and spine run along z: their edges widen with the in-plane spacing.
+        edge = float(_edge(spacing_mm[0]))
+        hu = _AIR_HU + (self.fat_hu - _AIR_HU) * _soft((rho - 1.0) * b_mm, edge)
+        inner = _soft((rho - (1.0 - self.fat_frac)) * b_mm, edge)
         hu += (self.muscle_hu - hu) * inner
-        # Ribs: arcs in the chest wall where an oblique rib band crosses this slice.
-        around = np.arctan2(np.abs(nx), ny)  # 0 at the spine, pi at the sternum
-        phase = (z + self.rib_slope * around - self.rib_phase) / self.rib_period
-        dz = np.abs(phase - np.round(phase)) * self.rib_period
-        rib = (
-            _soft(dz - self.rib_half_z_mm)
-            * _soft(np.abs(rho - self.rib_rho) * b_mm - self.rib_half_mm)
-            * ((around > 0.35) & (around < 2.7))
-        )
+        rib, rib_marrow = self.rib_weights(nx, ny, z, rho, b_mm, spacing_mm)
         hu += (self.bone_hu - hu) * rib
+        hu += (self.marrow_hu - hu) * rib_marrow
         # Mediastinal fat around the heart, then the lungs.
         mr, med_dist = self._mediastinum(nx, ny, s)
-        hu += (self.fat_hu - hu) * inner * (1.0 - _soft(med_dist)) * _soft((mr - 1.15) * self.med_sx * b_mm)
-        lung = self._lungs(x, y, z, nx, ny, s, rho)
+        hu += (self.fat_hu - hu) * inner * (1.0 - _soft(med_dist, edge)) * _soft((mr - 1.15) * self.med_sx * b_mm, edge)
+        lung = self._lungs(x, y, z, nx, ny, s, rho, edge)
         hu += (self.lung_hu + self.lung_grad_hu * ny - hu) * lung
         # Trachea (air in the upper mediastinum).
         u = (z - self.lung_z_lo) / (self.lung_z_hi - self.lung_z_lo)
         tdist = np.sqrt((x - self.body_x) ** 2 + (y - (self.body_y - 0.2 * b_mm)) ** 2)
-        hu += (_AIR_HU - hu) * _soft(tdist - self.trachea_r) * (u > self.trachea_u)
-        # Spine: cortical shell, marrow or intervertebral disc, arch and canal behind.
+        hu += (_AIR_HU - hu) * _soft(tdist - self.trachea_r, edge) * (u > self.trachea_u)
+        # Spine: cortical shell, marrow or intervertebral disc (edges across slices), arch and canal behind.
         sdist, sradius = self._spine_distance(x, y, s)
-        hu += (self.bone_hu - hu) * _soft(sdist - sradius)
+        hu += (self.bone_hu - hu) * _soft(sdist - sradius, edge)
         vphase = (z - self.vert_phase) / self.vert_period
-        disc = _soft(np.abs(vphase - np.round(vphase)) * self.vert_period - self.disc_half_mm)
+        disc_dist = np.abs(vphase - np.round(vphase)) * self.vert_period - self.disc_half_mm
+        disc = _soft(disc_dist, float(_edge(spacing_mm[2])))
         core = self.marrow_hu + (80.0 - self.marrow_hu) * disc
-        hu += (core - hu) * _soft(sdist - (sradius - self.cortical_mm))
+        hu += (core - hu) * _soft(sdist - (sradius - self.cortical_mm), edge)
         canal_y = self.body_y + self.spine_y * b_mm + 1.5 * sradius
         cdist = np.sqrt((x - self.body_x) ** 2 + (y - canal_y) ** 2)
-        hu += (self.bone_hu - hu) * _soft(cdist - 0.75 * sradius)
-        hu += (20.0 - hu) * _soft(cdist - 0.45 * sradius)
+        hu += (self.bone_hu - hu) * _soft(cdist - 0.75 * sradius, edge)
+        hu += (20.0 - hu) * _soft(cdist - 0.45 * sradius, edge)
         return hu
 
 
@@ -327,16 +399,18 @@ def _plan_anatomy(rng: np.random.Generator, width_mm: float, height_mm: float, d
         med_y=u(-0.08, 0.0),
         med_sx=u(0.18, 0.23),
         med_sy=u(0.45, 0.55),
-        spine_y=u(0.60, 0.66),
-        spine_r=u(0.12, 0.15),
+        # Vertebral body 25–35 mm wide for an adult chest, lung beside it, back muscle behind.
+        spine_y=u(0.42, 0.48),
+        spine_r=u(0.09, 0.11),
         # Bones keep their real size in mm but shrink with a small field of view (tiny test sets).
         vert_period=min(u(22.0, 30.0), 0.15 * width_mm),
         vert_phase=u(0.0, 30.0),
         cortical_mm=min(2.0, 0.012 * width_mm),
         disc_half_mm=min(2.5, 0.015 * width_mm),
         rib_rho=u(0.85, 0.87),
-        rib_half_mm=min(u(2.5, 3.5), 0.02 * width_mm),
-        rib_half_z_mm=min(u(3.5, 5.5), 0.03 * width_mm),
+        rib_half_mm=min(u(2.0, 3.0), 0.02 * width_mm),  # ribs 4–6 mm across the wall
+        rib_half_z_mm=min(u(4.0, 6.0), 0.03 * width_mm),  # and 8–12 mm tall
+        rib_cortex_mm=min(u(1.0, 1.5), 0.008 * width_mm),
         rib_period=min(u(24.0, 34.0), 0.2 * width_mm),
         rib_phase=u(0.0, 34.0),
         rib_slope=min(u(10.0, 20.0), 0.1 * width_mm),
@@ -379,7 +453,7 @@ class CtPlan:
     """Everything about one synthetic CT except its voxels (those come from `render_ct`).
 
     shape_irc: (slices, rows, cols). spacing_xyz, origin_xyz: mm; direction: 9 floats, row-major.
-    vessels: (V, 7) float64 [x0, y0, z0, x1, y1, z1, radius] local mm. candidate_xyz: (N, 3)
+    vessels: (V, 8) float64 [x0, y0, z0, x1, y1, z1, r0, r1] local mm (tapering pieces). candidate_xyz: (N, 3)
     float64 world mm; candidate_class: (N,) int8; candidate_kind: N strings (KIND_*), all in CSV order.
     """
 
@@ -545,8 +619,10 @@ class _Placer:
 
 
 def _nodule_diameter(rng: np.random.Generator, max_diameter: float) -> float:
-    # Log-normal around 6 mm: about 85 % of nodules are under 10 mm, as in LUNA16.
-    diameter = float(np.exp(rng.normal(np.log(6.0), 0.5)))
+    # 2.5 mm + a log-normal around 4.5 mm: mean 7.9 mm, median 7 mm, 80 % under 10 mm, 3 % under
+    # 4 mm, as LUNA16's (3–32 mm, mean 8.3 mm); no pile of nodules at the 3.2 mm floor, right next
+    # to the < 3 mm findings that are labelled negative.
+    diameter = 2.5 + float(np.exp(rng.normal(np.log(4.5), 0.6)))
     return float(np.clip(diameter, min(3.2, max_diameter), min(30.0, max_diameter)))
 
 
@@ -566,11 +642,13 @@ def _turned(rng: np.random.Generator, d: np.ndarray, lo_deg: float, hi_deg: floa
 
 
 def _plan_vessels(rng: np.random.Generator, anatomy: Anatomy, lung_semi_mm: float) -> np.ndarray:
-    """Branching trees from each hilum into its lung: (V, 7) [x0, y0, z0, x1, y1, z1, radius] mm.
+    """Branching trees from each hilum into its lung: (V, 8) [x0, y0, z0, x1, y1, z1, r0, r1] mm.
 
-    Each branch splits in two thinner, shorter ones (radius × 0.72–0.85) down to about 0.45 mm; a
-    branch whose end would leave the lung is shortened or turned, and dropped if neither helps.
-    Grown a generation at a time so each generation is one vectorised lung test.
+    Each branch tapers linearly from its own calibre to its children's (r1 = r0 × 0.8–0.9) and is
+    drawn as 2–3 straight pieces with small turns (a gentle curve); it splits at its end into two
+    shorter children that start exactly there, with about its end calibre (× 0.85–1.0), down to
+    about 0.5 mm. A branch whose end would leave the lung is shortened or turned, and dropped if
+    neither helps. Grown a generation at a time so each generation is one vectorised lung test.
     """
     a = anatomy
     span = a.lung_z_hi - a.lung_z_lo
@@ -603,13 +681,42 @@ def _plan_vessels(rng: np.random.Generator, anatomy: Anatomy, lung_semi_mm: floa
         end = ends[rows, first[rows]]
         d = tries[rows, first[rows] // 2]
         start, length, radius = start[rows], length[rows], radius[rows]
-        segments.append(np.concatenate([start, end, radius[:, None]], axis=1))
-        grow = radius * 0.72 >= 0.45
-        start, d, length, radius = end[grow], d[grow], length[grow], radius[grow]
+        end_radius = radius * rng.uniform(0.8, 0.9, len(radius))
+        segments.append(_curved_pieces(rng, start, end, radius, end_radius))
+        grow = end_radius >= 0.5
+        start, d, length, radius = end[grow], d[grow], length[grow], end_radius[grow]
         start, d = np.repeat(start, 2, axis=0), _turned(rng, np.repeat(d, 2, axis=0), 15.0, 45.0)
         length = np.repeat(length, 2) * rng.uniform(0.65, 0.85, 2 * len(length))
-        radius = np.repeat(radius, 2) * rng.uniform(0.72, 0.85, 2 * len(radius))
-    return np.concatenate(segments, axis=0) if segments else np.empty((0, 7))
+        radius = np.repeat(radius, 2) * rng.uniform(0.85, 1.0, 2 * len(radius))
+    return np.concatenate(segments, axis=0) if segments else np.empty((0, 8))
+
+
+def _curved_pieces(
+    rng: np.random.Generator, start: np.ndarray, end: np.ndarray, r0: np.ndarray, r1: np.ndarray
+) -> np.ndarray:
+    """Branches start (n, 3) → end (n, 3) mm as 2–3 joined pieces each: (≤ 3n, 8) rows as `_plan_vessels`.
+
+    The inner joints move sideways by 3–8 % of the branch length (turns of about 5–20°); the
+    radius runs linearly from r0 to r1 (n,) along the branch, so pieces meet with equal calibre.
+    """
+    n = len(start)
+    pieces = rng.integers(2, 4, size=n)  # 2 or 3 per branch
+    chord = end - start
+    t = np.stack([np.zeros(n), np.full(n, 1 / 3), np.full(n, 2 / 3), np.ones(n)], axis=1)  # (n, 4)
+    t[pieces == 2, 1:3] = 0.5  # two pieces: one joint at the middle (the 1/3 and 2/3 joints coincide)
+    side = rng.normal(size=(n, 2, 3))
+    side -= (side @ chord[:, :, None]) / np.maximum((chord * chord).sum(axis=1), 1e-9)[:, None, None] * chord[:, None]
+    side /= np.maximum(np.linalg.norm(side, axis=2, keepdims=True), 1e-9)
+    offset = side * (np.linalg.norm(chord, axis=1)[:, None, None] * rng.uniform(0.03, 0.08, size=(n, 2, 1)))
+    offset[pieces == 2, 1] = offset[pieces == 2, 0]
+    joints = start[:, None] + t[:, :, None] * chord[:, None]  # (n, 4, 3)
+    joints[:, 1:3] += offset
+    joints[:, 0], joints[:, 3] = start, end  # exactly: children start where their parent ends
+    radii = r0[:, None] + t * (r1 - r0)[:, None]  # (n, 4)
+    rows = np.concatenate([joints[:, :-1], joints[:, 1:], radii[:, :-1, None], radii[:, 1:, None]], axis=2)
+    keep = np.ones((n, 3), dtype=bool)
+    keep[pieces == 2, 1] = False  # the zero-length piece between coinciding joints
+    return rows[keep]
 
 
 def _nodule_count(rng: np.random.Generator, index: int, nodules_per_ct: float) -> int:
@@ -720,9 +827,9 @@ def _jittered(rng: np.random.Generator, centre, radius: float) -> np.ndarray:
 
 
 def _vessel_points(rng: np.random.Generator, placer: _Placer, vessels: np.ndarray, count: int) -> np.ndarray:
-    """Up to `count` points on vessel axes (within 0.3 × radius), weighted by length × radius."""
-    starts, ends, radii = vessels[:, :3], vessels[:, 3:6], vessels[:, 6]
-    weights = np.linalg.norm(ends - starts, axis=1) * radii
+    """Up to `count` points near vessel axes (within 0.3 × the local radius), weighted by length × radius."""
+    starts, ends, r0, r1 = vessels[:, :3], vessels[:, 3:6], vessels[:, 6], vessels[:, 7]
+    weights = np.linalg.norm(ends - starts, axis=1) * (r0 + r1) / 2
     picked: list[np.ndarray] = []
     for _ in range(50):
         if len(picked) >= count or not len(vessels):
@@ -730,9 +837,9 @@ def _vessel_points(rng: np.random.Generator, placer: _Placer, vessels: np.ndarra
         k = rng.choice(len(vessels), size=2 * (count - len(picked)) + 8, p=weights / weights.sum())
         v = rng.normal(size=(len(k), 3))
         v /= np.linalg.norm(v, axis=1, keepdims=True)
-        points = (
-            starts[k] + rng.random(len(k))[:, None] * (ends[k] - starts[k]) + v * (radii[k] * _JITTER_FRACTION)[:, None]
-        )
+        t = rng.random(len(k))
+        radius = r0[k] + t * (r1[k] - r0[k])
+        points = starts[k] + t[:, None] * (ends[k] - starts[k]) + v * (radius * _JITTER_FRACTION)[:, None]
         ok = (
             placer.clear_of_findings(points, 0.0, 2.0)
             & (points >= 0).all(axis=1)
@@ -891,10 +998,10 @@ def plan_dataset(
 # irregularity = Σ|lobes|, the lobulation amplitude (0..MAX_LOBULATION = 0.12). Each of 3 or 4
 # readers (MAL_READERS) rates clip(rint(3 + z + N(0, MAL_READER_SD²)), 1, 5); mal_bool = at least
 # MAL_MIN_HIGH_RATINGS ratings of MAL_HIGH_RATING or more (the book's real file's rule).
-# With the defaults about 40 % of nodules are malignant (1,591 nodules of 8 seeds × 150 CTs:
-# 39.9 %); the best threshold on the visible part of z (`visible_suspicion`) gets 80 % of the
+# With the defaults about 40 % of nodules are malignant (1,585 nodules of 8 seeds × 150 CTs:
+# 39.1 %); the best threshold on the visible part of z (`visible_suspicion`) gets 79 % of the
 # labels right, size alone 74 %, always "benign" 60 %; the rest is per-nodule and reader noise.
-MAL_BASE = -0.25
+MAL_BASE = -0.55  # with the nodule sizes of `_nodule_diameter`, about 40 % malignant
 MAL_DIAMETER_WEIGHT = 1.5  # per unit of ln(diameter / 6 mm): 12 mm adds 1.04, 4 mm takes 0.61 off
 MAL_KIND_OFFSET = {"part-solid": 0.7, "solid": 0.0, "ground-glass": -0.8}
 MAL_IRREGULARITY_WEIGHT = 0.8  # at the largest lobulation amplitude
@@ -994,9 +1101,20 @@ def _box(center_mm: np.ndarray, reach_mm: np.ndarray, spacing: np.ndarray, shape
     return region, axes[0][None, None, :], axes[1][None, :, None], axes[2][:, None, None]
 
 
-def _draw_vessel(hu: np.ndarray, segment: np.ndarray, value: float, spacing: np.ndarray, shape_xyz) -> None:
-    p0, p1, radius = segment[:3], segment[3:6], float(segment[6])
-    centre, half = (p0 + p1) / 2, np.abs(p1 - p0) / 2 + radius + 2 * _EDGE_MM
+def _draw_vessel(alpha_out: np.ndarray, segment: np.ndarray, spacing: np.ndarray, shape_xyz) -> None:
+    """Raise alpha_out (I, R, C) float32 to one tapering vessel piece's weight where it is higher.
+
+    segment: (8,) [x0, y0, z0, x1, y1, z1, r0, r1] local mm. Taking the maximum over pieces (not
+    compositing them one after the other) keeps joints and forks, where pieces overlap, no brighter
+    than the vessels they join.
+
+    The soft edge widens with the voxel extent along the radial direction (`_edge`); near the axis,
+    where that direction is undefined, it tends to the mean over the directions across the vessel.
+    Thin vessels keep their mass (`_thin_factor`).
+    """
+    p0, p1, r0, r1 = segment[:3], segment[3:6], float(segment[6]), float(segment[7])
+    reach = max(r0, r1) + _EDGE_MM + float(spacing.max())
+    centre, half = (p0 + p1) / 2, np.abs(p1 - p0) / 2 + reach
     box = _box(centre, half, spacing, shape_xyz)
     if box is None:
         return
@@ -1005,22 +1123,41 @@ def _draw_vessel(hu: np.ndarray, segment: np.ndarray, value: float, spacing: np.
     length2 = float(d.dot(d)) or 1e-6
     px, py, pz = x - np.float32(p0[0]), y - np.float32(p0[1]), z - np.float32(p0[2])
     t = np.clip((px * d[0] + py * d[1] + pz * d[2]) / np.float32(length2), 0.0, 1.0)
-    dist = np.sqrt((px - t * d[0]) ** 2 + (py - t * d[1]) ** 2 + (pz - t * d[2]) ** 2)
-    alpha = _soft(dist - np.float32(radius))
-    sub = hu[region]
-    np.maximum(sub, sub + (np.float32(value) - sub) * alpha, out=sub)
+    ex, ey, ez = px - t * d[0], py - t * d[1], pz - t * d[2]
+    dist2 = ex**2 + ey**2 + ez**2
+    # (n·s)² with n the radial unit vector, blended within ~0.5 mm of the axis into its mean over
+    # the circle across the vessel: Σ s_k² (1 - u_k²) / 2 with u the axis direction.
+    s2 = (spacing.astype(np.float32)) ** 2
+    u2 = (d * d) / np.float32(length2)
+    mean_ns2 = np.float32(0.5 * float((s2 * (1.0 - u2)).sum()))
+    eps2 = np.float32(0.25)
+    ns2 = (ex**2 * s2[0] + ey**2 * s2[1] + ez**2 * s2[2] + eps2 * mean_ns2) / (dist2 + eps2)
+    edge = np.sqrt(np.float32(_EDGE_MM**2) + ns2)
+    radius = np.float32(r0) + t * np.float32(r1 - r0)
+    alpha = _soft(np.sqrt(dist2) - radius, edge) * _thin_factor(radius, edge)
+    sub = alpha_out[region]
+    np.maximum(sub, alpha, out=sub)
 
 
-def _finding_shape(finding: Finding, spacing: np.ndarray, shape_xyz):
+def _draw_vessels(hu: np.ndarray, vessels: np.ndarray, value: float, spacing: np.ndarray, shape_xyz) -> None:
+    """Blend the vessel pieces (V, 8) (see `_draw_vessel`) of density `value` HU into hu (I, R, C) float32."""
+    alpha = np.zeros_like(hu)
+    for segment in vessels:
+        _draw_vessel(alpha, segment, spacing, shape_xyz)
+    np.maximum(hu, hu + (np.float32(value) - hu) * alpha, out=hu)
+
+
+def _finding_shape(finding: Finding, spacing: np.ndarray, shape_xyz, with_edge: bool = False):
     """A finding's box and, per voxel in it, distance from the centre and the surface's radius factor.
 
     Returns None when the box misses the volume, else (region, dist, shape): region, the box's
     slices (index, row, col); dist, (i, r, c) float32 mm from the centre; shape, (i, r, c) float32
     lobulation factor (0.88..1.12) in the voxel's direction: the surface lies at radius × shape.
+    with_edge: also edge, (i, r, c) float32 mm, the soft-edge width along the radial direction (`_edge`).
     """
     radius = finding.diameter_mm / 2
     c = np.array(finding.center_mm)
-    box = _box(c, np.full(3, radius * 1.15 + 2 * _EDGE_MM), spacing, shape_xyz)
+    box = _box(c, np.full(3, radius * 1.15 + _EDGE_MM + float(spacing.max())), spacing, shape_xyz)
     if box is None:
         return None
     region, x, y, z = box
@@ -1028,7 +1165,11 @@ def _finding_shape(finding: Finding, spacing: np.ndarray, shape_xyz):
     dist = np.sqrt(dx**2 + dy**2 + dz**2)
     inv = 1.0 / np.maximum(dist, np.float32(1e-3))
     ux, uy, uz = dx * inv, dy * inv, dz * inv
-    return region, dist, _lobulation([np.float32(v) for v in finding.lobes], ux, uy, uz)
+    shape = _lobulation([np.float32(v) for v in finding.lobes], ux, uy, uz)
+    if not with_edge:
+        return region, dist, shape
+    sx, sy, sz = (np.float32(v) for v in spacing)
+    return region, dist, shape, _edge(ux * sx, uy * sy, uz * sz)
 
 
 def _lobulation(k, ux, uy, uz):
@@ -1037,21 +1178,46 @@ def _lobulation(k, ux, uy, uz):
 
 
 def _draw_finding(hu: np.ndarray, finding: Finding, spacing: np.ndarray, shape_xyz) -> None:
-    found = _finding_shape(finding, spacing, shape_xyz)
+    found = _finding_shape(finding, spacing, shape_xyz, with_edge=True)
     if found is None:
         return
-    region, dist, shape = found
+    region, dist, shape, edge = found
     radius = finding.diameter_mm / 2
     sub = hu[region]
-    alpha = _soft(dist - np.float32(radius) * shape)
+    alpha = _soft(dist - np.float32(radius) * shape, edge)
     np.maximum(sub, sub + (np.float32(finding.hu) - sub) * alpha, out=sub)
     if finding.core_fraction > 0:
-        alpha = _soft(dist - np.float32(radius * finding.core_fraction) * shape)
+        alpha = _soft(dist - np.float32(radius * finding.core_fraction) * shape, edge)
         np.maximum(sub, sub + (np.float32(finding.core_hu) - sub) * alpha, out=sub)
 
 
-def render_ct(plan: CtPlan) -> np.ndarray:
-    """The CT's voxels: (slices, rows, cols) int16 HU, deterministic for the plan."""
+def _noise_filter(spacing_xy: float):
+    """The in-plane filter that gives white noise a CT kernel's texture, and its gain.
+
+    A Gaussian of sd _NOISE_GRAIN_MM within each slice: grains about a millimetre wide, correlated
+    between neighbouring pixels and independent between slices, as a reconstruction kernel makes
+    them (a band-pass would be closer to filtered back-projection but costs another pass over the
+    volume). Returns (filter(noise (I, R, C) float32) -> same, gain): the filtered noise's sd per
+    unit input sd, exact away from the borders (the root of the impulse response's sum of squares).
+    """
+    sigma = _NOISE_GRAIN_MM / spacing_xy
+
+    def apply(noise):
+        return ndimage.gaussian_filter(noise, (0.0, sigma, sigma), mode="reflect", truncate=3.0)
+
+    half = math.ceil(3.0 * sigma) + 1
+    delta = np.zeros((1, 2 * half + 1, 2 * half + 1), dtype=np.float32)
+    delta[0, half, half] = 1.0
+    response = apply(delta).astype(np.float64)
+    return apply, float(np.sqrt((response**2).sum()))
+
+
+def render_ct(plan: CtPlan, noise: bool = True) -> np.ndarray:
+    """The CT's voxels: (slices, rows, cols) int16 HU, deterministic for the plan.
+
+    noise: add the plan's noise (noise_hu sd, `_noise_filter`'s texture); False gives the
+    noise-free anatomy (still rounded, clipped and padded), for tests and pictures.
+    """
     anatomy = plan.anatomy
     spacing = np.array(plan.spacing_xyz)
     n_i, n_r, n_c = plan.shape_irc
@@ -1062,9 +1228,8 @@ def render_ct(plan: CtPlan) -> np.ndarray:
     hu = np.empty(plan.shape_irc, dtype=np.float32)
     slab = max(1, 2_000_000 // (n_r * n_c))
     for start in range(0, n_i, slab):
-        hu[start : start + slab] = anatomy.background_hu(x, y, z_all[start : start + slab, None, None])
-    for segment in plan.vessels:
-        _draw_vessel(hu, segment, plan.vessel_hu, spacing, shape_xyz)
+        hu[start : start + slab] = anatomy.background_hu(x, y, z_all[start : start + slab, None, None], spacing)
+    _draw_vessels(hu, plan.vessels, plan.vessel_hu, spacing, shape_xyz)
     for finding in (*plan.nodules, *plan.excluded):
         _draw_finding(hu, finding, spacing, shape_xyz)
     rng = np.random.default_rng(np.random.SeedSequence([plan.seed, plan.index, 1]))
@@ -1072,10 +1237,13 @@ def render_ct(plan: CtPlan) -> np.ndarray:
         (x - np.float32(anatomy.fov_x)) ** 2 + (y - np.float32(anatomy.fov_y)) ** 2
         > np.float32(anatomy.fov_radius) ** 2
     )[0]
+    texture, gain = _noise_filter(float(spacing[0]))
     out = np.empty(plan.shape_irc, dtype=np.int16)
     for start in range(0, n_i, slab):
         part = hu[start : start + slab]
-        part += rng.standard_normal(part.shape, dtype=np.float32) * np.float32(plan.noise_hu)
+        if noise:
+            white = rng.standard_normal(part.shape, dtype=np.float32)
+            part += texture(white) * np.float32(plan.noise_hu / gain)
         np.rint(part, out=part)
         np.clip(part, -1024, 3071, out=part)
         part[:, outside] = plan.pad_hu

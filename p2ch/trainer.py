@@ -1,8 +1,9 @@
 """`TrainingRun`: what every training app shares, written once.
 
 Device, DDP and mixed-precision set-up; the model on the device (memory format, initial weights,
-DDP and torch.compile wrapping); the optimizer and GradScaler; checkpoints with exact resume
-(model, optimizer, scaler, RNG, counters, the best-checkpoint policy, the run's settings);
+DDP and torch.compile wrapping); the optimizer, its lr schedule (stepped per optimizer step) and the
+GradScaler; checkpoints with exact resume (model, optimizer, lr schedule, scaler, RNG, counters, the
+best-checkpoint policy, the run's settings);
 TensorBoard writers in the run's own folders; and the epoch schedule (`run`: train, validate every
 `val_every` epochs and after the last, save last.pt and best.pt, end every DDP rank together).
 
@@ -14,9 +15,11 @@ and supplies what differs: `build_data`, `make_model`, `make_best`, `train_epoch
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from p2ch.checkpoint import BEST_NAME, LAST_NAME, check_task, load_checkpoint, load_weights, save_checkpoint
 from p2ch.cli import configure_logging, run_cli
 from p2ch.config import (
+    DEFAULT_WARMUP_FRACTION,
     RunConfig,
     absolute_paths,
     check_output_dir,
@@ -76,6 +80,143 @@ def make_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Opt
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+@dataclasses.dataclass(frozen=True)
+class LrPlan:
+    """A run's lr schedule in optimizer steps; saved in every checkpoint ("schedule") and kept on resume.
+
+    kind: --lr-schedule. total_steps: where a onecycle or cosine schedule ends (its horizon; None for
+    constant, which has no end). warmup_steps: the linear warm-up (onecycle: its rise from lr/25).
+    """
+
+    kind: str
+    total_steps: int | None
+    warmup_steps: int
+
+
+def plan_schedule(config: RunConfig, steps_per_epoch: int, samples_per_step: int) -> LrPlan:
+    """The steps of the schedule `config` asks for: samples (--warmup-samples, --schedule-samples) become
+    optimizer steps of `samples_per_step` (the batch over all ranks); the horizon defaults to the whole run."""
+    kind = config.lr_schedule
+    if kind == "constant":
+        total = None
+    elif config.schedule_samples is not None:
+        total = math.ceil(config.schedule_samples / samples_per_step)
+    else:
+        total = config.epochs * steps_per_epoch
+    if config.warmup_samples is not None:
+        warmup = math.ceil(config.warmup_samples / samples_per_step)
+    else:
+        warmup = round(DEFAULT_WARMUP_FRACTION[kind] * total) if total else 0
+    if kind == "onecycle":
+        warmup = max(warmup, 2)  # torch's OneCycleLR divides by the length of its rise minus 1
+    if total is not None and warmup >= total:
+        raise ConfigError(
+            f"--lr-schedule {kind}: its warm-up of {warmup} steps does not fit in the schedule of {total} steps "
+            f"({samples_per_step} samples each); lower --warmup-samples, or raise --schedule-samples or --epochs"
+        )
+    return LrPlan(kind, total, warmup)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, plan: LrPlan) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """torch's schedulers for `plan` over the optimizer's lr (its peak); None for a constant lr without warm-up.
+
+    onecycle: OneCycleLR (cosine annealing, momentum not cycled, so --momentum and Adam's betas hold).
+    cosine: LinearLR warm-up from lr/warmup_steps, then CosineAnnealingLR from lr to 0 at total_steps.
+    constant: LinearLR warm-up, then the lr as given.
+    """
+    if plan.kind == "onecycle":
+        peaks = [group["lr"] for group in optimizer.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=peaks, total_steps=plan.total_steps, pct_start=plan.warmup_steps / plan.total_steps,
+            anneal_strategy="cos", cycle_momentum=False,
+        )  # fmt: skip
+    steps = plan.warmup_steps if plan.warmup_steps > 1 else 0  # a warm-up of 1 step starts at lr / 1
+    warmup = None
+    if steps:  # step k of the warm-up at lr (k + 1) / steps: the peak at its last step
+        warmup = torch.optim.lr_scheduler.LinearLR(
+            optimizer, start_factor=1.0 / steps, end_factor=1.0, total_iters=steps - 1
+        )
+    if plan.kind == "constant":
+        return warmup
+    assert plan.total_steps is not None
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=plan.total_steps - steps)
+    if warmup is None:
+        return cosine
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[steps])
+
+
+def check_horizon(plan: LrPlan, steps_done: int, steps_per_epoch: int, config: RunConfig, epoch: int) -> None:
+    """ConfigError when the epochs still to run (up to --epochs, `steps_per_epoch` each) would step a
+    onecycle or cosine schedule past its end: torch's OneCycleLR cannot, and a cosine would sit at 0."""
+    if plan.total_steps is None or steps_done + (config.epochs - epoch) * steps_per_epoch <= plan.total_steps:
+        return
+    if not config.resume:
+        raise ConfigError(
+            f"--schedule-samples {config.schedule_samples}: the {plan.kind} lr schedule would end after "
+            f"{plan.total_steps} steps, before this run's {config.epochs} epochs of {steps_per_epoch} steps; "
+            "raise it, or leave it out (default: the whole run)"
+        )
+    last = epoch + (plan.total_steps - steps_done) // steps_per_epoch
+    raise ConfigError(
+        f"--epochs {config.epochs} with --resume: this run's {plan.kind} lr schedule ends after {plan.total_steps} "
+        f"optimizer steps ({steps_done} done; at {steps_per_epoch} steps an epoch that is epoch {last}) and cannot "
+        f"be extended; pass --epochs {last} or less, or start a new run from its weights with --init-weights "
+        f"{config.resume} (to continue a run in parts, give its whole length with --schedule-samples at its start)"
+    )
+
+
+def rescale_lr(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, ratio: float) -> None:
+    """Scale the lr now and every lr the schedule derives later ones from by `ratio` (a resume with a new --lr:
+    the schedule goes on from where it was, with --lr as its new peak)."""
+    for group in optimizer.param_groups:
+        for key in ("lr", "initial_lr", "max_lr", "min_lr"):  # OneCycleLR keeps its lrs in the groups
+            if key in group:
+                group[key] *= ratio
+    # SequentialLR's parts keep their own base lrs (private to torch, stable since 1.10).
+    for part in (scheduler, *getattr(scheduler, "_schedulers", ())):
+        part.base_lrs = [lr * ratio for lr in part.base_lrs]
+        part._last_lr = [lr * ratio for lr in part._last_lr]
+
+
+def apply_optimizer_settings(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    config: RunConfig,
+    saved_lr: float,
+) -> None:
+    """This run's --lr, --weight-decay (and SGD's --momentum) over those a restored optimizer state carries.
+
+    Equal for a plain resume; a resume with a lower --lr (e.g. after the loss became nan) takes effect: the
+    lr becomes --lr, or, under a schedule, every lr of the schedule is scaled by --lr / the checkpoint's --lr.
+    """
+    if scheduler is not None and config.lr != saved_lr:
+        rescale_lr(optimizer, scheduler, config.lr / saved_lr)
+    for group in optimizer.param_groups:
+        if scheduler is None:
+            group["lr"] = config.lr
+        group["weight_decay"] = config.weight_decay
+        if "momentum" in group:
+            group["momentum"] = config.momentum
+
+
+def non_finite_advice(config: RunConfig, amp_dtype: torch.dtype | None, checkpoint_dir: Path, epoch: int) -> str:
+    """The likely causes of a non-finite training loss and where to go on from."""
+    causes = f"a learning rate too high (--lr {config.lr:g}; try it 10x lower)"
+    if amp_dtype == torch.float16:
+        causes += " or fp16 mixed precision overflowing (try --amp bf16 or --amp off)"
+    else:
+        causes += f" (mixed precision is {'bf16' if amp_dtype else 'off'}, so not an fp16 overflow)"
+    last = checkpoint_dir / LAST_NAME
+    if epoch > 0 and last.is_file():
+        where = (
+            f"the last good checkpoint is {display_path(last)} (epoch {epoch}): continue with "
+            f"--resume {display_path(last)} and a lower --lr"
+        )
+    else:
+        where = "no checkpoint was written yet: start again with a lower --lr"
+    return f"likely causes: {causes}; the broken weights were not saved; {where}"
 
 
 def batches_of(loader: Any, limit: int | None) -> int:
@@ -190,12 +331,20 @@ class TrainingRun:
         if self.channels_last:
             self.model = self.model.to(memory_format=self.memory_format)
         self.optimizer = make_optimizer(self.model, config)
+        steps_per_epoch = self.steps_per_epoch()
+        saved_plan = resume_state.get("schedule") if resume_state is not None else None
+        self.lr_plan = (
+            LrPlan(**saved_plan) if saved_plan else plan_schedule(config, steps_per_epoch, self.samples_per_step)
+        )
+        self.scheduler = make_scheduler(self.optimizer, self.lr_plan)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         # Reseeded from (seed, epoch, rank) at every epoch, so a resumed run augments exactly as
         # an uninterrupted one and ranks never share random transforms.
         self.aug_generator = torch.Generator(device=self.device)
         if resume_state is not None:
             self._restore(resume_state)
+        steps_done = self.scheduler.last_epoch if self.scheduler is not None else 0
+        check_horizon(self.lr_plan, steps_done, steps_per_epoch, config, self.epoch)
         self.train_model: torch.nn.Module = self.model
         if self.dist.enabled:
             if config.sync_bn:
@@ -209,7 +358,9 @@ class TrainingRun:
         load_weights(self.model, state["model"], self.config.resume or "checkpoint")
         try:
             self.optimizer.load_state_dict(state["optimizer"])
-            self._apply_optimizer_settings()
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+            apply_optimizer_settings(self.optimizer, self.scheduler, self.config, float(state["config"]["lr"]))
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["rng"]["torch"])
@@ -226,16 +377,23 @@ class TrainingRun:
         self.best.load_state_dict(state)
         log.info("resuming %s after epoch %d (%d samples seen)", self.config.resume, self.epoch, self.samples_seen)
 
-    def _apply_optimizer_settings(self) -> None:
-        """This run's --lr, --weight-decay (and SGD's --momentum) over those a restored optimizer state carries.
+    @property
+    def samples_per_step(self) -> int:
+        """Training samples of one optimizer step: the batch of every rank."""
+        return self.config.batch_size * self.dist.world_size
 
-        Equal for a plain resume; a resume with a lower --lr (e.g. after the loss became nan) takes effect.
-        """
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.config.lr
-            group["weight_decay"] = self.config.weight_decay
-            if "momentum" in group:
-                group["momentum"] = self.config.momentum
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps of one training epoch on this rank (every rank runs as many)."""
+        return batches_of(self.data.train_loader, self.config.max_train_batches)
+
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        """Backward of `loss` (a scalar), the optimizer's step through the GradScaler, then the lr schedule's."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scheduler is not None:
+            self.scheduler.step()
 
     def seed_augmentation(self, epoch: int) -> None:
         """Reseed the device generator from (seed, epoch, rank): resumed runs augment as uninterrupted ones."""
@@ -252,6 +410,8 @@ class TrainingRun:
             "task": self.task,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "schedule": dataclasses.asdict(self.lr_plan),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "epoch": self.epoch,
             "samples_seen": self.samples_seen,
@@ -285,6 +445,7 @@ class TrainingRun:
         config = self.config
         if self.dist.is_main:
             log.info("config: %s", json.dumps(config.to_dict(), sort_keys=True))
+            log.info("lr schedule: %s", self.lr_plan)
             if not config.resume:
                 self.writers.hparams(config.to_dict(), self.hparam_tags())
         try:
@@ -306,24 +467,8 @@ class TrainingRun:
         try:
             return self.train_epoch(epoch)
         except NonFiniteLossError as exc:
-            raise NonFiniteLossError(f"{exc}; {self._non_finite_advice()}") from None
-
-    def _non_finite_advice(self) -> str:
-        """The likely causes of a non-finite training loss and where to go on from."""
-        causes = f"a learning rate too high (--lr {self.config.lr:g}; try it 10x lower)"
-        if self.amp_dtype == torch.float16:
-            causes += " or fp16 mixed precision overflowing (try --amp bf16 or --amp off)"
-        else:
-            causes += f" (mixed precision is {'bf16' if self.amp_dtype else 'off'}, so not an fp16 overflow)"
-        last = self.checkpoint_dir / LAST_NAME
-        if self.epoch > 0 and last.is_file():
-            where = (
-                f"the last good checkpoint is {display_path(last)} (epoch {self.epoch}): continue with "
-                f"--resume {display_path(last)} and a lower --lr"
-            )
-        else:
-            where = "no checkpoint was written yet: start again with a lower --lr"
-        return f"likely causes: {causes}; the broken weights were not saved; {where}"
+            advice = non_finite_advice(self.config, self.amp_dtype, self.checkpoint_dir, self.epoch)
+            raise NonFiniteLossError(f"{exc}; {advice}") from None
 
     def close(self) -> None:
         close_distributed(self.dist)

@@ -22,7 +22,7 @@ up-sampled map lines up with its skip (`check_input_size`). With `padding=False`
 are unpadded, as in the original UNet paper: the output is smaller than the input and each skip
 is centre-cropped to the up-sampled map.
 
-The model works under `torch.autocast` (probabilities come out in float32) and with
+The model works under `torch.autocast` (logits and probabilities come out in float32) and with
 `memory_format=torch.channels_last`.
 """
 
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from p2ch.errors import ConfigError, DataFormatError
-from p2ch.model import arch_signature, count_parameters
+from p2ch.model import arch_signature, count_parameters, float32_head
 
 UNET_ARCH = "UNetWrapper-v1"
 UP_MODES = ("upconv", "upsample")
@@ -147,7 +147,9 @@ class UNet(nn.Module):
     """A UNet: `depth` levels with 2**(wf+i) filters at level i, skips joined by concatenation.
 
     forward(x: (N, in_channels, H, W) float) -> (N, n_classes, H, W) float logits (smaller H × W
-    with padding=False, see `check_input_size`).
+    with padding=False, see `check_input_size`), float32 also under autocast: the last 1×1
+    convolution runs in float32 (`p2ch.model.float32_head`), as probabilities near a threshold
+    would otherwise move in bf16 steps.
     """
 
     def __init__(
@@ -216,7 +218,7 @@ class UNet(nn.Module):
         skips.pop()  # the bottom level has no skip: it is x itself
         for up in self.up_path:
             x = up(x, skips.pop())
-        return self.last(x)
+        return float32_head(self.last, x)
 
 
 class UNetWrapper(nn.Module):

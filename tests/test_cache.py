@@ -659,3 +659,69 @@ def test_reads_a_cache_written_by_the_previous_code(tiny_root, tmp_path):
     cache.refresh()
     result = cache.prune()
     assert (result.changed_ct, result.kept) == (2, len(items) - 2) and len(cache) == len(items) - 2
+
+
+# --- reading into a caller's buffer (out=) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("compress_level", [0, 1])
+def test_out_receives_the_chunk_on_miss_and_hit(tiny_root, tmp_path, compress_level):
+    cache = ChunkCache(tmp_path / "cache", tiny_root, compress_level=compress_level)
+    batch = np.full((2, 32, 48, 48), 7, dtype=np.int16)  # slots of a batch, as LunaDataset passes them
+    for uid, xyz in candidates_of(tiny_root)[:3]:
+        expected, expected_irc = direct(tiny_root, uid, xyz)
+        for slot in (0, 1):  # miss into slot 0, hit into slot 1
+            chunk, center_irc = cache.get_ct_raw_candidate(uid, xyz, out=batch[slot])
+            assert np.shares_memory(chunk, batch[slot])
+            np.testing.assert_array_equal(batch[slot], expected)
+            assert center_irc == expected_irc
+    assert cache.stats()["hits"] == 3 and cache.stats()["misses"] == 3
+
+
+def test_out_returns_the_given_array(tiny_root, tmp_path):
+    cache = ChunkCache(tmp_path / "cache", tiny_root)
+    uid, xyz = candidates_of(tiny_root)[0]
+    out = np.empty((32, 48, 48), dtype=np.int16)
+    assert cache.get_ct_raw_candidate(uid, xyz, out=out)[0] is out  # miss
+    assert cache.get_ct_raw_candidate(uid, xyz, out=out)[0] is out  # hit
+    np.testing.assert_array_equal(out, direct(tiny_root, uid, xyz)[0])
+
+
+@pytest.mark.parametrize("how", ["truncate", "overwrite", "header"])
+def test_damaged_value_read_into_out_is_recomputed(tiny_root, tmp_path, how):
+    cache = ChunkCache(tmp_path / "cache", tiny_root)
+    uid, xyz = candidates_of(tiny_root)[0]
+    expected, _ = cache.get_ct_raw_candidate(uid, xyz)
+    _damage(cache, cache.key(uid, xyz), how)
+    reader = ChunkCache(tmp_path / "cache", tiny_root)
+    out = np.zeros((32, 48, 48), dtype=np.int16)
+    chunk, _ = reader.get_ct_raw_candidate(uid, xyz, out=out)
+    assert chunk is out and reader.stats()["corrupt"] == 1
+    np.testing.assert_array_equal(out, expected)
+
+
+def read_only_zeros() -> np.ndarray:
+    out = np.zeros((32, 48, 48), dtype=np.int16)
+    out.flags.writeable = False
+    return out
+
+
+@pytest.mark.parametrize(
+    "out, problem",
+    [
+        (np.zeros((32, 48, 48), dtype=np.float32), "float32 array"),
+        (np.zeros((32, 48, 47), dtype=np.int16), r"shape \(32, 48, 47\)"),
+        (np.zeros((32, 48, 96), dtype=np.int16)[:, :, ::2], "not C-contiguous"),
+        (read_only_zeros(), "read-only"),
+        ([0] * 10, "got list"),
+    ],
+    ids=["dtype", "shape", "strided", "read-only", "list"],
+)
+def test_bad_out_is_a_clear_error(tiny_root, tmp_path, out, problem):
+    cache = ChunkCache(tmp_path / "cache", tiny_root)
+    uid, xyz = candidates_of(tiny_root)[0]
+    with pytest.raises(
+        ConfigError, match=rf"out: expected a writable C-contiguous int16 array of shape \(32, 48, 48\).*{problem}"
+    ):
+        cache.get_ct_raw_candidate(uid, xyz, out=out)
+    assert not cache.exists() or len(cache) == 0  # checked before anything is read or written

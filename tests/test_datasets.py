@@ -1,5 +1,6 @@
 import gc
 import importlib.util
+import math
 import warnings
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from p2ch import ct as ct_module
+from p2ch import datasets as datasets_module
 from p2ch.candidates import CandidateArrays, get_candidate_arrays
 from p2ch.datasets import (
     BOOK_EPOCH_SIZE,
@@ -63,6 +65,36 @@ class FakeSource:
         if self.read_only:
             chunk.flags.writeable = False
         return chunk, IrcTuple(round(z), round(y), round(x))
+
+
+class OutSource(FakeSource):
+    """FakeSource that decodes into the caller's `out`, as ChunkCache does; records every `out` it was given.
+
+    ignore_out: take `out` but return a chunk of its own (which the dataset must check and copy).
+    """
+
+    def __init__(self, ignore_out: bool = False, **settings):
+        super().__init__(**settings)
+        self.ignore_out = ignore_out
+        self.outs: list[np.ndarray | None] = []
+
+    def get_ct_raw_candidate(self, series_uid, center_xyz, width_irc=(32, 48, 48), *, out=None):
+        chunk, center_irc = super().get_ct_raw_candidate(series_uid, center_xyz, width_irc)
+        self.outs.append(out)
+        if out is None or self.ignore_out:
+            return chunk, center_irc
+        out[...] = chunk
+        return out, center_irc
+
+
+def assert_same_batch(got: LunaBatch, want: LunaBatch) -> None:
+    """Bit for bit: dtypes, shapes and values of every field."""
+    assert isinstance(got, LunaBatch)
+    for name in ("chunk", "label", "center_irc"):
+        g, w = getattr(got, name), getattr(want, name)
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        assert torch.equal(g, w), name
+    assert got.series_uid == want.series_uid and all(type(u) is str for u in got.series_uid)
 
 
 def make_candidates(num_series: int, per_series: int, *, first_series: int = 0, positive_every: int = 7):
@@ -164,6 +196,88 @@ def test_dataset_bad_arguments():
     with pytest.raises(ConfigError, match="CandidateArrays"):
         LunaDataset(candidates.to_list(), [0], FakeSource())
     assert len(LunaDataset(candidates, [], FakeSource())) == 0
+
+
+# --- batched reads (__getitems__) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "source",
+    [FakeSource(), FakeSource(read_only=True), OutSource(), OutSource(ignore_out=True)],
+    ids=["plain", "read-only", "out", "out-ignored"],
+)
+def test_getitems_gives_the_per_item_batch_bit_for_bit(source):
+    candidates = make_candidates(5, 8)
+    ds = LunaDataset(candidates, np.array([39, 0, 7, 7, 22, 13, 5], dtype=np.int64), source, SMALL_WIDTH)
+    ks = [6, 0, 3, 3, 1, -1]
+    got = ds.__getitems__(ks)
+    assert_same_batch(got, collate_luna([ds[k] for k in ks]))
+    assert got.chunk.shape == (6, 1, *SMALL_WIDTH) and got.chunk.is_contiguous()
+    got.chunk.add_(1)  # writable, whatever the source handed out
+    assert_same_batch(ds.__getitems__(np.array(ks)), collate_luna([ds[k] for k in ks]))
+
+
+def test_getitems_reads_each_chunk_into_its_slot_of_the_batch():
+    source = OutSource()
+    ds = LunaDataset(make_candidates(2, 5), None, source, SMALL_WIDTH)
+    batch = ds.__getitems__([4, 2, 9])
+    assert len(source.outs) == 3
+    base = batch.chunk.numpy()
+    for j, out in enumerate(source.outs):  # no per-chunk buffer: the source wrote into the batch itself
+        assert out is not None and out.shape == SMALL_WIDTH and np.shares_memory(out, base[j, 0])
+    assert batch.chunk.untyped_storage().nbytes() == 3 * 2 * math.prod(SMALL_WIDTH)
+
+
+def test_getitems_allocates_the_batch_in_shared_memory_only_in_a_worker(monkeypatch):
+    ds = LunaDataset(make_candidates(2, 5), None, OutSource(), SMALL_WIDTH)
+    assert not ds.__getitems__([0, 1]).chunk.is_shared()
+    monkeypatch.setattr(datasets_module, "get_worker_info", lambda: object())
+    in_worker = ds.__getitems__([0, 1])
+    assert in_worker.chunk.is_shared()
+    assert_same_batch(in_worker, collate_luna([ds[0], ds[1]]))
+
+
+@pytest.mark.parametrize(
+    "source",
+    [FakeSource(dtype=np.float32), FakeSource(shape=(4, 6, 7)), OutSource(ignore_out=True, shape=(4, 6, 7))],
+    ids=["float32", "shape", "out-ignored-shape"],
+)
+def test_getitems_wrong_chunk_from_source_is_the_same_clear_error(source):
+    ds = LunaDataset(make_candidates(2, 2), [0, 1], source, SMALL_WIDTH)
+    with pytest.raises(DataFormatError, match=r"expected int16 HU of shape \(4, 6, 8\)"):
+        ds.__getitems__([0, 1])
+
+
+class ShiftedDataset(LunaDataset):
+    """A subclass with its own items: chunks shifted by 1 HU."""
+
+    def __getitem__(self, k):
+        sample = super().__getitem__(k)
+        return sample._replace(chunk=sample.chunk + 1)
+
+
+def test_getitems_of_a_subclass_with_its_own_items_uses_them():
+    ds = ShiftedDataset(make_candidates(2, 3), None, OutSource(), SMALL_WIDTH)
+    got = ds.__getitems__([2, 0])
+    assert_same_batch(got, collate_luna([ds[2], ds[0]]))
+    assert int(got.chunk[0, 0, 0, 0, 1]) == 4  # x of row 2 is 3 mm, plus 1
+
+
+def test_collate_luna_passes_a_batch_through():
+    ds = LunaDataset(make_candidates(2, 3), None, FakeSource(), SMALL_WIDTH)
+    batch = ds.__getitems__([0, 1])
+    assert collate_luna(batch) is batch
+
+
+def test_loader_reads_whole_batches(monkeypatch):
+    calls = []
+    getitems = LunaDataset.__getitems__
+    monkeypatch.setattr(LunaDataset, "__getitems__", lambda self, ks: calls.append(list(ks)) or getitems(self, ks))
+    ds = LunaDataset(make_candidates(3, 5), None, OutSource(), SMALL_WIDTH)
+    got = list(create_loader(ds, EvalSampler(len(ds)), batch_size=4))
+    assert calls == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14]]
+    for batch, ks in zip(got, calls, strict=True):
+        assert_same_batch(batch, collate_luna([ds[k] for k in ks]))
 
 
 def test_to_device_batch_makes_float32_on_device():
@@ -291,6 +405,8 @@ def test_with_the_real_chunk_cache(tiny_root, tmp_path):
         np.testing.assert_array_equal(chunk[0].numpy(), want_chunk)
         assert center_irc.tolist() == list(want_irc)
         assert int(label) == int(candidates.is_nodule[k])
+    ks = list(range(len(ds)))[::-1]
+    assert_same_batch(ds.__getitems__(ks), collate_luna([ds[k] for k in ks]))  # read into the batch (out=)
 
 
 # --- splits -------------------------------------------------------------------------------------

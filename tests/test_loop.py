@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
 import torch
 
+from p2ch import loop
 from p2ch.loop import BestCheckpoint, Metric, run_epoch
 from p2ch.runtime import DistInfo
 
@@ -110,3 +112,84 @@ def test_run_epoch_collects_counts_and_marks_a_cut_pass_incomplete():
         positions=positions, show_progress=False,
     )  # fmt: skip
     assert cut.count == 8 and not cut.complete and cut.outputs["positions"].tolist() == list(range(100, 108))
+
+
+def _slow_loader(startup: float, fetch: float, n: int, size: int = 4):
+    """Batches of `size` after `startup` seconds (a loader starting its workers), then one per `fetch` seconds."""
+    time.sleep(startup)
+    for k in range(n):
+        if k:
+            time.sleep(fetch)
+        yield torch.full((size,), float(k))
+
+
+def test_run_epoch_reports_the_start_up_apart_and_its_times_match_the_wall_clock():
+    def step(batch):
+        time.sleep(0.02)
+        return {"x": batch}
+
+    started = time.perf_counter()
+    result = run_epoch(
+        _slow_loader(0.3, 0.02, 6), step, device=torch.device("cpu"), dist=DistInfo(), desc="t",
+        total_samples=24, batches=6, show_progress=False,
+    )  # fmt: skip
+    wall = time.perf_counter() - started
+    assert result.count == 24 and result.complete
+    assert 0.3 <= result.startup_seconds < 0.45
+    assert result.seconds <= wall and result.seconds == pytest.approx(wall, rel=0.15)
+    # from the first batch on: 6 steps and 5 more fetches of 0.02 s
+    assert 0.22 <= result.steady_seconds < 0.4
+    assert result.steady_samples_per_sec == pytest.approx(24 / result.steady_seconds)
+    assert result.steady_samples_per_sec > 2 * result.samples_per_sec  # the start-up would halve the rate
+    steady_wait = result.steady_data_wait_fraction * result.steady_seconds
+    assert 0.1 <= steady_wait < 0.2 and result.data_wait_seconds >= 0.4
+
+
+def test_run_epoch_synchronizes_the_device_at_the_first_batch_and_at_the_end(monkeypatch):
+    events = []
+    monkeypatch.setattr(loop, "synchronize", lambda device: events.append(("sync", str(device))))
+
+    def step(batch):
+        events.append(("step", int(batch[0])))
+        return {"x": batch}
+
+    run_epoch(
+        _slow_loader(0.0, 0.0, 3), step, device=torch.device("cuda", 0), dist=DistInfo(), desc="t",
+        total_samples=12, batches=3, show_progress=False,
+    )  # fmt: skip
+    assert events == [("sync", "cuda:0"), ("step", 0), ("step", 1), ("step", 2), ("sync", "cuda:0")]
+
+
+@pytest.fixture(scope="module")
+def tiny_app(synth_set, tmp_path_factory):
+    """A classification app on the 4-CT synthetic set (CPU, no workers), closed at the end."""
+    from p2ch.training import LunaTrainingApp, TrainingConfig
+
+    root = synth_set(num_cts=4, size=96, slices=48, candidates_per_ct=40, nodules_per_ct=2, seed=11)
+    work = tmp_path_factory.mktemp("loop-app")
+    config = TrainingConfig(
+        data_root=str(root), cache_dir=str(root.parent / "cache-loop"), runs_dir=str(work / "runs"),
+        checkpoint_dir=str(work / "models"), balanced=True, batch_size=4, epoch_size=10, num_workers=0,
+        device="cpu", val_fraction=0.5, max_val_batches=2,
+    )  # fmt: skip
+    app = LunaTrainingApp(config)
+    yield app
+    app.close()
+
+
+def test_training_and_validation_epochs_both_synchronize(tiny_app, monkeypatch):
+    calls = []
+    monkeypatch.setattr(loop, "synchronize", lambda device: calls.append(device))
+    tiny_app.train_epoch(1)
+    assert len(calls) == 2
+    tiny_app.validate(1)
+    assert len(calls) == 4 and all(d == tiny_app.device for d in calls)
+
+
+def test_training_drops_the_last_partial_batch_and_counts_samples_exactly(tiny_app):
+    """--epoch-size 10 with batch 4: 2 whole batches (8 samples); validation keeps its partial batch."""
+    assert tiny_app.data.train_loader.drop_last and not tiny_app.data.val_loader.drop_last
+    result = tiny_app.train_epoch(2)
+    assert len(tiny_app.data.train_loader) == 2 and result.count == 8 and result.complete
+    assert len(result.outputs["positions"]) == 8
+    assert result.outputs["positions"].tolist() == tiny_app.data.train_sampler.indices()[:8].tolist()

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from p2ch.errors import ConfigError, DataFormatError
-from p2ch.model import MODEL_ARCH, LunaModel, arch_signature, count_parameters
+from p2ch.model import MODEL_ARCH, LunaModel, arch_signature, count_parameters, float32_head
+from p2ch.unet import UNetWrapper
 
 
 def make_input(n: int = 2, seed: int = 0) -> torch.Tensor:
@@ -134,12 +135,51 @@ def test_bfloat16_autocast_matches_float32():
         ref_logits, ref_prob = model(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits, prob = model(x)
-    assert logits.dtype == torch.bfloat16
+    assert logits.dtype == torch.float32  # the head runs in float32 (see the test below)
     assert prob.dtype == torch.float32
     assert torch.isfinite(logits).all() and torch.isfinite(prob).all()
     scale = ref_logits.abs().max().item()
     assert (logits.float() - ref_logits).abs().max().item() <= 0.05 * scale
     assert (prob - ref_prob).abs().max().item() < 0.05
+
+
+def test_head_runs_in_float32_under_bfloat16_autocast():
+    """bf16 logits are 0.125 apart above 16, which ties candidates in the FROC ranking; the head is float32."""
+    model = seeded_model(3).eval()
+    x = make_input(4, seed=3)
+    features = {}
+    model.block4.register_forward_hook(lambda module, args, out: features.setdefault("x", out))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, prob = model(x)
+    assert logits.dtype == torch.float32 and prob.dtype == torch.float32
+    with torch.no_grad():
+        expected = model.head_linear(torch.flatten(features["x"], 1).float())
+    assert torch.equal(logits, expected)
+    torch.testing.assert_close(prob, torch.softmax(expected, dim=1))
+
+
+def test_float32_head_keeps_logits_that_bf16_would_tie():
+    """Two logits 0.01 apart near 20 stay apart (bf16 would round both to 20.0)."""
+    head = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        head.weight.fill_(1.0)
+    features = torch.tensor([[20.0], [20.01]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        tied = head(features)
+        kept = float32_head(head, features)
+    assert tied[0] == tied[1]  # what the head gave before
+    assert kept.dtype == torch.float32 and kept[1] > kept[0]
+
+
+def test_unet_logits_and_probabilities_are_float32_under_autocast():
+    torch.manual_seed(0)
+    wrapper = UNetWrapper(in_channels=3, n_classes=1, depth=2, wf=2).eval()
+    x = torch.randn(2, 3, 16, 16) * 300
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = wrapper.unet(wrapper.input_batchnorm(x))
+        prob = wrapper(x)
+    assert logits.dtype == torch.float32 and prob.dtype == torch.float32
+    torch.testing.assert_close(prob, torch.sigmoid(logits))
 
 
 def test_float16_autocast_runs_and_is_finite():

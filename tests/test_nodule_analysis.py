@@ -284,7 +284,9 @@ def test_out_that_is_a_file_is_refused_before_any_model_loads(root, models, tmp_
     uid = _uids_with_nodules(root)[0]
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    monkeypatch.setattr(nodule_analysis, "load_models", lambda config: pytest.fail("models loaded before --out was checked"))
+    monkeypatch.setattr(
+        nodule_analysis, "load_models", lambda config: pytest.fail("models loaded before --out was checked")
+    )
     assert nodule_analysis.main([uid, *_argv(models, root, blocker / "out")]) == 2
     err = capsys.readouterr().err
     assert f"--out {blocker / 'out'}: {blocker} is a file, not a folder" in err and "Traceback" not in err

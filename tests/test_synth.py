@@ -546,14 +546,16 @@ def test_masks_flag_adds_only_the_masks_and_force_clears_them(tiny, tmp_path):
 
 # ------------------------------------------------------------------------ malignancy (chapter 14)
 
-# sha256 of the TINY set's CSVs as written before annotations_with_malignancy.csv existed: the
-# malignancy ratings have a random stream of their own, so adding them changed none of these (the
-# CT voxels were compared byte for byte at the time too). Update only for a deliberate change of
-# the generator, in the same commit.
+# sha256 of the TINY set's CSVs. The malignancy ratings have a random stream of their own, so adding
+# annotations_with_malignancy.csv changed none of these. Changed deliberately for issue 14 (oval ribs
+# add a draw to the anatomy, vessels are tapering curved pieces, nodule sizes lost their pile at
+# 3.2 mm, the spine moved forward). Update only for a deliberate change of the generator, in the
+# same commit. (No digest of the voxels: float32 transcendental functions may differ by an ulp
+# between CPUs.)
 TINY_CSV_SHA256 = {
-    "annotations.csv": "5822284c8d9d5cfc525408ad6518afc2ff208fbded55776737c6ad15074cc740",
-    "annotations_excluded.csv": "5f7de151f768d1dc455c87933dceff57922f6cabf8fbb0035e63b6115dd05bf2",
-    "candidates.csv": "856ae3934d99e64ccc73e979d770630e2f86e9523819aa87e2053562218f88a6",
+    "annotations.csv": "ef5b75348715534fdb113e512ad58982b367e58ef5da61a955a6c75f84964dba",
+    "annotations_excluded.csv": "c341aaa9e9bbdad8c7c6ce082c3cf818115dd49ca4edaf0a98cf57e44d609cee",
+    "candidates.csv": "05a95e892de2c0387695f823e6bac1387e614a02712287c7bee4ddcdc08b6227",
     "seriesuids.csv": "3fdb3c7419c3fb80e5a97de953cf7fb6288b1ed63c4a74c3984c9a46426c1f8f",
 }
 
@@ -648,3 +650,114 @@ def test_malignancy_is_deterministic_and_changes_nothing_else(tiny):
     # Like everything of CT k, its ratings depend on (seed, k) only: fewer CTs give a prefix.
     assert [plan_malignancy(p) for p in plan_dataset(**{**TINY, "num_cts": 2})] == rows[:2]
     assert plan_malignancy(plan_dataset(**{**TINY, "seed": 1})[0]) != rows[0]
+
+
+# ------------------------------------------------------------ what the CTs look like (issue 14)
+
+
+def _thin_vessel_hu(spacing_xyz) -> np.ndarray:
+    """(24, 72, 72) float32 HU: lung at -850 HU with one 1 mm vessel at +40 HU, 17° from the slice plane."""
+    spacing = np.array(spacing_xyz)
+    shape_xyz = np.array([72, 72, 24])
+    hu = np.full((24, 72, 72), -850.0, dtype=np.float32)
+    segment = np.array([4.0, 6.0, 12.0, 44.0, 40.0, 28.0, 0.5, 0.5])  # local mm; x, y, z, r0, r1
+    synth._draw_vessels(hu, segment[None], 40.0, spacing, shape_xyz)
+    return hu
+
+
+def test_thin_oblique_vessel_stays_connected_across_thick_slices():
+    import scipy.ndimage
+
+    for spacing in ((0.7, 0.7, 2.5), (0.7, 0.7, 1.25)):
+        hu = _thin_vessel_hu(spacing)
+        labels, _ = scipy.ndimage.label(hu > -700, structure=np.ones((3, 3, 3)))
+        # Voxels nearest the two ends (index, row, col) lie in one connected streak.
+        ends = [
+            (round(z / spacing[2]), round(y / spacing[1]), round(x / spacing[0]))
+            for x, y, z in ((5, 7, 12.6), (43, 39, 27.4))
+        ]
+        assert labels[ends[0]] > 0 and labels[ends[0]] == labels[ends[1]], spacing
+        # Partial volume: fainter than the vessel's +40 HU where a slice only grazes it, never brighter.
+        assert hu.max() <= 40.0 + 1e-3 and (labels > 0).sum() > 20
+
+
+def test_vessel_trees_taper_branch_from_their_parents_and_bend():
+    plan = plan_dataset(num_cts=1, size=256, slices=96, candidates_per_ct=10, seed=2)[0]
+    vessels = plan.vessels
+    assert vessels.shape[1] == 8 and len(vessels) > 100
+    starts, ends, r0, r1 = vessels[:, :3], vessels[:, 3:6], vessels[:, 6], vessels[:, 7]
+    assert (r1 <= r0).all() and (r1 < r0).mean() > 0.99 and r1.min() >= 0.4
+    by_end = {tuple(e): k for k, e in enumerate(ends)}
+    parents = [by_end.get(tuple(s)) for s in starts]
+    roots = [k for k, parent in enumerate(parents) if parent is None]
+    assert len(roots) <= 16  # 8 roots per lung; every other piece starts exactly where another ends
+    turns = []
+    for k, parent in enumerate(parents):
+        if parent is not None:
+            assert r0[k] <= r1[parent] + 1e-9  # no thicker than the vessel it grows from
+            a, b = ends[parent] - starts[parent], ends[k] - starts[k]
+            turns.append(math.degrees(math.acos(np.clip(a @ b / np.linalg.norm(a) / np.linalg.norm(b), -1, 1))))
+    turns = np.array(turns)
+    # Curved branches (small turns between pieces) and forks (bigger turns into children).
+    assert (turns > 1.0).mean() > 0.95 and ((turns > 2.0) & (turns < 20.0)).sum() > len(turns) / 3
+
+
+def test_ribs_have_rounded_taller_than_wide_cross_sections():
+    import scipy.ndimage
+
+    anatomy = plan_dataset(num_cts=1, size=256, slices=128, candidates_per_ct=10, seed=4)[0].anatomy
+    step = 0.2  # mm, point samples of a coronal plane through the lateral chest wall
+    x = np.arange(anatomy.body_x + 0.5 * anatomy.body_a, anatomy.body_x + 1.2 * anatomy.body_a, step, dtype=np.float32)
+    z = np.arange(0.0, anatomy.lung_z_hi, step, dtype=np.float32)
+    y = np.array(anatomy.body_y, dtype=np.float32).reshape(1, 1, 1)
+    hu = anatomy.background_hu(x[None, None, :], y, z[:, None, None])[:, 0, :]  # (z, x)
+    labels, _ = scipy.ndimage.label(hu > 150.0)  # bone and marrow; muscle and fat are below 60 HU
+    fills, ratios = [], []
+    for k, found in enumerate(scipy.ndimage.find_objects(labels), start=1):
+        rows, cols = found
+        if rows.start == 0 or rows.stop == len(z) or (labels[found] == k).sum() < 100:
+            continue
+        fills.append((labels[found] == k).mean())
+        ratios.append((rows.stop - rows.start) / (cols.stop - cols.start))
+    assert len(fills) >= 2
+    assert max(fills) < 0.85  # an oval fills π/4 of its box, a rectangle all of it
+    assert min(ratios) > 1.3  # taller along z than across the wall
+
+
+def test_noise_has_the_plans_sd_and_a_ct_kernels_grain():
+    plan = plan_dataset(num_cts=1, size=128, slices=32, candidates_per_ct=10, seed=6)[0]
+    clean = synth.render_ct(plan, noise=False).astype(np.float64)
+    noise = synth.render_ct(plan).astype(np.float64) - clean
+    # Lung parenchyma (-880..-780 HU: no clipping at -1024), not air (-1000) or padding (-3024, -2000).
+    lung = (clean > -950) & (clean < -700)
+    inner = lung & np.roll(lung, 1, axis=2) & np.roll(lung, 1, axis=1) & np.roll(lung, 1, axis=0)
+    assert inner.sum() > 20_000
+    assert noise[lung].std() == pytest.approx(plan.noise_hu, rel=0.15)
+
+    def correlation(shifted: np.ndarray) -> float:
+        return float(np.corrcoef(noise[inner], shifted[inner])[0, 1])
+
+    assert correlation(np.roll(noise, 1, axis=2)) > 0.3  # neighbouring columns
+    assert correlation(np.roll(noise, 1, axis=1)) > 0.3  # neighbouring rows
+    assert abs(correlation(np.roll(noise, 1, axis=0))) < 0.1  # slices are reconstructed independently
+
+
+def _real_vs_synth_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "real_vs_synth.py"
+    spec = importlib.util.spec_from_file_location("real_vs_synth", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_real_vs_synth_script_writes_a_picture(tiny, tmp_path, capsys):
+    root, summary = tiny
+    script = _real_vs_synth_script()
+    (real,) = root.glob(f"subset*/{summary.series_uids[1]}.mhd")  # stands in for a real CT
+    out = tmp_path / "pictures" / "side_by_side.png"
+    assert script.main([str(real), "--synth-root", str(root), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert script.main([str(tmp_path / "missing.dcm"), "--synth-root", str(root), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().endswith("missing.dcm: no such file; pass a DICOM file or a .mhd")

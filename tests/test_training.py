@@ -150,7 +150,11 @@ def test_help_lists_groups_and_defaults(capsys):
         "comment",
     ):
         assert flag in out, flag
-    assert "(default: 32)" in out and "(default: sgd)" in out and "(default: 0.001)" in out
+    text = " ".join(out.split())  # argparse wraps lines at the terminal's width
+    assert "(default: 32" in text and "(default: adam)" in text and "(default: 0.001)" in text
+    for flag in ("--lr-schedule", "--warmup-samples", "--schedule-samples", "--mixup", "--momentum"):
+        assert flag in out, flag
+    assert "--optimizer sgd --lr 0.001 --momentum 0.99" in text  # the book's recipe, one flag set away
     for group in ("data:", "split", "sampling:", "augmentation", "optimisation:", "speed:", "output:"):
         assert group in out, group
 

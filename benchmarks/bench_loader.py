@@ -1,0 +1,310 @@
+"""Data path cost: per-sample µs in the main process and loader samples/s per worker, per-item vs batched reads.
+
+Two paths through the same `LunaDataset` and warm `ChunkCache`, in one run:
+
+- per-item (the old path): the DataLoader calls `__getitem__` per sample (a fresh chunk array
+  each), then `collate_luna` stacks them into the batch (`PerItemDataset` hides `__getitems__`);
+- batched (the new path): the DataLoader calls `LunaDataset.__getitems__`, which reads every
+  chunk straight into one preallocated int16 batch tensor; `collate_luna` passes it through.
+
+Part 1 times each piece per sample with no workers, in the main process, over shuffled batches:
+cache read + CRC (`get_ct_raw_candidate`, into a fresh array or into the batch with `out=`), the
+rest of `__getitem__` / `__getitems__`, and the collate. It does so twice: with private memory
+(as with num_workers=0) and with shared-memory batches, as inside a worker (torch's
+`get_worker_info()` is made to answer, so `default_collate` and `__getitems__` both allocate
+shared memory as they do there). Part 2 times full shuffled passes through `create_loader`
+with 0, 1 and 2 workers and reports samples/s and samples/s per worker. Data: a synthetic
+LUNA16-layout set (`p2ch.synth.generate`) in a temporary folder, cached first, unless
+`--data-root` is given. Nothing is copied to a GPU; pinning follows CUDA's presence.
+
+    .venv/bin/python benchmarks/bench_loader.py --batch-size 256 32
+    .venv/bin/python benchmarks/bench_loader.py --data-root data-unversioned/part2/luna --limit 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torch.utils.data._utils import worker as torch_worker
+
+from p2ch.candidates import get_candidate_arrays
+from p2ch.datasets import DEFAULT_WIDTH_IRC, LunaDataset, LunaSample, ShuffleSampler, collate_luna, create_loader
+from p2ch.errors import P2chError
+
+PATHS = ("per-item", "batched")
+
+
+class PerItemDataset(Dataset):
+    """The old path: a LunaDataset without `__getitems__`, so the DataLoader reads item by item."""
+
+    def __init__(self, dataset: LunaDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, k: int) -> LunaSample:
+        return self.dataset[k]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[256, 32], help="batch sizes to time")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="worker counts of part 2")
+    parser.add_argument("--passes", type=int, default=3, help="timed passes per setting (after one warm-up pass)")
+    parser.add_argument("--skip-loader", action="store_true", help="part 1 only")
+    parser.add_argument("--width-irc", type=int, nargs=3, default=DEFAULT_WIDTH_IRC, metavar=("I", "R", "C"))
+    parser.add_argument("--data-root", help="an existing LUNA16-layout data set (default: make a synthetic one)")
+    parser.add_argument("--cache-dir", help="chunk cache folder (default: a temporary one)")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N candidates")
+    g = parser.add_argument_group("synthetic data set (without --data-root)")
+    g.add_argument("--num-cts", type=int, default=8)
+    g.add_argument("--size", type=int, default=256, help="in-plane voxels (rows = cols)")
+    g.add_argument("--slices", type=int, default=128)
+    g.add_argument("--candidates-per-ct", type=int, default=250)
+    g.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+@contextlib.contextmanager
+def as_in_a_worker(enabled: bool) -> Iterator[None]:
+    """Make torch's `get_worker_info()` answer, so batches are built in shared memory as in a worker."""
+    if not enabled:
+        yield
+        return
+    saved = torch_worker._worker_info
+    torch_worker._worker_info = object()
+    try:
+        yield
+    finally:
+        torch_worker._worker_info = saved
+
+
+def batches_of(dataset: LunaDataset, batch_size: int, epoch: int) -> list[list[int]]:
+    order = ShuffleSampler(len(dataset), seed=0).global_indices(epoch).tolist()
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def time_pieces(dataset: LunaDataset, batch_size: int, passes: int, shared: bool) -> dict[str, dict[str, float]]:
+    """Per-sample µs of read / rest / collate for both paths (median over passes).
+
+    The four measurements run batch by batch, interleaved, so both paths see the same machine
+    load. Torch runs on one thread here, as in a DataLoader worker.
+    """
+    cache, width = dataset.source, dataset.width_irc
+    uids = [dataset.series_uid(k) for k in range(len(dataset))]
+    centers = [tuple(c) for c in dataset._center_xyz.tolist()]
+    keys = ("old_read", "old_item", "old_collate", "new_read", "new_item", "new_collate")
+    runs: dict[str, list[float]] = {key: [] for key in keys}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with as_in_a_worker(shared):
+            for epoch in range(passes + 1):
+                batches = batches_of(dataset, batch_size, epoch)
+                n = sum(len(b) for b in batches)
+                spent = dict.fromkeys(keys, 0.0)
+                for ks in batches:
+                    # per-item: reads alone (each chunk kept until its batch is done, as the loader keeps them),
+                    t0 = time.perf_counter()
+                    chunks = [cache.get_ct_raw_candidate(uids[k], centers[k], width) for k in ks]
+                    del chunks
+                    # then __getitem__ per sample and collate_luna per batch;
+                    t1 = time.perf_counter()
+                    samples = [dataset[k] for k in ks]
+                    t2 = time.perf_counter()
+                    batch = collate_luna(samples)
+                    t3 = time.perf_counter()
+                    del samples, batch
+                    # batched: reads into a fresh batch tensor alone (allocated as __getitems__ does),
+                    t4 = time.perf_counter()
+                    chunk = _fresh_batch(len(ks), width, shared)
+                    slots = chunk.numpy()[:, 0]
+                    for j, k in enumerate(ks):
+                        cache.get_ct_raw_candidate(uids[k], centers[k], width, out=slots[j])
+                    del chunk, slots
+                    # then __getitems__ and collate_luna (a pass-through).
+                    t5 = time.perf_counter()
+                    got = dataset.__getitems__(ks)
+                    t6 = time.perf_counter()
+                    batch = collate_luna(got)
+                    t7 = time.perf_counter()
+                    del got, batch
+                    for key, seconds in zip(keys, (t1 - t0, t2 - t1, t3 - t2, t5 - t4, t6 - t5, t7 - t6), strict=True):
+                        spent[key] += seconds
+                if epoch:  # the first pass warms the page cache and the cache's handles
+                    for key in keys:
+                        runs[key].append(spent[key] / n)
+    finally:
+        torch.set_num_threads(threads)
+    out = {}
+    for path, prefix in zip(PATHS, ("old", "new"), strict=True):
+        read, item, collate = (
+            statistics.median(runs[f"{prefix}_{part}"]) * 1e6 for part in ("read", "item", "collate")
+        )
+        out[path] = {
+            "read_crc_us": round(read, 1),
+            "rest_us": round(item - read, 1),
+            "collate_us": round(collate, 1),
+            "total_us": round(item + collate, 1),
+        }
+    return out
+
+
+def _fresh_batch(n: int, width: tuple[int, ...], shared: bool) -> torch.Tensor:
+    chunk = torch.empty((n, 1, *width), dtype=torch.int16)
+    if shared:
+        storage = torch.UntypedStorage._new_shared(chunk.nbytes)
+        chunk = torch.empty(0, dtype=torch.int16).set_(storage, 0, chunk.shape)
+    return chunk
+
+
+def time_loader(dataset, *, workers: int, batch_size: int, passes: int) -> dict:
+    sampler = ShuffleSampler(len(dataset), seed=0)
+    loader = create_loader(
+        dataset, sampler, batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available()
+    )
+    timings = []
+    samples = 0
+    for epoch in range(passes + 1):
+        sampler.set_epoch(epoch)
+        start = time.perf_counter()
+        samples = 0
+        for batch in loader:
+            samples += batch.chunk.shape[0]
+        timings.append(time.perf_counter() - start)
+    del loader  # stops persistent workers
+    rate = samples / statistics.median(timings[1:])
+    return {
+        "workers": workers,
+        "samples_per_s": round(rate),
+        "samples_per_s_per_worker": round(rate / max(workers, 1)),
+        "pass_s": [round(t, 3) for t in timings[1:]],
+    }
+
+
+def make_data(args, tmp: str) -> Path:
+    if args.data_root:
+        return Path(args.data_root)
+    from p2ch.synth import generate
+
+    data_root = Path(tmp) / "luna"
+    start = time.perf_counter()
+    generate(
+        data_root,
+        num_cts=args.num_cts,
+        size=args.size,
+        slices=args.slices,
+        candidates_per_ct=args.candidates_per_ct,
+        seed=args.seed,
+        workers=min(4, os.cpu_count() or 1),
+    )
+    print(f"synthetic data set: {args.num_cts} CTs in {time.perf_counter() - start:.1f} s", flush=True)
+    return data_root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", message="This DataLoader will create")
+    from p2ch.cache import ChunkCache
+    from p2ch.prefill import fill_missing
+
+    pieces: dict[str, dict] = {}
+    loader_results: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="p2ch-bench-") as tmp:
+        try:
+            data_root = make_data(args, tmp)
+            candidates = get_candidate_arrays(data_root)
+            if args.limit:
+                candidates = candidates.take(np.arange(min(args.limit, len(candidates))))
+            cache = ChunkCache(Path(args.cache_dir) if args.cache_dir else Path(tmp) / "cache", data_root)
+            width = tuple(args.width_irc)
+            start = time.perf_counter()
+            fill_missing(cache, candidates, np.arange(len(candidates)), width, progress=False)
+            print(f"cache filled in {time.perf_counter() - start:.1f} s", flush=True)
+            dataset = LunaDataset(candidates, None, cache, width)
+            for batch_size in args.batch_size:
+                for shared in (False, True):
+                    mode = "shared" if shared else "private"
+                    pieces[f"{batch_size}/{mode}"] = time_pieces(dataset, batch_size, args.passes, shared)
+                    print(f"part 1, batch {batch_size}, {mode} memory: {pieces[f'{batch_size}/{mode}']}", flush=True)
+                if args.skip_loader:
+                    continue
+                for workers in args.workers:
+                    for path in PATHS:
+                        ds = dataset if path == "batched" else PerItemDataset(dataset)
+                        result = time_loader(ds, workers=workers, batch_size=batch_size, passes=args.passes)
+                        loader_results.append({"path": path, "batch_size": batch_size, **result})
+                        print(f"part 2: {loader_results[-1]}", flush=True)
+            hits = cache.stats()["hits"]
+        except P2chError as exc:
+            print(f"bench_loader: {exc}", file=sys.stderr)
+            return 2
+
+    print(f"\n{len(dataset)} candidates, chunk {width} int16, shuffled order, {os.cpu_count()} CPUs")
+    print("part 1: µs per sample, main process (median of passes)")
+    print(
+        f"{'batch':>5} {'memory':>8} {'path':>9} {'read+CRC':>9} {'rest':>7} {'collate':>8} {'total':>7} {'ratio':>6}"
+    )
+    ratios: dict[str, float] = {}
+    for key, by_path in pieces.items():
+        batch_size, mode = key.split("/")
+        old_total = by_path["per-item"]["total_us"]
+        for path in PATHS:
+            r = by_path[path]
+            ratio = old_total / r["total_us"] if r["total_us"] else float("nan")
+            if path == "batched":
+                ratios[f"per_sample_{key}"] = round(ratio, 2)
+            print(
+                f"{batch_size:>5} {mode:>8} {path:>9} {r['read_crc_us']:>9} {r['rest_us']:>7} "
+                f"{r['collate_us']:>8} {r['total_us']:>7} {ratio:>6.2f}"
+            )
+    if loader_results:
+        print("part 2: loader samples/s (median pass)")
+        print(f"{'batch':>5} {'workers':>7} {'path':>9} {'samples/s':>10} {'per worker':>11} {'ratio':>6}")
+        old = {(r["batch_size"], r["workers"]): r["samples_per_s"] for r in loader_results if r["path"] == "per-item"}
+        for r in loader_results:
+            ratio = r["samples_per_s"] / old[(r["batch_size"], r["workers"])]
+            if r["path"] == "batched":
+                ratios[f"loader_{r['batch_size']}/{r['workers']}w"] = round(ratio, 2)
+            print(
+                f"{r['batch_size']:>5} {r['workers']:>7} {r['path']:>9} {r['samples_per_s']:>10} "
+                f"{r['samples_per_s_per_worker']:>11} {ratio:>6.2f}"
+            )
+    record = {
+        "bench": "loader",
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": platform.node(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "data_root": str(args.data_root) if args.data_root else "synthetic",
+        "candidates": len(dataset),
+        "width_irc": list(width),
+        "passes": args.passes,
+        "cache_hits_main_process": hits,
+        "per_sample_us": pieces,
+        "loader": loader_results,
+        "ratios": ratios,
+    }
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
