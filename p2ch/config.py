@@ -236,8 +236,8 @@ class RunConfig:
     batch_size: int = 32
     num_workers: int = 8
     epochs: int = 1
-    # Adam at 1e-3 is the default because it is what learns: on the synthetic set the book's SGD
-    # (lr 1e-3, momentum 0.99) reached CPM 0.02 in 8,192 samples, Adam 0.29 (benchmarks/time_to_cpm.py).
+    # Adam at 1e-3 is the default because it is what learns: on the quickstart's synthetic set Adam
+    # reached CPM 0.62 in 10,240 samples, the book's SGD (lr 1e-3, momentum 0.99) 0.006 (BENCHMARKS.md).
     optimizer: str = "adam"
     lr: float = 0.001
     momentum: float = 0.99  # SGD only (the book's)
