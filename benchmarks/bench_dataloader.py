@@ -45,6 +45,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         choices=("fork", "forkserver", "spawn"),
         help="worker start method (default: the platform's)",
     )
+    add_data_arguments(parser)
+    return parser
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data set flags of the loader benchmarks (this one and bench_loader.py)."""
     parser.add_argument("--width-irc", type=int, nargs=3, default=DEFAULT_WIDTH_IRC, metavar=("I", "R", "C"))
     parser.add_argument("--data-root", help="an existing LUNA16-layout data set (default: make a synthetic one)")
     parser.add_argument("--cache-dir", help="chunk cache folder (default: a temporary one)")
@@ -55,7 +61,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--slices", type=int, default=128)
     g.add_argument("--candidates-per-ct", type=int, default=250)
     g.add_argument("--seed", type=int, default=0)
-    return parser
+
+
+def make_data(args: argparse.Namespace, tmp: str) -> Path:
+    """--data-root, else a synthetic set made in `tmp` from the synthetic-data flags."""
+    if args.data_root:
+        return Path(args.data_root)
+    from p2ch.synth import generate
+
+    data_root = Path(tmp) / "luna"
+    start = time.perf_counter()
+    generate(
+        data_root,
+        num_cts=args.num_cts,
+        size=args.size,
+        slices=args.slices,
+        candidates_per_ct=args.candidates_per_ct,
+        seed=args.seed,
+        workers=min(4, os.cpu_count() or 1),
+    )
+    print(f"synthetic data set: {args.num_cts} CTs in {time.perf_counter() - start:.1f} s", flush=True)
+    return data_root
 
 
 def prefill(cache, candidates, width_irc) -> tuple[float, int]:
@@ -114,30 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="p2ch-bench-") as tmp:
         try:
-            if args.data_root:
-                data_root = Path(args.data_root)
-            else:
-                try:
-                    from p2ch.synth import generate
-                except ImportError as exc:
-                    print(f"bench_dataloader: needs p2ch.synth.generate or --data-root ({exc})", file=sys.stderr)
-                    return 2
-                data_root = Path(tmp) / "luna"
-                start = time.perf_counter()
-                generate(
-                    data_root,
-                    num_cts=args.num_cts,
-                    size=args.size,
-                    slices=args.slices,
-                    candidates_per_ct=args.candidates_per_ct,
-                    seed=args.seed,
-                    workers=min(4, os.cpu_count() or 1),
-                )
-                print(
-                    f"synthetic data set: {args.num_cts} CTs of {args.slices}×{args.size}×{args.size} "
-                    f"in {time.perf_counter() - start:.1f} s",
-                    flush=True,
-                )
+            data_root = make_data(args, tmp)
             cache_dir = Path(args.cache_dir) if args.cache_dir else Path(tmp) / "cache"
             candidates = get_candidate_arrays(data_root)
             if args.limit:

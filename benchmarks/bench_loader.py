@@ -39,11 +39,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_dataloader import add_data_arguments, make_data
 from torch.utils.data import Dataset
 from torch.utils.data._utils import worker as torch_worker
 
 from p2ch.candidates import get_candidate_arrays
-from p2ch.datasets import DEFAULT_WIDTH_IRC, LunaDataset, LunaSample, ShuffleSampler, collate_luna, create_loader
+from p2ch.datasets import LunaDataset, LunaSample, ShuffleSampler, collate_luna, create_loader
 from p2ch.errors import P2chError
 
 PATHS = ("per-item", "batched")
@@ -68,16 +69,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="worker counts of part 2")
     parser.add_argument("--passes", type=int, default=3, help="timed passes per setting (after one warm-up pass)")
     parser.add_argument("--skip-loader", action="store_true", help="part 1 only")
-    parser.add_argument("--width-irc", type=int, nargs=3, default=DEFAULT_WIDTH_IRC, metavar=("I", "R", "C"))
-    parser.add_argument("--data-root", help="an existing LUNA16-layout data set (default: make a synthetic one)")
-    parser.add_argument("--cache-dir", help="chunk cache folder (default: a temporary one)")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N candidates")
-    g = parser.add_argument_group("synthetic data set (without --data-root)")
-    g.add_argument("--num-cts", type=int, default=8)
-    g.add_argument("--size", type=int, default=256, help="in-plane voxels (rows = cols)")
-    g.add_argument("--slices", type=int, default=128)
-    g.add_argument("--candidates-per-ct", type=int, default=250)
-    g.add_argument("--seed", type=int, default=0)
+    add_data_arguments(parser)
     return parser
 
 
@@ -196,26 +188,6 @@ def time_loader(dataset, *, workers: int, batch_size: int, passes: int) -> dict:
         "samples_per_s_per_worker": round(rate / max(workers, 1)),
         "pass_s": [round(t, 3) for t in timings[1:]],
     }
-
-
-def make_data(args, tmp: str) -> Path:
-    if args.data_root:
-        return Path(args.data_root)
-    from p2ch.synth import generate
-
-    data_root = Path(tmp) / "luna"
-    start = time.perf_counter()
-    generate(
-        data_root,
-        num_cts=args.num_cts,
-        size=args.size,
-        slices=args.slices,
-        candidates_per_ct=args.candidates_per_ct,
-        seed=args.seed,
-        workers=min(4, os.cpu_count() or 1),
-    )
-    print(f"synthetic data set: {args.num_cts} CTs in {time.perf_counter() - start:.1f} s", flush=True)
-    return data_root
 
 
 def main(argv: Sequence[str] | None = None) -> int:
