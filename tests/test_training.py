@@ -17,6 +17,7 @@ from processes import wait_for_children, wait_until_gone
 
 from p2ch import training
 from p2ch.checkpoint import load_checkpoint, save_checkpoint
+from p2ch.config import display_path
 
 REPO = Path(__file__).resolve().parents[1]
 SCALAR_TAGS = {
@@ -650,7 +651,8 @@ def test_a_nan_loss_after_a_good_epoch_names_the_last_good_checkpoint(one_epoch,
     assert training.main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "epoch 2 train: the loss (losses) became nan or infinite" in err
-    assert f"the last good checkpoint is {last} (epoch 1): continue with --resume {last} and a lower --lr" in err
+    shown = display_path(last)  # relative to the working directory when shorter (e.g. a clone in /tmp)
+    assert f"the last good checkpoint is {shown} (epoch 1): continue with --resume {shown} and a lower --lr" in err
     assert last.read_bytes() == before  # the broken weights were not saved
     state_lr = load_checkpoint(last)["optimizer"]["param_groups"][0]["lr"]
     assert state_lr == pytest.approx(0.001)
