@@ -95,6 +95,20 @@ def prefill(cache, candidates, width_irc) -> tuple[float, int]:
     return time.perf_counter() - start, written
 
 
+def timed_passes(loader, sampler, passes: int) -> tuple[int, list[float]]:
+    """Samples per pass and the seconds of `passes` + 1 shuffled passes over `loader` (the first warms up)."""
+    timings = []
+    samples = 0
+    for epoch in range(passes + 1):
+        sampler.set_epoch(epoch)
+        start = time.perf_counter()
+        samples = 0
+        for batch in loader:
+            samples += batch.chunk.shape[0]
+        timings.append(time.perf_counter() - start)
+    return samples, timings
+
+
 def time_loader(dataset, *, workers: int, batch_size: int, passes: int, context) -> dict:
     sampler = ShuffleSampler(len(dataset), seed=0)
     loader = create_loader(
@@ -105,14 +119,7 @@ def time_loader(dataset, *, workers: int, batch_size: int, passes: int, context)
         pin_memory=torch.cuda.is_available(),
         multiprocessing_context=context,
     )
-    timings = []
-    for epoch in range(passes + 1):
-        sampler.set_epoch(epoch)
-        start = time.perf_counter()
-        samples = 0
-        for batch in loader:
-            samples += batch.chunk.shape[0]
-        timings.append(time.perf_counter() - start)
+    samples, timings = timed_passes(loader, sampler, passes)
     del loader  # stops persistent workers
     timed = timings[1:]
     return {

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_dataloader import add_data_arguments, make_data
+from bench_dataloader import add_data_arguments, make_data, timed_passes
 from torch.utils.data import Dataset
 from torch.utils.data._utils import worker as torch_worker
 
@@ -171,15 +171,7 @@ def time_loader(dataset, *, workers: int, batch_size: int, passes: int) -> dict:
     loader = create_loader(
         dataset, sampler, batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available()
     )
-    timings = []
-    samples = 0
-    for epoch in range(passes + 1):
-        sampler.set_epoch(epoch)
-        start = time.perf_counter()
-        samples = 0
-        for batch in loader:
-            samples += batch.chunk.shape[0]
-        timings.append(time.perf_counter() - start)
+    samples, timings = timed_passes(loader, sampler, passes)
     del loader  # stops persistent workers
     rate = samples / statistics.median(timings[1:])
     return {
