@@ -95,6 +95,19 @@ def prefill(cache, candidates, width_irc) -> tuple[float, int]:
     return time.perf_counter() - start, written
 
 
+def record_header(bench: str, args: argparse.Namespace) -> dict:
+    """The first keys of a loader benchmark's JSON line: what ran, when, where, on what data."""
+    return {
+        "bench": bench,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": platform.node(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "data_root": str(args.data_root) if args.data_root else "synthetic",
+    }
+
+
 def timed_passes(loader, sampler, passes: int) -> tuple[int, list[float]]:
     """Samples per pass and the seconds of `passes` + 1 shuffled passes over `loader` (the first warms up)."""
     timings = []
@@ -189,13 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in results:
         print(f"{r['workers']:>7} {r['samples_per_s']:>10} {r['mb_per_s']:>8} {r['first_pass_s']:>13}")
     record = {
-        "bench": "dataloader",
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": platform.node(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "data_root": str(args.data_root) if args.data_root else "synthetic",
+        **record_header("dataloader", args),
         "synthetic": None
         if args.data_root
         else {

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_dataloader import add_data_arguments, make_data, timed_passes
+from bench_dataloader import add_data_arguments, make_data, record_header, timed_passes
 from torch.utils.data import Dataset
 from torch.utils.data._utils import worker as torch_worker
 
@@ -251,13 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{r['samples_per_s_per_worker']:>11} {ratio:>6.2f}"
             )
     record = {
-        "bench": "loader",
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": platform.node(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "data_root": str(args.data_root) if args.data_root else "synthetic",
+        **record_header("loader", args),
         "candidates": len(dataset),
         "width_irc": list(width),
         "passes": args.passes,
