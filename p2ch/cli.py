@@ -89,6 +89,34 @@ def _sigterm_as_interrupt() -> Iterator[_Signals]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Within the block, Ctrl-C and SIGTERM wait, and are delivered as the block ends.
+
+    For writing a file: a library cut off mid-write (torch.save's zip writer) raises its own error
+    on the way out ("unexpected pos …"), which would replace the interruption with a traceback.
+    Only the main thread handles signals; elsewhere, and for a signal whose handler was not set
+    from Python, nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        pending.append(signum)
+
+    held = [sig for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is not None]
+    previous = {sig: signal.signal(sig, hold) for sig in held}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(pending):  # each once, in the order they came
+            signal.raise_signal(sig)
+
+
 def _terminated_text(text: str) -> str:
     """The Ctrl-C note reworded for SIGTERM ("interrupted; rerun …" → "terminated (SIGTERM); rerun …")."""
     if text.startswith("interrupted"):
@@ -100,9 +128,10 @@ def run_cli(prog: str, body: Callable[[], int], interrupted: Callable[[], str] |
     """Run a command's body: its exit code, 2 with one line for a P2chError, 130 on Ctrl-C, 143 on SIGTERM.
 
     interrupted: what to print after `prog: ` on Ctrl-C or SIGTERM (a callable is asked then, so it
-    can say where to resume). SIGTERM is handled as Ctrl-C is (the same clean-up and note); an error
-    that follows it (a worker killed by the same signal) counts as the termination. Other exceptions
-    propagate with their traceback: they are bugs.
+    can say where to resume). SIGTERM is handled as Ctrl-C is (the same clean-up and note); any error
+    that follows it (a worker killed by the same signal, a library cut off mid-call) counts as the
+    termination, its traceback logged at DEBUG. Other exceptions propagate with their traceback:
+    they are bugs.
     """
 
     def note() -> str:
@@ -117,6 +146,12 @@ def run_cli(prog: str, body: Callable[[], int], interrupted: Callable[[], str] |
                 return EXIT_TERMINATED
             print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
             return EXIT_ERROR
+        except Exception:
+            if not signals.terminated:
+                raise
+            logging.getLogger(__name__).debug("after SIGTERM", exc_info=True)
+            print(f"{prog}: {_terminated_text(note())}", file=sys.stderr)
+            return EXIT_TERMINATED
         except KeyboardInterrupt as exc:
             if isinstance(exc, Terminated) or signals.terminated:
                 print(f"{prog}: {_terminated_text(note())}", file=sys.stderr)

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from p2ch.cli import signals_deferred
+
 
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
@@ -16,7 +18,14 @@ def atomic_writer(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
 
     The data and the rename are fsynced; the file gets the permissions any new file would get
     (mkstemp's are 0600). On an exception the temporary file is removed and `path` is untouched.
+    Ctrl-C and SIGTERM wait until the file is written (`cli.signals_deferred`).
     """
+    with signals_deferred(), _atomic_writer(path) as handle:
+        yield handle
+
+
+@contextlib.contextmanager
+def _atomic_writer(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

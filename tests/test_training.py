@@ -425,8 +425,9 @@ def test_sigterm_is_handled_like_ctrl_c_and_its_dataloader_workers_exit(tiny, tm
         workers = wait_for_children(proc.pid, 2, 30)
         assert len(workers) >= 2, workers
         os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=60) == 143
+        code = proc.wait(timeout=60)
         stderr = proc.stderr.read().decode()
+        assert code == 143, stderr[-3000:]
         final = stderr.strip().splitlines()[-1]  # nothing after the one line: no worker's traceback
         hint = f"p2ch.training: terminated (SIGTERM); resume with --resume {last.relative_to(tmp_path)}"
         assert final == hint, stderr[-3000:]
