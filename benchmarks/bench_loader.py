@@ -1,19 +1,24 @@
 """Data path cost: per-sample µs in the main process and loader samples/s per worker, per-item vs batched reads.
 
-Two paths through the same `LunaDataset` and warm `ChunkCache`, in one run:
+Three paths through the same `LunaDataset` and warm `ChunkCache`, in one run:
 
 - per-item (the old path): the DataLoader calls `__getitem__` per sample (a fresh chunk array
   each), then `collate_luna` stacks them into the batch (`PerItemDataset` hides `__getitems__`);
 - batched (the new path): the DataLoader calls `LunaDataset.__getitems__`, which reads every
-  chunk straight into one preallocated int16 batch tensor; `collate_luna` passes it through.
+  chunk straight into one fresh int16 batch tensor; `collate_luna` passes it through
+  (`create_loader(reuse_buffers=False)`);
+- reused (the default now): the same, into a batch buffer the worker reuses once the main process
+  has released it (`p2ch.batchbuffers`), so its pages are not faulted in again for every batch.
 
 Part 1 times each piece per sample with no workers, in the main process, over shuffled batches:
 cache read + CRC (`get_ct_raw_candidate`, into a fresh array or into the batch with `out=`), the
 rest of `__getitem__` / `__getitems__`, and the collate. It does so twice: with private memory
 (as with num_workers=0) and with shared-memory batches, as inside a worker (torch's
 `get_worker_info()` is made to answer, so `default_collate` and `__getitems__` both allocate
-shared memory as they do there). Part 2 times full shuffled passes through `create_loader`
-with 0, 1 and 2 workers and reports samples/s and samples/s per worker. Data: a synthetic
+shared memory as they do there; the reused path releases each batch's buffer as the main process
+would, and runs in shared memory only: without workers there is no pool). Part 2 times full
+shuffled passes through `create_loader` with 0, 1 and 2 workers and reports samples/s and
+samples/s per worker. Data: a synthetic
 LUNA16-layout set (`p2ch.synth.generate`) in a temporary folder, cached first, unless
 `--data-root` is given. Nothing is copied to a GPU; pinning follows CUDA's presence.
 
@@ -25,12 +30,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+import types
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -41,11 +48,12 @@ from bench_dataloader import add_data_arguments, make_data, record_header, timed
 from torch.utils.data import Dataset
 from torch.utils.data._utils import worker as torch_worker
 
+from p2ch.batchbuffers import BatchBuffers, Leased, buffer_slots
 from p2ch.candidates import get_candidate_arrays
 from p2ch.datasets import LunaDataset, LunaSample, ShuffleSampler, collate_luna, create_loader
 from p2ch.errors import P2chError
 
-PATHS = ("per-item", "batched")
+PATHS = ("per-item", "batched", "reused")
 
 
 class PerItemDataset(Dataset):
@@ -78,7 +86,7 @@ def as_in_a_worker(enabled: bool) -> Iterator[None]:
         yield
         return
     saved = torch_worker._worker_info
-    torch_worker._worker_info = object()
+    torch_worker._worker_info = types.SimpleNamespace(id=0)  # worker 0 (of a pool with one worker)
     try:
         yield
     finally:
@@ -91,15 +99,19 @@ def batches_of(dataset: LunaDataset, batch_size: int, epoch: int) -> list[list[i
 
 
 def time_pieces(dataset: LunaDataset, batch_size: int, passes: int, shared: bool) -> dict[str, dict[str, float]]:
-    """Per-sample µs of read / rest / collate for both paths (median over passes).
+    """Per-sample µs of read / rest / collate for each path (median over passes; reused: shared only).
 
-    The four measurements run batch by batch, interleaved, so both paths see the same machine
-    load. Torch runs on one thread here, as in a DataLoader worker.
+    The measurements run batch by batch, interleaved, so all paths see the same machine load.
+    Torch runs on one thread here, as in a DataLoader worker.
     """
     cache, width = dataset.source, dataset.width_irc
     uids = [dataset.series_uid(k) for k in range(len(dataset))]
     centers = [tuple(c) for c in dataset._center_xyz.tolist()]
     keys = ("old_read", "old_item", "old_collate", "new_read", "new_item", "new_collate")
+    keys += ("reuse_read", "reuse_item", "reuse_collate") if shared else ()
+    pooled = copy.copy(dataset)
+    pooled.buffers = BatchBuffers(1, buffer_slots())
+    kept = _fresh_batch(batch_size, width, shared).fill_(0)  # a buffer already touched, as a reused one is
     runs: dict[str, list[float]] = {key: [] for key in keys}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -135,7 +147,10 @@ def time_pieces(dataset: LunaDataset, batch_size: int, passes: int, shared: bool
                     batch = collate_luna(got)
                     t7 = time.perf_counter()
                     del got, batch
-                    for key, seconds in zip(keys, (t1 - t0, t2 - t1, t3 - t2, t5 - t4, t6 - t5, t7 - t6), strict=True):
+                    times = [t1 - t0, t2 - t1, t3 - t2, t5 - t4, t6 - t5, t7 - t6]
+                    if shared:
+                        times += _time_reused(pooled, ks, kept, uids, centers)
+                    for key, seconds in zip(keys, times, strict=True):
                         spent[key] += seconds
                 if epoch:  # the first pass warms the page cache and the cache's handles
                     for key in keys:
@@ -143,7 +158,9 @@ def time_pieces(dataset: LunaDataset, batch_size: int, passes: int, shared: bool
     finally:
         torch.set_num_threads(threads)
     out = {}
-    for path, prefix in zip(PATHS, ("old", "new"), strict=True):
+    for path, prefix in zip(PATHS, ("old", "new", "reuse"), strict=False):
+        if f"{prefix}_read" not in runs:
+            continue
         read, item, collate = (
             statistics.median(runs[f"{prefix}_{part}"]) * 1e6 for part in ("read", "item", "collate")
         )
@@ -156,6 +173,25 @@ def time_pieces(dataset: LunaDataset, batch_size: int, passes: int, shared: bool
     return out
 
 
+def _time_reused(pooled: LunaDataset, ks: list[int], kept: torch.Tensor, uids, centers) -> list[float]:
+    """Seconds of the reused path for one batch: reads into a touched buffer; `__getitems__` from the
+    pool; the collate. The lease is released afterwards, as the main process does when it lets go."""
+    cache, width = pooled.source, pooled.width_irc
+    t0 = time.perf_counter()
+    slots = kept.numpy()[: len(ks), 0]
+    for j, k in enumerate(ks):
+        cache.get_ct_raw_candidate(uids[k], centers[k], width, out=slots[j])
+    t1 = time.perf_counter()
+    got = pooled.__getitems__(ks)
+    t2 = time.perf_counter()
+    batch = collate_luna(got)
+    t3 = time.perf_counter()
+    if isinstance(got.chunk, Leased):
+        pooled.buffers._release(got.chunk.worker, got.chunk.slot)
+    del got, batch
+    return [t1 - t0, t2 - t1, t3 - t2]
+
+
 def _fresh_batch(n: int, width: tuple[int, ...], shared: bool) -> torch.Tensor:
     chunk = torch.empty((n, 1, *width), dtype=torch.int16)
     if shared:
@@ -164,10 +200,15 @@ def _fresh_batch(n: int, width: tuple[int, ...], shared: bool) -> torch.Tensor:
     return chunk
 
 
-def time_loader(dataset, *, workers: int, batch_size: int, passes: int) -> dict:
+def time_loader(dataset, *, workers: int, batch_size: int, passes: int, reuse: bool) -> dict:
     sampler = ShuffleSampler(len(dataset), seed=0)
     loader = create_loader(
-        dataset, sampler, batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available()
+        dataset,
+        sampler,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        reuse_buffers=reuse,
     )
     samples, timings = timed_passes(loader, sampler, passes)
     del loader  # stops persistent workers
@@ -209,8 +250,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     continue
                 for workers in args.workers:
                     for path in PATHS:
-                        ds = dataset if path == "batched" else PerItemDataset(dataset)
-                        result = time_loader(ds, workers=workers, batch_size=batch_size, passes=args.passes)
+                        if path == "reused" and not workers:
+                            continue  # without workers there is no pool: the same as batched
+                        ds = PerItemDataset(dataset) if path == "per-item" else dataset
+                        result = time_loader(
+                            ds, workers=workers, batch_size=batch_size, passes=args.passes, reuse=path == "reused"
+                        )
                         loader_results.append({"path": path, "batch_size": batch_size, **result})
                         print(f"part 2: {loader_results[-1]}", flush=True)
             hits = cache.stats()["hits"]
@@ -227,11 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, by_path in pieces.items():
         batch_size, mode = key.split("/")
         old_total = by_path["per-item"]["total_us"]
-        for path in PATHS:
-            r = by_path[path]
+        for path, r in by_path.items():
             ratio = old_total / r["total_us"] if r["total_us"] else float("nan")
-            if path == "batched":
-                ratios[f"per_sample_{key}"] = round(ratio, 2)
+            if path != "per-item":
+                ratios[f"per_sample_{path}_{key}"] = round(ratio, 2)
             print(
                 f"{batch_size:>5} {mode:>8} {path:>9} {r['read_crc_us']:>9} {r['rest_us']:>7} "
                 f"{r['collate_us']:>8} {r['total_us']:>7} {ratio:>6.2f}"
@@ -242,8 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         old = {(r["batch_size"], r["workers"]): r["samples_per_s"] for r in loader_results if r["path"] == "per-item"}
         for r in loader_results:
             ratio = r["samples_per_s"] / old[(r["batch_size"], r["workers"])]
-            if r["path"] == "batched":
-                ratios[f"loader_{r['batch_size']}/{r['workers']}w"] = round(ratio, 2)
+            if r["path"] != "per-item":
+                ratios[f"loader_{r['path']}_{r['batch_size']}/{r['workers']}w"] = round(ratio, 2)
             print(
                 f"{r['batch_size']:>5} {r['workers']:>7} {r['path']:>9} {r['samples_per_s']:>10} "
                 f"{r['samples_per_s_per_worker']:>11} {ratio:>6.2f}"

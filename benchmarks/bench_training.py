@@ -13,6 +13,8 @@ workers, which first drain what they prefetched for the cut warm-up epoch, and l
 batch) is reported apart as "start-up". --timing early-stop: the old measurement, kept to compare:
 the timed epoch is cut after --batches batches of a longer epoch and timed from its `iter()`, so the
 drain of the warm-up's prefetched batches lands inside the timed epoch and inside its data wait.
+"vs wall" checks the figure against an independent clock around the whole timed `train_epoch`
+call: the reported samples/s over samples / (that wall time - start-up); 1.000 means they agree.
 
 Examples:
     python benchmarks/bench_training.py --device cpu --batch-sizes 32 --workers 2 --batches 8
@@ -113,14 +115,20 @@ def timed_epoch(app, epoch: int, timing: str = "epoch") -> dict:
     """Run training epoch `epoch` of `app` and report its speed, as --timing says (see the module doc).
 
     Returns device, timing, samples, seconds (the timed span), startup_seconds (before the first
-    batch; 0 for early-stop, which times from iter()), samples_per_sec, data_wait_fraction.
+    batch; 0 for early-stop, which times from iter()), samples_per_sec, data_wait_fraction, and the
+    check: wall_seconds (an independent clock around the whole `train_epoch` call, which returns
+    after the epoch's last step has finished on the device) and wall_agreement (samples_per_sec
+    over samples / (wall_seconds - startup_seconds); 1.0 when the figure is the epoch's own).
     """
+    started = time.perf_counter()
     out = app.train_epoch(epoch)
+    wall = time.perf_counter() - started
     if timing == "epoch":
         seconds, startup = out.steady_seconds, out.startup_seconds
         rate, wait = out.steady_samples_per_sec, out.steady_data_wait_fraction
     else:
         seconds, startup, rate, wait = out.seconds, 0.0, out.samples_per_sec, out.data_wait_fraction
+    wall_rate = out.count / (wall - startup) if wall > startup else float("nan")
     return {
         "device": str(app.device),
         "timing": timing,
@@ -129,6 +137,8 @@ def timed_epoch(app, epoch: int, timing: str = "epoch") -> dict:
         "startup_seconds": round(startup, 3),
         "samples_per_sec": round(rate, 1),
         "data_wait_fraction": round(wait, 3),
+        "wall_seconds": round(wall, 3),
+        "wall_agreement": round(rate / wall_rate, 3),
     }
 
 
@@ -162,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         data, cache = prepare(args, tmp)
         print(
             f"{'device':>8} {'batch':>6} {'workers':>7} {'amp':>5} {'ch-last':>7} {'timing':>10} {'samples/s':>10} "
-            f"{'data wait':>9} {'start-up':>8}"
+            f"{'data wait':>9} {'start-up':>8} {'vs wall':>7}"
         )
         grid = itertools.product(args.batch_sizes, args.workers, args.amp, args.channels_last, args.timing)
         for batch, workers, amp, cl, timing in grid:
@@ -170,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{row['device']:>8} {batch:>6} {workers:>7} {amp:>5} {cl:>7} {timing:>10} "
                 f"{row['samples_per_sec']:>10.1f} {100 * row['data_wait_fraction']:>8.0f}% "
-                f"{row['startup_seconds']:>7.2f}s"
+                f"{row['startup_seconds']:>7.2f}s {row['wall_agreement']:>7.3f}"
             )
             print(json.dumps({"bench": "training", **row}), file=sys.stderr)
     return 0

@@ -40,6 +40,7 @@ CUDNN_BENCHMARK_HELP = (
     "cuDNN autotuning: time the convolution algorithms for each new input shape and keep the fastest (CUDA only; "
     "off: cuDNN's heuristic choice, the same in every run, for reproducibility)"
 )
+BATCH_BUFFERS = ("reuse", "fresh")  # see TrainingConfig.batch_buffers
 SPLIT_MODES = ("series", "subset", "stride")  # see p2ch.datasets.split_candidates
 SELECT_BY = ("cpm", "f1", "auc")  # the validation metric that picks best.pt
 # What a classifier run learns: nodule vs non-nodule candidates (chapters 11-12), or benign vs
@@ -343,6 +344,7 @@ class TrainingConfig(RunConfig):
     select_by: str | None = None  # None: the task's default (DEFAULT_SELECT_BY)
     finetune: str | None = None
     finetune_depth: int | None = None  # None: 1 with --finetune (the book's default)
+    batch_buffers: str = "reuse"  # DataLoader workers reuse released batch buffers (p2ch.batchbuffers), or "fresh"
     cuda_batch_size: ClassVar[int | None] = 256
 
     @property
@@ -353,6 +355,10 @@ class TrainingConfig(RunConfig):
     def validate(self) -> None:
         super().validate()
         _need(self.task in TASKS, f"task {self.task!r}: expected one of {', '.join(TASKS)}")
+        _need(
+            self.batch_buffers in BATCH_BUFFERS,
+            f"--batch-buffers {self.batch_buffers!r}: expected one of {', '.join(BATCH_BUFFERS)}",
+        )
         _need(
             self.select_by is None or self.select_by in SELECT_BY,
             f"--select-by {self.select_by!r}: expected one of {', '.join(SELECT_BY)}",
@@ -572,7 +578,9 @@ def add_optimisation_arguments(parser: argparse.ArgumentParser, d: RunConfig) ->
     return g
 
 
-def add_speed_arguments(parser: argparse.ArgumentParser, d: RunConfig, channels_last_help: str) -> None:
+def add_speed_arguments(
+    parser: argparse.ArgumentParser, d: RunConfig, channels_last_help: str
+) -> argparse._ArgumentGroup:
     """--amp, --channels-last, --compile, --device, --sync-bn."""
     g = parser.add_argument_group("speed")
     g.add_argument(
@@ -591,6 +599,7 @@ def add_speed_arguments(parser: argparse.ArgumentParser, d: RunConfig, channels_
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (under torchrun: per rank)")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs (DDP only)")
     g.add_argument("--cudnn-benchmark", choices=("on", "off"), default=d.cudnn_benchmark, help=CUDNN_BENCHMARK_HELP)
+    return g
 
 
 def add_run_control_arguments(

@@ -59,6 +59,7 @@ so their collections do not copy the parent's objects either.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import gc
@@ -76,6 +77,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
+from p2ch.batchbuffers import BatchBuffers, Leased, buffer_slots, new_shared_int16
 from p2ch.candidates import CandidateArrays
 from p2ch.cli import exit_with_parent
 from p2ch.config import SPLIT_MODES
@@ -172,16 +174,22 @@ def _takes_out(method: Callable[..., Any]) -> bool:
     )
 
 
-def _new_chunk_batch(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised int16 tensor of `shape`; in shared memory inside a DataLoader worker.
+def _new_chunk_batch(shape: tuple[int, ...], buffers: BatchBuffers | None = None) -> tuple[torch.Tensor, Any]:
+    """An uninitialised int16 tensor of `shape` to write, and what the batch carries for it.
 
-    Shared memory is allocated directly, as torch's own collate does: `share_memory_()` on a
-    fresh tensor would allocate private memory first and copy it over (about 20 µs a chunk).
+    In the main process: private memory (both the same tensor). Inside a DataLoader worker: shared
+    memory, from `buffers` when the loader has a pool (the batch then carries the lease, which turns
+    back into the tensor in the main process), else allocated directly, as torch's own collate does
+    (`share_memory_()` on a fresh tensor would allocate private memory first and copy it over).
     """
     if get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.int16)
-    storage = torch.UntypedStorage._new_shared(2 * math.prod(shape))
-    return torch.empty(0, dtype=torch.int16).set_(storage, 0, shape)
+        tensor = torch.empty(shape, dtype=torch.int16)
+        return tensor, tensor
+    if buffers is not None:
+        leased = buffers.lease(shape)
+        return (leased.tensor, leased) if isinstance(leased, Leased) else (leased, leased)
+    tensor = new_shared_int16(shape)
+    return tensor, tensor
 
 
 class LunaDataset(Dataset):
@@ -225,6 +233,7 @@ class LunaDataset(Dataset):
         self._center_xyz = np.ascontiguousarray(candidates.center_xyz[self.indices], dtype=np.float64)
         self.labels = np.ascontiguousarray(candidates.is_nodule[self.indices], dtype=bool)
         self._source_takes_out = _takes_out(source.get_ct_raw_candidate)
+        self.buffers: BatchBuffers | None = None  # a loader's reusable batch buffers (create_loader sets it)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -267,8 +276,10 @@ class LunaDataset(Dataset):
         hands the result to its collate_fn (`collate_luna` passes a LunaBatch through). Every
         chunk is read straight into its slot of one (N, 1, I, R, C) int16 tensor, allocated in
         shared memory inside a worker so that sending it to the main process copies nothing:
-        no per-chunk buffer, no collate copy. (The tensor is fresh per batch: the main process
-        may hold a batch for as long as it likes, and a worker cannot tell when it lets go.)
+        no per-chunk buffer, no collate copy. With `buffers` (a `BatchBuffers`, set by
+        `create_loader`) a worker reuses a batch buffer the main process has released, instead of
+        page-faulting a fresh one; inside the worker the batch's chunk is then the lease, which the
+        main process receives as the tensor.
         Sources without an `out` keyword are read as in `__getitem__` and copied into the slot.
         A subclass that overrides `__getitem__` gets its own items, collated.
         """
@@ -276,7 +287,7 @@ class LunaDataset(Dataset):
             return collate_luna([self[k] for k in ks])
         rows = np.asarray(ks, dtype=np.int64).reshape(-1)
         n = len(rows)
-        chunk = _new_chunk_batch((n, 1, *self.width_irc))
+        chunk, carried = _new_chunk_batch((n, 1, *self.width_irc), self.buffers)
         slots = chunk.numpy()[:, 0]  # (N, I, R, C) int16 views into the batch
         centers = np.empty((n, 3), dtype=np.int64)
         uids = [str(u) for u in self._series_uids[self._series_index[rows]]]
@@ -292,7 +303,7 @@ class LunaDataset(Dataset):
                 slot[...] = self._checked_chunk(got, series_uid, center_xyz)
             centers[j] = [int(v) for v in center_irc]
         return LunaBatch(
-            chunk=chunk,
+            chunk=carried,
             label=torch.from_numpy(self.labels[rows].astype(np.int64)),
             series_uid=uids,
             center_irc=torch.from_numpy(centers),
@@ -1133,6 +1144,7 @@ def create_loader(
     drop_last: bool = False,
     collate_fn: Callable[[Sequence[Any]], Any] = collate_luna,
     freeze_gc: bool = True,
+    reuse_buffers: bool = True,
 ) -> LunaDataLoader:
     """A DataLoader for `LunaDataset` with this project's defaults.
 
@@ -1146,7 +1158,10 @@ def create_loader(
     sampler (main process) and in batched augmentation on the device. freeze_gc: each worker
     calls `gc.freeze()` as it starts, so its collections do not copy the objects it inherited
     from the parent (see `LunaDataLoader`; with it, a worker's private memory stays flat over a
-    LUNA16 epoch); the main process's collector is left as it is.
+    LUNA16 epoch); the main process's collector is left as it is. reuse_buffers: with workers and
+    a `LunaDataset`, each worker reuses prefetch factor + 2 shared batch buffers the main process
+    has released (`p2ch.batchbuffers`; the loader's dataset is then a shallow copy when the
+    dataset already serves another loader's pool); False: a fresh buffer per batch.
     Batches are `LunaBatch` (chunk (N, 1, I, R, C) int16 HU, label (N,) int64, series_uid
     list of str, center_irc (N, 3) int64).
     """
@@ -1157,6 +1172,10 @@ def create_loader(
     persistent_workers, prefetch_factor, multiprocessing_context = _worker_settings(
         num_workers, persistent_workers, prefetch_factor, multiprocessing_context
     )
+    if reuse_buffers and num_workers > 0 and isinstance(dataset, LunaDataset) and collate_fn is collate_luna:
+        if dataset.buffers is not None:
+            dataset = copy.copy(dataset)
+        dataset.buffers = BatchBuffers(num_workers, buffer_slots(prefetch_factor))
     return LunaDataLoader(
         dataset,
         freeze_gc=freeze_gc,

@@ -365,7 +365,7 @@ def _score_through_cache(inputs: EvalInputs, config: EvalConfig) -> Scores:
     started = time.perf_counter()  # the rate reported is inference from the (now warm) cache
     workers = config.num_workers if config.num_workers is not None else _default_num_workers(inputs.scorer.device)
     # A sample hands over its int16 chunk, label and centre (int64) through shared memory.
-    check_loader_shared_memory([math.prod(inputs.width_irc) * 2 + 32], config.batch_size, workers)
+    check_loader_shared_memory([math.prod(inputs.width_irc) * 2 + 32], config.batch_size, workers, reuse=True)
     with shared_memory_errors(f"--batch-size {config.batch_size}, --num-workers {workers}"):
         probability = score_from_cache(
             inputs.scorer,

@@ -27,13 +27,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from p2ch.batchbuffers import buffer_slots
 from p2ch.errors import ConfigError, P2chError
 
 log = logging.getLogger(__name__)
 
 SHM_PATH = "/dev/shm"
 SHM_ADVICE = (
-    "lower --num-workers or --batch-size, or give the container more shared memory "
+    "lower --num-workers or --batch-size (training: or --batch-buffers fresh), or give the container more "
+    "shared memory "
     "(docker run --ipc=host, or --shm-size=16g)"
 )
 
@@ -124,17 +126,21 @@ class SharedMemoryError(P2chError):
     """DataLoader workers ran out of shared memory (/dev/shm) for the batches they hand over."""
 
 
-def loader_shm_bytes(batch_bytes: int, num_workers: int, prefetch_factor: int | None = None) -> int:
-    """Shared memory one DataLoader's batches in flight take: each worker keeps `prefetch_factor`
-    (torch's default 2) batches of `batch_bytes` ready, in /dev/shm, until the main process takes them;
-    0 without workers (batches are then made in the main process's own memory).
+def loader_shm_bytes(
+    batch_bytes: int, num_workers: int, prefetch_factor: int | None = None, reuse: bool = False
+) -> int:
+    """Shared memory one DataLoader's batches take: each worker keeps `prefetch_factor` (torch's default
+    2) batches of `batch_bytes` ready, in /dev/shm, until the main process takes them; with `reuse`
+    (`p2ch.batchbuffers`) each worker keeps `buffer_slots(prefetch_factor)` batch buffers for the
+    loader's lifetime instead. 0 without workers (batches are then made in the main process's memory).
 
-    A run's loaders take turns (persistent workers prefetch only while their own loader is iterated),
-    so a run needs the largest of its loaders' figures, not their sum.
+    Without reuse a run's loaders take turns (persistent workers prefetch only while their own loader
+    is iterated), so a run needs the largest of its loaders' figures; with reuse, their sum.
     """
     if num_workers <= 0:
         return 0
-    return int(batch_bytes) * num_workers * (2 if prefetch_factor is None else prefetch_factor)
+    per_worker = buffer_slots(prefetch_factor) if reuse else (2 if prefetch_factor is None else prefetch_factor)
+    return int(batch_bytes) * num_workers * per_worker
 
 
 def check_shared_memory(needed_bytes: int, what: str, path: str = SHM_PATH) -> str | None:
@@ -162,19 +168,23 @@ def check_shared_memory(needed_bytes: int, what: str, path: str = SHM_PATH) -> s
 
 
 def check_loader_shared_memory(
-    sample_bytes: Sequence[int], batch_size: int, num_workers: int, path: str = SHM_PATH
+    sample_bytes: Sequence[int], batch_size: int, num_workers: int, path: str = SHM_PATH, reuse: bool = False
 ) -> str | None:
     """`check_shared_memory` for a run's loaders, warned once per machine (local rank 0).
 
     sample_bytes: the bytes one sample of each loader hands over (e.g. an int16 chunk and its label).
-    The loaders take turns (see `loader_shm_bytes`): the largest counts, times the processes torchrun
-    started on this machine ($LOCAL_WORLD_SIZE), which share its /dev/shm.
+    reuse: the loaders reuse batch buffers (see `loader_shm_bytes`: then their figures add up, else
+    the largest counts), times the processes torchrun started on this machine ($LOCAL_WORLD_SIZE),
+    which share its /dev/shm.
     """
     if local_rank() != 0 or not sample_bytes:
         return None
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    needed = max(loader_shm_bytes(b * batch_size, num_workers) for b in sample_bytes) * processes
-    what = f"--batch-size {batch_size}, --num-workers {num_workers}, prefetch 2 batches per worker"
+    figures = [loader_shm_bytes(b * batch_size, num_workers, reuse=reuse) for b in sample_bytes]
+    needed = (sum(figures) if reuse else max(figures)) * processes
+    what = f"--batch-size {batch_size}, --num-workers {num_workers}, " + (
+        f"{buffer_slots()} reused batch buffers per worker and loader" if reuse else "prefetch 2 batches per worker"
+    )
     if processes > 1:
         what += f", {processes} processes on this machine"
     return check_shared_memory(needed, what, path)

@@ -52,6 +52,7 @@ from p2ch.candidates import (
 )
 from p2ch.checkpoint import load_finetune_weights
 from p2ch.config import (
+    BATCH_BUFFERS,
     SELECT_BY,
     TASK_OF_DATASET,
     DefaultsHelpFormatter,
@@ -131,10 +132,18 @@ def get_args_parser() -> argparse.ArgumentParser:
         "likewise, λ ~ Beta(ALPHA, ALPHA) per sample (taken ≥ 0.5, so a sample stays mostly itself); e.g. 0.2; "
         "0: off. Training metrics then judge each sample by its own (dominant) label; the loss is the mixed one",
     )
-    add_speed_arguments(
+    speed = add_speed_arguments(
         parser, d, "channels_last_3d memory format for the model and batches (2.2x faster training on a 2-core CPU, "
         "see BENCHMARKS.md)",
     )  # fmt: skip
+    speed.add_argument(
+        "--batch-buffers",
+        choices=BATCH_BUFFERS,
+        default=d.batch_buffers,
+        help="reuse: each DataLoader worker writes batches into the batch buffers the main process has let go of "
+        "(2x samples/s per worker on a 2-core CPU, BENCHMARKS.md), keeping prefetch + 2 of them in shared memory "
+        "per worker and loader; fresh: a new buffer per batch (less shared memory: for a small /dev/shm)",
+    )
     images = "log hardest negatives/positives as images every N epochs (0: never)"
     control = add_run_control_arguments(parser, d, images)
     control.add_argument(
@@ -267,11 +276,18 @@ def build_data(config: TrainingConfig, dist: DistInfo, device: torch.device) -> 
     # cuDNN re-tuning): an epoch is then this rank's samples rounded down to whole batches (samples_seen
     # counts what ran). An epoch shorter than one batch keeps its single partial batch. Validation sees all.
     drop_last = len(train_sampler) >= config.batch_size
-    loader_settings = {"batch_size": config.batch_size, "num_workers": config.num_workers, "pin_memory": pin}
+    loader_settings = {
+        "batch_size": config.batch_size,
+        "num_workers": config.num_workers,
+        "pin_memory": pin,
+        "reuse_buffers": config.batch_buffers == "reuse",
+    }
     train_loader = create_loader(train_ds, train_sampler, drop_last=drop_last, **loader_settings)
     val_loader = create_loader(val_ds, val_sampler, **loader_settings)
     # A sample hands over its int16 chunk, label and centre (int64) through shared memory.
-    check_loader_shared_memory([math.prod(config.width_irc) * 2 + 32], config.batch_size, config.num_workers)
+    sample_bytes = math.prod(config.width_irc) * 2 + 32
+    reuse = config.batch_buffers == "reuse"
+    check_loader_shared_memory([sample_bytes] * 2, config.batch_size, config.num_workers, reuse=reuse)
     return LunaData(
         data_root, candidates, split, source, train_ds, val_ds, train_sampler, val_sampler, train_loader, val_loader
     )

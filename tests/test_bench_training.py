@@ -54,6 +54,8 @@ def test_reported_rate_matches_the_wall_clock_of_the_timed_epoch(tiny, tmp_path,
     # The timed span plus the start-up left out of it is the epoch's wall time.
     assert row["seconds"] + row["startup_seconds"] == pytest.approx(wall, rel=0.15)
     assert row["samples_per_sec"] == pytest.approx(row["samples"] / (wall - row["startup_seconds"]), rel=0.15)
+    assert row["wall_seconds"] == pytest.approx(wall, rel=0.05)  # its own clock around the same call
+    assert row["wall_agreement"] == pytest.approx(1.0, abs=0.15)
     if timing == "early-stop":
         assert row["startup_seconds"] == 0.0  # the old timing counts the loader's restart in the epoch
         assert epochs[1] == (BATCH * (1 + BATCHES), False)  # cut before its end
