@@ -17,6 +17,9 @@
 #   env 60               wheels installed if needed; Python, torch, CUDA, GPU, CPUs
 #   synth 90             p2ch.synth: 32 CTs of 256x512x512, 620 candidates each (19,840), 16 workers
 #   prefill 60           p2ch.prepcache --num-workers 16 into an empty cache: chunks/s
+#   loader 60            benchmarks/bench_loader.py on the prefilled set (first 8,192 candidates):
+#                        per-sample µs, and loader samples/s with 8 and 16 workers at batch 256,
+#                        per-item vs batched (fresh buffers) vs reused buffers: the CPU-side ceiling
 #   cuda_tests 120       pytest -k "cuda or gpu": the @pytest.mark.gpu tests and test_detect's
 #                        unmarked CUDA test (and 2 CPU flag tests whose names say CUDA)
 #   training 150         benchmarks/bench_training.py, balanced + augmented, on the prefilled set:
@@ -58,7 +61,7 @@ environment: P2CH_PYTHON  the Python to use (default python3)
 EOF
 }
 
-STEPS=(env synth prefill cuda_tests training augment evaluate time_to_cpm training_compile)
+STEPS=(env synth prefill loader cuda_tests training augment evaluate time_to_cpm training_compile)
 out="" work="" device=auto device_given=0 smoke=0 budget="" only="" keep_work=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -153,6 +156,16 @@ step_prefill() {
   xrun "$PY" -m p2ch.prepcache --data-root "$data" --cache-dir "$cache" --num-workers "$([ "$smoke" = 1 ] && echo 2 || echo 16)"
 }
 
+step_loader() {
+  if [ "$smoke" = 1 ]; then
+    xrun "$PY" benchmarks/bench_loader.py --data-root "$data" --cache-dir "$cache" --batch-size 8 --workers 1 \
+      --passes 1
+  else
+    xrun "$PY" benchmarks/bench_loader.py --data-root "$data" --cache-dir "$cache" --limit 8192 --batch-size 256 \
+      --workers 8 16 --passes 2
+  fi
+}
+
 step_cuda_tests() {
   # -k, not -m gpu: test_detect's CUDA test is skipif-only, without the gpu marker.
   local collect=()
@@ -232,7 +245,7 @@ step_time_to_cpm() {
       --recipe "$recipe" --device "$device" --num-workers 8
   fi
 }
-export -f step_env step_synth step_prefill step_cuda_tests step_training step_training_compile step_augment \
+export -f step_env step_synth step_prefill step_loader step_cuda_tests step_training step_training_compile step_augment \
   step_evaluate step_time_to_cpm
 
 record() {  # step status rc seconds timeout settings
@@ -244,8 +257,8 @@ wanted() {  # step: selected by --steps (or needed by a selected one)?
   if [ -z "$only" ] || [ "$s" = env ]; then return 0; fi
   case ",$only," in *",$s,"*) return 0 ;; esac
   case "$s:,$only," in
-    synth:*,prefill,*|synth:*,training,*|synth:*,training_compile,*) return 0 ;;
-    prefill:*,training,*|prefill:*,training_compile,*) return 0 ;;
+    synth:*,prefill,*|synth:*,loader,*|synth:*,training,*|synth:*,training_compile,*) return 0 ;;
+    prefill:*,loader,*|prefill:*,training,*|prefill:*,training_compile,*) return 0 ;;
   esac
   return 1
 }
@@ -277,12 +290,14 @@ if [ "$smoke" = 1 ]; then
   run_step env 60 "install carried wheels if needed; versions"
   run_step synth 60 "4 CTs of 32x64x64, 40 candidates each, 2 workers"
   run_step prefill 60 "2 workers, empty cache"
+  run_step loader 60 "bench_loader.py, batch 8, 1 worker, 1 pass"
   run_step cuda_tests 60 "pytest -k 'cuda or gpu' --collect-only"
 fi
 if [ "$smoke" = 0 ]; then
   run_step env 60 "install carried wheels if needed; versions"
   run_step synth 90 "32 CTs of 256x512x512, 620 candidates each, 16 workers"
   run_step prefill 60 "16 workers, empty cache"
+  run_step loader 60 "bench_loader.py, first 8,192 candidates, batch 256, workers 8/16, 2 passes"
   run_step cuda_tests 120 "pytest -k 'cuda or gpu'"
 fi
 if [ "$device" = auto ]; then

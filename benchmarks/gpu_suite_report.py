@@ -169,10 +169,23 @@ def time_to_cpm_figures(text: str, records: list[dict]) -> list[Figure]:
     return out
 
 
+def loader_figures(text: str, records: list[dict]) -> list[Figure]:
+    out = []
+    for r in records:
+        if r["bench"] != "loader":
+            continue
+        for row in r["loader"]:
+            settings = f"{row['path']}, batch {row['batch_size']}, workers {row['workers']}"
+            note = f"{row['samples_per_s_per_worker']:,} per worker, {r['candidates']:,} candidates"
+            out.append(figure(settings, row["samples_per_s"], "samples/s", note))
+    return out
+
+
 FIGURES: dict[str, Callable[[str, list[dict]], list[Figure]]] = {
     "env": env_figures,
     "synth": synth_figures,
     "prefill": prefill_figures,
+    "loader": loader_figures,
     "cuda_tests": pytest_figures,
     "training": training_figures,
     "training_compile": training_figures,

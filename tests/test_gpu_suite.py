@@ -12,7 +12,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "benchmarks" / "gpu_suite.sh"
-STEPS = ["env", "synth", "prefill", "cuda_tests", "training", "augment", "evaluate", "time_to_cpm", "training_compile"]
+STEPS = [
+    "env", "synth", "prefill", "loader", "cuda_tests", "training", "augment", "evaluate", "time_to_cpm",
+    "training_compile",
+]  # fmt: skip
 
 pytestmark = pytest.mark.skipif(
     shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and coreutils' timeout"
@@ -51,6 +54,7 @@ def test_smoke_runs_every_step_and_writes_the_report(tmp_path):
 
     # the figures each step is there for were found in its output
     assert figures(report, "prefill", "chunks/s")[0] > 0
+    assert len(figures(report, "loader", "samples/s")) == 3  # per-item, batched, reused; 1 worker
     assert figures(report, "cuda_tests", "tests")[0] >= 5  # the CUDA tests are still selected
     assert len(figures(report, "training", "samples/s")) == 1 and figures(report, "training", "samples/s")[0] > 0
     assert len(figures(report, "training_compile", "samples/s")) == 1
