@@ -108,8 +108,18 @@ def record_header(bench: str, args: argparse.Namespace) -> dict:
     }
 
 
-def timed_passes(loader, sampler, passes: int) -> tuple[int, list[float]]:
-    """Samples per pass and the seconds of `passes` + 1 shuffled passes over `loader` (the first warms up)."""
+def timed_passes(dataset, *, workers: int, batch_size: int, passes: int, **settings) -> tuple[int, list[float]]:
+    """Samples per pass and the seconds of `passes` + 1 shuffled passes over a `create_loader` of
+    `dataset` (the first warms up); `settings` go to `create_loader`."""
+    sampler = ShuffleSampler(len(dataset), seed=0)
+    loader = create_loader(
+        dataset,
+        sampler,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        **settings,
+    )
     timings = []
     samples = 0
     for epoch in range(passes + 1):
@@ -119,21 +129,14 @@ def timed_passes(loader, sampler, passes: int) -> tuple[int, list[float]]:
         for batch in loader:
             samples += batch.chunk.shape[0]
         timings.append(time.perf_counter() - start)
+    del loader  # stops persistent workers
     return samples, timings
 
 
 def time_loader(dataset, *, workers: int, batch_size: int, passes: int, context) -> dict:
-    sampler = ShuffleSampler(len(dataset), seed=0)
-    loader = create_loader(
-        dataset,
-        sampler,
-        batch_size=batch_size,
-        num_workers=workers,
-        pin_memory=torch.cuda.is_available(),
-        multiprocessing_context=context,
+    samples, timings = timed_passes(
+        dataset, workers=workers, batch_size=batch_size, passes=passes, multiprocessing_context=context
     )
-    samples, timings = timed_passes(loader, sampler, passes)
-    del loader  # stops persistent workers
     timed = timings[1:]
     return {
         "workers": workers,

@@ -50,7 +50,7 @@ from torch.utils.data._utils import worker as torch_worker
 
 from p2ch.batchbuffers import BatchBuffers, Leased, buffer_slots
 from p2ch.candidates import get_candidate_arrays
-from p2ch.datasets import LunaDataset, LunaSample, ShuffleSampler, collate_luna, create_loader
+from p2ch.datasets import LunaDataset, LunaSample, ShuffleSampler, collate_luna
 from p2ch.errors import P2chError
 
 PATHS = ("per-item", "batched", "reused")
@@ -201,17 +201,7 @@ def _fresh_batch(n: int, width: tuple[int, ...], shared: bool) -> torch.Tensor:
 
 
 def time_loader(dataset, *, workers: int, batch_size: int, passes: int, reuse: bool) -> dict:
-    sampler = ShuffleSampler(len(dataset), seed=0)
-    loader = create_loader(
-        dataset,
-        sampler,
-        batch_size=batch_size,
-        num_workers=workers,
-        pin_memory=torch.cuda.is_available(),
-        reuse_buffers=reuse,
-    )
-    samples, timings = timed_passes(loader, sampler, passes)
-    del loader  # stops persistent workers
+    samples, timings = timed_passes(dataset, workers=workers, batch_size=batch_size, passes=passes, reuse_buffers=reuse)
     rate = samples / statistics.median(timings[1:])
     return {
         "workers": workers,
