@@ -756,3 +756,26 @@ def test_checkpoint_of_the_previous_format_resumes(synth_set, tmp_path, monkeypa
         f"{old['run_time']}-trn_cls-legacy",
         f"{old['run_time']}-val_cls-legacy",
     }
+
+
+@pytest.mark.parametrize("flag", ["reuse", "fresh"])
+def test_batch_buffers_flag_decides_whether_workers_reuse_buffers(tiny, tmp_path, flag):
+    from p2ch.batchbuffers import BatchBuffers
+    from p2ch.config import config_from_args
+    from p2ch.runtime import DistInfo
+
+    args = _args(tiny, tmp_path, "--batch-buffers", flag)
+    args[args.index("--num-workers") + 1] = "1"
+    config = config_from_args(training.get_args_parser().parse_args(args), training.TrainingConfig)
+    data = training.build_data(config, DistInfo(), torch.device("cpu"))
+    for loader in (data.train_loader, data.val_loader):
+        pools = loader.dataset.buffers
+        assert isinstance(pools, BatchBuffers) if flag == "reuse" else pools is None
+    assert data.train_loader.dataset.buffers is not data.val_loader.dataset.buffers or flag == "fresh"
+
+
+def test_an_unknown_batch_buffers_value_is_refused(tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        training.main(_args(tiny, tmp_path, "--batch-buffers", "recycle"))
+    assert exc.value.code == 2
+    assert "--batch-buffers: invalid choice: 'recycle'" in capsys.readouterr().err
