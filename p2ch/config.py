@@ -538,8 +538,9 @@ def add_optimisation_arguments(parser: argparse.ArgumentParser, d: RunConfig) ->
         "--num-workers",
         type=int,
         default=d.num_workers,
-        help="DataLoader worker processes (per GPU); each keeps 2 batches in shared memory (/dev/shm): in a "
-        "container, start it with docker's --ipc=host or --shm-size, or workers die with 'Bus error'",
+        help="DataLoader worker processes (per GPU); each keeps 2 batches in shared memory (/dev/shm), and with "
+        "reused batch buffers 4 per loader: in a container, start it with docker's --ipc=host or --shm-size, or "
+        "workers die with 'Bus error'",
     )
     g.add_argument("--epochs", type=int, default=d.epochs, help="epochs to train (in total, when resuming)")
     g.add_argument(

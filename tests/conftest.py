@@ -15,6 +15,22 @@ if TYPE_CHECKING:
 UID_PREFIX = "1.3.6.1.4.1.14519.5.2.1.6279.6001."
 
 
+def load_script(relative: str):
+    """A script of the repository (e.g. "benchmarks/time_to_cpm.py") as a module, loaded once and
+    registered under its file name first (its dataclasses look their module up by name)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / relative
+    name = path.stem
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def make_uid(n: int) -> str:
     return f"{UID_PREFIX}{100000000000 + n}"
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
 from pathlib import Path
 
@@ -11,17 +9,14 @@ import pytest
 
 from p2ch.training import LunaTrainingApp
 
+from conftest import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_training.py"
 BATCH, BATCHES = 4, 4
 
 
 def load_bench():
-    if "bench_training" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_training", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_training"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["bench_training"]
+    return load_script("benchmarks/bench_training.py")
 
 
 @pytest.fixture(scope="module")

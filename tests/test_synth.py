@@ -20,6 +20,8 @@ import SimpleITK as sitk
 from p2ch import synth
 from p2ch.synth import SynthConfigError, generate, main, plan_dataset, plan_malignancy, render_mask
 
+from conftest import load_script
+
 TINY = dict(num_cts=4, size=64, slices=40, candidates_per_ct=30, seed=0)
 # Bigger voxels grid and more nodules: enough annotations to test HU at every one of them.
 NODULAR = dict(num_cts=3, size=128, slices=64, candidates_per_ct=200, nodules_per_ct=3.0, seed=5)
@@ -742,19 +744,9 @@ def test_noise_has_the_plans_sd_and_a_ct_kernels_grain():
     assert abs(correlation(np.roll(noise, 1, axis=0))) < 0.1  # slices are reconstructed independently
 
 
-def _real_vs_synth_script():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "real_vs_synth.py"
-    spec = importlib.util.spec_from_file_location("real_vs_synth", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_real_vs_synth_script_writes_a_picture(tiny, tmp_path, capsys):
     root, summary = tiny
-    script = _real_vs_synth_script()
+    script = load_script("scripts/real_vs_synth.py")
     (real,) = root.glob(f"subset*/{summary.series_uids[1]}.mhd")  # stands in for a real CT
     out = tmp_path / "pictures" / "side_by_side.png"
     assert script.main([str(real), "--synth-root", str(root), "--out", str(out)]) == 0

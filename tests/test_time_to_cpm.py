@@ -1,6 +1,5 @@
 """benchmarks/time_to_cpm.py works: recipes parse, fixed flags are refused, --smoke reports every recipe and target."""
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -9,18 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "time_to_cpm.py"
 
 
 def load_tool():
-    """The script as a module (registered first: its dataclasses look their module up by name)."""
-    if "time_to_cpm" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("time_to_cpm", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["time_to_cpm"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["time_to_cpm"]
+    return load_script("benchmarks/time_to_cpm.py")
 
 
 def test_built_in_recipes_are_the_default_and_the_books():
