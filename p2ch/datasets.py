@@ -1160,8 +1160,8 @@ def create_loader(
     from the parent (see `LunaDataLoader`; with it, a worker's private memory stays flat over a
     LUNA16 epoch); the main process's collector is left as it is. reuse_buffers: with workers and
     a `LunaDataset`, each worker reuses prefetch factor + 2 shared batch buffers the main process
-    has released (`p2ch.batchbuffers`; the loader's dataset is then a shallow copy when the
-    dataset already serves another loader's pool); False: a fresh buffer per batch.
+    has released (`p2ch.batchbuffers`); False: a fresh buffer per batch. A dataset that already
+    serves another loader's pool is shallow-copied, so no two loaders share one.
     Batches are `LunaBatch` (chunk (N, 1, I, R, C) int16 HU, label (N,) int64, series_uid
     list of str, center_irc (N, 3) int64).
     """
@@ -1172,10 +1172,11 @@ def create_loader(
     persistent_workers, prefetch_factor, multiprocessing_context = _worker_settings(
         num_workers, persistent_workers, prefetch_factor, multiprocessing_context
     )
-    if reuse_buffers and num_workers > 0 and isinstance(dataset, LunaDataset) and collate_fn is collate_luna:
-        if dataset.buffers is not None:
+    pooled = reuse_buffers and num_workers > 0 and isinstance(dataset, LunaDataset) and collate_fn is collate_luna
+    if isinstance(dataset, LunaDataset) and (pooled or dataset.buffers is not None):
+        if dataset.buffers is not None:  # it serves another loader's pool: this loader gets its own copy
             dataset = copy.copy(dataset)
-        dataset.buffers = BatchBuffers(num_workers, buffer_slots(prefetch_factor))
+        dataset.buffers = BatchBuffers(num_workers, buffer_slots(prefetch_factor)) if pooled else None
     return LunaDataLoader(
         dataset,
         freeze_gc=freeze_gc,

@@ -106,6 +106,9 @@ def test_fresh_buffers_when_asked_and_without_workers():
     second = create_loader(ds, sampler, batch_size=BATCH, num_workers=1)
     assert first.dataset is ds and second.dataset is not ds  # one pool per loader
     assert first.dataset.buffers is not second.dataset.buffers
+    fresh = create_loader(ds, sampler, batch_size=BATCH, num_workers=1, reuse_buffers=False)
+    assert fresh.dataset is not ds and fresh.dataset.buffers is None  # not the first loader's pool
+    assert ds.buffers is first.dataset.buffers
     _same(list(second), _reference(ds, sampler))
 
 
