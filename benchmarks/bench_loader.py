@@ -109,9 +109,10 @@ def time_pieces(dataset: LunaDataset, batch_size: int, passes: int, shared: bool
     centers = [tuple(c) for c in dataset._center_xyz.tolist()]
     keys = ("old_read", "old_item", "old_collate", "new_read", "new_item", "new_collate")
     keys += ("reuse_read", "reuse_item", "reuse_collate") if shared else ()
-    pooled = copy.copy(dataset)
-    pooled.buffers = BatchBuffers(1, buffer_slots())
-    kept = _fresh_batch(batch_size, width, shared).fill_(0)  # a buffer already touched, as a reused one is
+    if shared:
+        pooled = copy.copy(dataset)
+        pooled.buffers = BatchBuffers(1, buffer_slots())
+        kept = _fresh_batch(batch_size, width, shared).fill_(0)  # a buffer already touched, as a reused one is
     runs: dict[str, list[float]] = {key: [] for key in keys}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -133,23 +134,9 @@ def time_pieces(dataset: LunaDataset, batch_size: int, passes: int, shared: bool
                     batch = collate_luna(samples)
                     t3 = time.perf_counter()
                     del samples, batch
-                    # batched: reads into a fresh batch tensor alone (allocated as __getitems__ does),
-                    t4 = time.perf_counter()
-                    chunk = _fresh_batch(len(ks), width, shared)
-                    slots = chunk.numpy()[:, 0]
-                    for j, k in enumerate(ks):
-                        cache.get_ct_raw_candidate(uids[k], centers[k], width, out=slots[j])
-                    del chunk, slots
-                    # then __getitems__ and collate_luna (a pass-through).
-                    t5 = time.perf_counter()
-                    got = dataset.__getitems__(ks)
-                    t6 = time.perf_counter()
-                    batch = collate_luna(got)
-                    t7 = time.perf_counter()
-                    del got, batch
-                    times = [t1 - t0, t2 - t1, t3 - t2, t5 - t4, t6 - t5, t7 - t6]
+                    times = [t1 - t0, t2 - t1, t3 - t2, *_time_batched(dataset, ks, uids, centers, shared=shared)]
                     if shared:
-                        times += _time_reused(pooled, ks, kept, uids, centers)
+                        times += _time_batched(pooled, ks, uids, centers, shared=True, buffer=kept)
                     for key, seconds in zip(keys, times, strict=True):
                         spent[key] += seconds
                 if epoch:  # the first pass warms the page cache and the cache's handles
@@ -173,21 +160,27 @@ def time_pieces(dataset: LunaDataset, batch_size: int, passes: int, shared: bool
     return out
 
 
-def _time_reused(pooled: LunaDataset, ks: list[int], kept: torch.Tensor, uids, centers) -> list[float]:
-    """Seconds of the reused path for one batch: reads into a touched buffer; `__getitems__` from the
-    pool; the collate. The lease is released afterwards, as the main process does when it lets go."""
-    cache, width = pooled.source, pooled.width_irc
+def _time_batched(
+    ds: LunaDataset, ks: list[int], uids, centers, *, shared: bool, buffer: torch.Tensor | None = None
+) -> list[float]:
+    """Seconds of a batched path for one batch: the reads alone, into `buffer` (a touched one, as a
+    reused buffer is) or into a fresh batch tensor allocated as `__getitems__` does; then
+    `ds.__getitems__` (from its pool when it has one); then collate_luna (a pass-through). A lease is
+    released afterwards, as the main process does when it lets go."""
+    cache, width = ds.source, ds.width_irc
     t0 = time.perf_counter()
-    slots = kept.numpy()[: len(ks), 0]
+    chunk = _fresh_batch(len(ks), width, shared) if buffer is None else buffer
+    slots = chunk.numpy()[: len(ks), 0]
     for j, k in enumerate(ks):
         cache.get_ct_raw_candidate(uids[k], centers[k], width, out=slots[j])
+    del chunk, slots
     t1 = time.perf_counter()
-    got = pooled.__getitems__(ks)
+    got = ds.__getitems__(ks)
     t2 = time.perf_counter()
     batch = collate_luna(got)
     t3 = time.perf_counter()
     if isinstance(got.chunk, Leased):
-        pooled.buffers._release(got.chunk.worker, got.chunk.slot)
+        ds.buffers._release(got.chunk.worker, got.chunk.slot)
     del got, batch
     return [t1 - t0, t2 - t1, t3 - t2]
 

@@ -35,8 +35,7 @@ log = logging.getLogger(__name__)
 SHM_PATH = "/dev/shm"
 SHM_ADVICE = (
     "lower --num-workers or --batch-size (training: or --batch-buffers fresh), or give the container more "
-    "shared memory "
-    "(docker run --ipc=host, or --shm-size=16g)"
+    "shared memory (docker run --ipc=host, or --shm-size=16g)"
 )
 
 
