@@ -276,17 +276,17 @@ def build_data(config: TrainingConfig, dist: DistInfo, device: torch.device) -> 
     # cuDNN re-tuning): an epoch is then this rank's samples rounded down to whole batches (samples_seen
     # counts what ran). An epoch shorter than one batch keeps its single partial batch. Validation sees all.
     drop_last = len(train_sampler) >= config.batch_size
+    reuse = config.batch_buffers == "reuse"
     loader_settings = {
         "batch_size": config.batch_size,
         "num_workers": config.num_workers,
         "pin_memory": pin,
-        "reuse_buffers": config.batch_buffers == "reuse",
+        "reuse_buffers": reuse,
     }
     train_loader = create_loader(train_ds, train_sampler, drop_last=drop_last, **loader_settings)
     val_loader = create_loader(val_ds, val_sampler, **loader_settings)
     # A sample hands over its int16 chunk, label and centre (int64) through shared memory.
     sample_bytes = math.prod(config.width_irc) * 2 + 32
-    reuse = config.batch_buffers == "reuse"
     check_loader_shared_memory([sample_bytes] * 2, config.batch_size, config.num_workers, reuse=reuse)
     return LunaData(
         data_root, candidates, split, source, train_ds, val_ds, train_sampler, val_sampler, train_loader, val_loader
