@@ -87,10 +87,30 @@ def load_checkpoint(path: str | os.PathLike[str], *, arch: str | None = None) ->
         raise DataFormatError(f"{path}: not a p2ch checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r})")
     if arch is not None and state.get("arch") != arch:
         raise ConfigError(
-            f"{path}: checkpoint is for model architecture {state.get('arch')!r}, this model is {arch!r}; "
-            "start a new run instead of --resume/--init-weights with it"
+            f"{path}: checkpoint is for model architecture {state.get('arch')!r}{trained_width_note(state)}, this "
+            f"model is {arch!r}; start a new run instead of --resume/--init-weights with it"
         )
     return state
+
+
+def saved_model_width(state: dict[str, Any]) -> int | None:
+    """The --model-width a LunaModel checkpoint was trained with (8, the book's, when it predates the flag);
+    None for other architectures."""
+    if not str(state.get("arch", "")).startswith(MODEL_ARCH):
+        return None
+    config = state.get("config")
+    return (config if isinstance(config, dict) else {}).get("model_width", TrainingConfig.model_width)
+
+
+def _width_of(model: torch.nn.Module) -> str:
+    width = getattr(model, "conv_channels", None)
+    return "" if width is None else f" (--model-width {width})"
+
+
+def trained_width_note(state: dict[str, Any]) -> str:
+    """' (trained with --model-width N)' for a LunaModel checkpoint, '' for others: says why architectures differ."""
+    width = saved_model_width(state)
+    return "" if width is None else f" (trained with --model-width {width})"
 
 
 def find_latest(checkpoint_dir: str | os.PathLike[str], name: str = BEST_NAME, task: str | None = None) -> Path:
@@ -221,7 +241,11 @@ def load_model(
     state = _load_training_checkpoint(path)
     if task is not None or task_of(state) == "segmentation":
         check_task(path, state, task or "nodule", use)
-    model = LunaModel()
+    width = saved_model_width(state)
+    try:
+        model = LunaModel(conv_channels=TrainingConfig.model_width if width is None else width)
+    except ConfigError as exc:
+        raise DataFormatError(f"{path}: the checkpoint's model width is unusable ({exc})") from None
     found = state.get("arch")
     versions_found = {str(k): str(v) for k, v in (state.get("versions") or {}).items()}
     expected = arch_signature(model)
@@ -313,8 +337,10 @@ def load_finetune_weights(
     check_task(path, state, "nodule", "--finetune")
     if not str(state.get("arch", "")).startswith(MODEL_ARCH) or state.get("arch") != arch_signature(model):
         raise ConfigError(
-            f"--finetune {path}: checkpoint is for model architecture {state.get('arch')!r}, this model is "
-            f"{arch_signature(model)!r}; fine-tune from a LunaModel trained by python -m p2ch.training"
+            f"--finetune {path}: checkpoint is for model architecture {state.get('arch')!r}"
+            f"{trained_width_note(state)}, this model is {arch_signature(model)!r}"
+            f"{_width_of(model)}; fine-tune from a LunaModel trained by python -m p2ch.training with the same "
+            "--model-width"
         )
     trained_width = tuple((state.get("config") or {}).get("width_irc") or ())
     if trained_width != tuple(width_irc):

@@ -41,6 +41,7 @@ CUDNN_BENCHMARK_HELP = (
     "off: cuDNN's heuristic choice, the same in every run, for reproducibility)"
 )
 BATCH_BUFFERS = ("reuse", "fresh")  # see TrainingConfig.batch_buffers
+MAX_MODEL_WIDTH = 256  # --model-width: 256 channels in block1 make 2,048 in block4, far past any use
 SPLIT_MODES = ("series", "subset", "stride")  # see p2ch.datasets.split_candidates
 SELECT_BY = ("cpm", "f1", "auc")  # the validation metric that picks best.pt
 # What a classifier run learns: nodule vs non-nodule candidates (chapters 11-12), or benign vs
@@ -337,6 +338,7 @@ class TrainingConfig(RunConfig):
 
     task: str = "nodule"
     width_irc: tuple[int, int, int] = (32, 48, 48)
+    model_width: int = 8  # LunaModel's conv channels in block1 (doubled per block); 8: the book's
     balanced: bool = False
     balance_ratio: int | None = None
     label_smoothing: float = 0.0
@@ -380,6 +382,10 @@ class TrainingConfig(RunConfig):
             not (self.finetune and self.init_weights),
             "--finetune starts from a nodule model's weights but its head; --init-weights loads all weights: "
             "use one of them",
+        )
+        _need(
+            1 <= self.model_width <= MAX_MODEL_WIDTH,
+            f"--model-width must be in 1..{MAX_MODEL_WIDTH} (conv channels of the first block), got {self.model_width}",
         )
         _need(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         _need(self.mixup >= 0, f"--mixup must be ≥ 0 (the alpha of Beta(alpha, alpha); 0: off), got {self.mixup}")
@@ -722,6 +728,11 @@ def resume_config(
     }
     candidate = absolute_paths(dataclasses.replace(base, **updates, resume=resume, init_weights=None))
     candidate.validate()
+    if "model_width" in updates and candidate.model_width != base.model_width:
+        raise ConfigError(
+            f"--resume {resume}: --model-width {base.model_width} → {candidate.model_width}: the checkpoint's weights "
+            f"fit a model of width {base.model_width} only; leave --model-width out to continue it, or start a new run"
+        )
     fixed = [
         f"--{name.replace('_', '-')} {getattr(base, name)} → {getattr(candidate, name)}"
         for name in RESUME_FIXED

@@ -121,6 +121,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_split_arguments(parser, d)
     _add_sampling_arguments(parser, d)
     add_augmentation_arguments(parser, rotate_help="random rotation about the head-foot axis")
+    parser.add_argument_group("model").add_argument(
+        "--model-width",
+        type=int,
+        default=d.model_width,
+        metavar="N",
+        help="conv channels of LunaModel's first block, doubled in each of the next three (8: the book's model, "
+        "222k weights; 16: 4x the weights and about 3x the work per sample); evaluate, predict and nodule_analysis "
+        "read it from the checkpoint",
+    )
     optimisation = add_optimisation_arguments(parser, d)
     optimisation.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="label smoothing")
     optimisation.add_argument(
@@ -419,7 +428,7 @@ class LunaTrainingApp(TrainingRun):
     # -- what TrainingRun asks for ---------------------------------------------------------------
 
     def make_model(self) -> torch.nn.Module:
-        return LunaModel()
+        return LunaModel(conv_channels=self.config.model_width)
 
     def arch_of(self, model: torch.nn.Module) -> str:
         # 'LunaModel-v1:<hash of state-dict keys and shapes>': load_checkpoint refuses any other.

@@ -46,7 +46,8 @@ def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
 def test_refuses_other_architecture_and_foreign_files(tmp_path):
     path = tmp_path / "c.pt"
     save_checkpoint({"arch": "LunaModel-v1"}, path)
-    with pytest.raises(ConfigError, match="architecture 'LunaModel-v1', this model is 'Other'"):
+    expected = r"architecture 'LunaModel-v1' \(trained with --model-width 8\), this model is 'Other'"
+    with pytest.raises(ConfigError, match=expected):
         load_checkpoint(path, arch="Other")
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
