@@ -127,7 +127,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=d.model_width,
         metavar="N",
         help="conv channels of LunaModel's first block, doubled in each of the next three (8: the book's model, "
-        "222k weights; 16: 4x the weights and about 3x the work per sample); evaluate, predict and nodule_analysis "
+        "222k weights; 16: 883k weights, 2.1x the CPU time per training sample, and the width that reached CPM 0.9 in "
+        "BENCHMARKS.md); evaluate, predict and nodule_analysis "
         "read it from the checkpoint",
     )
     optimisation = add_optimisation_arguments(parser, d)
