@@ -121,16 +121,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_split_arguments(parser, d)
     _add_sampling_arguments(parser, d)
     add_augmentation_arguments(parser, rotate_help="random rotation about the head-foot axis")
-    parser.add_argument_group("model").add_argument(
-        "--model-width",
-        type=int,
-        default=d.model_width,
-        metavar="N",
-        help="conv channels of LunaModel's first block, doubled in each of the next three (8: the book's model, "
-        "222k weights; 16: 883k weights, 2.1x the CPU time per training sample, and the width that reached CPM 0.9 in "
-        "BENCHMARKS.md); evaluate, predict and nodule_analysis "
-        "read it from the checkpoint",
-    )
+    _add_model_arguments(parser, d)
     optimisation = add_optimisation_arguments(parser, d)
     optimisation.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="label smoothing")
     optimisation.add_argument(
@@ -206,6 +197,20 @@ def _add_task_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="with --finetune: train only the last N weight blocks of tail_batchnorm, block1-4, head_linear "
         "(default 1: only the head; 2: block4 and the head)",
+    )
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, d: TrainingConfig) -> None:
+    """--model-width."""
+    parser.add_argument_group("model").add_argument(
+        "--model-width",
+        type=int,
+        default=d.model_width,
+        metavar="N",
+        help="conv channels of LunaModel's first block, doubled in each of the next three (8: the book's model, "
+        "222k weights; 16: 883k weights, 2.1x the CPU time per training sample, and the width that reached CPM 0.9 in "
+        "BENCHMARKS.md); evaluate, predict and nodule_analysis "
+        "read it from the checkpoint",
     )
 
 
