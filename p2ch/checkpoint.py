@@ -102,15 +102,14 @@ def saved_model_width(state: dict[str, Any]) -> int | None:
     return (config if isinstance(config, dict) else {}).get("model_width", TrainingConfig.model_width)
 
 
-def _width_of(model: torch.nn.Module) -> str:
-    width = getattr(model, "conv_channels", None)
-    return "" if width is None else f" (--model-width {width})"
+def _width_note(width: int | None, how: str = "") -> str:
+    """' (<how>--model-width N)', or '' where there is no width (not a LunaModel): says why architectures differ."""
+    return "" if width is None else f" ({how}--model-width {width})"
 
 
 def trained_width_note(state: dict[str, Any]) -> str:
-    """' (trained with --model-width N)' for a LunaModel checkpoint, '' for others: says why architectures differ."""
-    width = saved_model_width(state)
-    return "" if width is None else f" (trained with --model-width {width})"
+    """' (trained with --model-width N)' for a LunaModel checkpoint, '' for others."""
+    return _width_note(saved_model_width(state), "trained with ")
 
 
 def find_latest(checkpoint_dir: str | os.PathLike[str], name: str = BEST_NAME, task: str | None = None) -> Path:
@@ -339,8 +338,8 @@ def load_finetune_weights(
         raise ConfigError(
             f"--finetune {path}: checkpoint is for model architecture {state.get('arch')!r}"
             f"{trained_width_note(state)}, this model is {arch_signature(model)!r}"
-            f"{_width_of(model)}; fine-tune from a LunaModel trained by python -m p2ch.training with the same "
-            "--model-width"
+            f"{_width_note(getattr(model, 'conv_channels', None))}; fine-tune from a LunaModel trained by "
+            "python -m p2ch.training with the same --model-width"
         )
     trained_width = tuple((state.get("config") or {}).get("width_irc") or ())
     if trained_width != tuple(width_irc):

@@ -209,8 +209,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser, d: TrainingConfig) -> 
         metavar="N",
         help="conv channels of LunaModel's first block, doubled in each of the next three (8: the book's model, "
         "222k weights; 16: 883k weights, 2.1x the CPU time per training sample, and the width that reached CPM 0.9 in "
-        "BENCHMARKS.md); evaluate, predict and nodule_analysis "
-        "read it from the checkpoint",
+        "BENCHMARKS.md); evaluate, predict and nodule_analysis read it from the checkpoint",
     )
 
 
