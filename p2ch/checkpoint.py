@@ -25,7 +25,14 @@ import numpy
 import torch
 
 from p2ch import __version__
-from p2ch.config import TASKS, SegTrainingConfig, TrainingConfig, resolve_models_dir
+from p2ch.config import (
+    BOOK_MODEL_WIDTH,
+    PREDATING_VALUES,
+    TASKS,
+    SegTrainingConfig,
+    TrainingConfig,
+    resolve_models_dir,
+)
 from p2ch.errors import ConfigError, DataFormatError, DataNotFoundError
 from p2ch.fileio import atomic_writer
 from p2ch.model import MODEL_ARCH, LunaModel, arch_signature
@@ -99,7 +106,17 @@ def saved_model_width(state: dict[str, Any]) -> int | None:
     if not str(state.get("arch", "")).startswith(MODEL_ARCH):
         return None
     config = state.get("config")
-    return (config if isinstance(config, dict) else {}).get("model_width", TrainingConfig.model_width)
+    return (config if isinstance(config, dict) else {}).get("model_width", PREDATING_VALUES["model_width"])
+
+
+def source_model_width(path: str | os.PathLike[str]) -> int | None:
+    """The --model-width of the LunaModel checkpoint at `path` (one that --finetune or --init-weights will
+    load); None where it is missing, unreadable or another architecture: loading it later, after the
+    run's flags are checked, says what is wrong."""
+    try:
+        return saved_model_width(load_checkpoint(path))
+    except (DataNotFoundError, DataFormatError):
+        return None
 
 
 def _width_note(width: int | None, how: str = "") -> str:
@@ -242,7 +259,7 @@ def load_model(
         check_task(path, state, task or "nodule", use)
     width = saved_model_width(state)
     try:
-        model = LunaModel(conv_channels=TrainingConfig.model_width if width is None else width)
+        model = LunaModel(conv_channels=width or BOOK_MODEL_WIDTH)
     except ConfigError as exc:
         raise DataFormatError(f"{path}: the checkpoint's model width is unusable ({exc})") from None
     found = state.get("arch")

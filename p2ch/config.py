@@ -42,6 +42,10 @@ CUDNN_BENCHMARK_HELP = (
 )
 BATCH_BUFFERS = ("reuse", "fresh")  # see TrainingConfig.batch_buffers
 MAX_MODEL_WIDTH = 256  # --model-width: 256 channels in block1 make 2,048 in block4, far past any use
+BOOK_MODEL_WIDTH = 8  # the book's LunaModel: 8 conv channels in block1
+# Settings added after checkpoints were first written, with the value such older checkpoints were trained
+# with: `from_dict` fills them in where a stored config lacks them, whatever the default is today.
+PREDATING_VALUES: dict[str, Any] = {"model_width": BOOK_MODEL_WIDTH}
 SPLIT_MODES = ("series", "subset", "stride")  # see p2ch.datasets.split_candidates
 SELECT_BY = ("cpm", "f1", "auc")  # the validation metric that picks best.pt
 # What a classifier run learns: nodule vs non-nodule candidates (chapters 11-12), or benign vs
@@ -278,7 +282,8 @@ class RunConfig:
     def from_dict(cls: type[_Config], values: dict[str, Any]) -> _Config:
         fields = {f.name for f in dataclasses.fields(cls)}
         clean = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields}
-        return cls(**clean)
+        older = {k: v for k, v in PREDATING_VALUES.items() if k in fields and k not in clean}
+        return cls(**older, **clean)
 
     def split_settings(self) -> dict[str, Any]:
         """The keyword arguments of `split_candidates` / `split_series` besides the mode and data root."""
@@ -785,6 +790,10 @@ def config_from_args(args: argparse.Namespace, config_class: type[_Config]) -> _
         values["batch_size"] = resolve_batch_size(
             values["batch_size"], values.get("device", "auto"), config_class.batch_size, config_class.cuda_batch_size
         )
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
+    # a flag left at None whose setting has a value by default (e.g. --model-width, which a command may
+    # complete from the checkpoint it loads first) takes that default
+    values = {k: v for k, v in values.items() if v is not None or defaults[k] is None}
     config = config_class(**values)
     config.validate()
     return absolute_paths(config)

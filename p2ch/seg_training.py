@@ -452,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         SegmentationTrainingApp,
         argv,
         after_run=_write_report_if_asked,
-        check_args=_check_report,
+        prepare_args=_check_report,
     )
 
 

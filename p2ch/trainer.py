@@ -481,21 +481,22 @@ def training_main(
     app_class: type[TrainingRun],
     argv: Sequence[str] | None,
     after_run: Callable[[TrainingRun, argparse.Namespace], None] | None = None,
-    check_args: Callable[[argparse.Namespace], None] | None = None,
+    prepare_args: Callable[[argparse.Namespace], None] | None = None,
 ) -> int:
     """The `main` of a training command: parse, merge the settings of a resumed run, run, report.
 
     Expected failures end as one line (`run_cli`); Ctrl-C and SIGTERM say how to resume. `after_run(app,
-    args)` runs on rank 0 after a finished run (e.g. to write a report); `check_args(args)` first of all
-    (e.g. that the report's location is writable).
+    args)` runs on rank 0 after a finished run (e.g. to write a report); `prepare_args(args)` first of all,
+    to check or complete the parsed flags (e.g. that the report's location is writable, the width of the
+    model that --finetune loads).
     """
     args = get_args_parser().parse_args(argv)
     configure_logging(args.log_level)
     holder: dict[str, TrainingRun] = {}
 
     def body() -> int:
-        if check_args is not None:
-            check_args(args)
+        if prepare_args is not None:
+            prepare_args(args)
         config = config_from_args(args, config_class)
         resume_state = None
         if config.resume:

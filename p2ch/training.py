@@ -50,7 +50,7 @@ from p2ch.candidates import (
     read_reference,
     submission_frame,
 )
-from p2ch.checkpoint import load_finetune_weights
+from p2ch.checkpoint import load_finetune_weights, source_model_width
 from p2ch.config import (
     BATCH_BUFFERS,
     SELECT_BY,
@@ -205,12 +205,21 @@ def _add_model_arguments(parser: argparse.ArgumentParser, d: TrainingConfig) -> 
     parser.add_argument_group("model").add_argument(
         "--model-width",
         type=int,
-        default=d.model_width,
+        default=None,
         metavar="N",
         help="conv channels of LunaModel's first block, doubled in each of the next three (8: the book's model, "
         "222k weights; 16: 883k weights, 2.1x the CPU time per training sample, and the width that reached CPM 0.9 in "
-        "BENCHMARKS.md); evaluate, predict and nodule_analysis read it from the checkpoint",
+        f"BENCHMARKS.md). Default: {d.model_width}, or with --finetune/--init-weights PATH the width PATH was "
+        "trained with; evaluate, predict and nodule_analysis read it from the checkpoint",
     )
+
+
+def complete_model_width(args: argparse.Namespace) -> None:
+    """--model-width left out of a new run that loads weights (--finetune, --init-weights): the width of
+    the model it loads, so that a wide nodule model fine-tunes without repeating its width."""
+    source = args.finetune or args.init_weights
+    if args.model_width is None and source and not args.resume:
+        args.model_width = source_model_width(source)
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser, d: TrainingConfig) -> None:
@@ -618,7 +627,9 @@ def format_epoch(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return training_main(PROG, get_args_parser, TrainingConfig, LunaTrainingApp, argv)
+    return training_main(
+        PROG, get_args_parser, TrainingConfig, LunaTrainingApp, argv, prepare_args=complete_model_width
+    )
 
 
 if __name__ == "__main__":
