@@ -19,6 +19,7 @@ call: the reported samples/s over samples / (that wall time - start-up); 1.000 m
 Examples:
     python benchmarks/bench_training.py --device cpu --batch-sizes 32 --workers 2 --batches 8
     python benchmarks/bench_training.py --device cpu --timing epoch early-stop   # the two timings side by side
+    python benchmarks/bench_training.py --device cpu --model-width 16             # p2ch.training's default model
     python benchmarks/bench_training.py --device cuda --batch-sizes 32 256 1024 --workers 4 8 16 \
         --amp off bf16 --channels-last off on        # the issue's GPU grid
 """
@@ -73,6 +74,7 @@ def measure(
     tmp: Path,
     timing: str = "epoch",
     val_fraction: float = 0.1,
+    model_width: int = 8,
 ) -> dict:
     """One setting: build the app, a warm-up epoch cut after `warmup` batches, then the timed epoch."""
     from p2ch.training import LunaTrainingApp, TrainingConfig
@@ -95,6 +97,7 @@ def measure(
         runs_dir=str(tmp / "runs"),
         checkpoint_dir=str(tmp / "models"),
         val_fraction=val_fraction,
+        model_width=model_width,
     )
     app = LunaTrainingApp(config)
     try:
@@ -106,6 +109,7 @@ def measure(
             "num_workers": workers,
             "amp": amp,
             "channels_last": channels_last,
+            "model_width": model_width,
         }
     finally:
         app.close()
@@ -153,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-batches", dest="warmup", type=int, default=2)
     parser.add_argument("--data-root", default=None, help="existing data set (default: make a synthetic one)")
     parser.add_argument("--cache-dir", default=None, help="its prefilled cache")
+    parser.add_argument(
+        "--model-width",
+        type=int,
+        default=8,
+        help="LunaModel's width: 8, the book's model, so that figures compare with the book's code (p2ch.training's "
+        "default is 16, about 2.1x the CPU time per sample)",
+    )
     parser.add_argument("--synth-cts", type=int, default=4)
     parser.add_argument("--synth-candidates", type=int, default=400, help="candidates per synthetic CT")
     parser.add_argument(
@@ -176,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         grid = itertools.product(args.batch_sizes, args.workers, args.amp, args.channels_last, args.timing)
         for batch, workers, amp, cl, timing in grid:
-            row = measure(data, cache, args.device, batch, workers, amp, cl, args.batches, args.warmup, tmp, timing)
+            row = measure(
+                data, cache, args.device, batch, workers, amp, cl, args.batches, args.warmup, tmp, timing,
+                model_width=args.model_width,
+            )  # fmt: skip
             print(
                 f"{row['device']:>8} {batch:>6} {workers:>7} {amp:>5} {cl:>7} {timing:>10} "
                 f"{row['samples_per_sec']:>10.1f} {100 * row['data_wait_fraction']:>8.0f}% "

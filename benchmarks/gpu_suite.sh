@@ -311,7 +311,7 @@ if [ "$smoke" = 1 ]; then
   run_step training 60 "$device, fp32, ch-last on, batch 8, 1 worker, 2 timed batches"
   run_step augment 60 "$device, batch 8, float32"
   run_step evaluate 60 "$device, fp32, batch 8, 0 workers, 2 CTs of 32x64x64"
-  run_step time_to_cpm 60 "time_to_cpm.py --smoke, default recipe, $device"
+  run_step time_to_cpm 120 "time_to_cpm.py --smoke, default recipe, $device"
   run_step training_compile 60 "compile off (smoke: checks the override only), $device, batch 8, 1 worker"
 else
   run_step training 150 "$device, amp off/bf16 x ch-last off/on x batch 256 (16 batches)/1024 (6) x workers 8/16"

@@ -10,20 +10,22 @@ first one, and one JSON line last.
 
     python benchmarks/time_to_cpm.py                          # 48 CTs, targets 0.8 0.9, both built-in recipes
     python benchmarks/time_to_cpm.py --num-cts 24 --targets 0.5 0.7 --max-samples 8192   # ~10 min, 2 CPU cores
-    python benchmarks/time_to_cpm.py --recipe "default=" \\
-        --recipe "book=--optimizer sgd --lr 0.001 --momentum 0.99 --batch-size 32 --balanced --augmented"
+    python benchmarks/time_to_cpm.py --recipe "default=" --recipe "book=--optimizer sgd --lr 0.001 \\
+        --momentum 0.99 --lr-schedule constant --batch-size 32 --model-width 8 --balanced --augmented"
     python benchmarks/time_to_cpm.py --max-samples 6144 --recipe "default=--balanced --augmented" \\
-        --recipe "cosine=--lr-schedule cosine --schedule-samples 6144 --balanced --augmented" \\
-        --recipe "onecycle=--lr-schedule onecycle --schedule-samples 6144 --balanced --augmented" \\
+        --recipe "constant=--lr-schedule constant --lr 0.001 --balanced --augmented" \\
+        --recipe "cosine=--lr-schedule cosine --balanced --augmented" \\
         --recipe "mixup=--mixup 0.2 --balanced --augmented"
     python benchmarks/time_to_cpm.py --smoke --work /tmp/ttc  # tiny, under a minute: does the tool work?
 
-Built-in recipes (when no --recipe is given): "default" is p2ch's default flags (Adam lr 0.001, a
-constant lr) plus --balanced --augmented; "book" is the book's recipe (SGD lr 0.001 momentum 0.99,
-batch 32, balanced, all of the book's augmentations). A recipe with `--lr-schedule onecycle|cosine`
-needs `--schedule-samples` = this tool's --max-samples: the tool trains one epoch at a time, and a
-schedule's end is fixed when its run starts (by default after that run's first, and here only, epoch).
-A recipe's flags go to `p2ch.training` unchanged (flags a later version adds pass through); only
+Built-in recipes (when no --recipe is given): "default" is p2ch's default flags (Adam, a one-cycle
+lr peaking at 0.003, model width 16) plus --balanced --augmented; "book" is the book's recipe (SGD
+lr 0.001 momentum 0.99, a constant lr, batch 32, the book's model width 8, balanced, all of the book's
+augmentations). A recipe whose lr schedule ends (onecycle, the default, or cosine) and that leaves
+out `--schedule-samples` gets `--schedule-samples` = this tool's --max-samples, the schedule of one
+run of that length (the tool trains one epoch at a time, and a schedule's end is fixed when its run
+starts); it may stop before the schedule ends, at its last target.
+A recipe's flags go to `p2ch.training` unchanged but for that (flags a later version adds pass through); only
 the flags that must be equal for every recipe (data, split, seed, epoch size, epochs, output
 folders) are refused, since this tool sets them.
 
@@ -62,7 +64,8 @@ from pathlib import Path
 
 DEFAULT_RECIPES = {
     "default": "--balanced --augmented",
-    "book": "--optimizer sgd --lr 0.001 --momentum 0.99 --batch-size 32 --balanced --augmented",
+    "book": "--optimizer sgd --lr 0.001 --momentum 0.99 --lr-schedule constant --batch-size 32 --model-width 8 "
+    "--balanced --augmented",
 }
 # Settings this tool fixes for every recipe (p2ch.training's argparse dests), so recipes compare.
 FIXED_SETTINGS = {
@@ -169,7 +172,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.recipes = parse_recipes(args.recipe)
     except ValueError as exc:
         parser.error(str(exc))
+    for recipe in args.recipes:
+        complete_schedule(recipe, args.max_samples)
     return args
+
+
+def complete_schedule(recipe: Recipe, max_samples: int) -> None:
+    """A recipe whose lr schedule has an end (onecycle, cosine: p2ch's default is onecycle) and that does not
+    set it gets `--schedule-samples max_samples`: the lr a single run of --max-samples would follow. (Each
+    epoch here is its own resumed call, and a schedule's end is fixed by the call that starts the run.)"""
+    from p2ch.training import get_args_parser as training_parser
+
+    settings = training_parser().parse_args(recipe.flags)
+    if settings.lr_schedule != "constant" and settings.schedule_samples is None:
+        recipe.flags = [*recipe.flags, "--schedule-samples", str(max_samples)]
 
 
 def parse_recipes(specs: list[str] | None) -> list[Recipe]:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -49,6 +50,18 @@ def _atomic_writer(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str], names: Iterable[str]) -> list[Path]:
+    """Remove what `atomic_writer` left of `names` in `folder` when its process was killed mid-write
+    (SIGKILL, power loss: `.<name>.<random>.tmp`); returns the paths removed. Call it only where no other
+    process writes those names (e.g. a resumed run's own checkpoint folder)."""
+    removed = []
+    for name in names:
+        for stale in Path(folder).glob(f".{glob.escape(name)}.*.tmp"):
+            stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

@@ -41,6 +41,7 @@ from p2ch.config import (
     resume_config,
 )
 from p2ch.errors import ConfigError, DataFormatError
+from p2ch.fileio import remove_stale_temporaries
 from p2ch.loop import BestCheckpoint, EpochResult, NonFiniteLossError
 from p2ch.runtime import (
     barrier,
@@ -82,6 +83,9 @@ def make_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Opt
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
+MIN_ONECYCLE_STEPS = 3  # torch's OneCycleLR: a rise of 2 steps or more, then at least one step down
+
+
 @dataclasses.dataclass(frozen=True)
 class LrPlan:
     """A run's lr schedule in optimizer steps; saved in every checkpoint ("schedule") and kept on resume.
@@ -107,8 +111,16 @@ def plan_schedule(config: RunConfig, steps_per_epoch: int, samples_per_step: int
         total = config.epochs * steps_per_epoch
     if config.warmup_samples is not None:
         warmup = math.ceil(config.warmup_samples / samples_per_step)
-    else:
+    else:  # the default warm-up: a fraction of the horizon, shortened to fit a short run
         warmup = round(DEFAULT_WARMUP_FRACTION[kind] * total) if total else 0
+        if kind == "onecycle" and total is not None and total < MIN_ONECYCLE_STEPS:
+            log.warning(
+                "--lr-schedule onecycle: this run has %d optimizer steps, too few for a one-cycle schedule "
+                "(%d at least); the lr stays at --lr %g", total, MIN_ONECYCLE_STEPS, config.lr
+            )  # fmt: skip
+            return LrPlan("constant", None, 0)
+        if kind == "onecycle" and total is not None:
+            warmup = min(warmup, total - 1)
     if kind == "onecycle":
         warmup = max(warmup, 2)  # torch's OneCycleLR divides by the length of its rise minus 1
     if total is not None and warmup >= total:
@@ -201,6 +213,12 @@ def apply_optimizer_settings(
             group["momentum"] = config.momentum
 
 
+def clear_cut_off_saves(checkpoint_dir: Path) -> None:
+    """Remove what a kill mid-save (SIGKILL, power loss) left of last.pt and best.pt in `checkpoint_dir`."""
+    for stale in remove_stale_temporaries(checkpoint_dir, (LAST_NAME, BEST_NAME)):
+        log.info("removed %s, left by a save that was cut off", display_path(stale))
+
+
 def non_finite_advice(config: RunConfig, amp_dtype: torch.dtype | None, checkpoint_dir: Path, epoch: int) -> str:
     """The likely causes of a non-finite training loss and where to go on from."""
     causes = f"a learning rate too high (--lr {config.lr:g}; try it 10x lower)"
@@ -271,6 +289,8 @@ class TrainingRun:
         else:
             self.checkpoint_dir = Path(config.checkpoint_dir) / config.tb_prefix / f"{self.run_time}-{config.comment}"
         self._check_outputs()
+        if config.resume and self.dist.is_main:  # a resumed run owns its checkpoint folder
+            clear_cut_off_saves(self.checkpoint_dir)
         self.build_data()
         self._init_model(model, resume_state)
         purge = self.samples_seen + 1 if config.resume else None  # drop events after the resumed step

@@ -160,7 +160,7 @@ def write_checkpoint(
             "best_metric": 0.25,
             "best_epoch": epoch,
             "selected_by": "cpm",
-            "config": config.to_dict(),
+            "config": {**config.to_dict(), "model_width": getattr(model, "conv_channels", config.model_width)},
             "run_time": "2025-01-01_00.00.00",
             "rng": {"torch": torch.get_rng_state()},
         },

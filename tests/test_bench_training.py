@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from p2ch.config import TrainingConfig
 from p2ch.training import LunaTrainingApp
 
 from conftest import load_script
@@ -29,12 +30,14 @@ def test_reported_rate_matches_the_wall_clock_of_the_timed_epoch(tiny, tmp_path,
     """One persistent worker, a warm-up epoch cut after 1 batch (as the benchmark does), then the timed epoch."""
     walls: list[float] = []
     epochs: list[tuple[int | None, bool]] = []  # (the sampler's epoch size, whether the epoch ran to its end)
+    widths: list[int] = []
     train_epoch = LunaTrainingApp.train_epoch
 
     def timed(app, epoch):
         started = time.perf_counter()
         result = train_epoch(app, epoch)
         walls.append(time.perf_counter() - started)
+        widths.append(app.config.model_width)
         epochs.append((app.config.epoch_size, result.complete))
         return result
 
@@ -43,6 +46,8 @@ def test_reported_rate_matches_the_wall_clock_of_the_timed_epoch(tiny, tmp_path,
     bench = load_bench()
     row = bench.measure(tiny, cache, "cpu", BATCH, 1, "off", "on", BATCHES, 1, tmp_path, timing, val_fraction=0.5)
     assert len(walls) == 2  # the warm-up, then the timed epoch
+    assert row["model_width"] == 8 and widths == [8, 8]  # the book's model, so figures compare with its code
+    assert TrainingConfig.model_width == 16  # … which is not p2ch.training's default
     assert row["samples"] == BATCH * BATCHES  # the whole sampler epoch (epoch) / the cut (early-stop)
     assert row["samples_per_sec"] == pytest.approx(row["samples"] / row["seconds"], rel=0.01)
     wall = walls[1]

@@ -415,9 +415,9 @@ def test_default_checkpoint_and_out_dir(world, tmp_path, monkeypatch, capsys):
 
 @pytest.fixture
 def bad_checkpoints(world, tmp_path):
-    other = LunaModel(conv_channels=4)
+    other = "LunaModel-v0:0123456789abcdef"  # an architecture this p2ch does not build
     paths = {
-        "other_arch": write_checkpoint(tmp_path / "other.pt", other, world["config"]),
+        "other_arch": write_checkpoint(tmp_path / "other.pt", world["model"], world["config"], arch=other),
         "no_test_part": write_checkpoint(
             tmp_path / "no_test.pt", world["model"], TrainingConfig(data_root=str(world["root"]), val_fraction=0.4)
         ),

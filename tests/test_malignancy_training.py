@@ -89,6 +89,7 @@ def mal_run(mal_root, nodule_run, tmp_path_factory) -> tuple[Path, list[str]]:
     """A 2-epoch malignancy run fine-tuned from `nodule_run` at depth 2: (its run folder, its flags)."""
     work = tmp_path_factory.mktemp("malrun")
     args = _args(mal_root, work, "--malignant", "--finetune", str(nodule_run), "--finetune-depth", "2", "mal")
+    args += ["--lr-schedule", "constant"]  # a test below extends the run (--resume … --epochs 3)
     assert training.main([*args, "--epochs", "2"]) == 0
     return _run_dir(work), args
 

@@ -95,7 +95,7 @@ def test_finetune_takes_the_width_of_its_nodule_model_unless_one_is_given(narrow
     assert _completed_width("--malignant", "--finetune", str(last)) == WIDTH
     assert _completed_width("--malignant", "--finetune", str(last), "--model-width", "16") == 16  # given: kept
     assert _completed_width("--malignant") is None  # nothing loaded: the default, filled in by the config
-    assert config_from_args(training.get_args_parser().parse_args([]), TrainingConfig).model_width == 8
+    assert config_from_args(training.get_args_parser().parse_args([]), TrainingConfig).model_width == 16
     # a resumed run's width is the checkpoint's own (resume_config), never read from what it was started with
     assert _completed_width("--init-weights", str(last), "--resume", str(last)) is None
 

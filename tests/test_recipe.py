@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from p2ch import trainer, training
 from p2ch.checkpoint import load_checkpoint
-from p2ch.config import SegTrainingConfig, TrainingConfig
+from p2ch.config import SegTrainingConfig, TrainingConfig, config_from_args
 from p2ch.errors import ConfigError
 from p2ch.trainer import LrPlan, check_horizon, make_optimizer, make_scheduler, plan_schedule
 from p2ch.training import get_args_parser, mix_batch, sample_beta
@@ -55,24 +55,31 @@ def lrs(monkeypatch) -> list[float]:
 
 
 def _config(*flags: str) -> TrainingConfig:
-    args = get_args_parser().parse_args(list(flags))
-    return TrainingConfig(**{k: v for k, v in vars(args).items() if k in TrainingConfig.__dataclass_fields__})
+    return config_from_args(get_args_parser().parse_args(list(flags)), TrainingConfig)
 
 
 # -- the default recipe and the book's -------------------------------------------------------------
 
 
-def test_the_default_is_adam_and_the_books_sgd_is_one_flag_set_away():
+BOOK_RECIPE = ("--optimizer", "sgd", "--lr", "0.001", "--momentum", "0.99", "--lr-schedule", "constant")
+
+
+def test_the_default_is_adam_one_cycle_at_width_16_and_the_books_recipe_is_one_flag_set_away():
     model = torch.nn.Linear(3, 2)
-    default = make_optimizer(model, _config())
+    config = _config()
+    default = make_optimizer(model, config)
     assert isinstance(default, torch.optim.Adam)
-    assert default.param_groups[0]["lr"] == 1e-3 and default.param_groups[0]["weight_decay"] == 0.0
-    book = make_optimizer(model, _config("--optimizer", "sgd", "--lr", "0.001", "--momentum", "0.99"))
+    assert default.param_groups[0]["lr"] == 3e-3 and default.param_groups[0]["weight_decay"] == 0.0
+    assert (config.lr_schedule, config.model_width) == ("onecycle", 16)
+    book_config = _config(*BOOK_RECIPE, "--model-width", "8")
+    book = make_optimizer(model, book_config)
     assert isinstance(book, torch.optim.SGD)
     group = book.param_groups[0]
     assert (group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]) == (1e-3, 0.99, 0.0, False)
+    assert make_scheduler(book, plan_schedule(book_config, 10, 32)) is None  # a constant lr, as the book's
     assert _config("--optimizer", "sgd").momentum == 0.99  # the book's momentum stays the default
-    assert SegTrainingConfig().optimizer == "adam"  # the book's UNet recipe, unchanged
+    seg = SegTrainingConfig()
+    assert (seg.optimizer, seg.lr, seg.lr_schedule) == ("adam", 1e-3, "constant")  # the UNet's recipe, unchanged
 
 
 def test_a_checkpoint_saved_with_sgd_resumes_as_sgd(tiny, tmp_path):
@@ -90,7 +97,7 @@ def test_a_checkpoint_saved_with_sgd_resumes_as_sgd(tiny, tmp_path):
     ("flags", "named"),
     [
         (["--optimizer", "adam"], "--optimizer sgd → adam"),
-        (["--lr-schedule", "cosine"], "--lr-schedule constant → cosine"),
+        (["--lr-schedule", "cosine"], "--lr-schedule onecycle → cosine"),
     ],
 )
 def test_resume_refuses_another_optimizer_or_schedule(tiny, tmp_path, capsys, flags, named):
@@ -120,12 +127,21 @@ def _steps(plan: LrPlan, lr: float = 1.0, steps: int | None = None) -> list[floa
 
 
 def test_plan_turns_samples_into_steps_with_documented_default_warmups():
-    assert plan_schedule(_config(), 10, 32) == LrPlan("constant", None, 0)
+    assert plan_schedule(_config(), 10, 32) == LrPlan("onecycle", 10, 3)  # the default: 30 % warm-up
+    assert plan_schedule(_config("--lr-schedule", "constant"), 10, 32) == LrPlan("constant", None, 0)
+    # a default warm-up shortened to fit a short run; a run too short for a cycle keeps --lr (and says so)
+    assert [plan_schedule(_config(), steps, 32) for steps in (4, 3)] == [
+        LrPlan("onecycle", 4, 2),
+        LrPlan("onecycle", 3, 2),
+    ]
+    assert plan_schedule(_config(), 2, 32) == plan_schedule(_config(), 1, 32) == LrPlan("constant", None, 0)
     assert plan_schedule(_config("--epochs", "4", "--lr-schedule", "cosine"), 50, 32) == LrPlan("cosine", 200, 10)
     assert plan_schedule(_config("--epochs", "4", "--lr-schedule", "onecycle"), 50, 32) == LrPlan("onecycle", 200, 60)
     schedule = ("--lr-schedule", "cosine", "--schedule-samples", "6144", "--warmup-samples", "100")
     assert plan_schedule(_config(*schedule), 32, 32) == LrPlan("cosine", 192, 4)  # ceil(100 / 32)
-    assert plan_schedule(_config("--warmup-samples", "64"), 10, 16) == LrPlan("constant", None, 4)
+    assert plan_schedule(_config("--lr-schedule", "constant", "--warmup-samples", "64"), 10, 16) == LrPlan(
+        "constant", None, 4
+    )
     with pytest.raises(ConfigError, match="warm-up of 20 steps does not fit in the schedule of 10 steps"):
         plan_schedule(_config("--lr-schedule", "cosine", "--warmup-samples", "640"), 10, 32)
 
@@ -187,10 +203,11 @@ def test_resume_with_a_new_lr_scales_the_rest_of_the_schedule(tiny, tmp_path, lr
     lrs.clear()
     assert training.main([*_args(tiny, tmp_path / "parts", *recipe), "--epochs", "1"]) == 0
     last = _last(tmp_path / "parts")
-    assert training.main(["--resume", str(last), "--epochs", "2", "--lr", "0.0005", "--log-level", "WARNING"]) == 0
+    half = TrainingConfig.lr / 2
+    assert training.main(["--resume", str(last), "--epochs", "2", "--lr", str(half), "--log-level", "WARNING"]) == 0
     assert lrs[:STEPS] == straight[:STEPS]
     assert lrs[STEPS:] == pytest.approx([lr / 2 for lr in straight[STEPS:]])
-    assert load_checkpoint(last)["config"]["lr"] == 0.0005
+    assert load_checkpoint(last)["config"]["lr"] == half
 
 
 def test_extending_a_finished_schedule_on_resume_is_refused(tiny, tmp_path, capsys):
@@ -291,7 +308,7 @@ def test_mixup_mixes_training_batches_only_and_zero_is_off(tiny, tmp_path, monke
         (["--mixup", "nan"], "--mixup must be a finite number, got nan"),
         (["--warmup-samples", "-1"], "--warmup-samples must be ≥ 0"),
         (["--lr-schedule", "cosine", "--schedule-samples", "0"], "--schedule-samples must be ≥ 1"),
-        (["--schedule-samples", "100"], "a constant lr has no end"),
+        (["--lr-schedule", "constant", "--schedule-samples", "100"], "a constant lr has no end"),
     ],
 )
 def test_bad_recipe_flags_are_one_line(tmp_path, capsys, monkeypatch, flags, expected):

@@ -27,7 +27,18 @@ def test_built_in_recipes_are_the_default_and_the_books():
     assert book[book.index("--lr") + 1] == "0.001"
     assert book[book.index("--momentum") + 1] == "0.99"
     assert book[book.index("--batch-size") + 1] == "32"
+    assert book[book.index("--lr-schedule") + 1] == "constant" and book[book.index("--model-width") + 1] == "8"
     assert {"--balanced", "--augmented"} <= set(book)
+
+
+def test_a_schedule_with_an_end_gets_the_budget_as_its_horizon():
+    args = load_tool().parse_args(["--max-samples", "8192", "--epoch-size", "1024"])
+    default, book = args.recipes  # the default recipe's one-cycle lr, as one run of 8,192 samples would have it
+    assert default.flags == ["--balanced", "--augmented", "--schedule-samples", "8192"]
+    assert "--schedule-samples" not in book.flags  # a constant lr has no end
+    own = ["--lr-schedule", "cosine", "--schedule-samples", "4096"]
+    args = load_tool().parse_args(["--recipe", f"own={' '.join(own)}", "--recipe", "flat=--lr-schedule constant"])
+    assert [r.flags for r in args.recipes] == [own, ["--lr-schedule", "constant"]]  # given, or no end: unchanged
 
 
 def test_recipe_flags_pass_through_unchanged():

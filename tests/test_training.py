@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -83,6 +84,9 @@ def _args(root: Path, work: Path, *extra: str) -> list[str]:
         "0.5",
         "--log-level",
         "WARNING",
+        # these tests extend runs (--resume … --epochs N), which the default one-cycle lr refuses past its end
+        "--lr-schedule",
+        "constant",
         *extra,
     ]
 
@@ -152,10 +156,11 @@ def test_help_lists_groups_and_defaults(capsys):
     ):
         assert flag in out, flag
     text = " ".join(out.split())  # argparse wraps lines at the terminal's width
-    assert "(default: 32" in text and "(default: adam)" in text and "(default: 0.001)" in text
+    assert "(default: 32" in text and "(default: adam)" in text and "(default: 0.003)" in text
+    assert "(default: onecycle)" in text and "Default: 16, or with --finetune/--init-weights" in text
     for flag in ("--lr-schedule", "--warmup-samples", "--schedule-samples", "--mixup", "--momentum"):
         assert flag in out, flag
-    assert "--optimizer sgd --lr 0.001 --momentum 0.99" in text  # the book's recipe, one flag set away
+    assert "sgd, with --lr 0.001 --momentum 0.99 --lr-schedule constant" in text  # the book's recipe
     for group in ("data:", "split", "sampling:", "augmentation", "optimisation:", "speed:", "output:"):
         assert group in out, group
 
@@ -176,7 +181,7 @@ def test_smoke_two_epochs_then_resume_to_three(tiny, tmp_path):
     assert best["selected_by"] in ("cpm", "f1", "loss") and 1 <= best["best_epoch"] <= 2
     from p2ch.model import LunaModel
 
-    LunaModel().load_state_dict(state["model"])  # plain state dict of the unwrapped model
+    LunaModel(conv_channels=state["config"]["model_width"]).load_state_dict(state["model"])  # the unwrapped model's
 
     dirs = _tb_dirs(work)
     steps = [TRAIN_BATCHES * BATCH, 2 * TRAIN_BATCHES * BATCH]
@@ -192,7 +197,7 @@ def test_smoke_two_epochs_then_resume_to_three(tiny, tmp_path):
         assert {"is_neg", "is_pos"} & set(tags["histograms"])
     trn = _events(dirs["trn"])
     assert {"lr", "cache/hit_rate"} <= set(trn.Tags()["scalars"])
-    assert trn.Scalars("lr")[0].value == pytest.approx(0.001)
+    assert trn.Scalars("lr")[0].value == pytest.approx(training.TrainingConfig.lr)
     assert 0.0 <= trn.Scalars("cache/hit_rate")[-1].value <= 1.0
     val = _events(dirs["val"])
     assert {"froc/cpm", "count/all"} <= set(val.Tags()["scalars"])
@@ -395,13 +400,17 @@ def test_sigkill_mid_run_then_resume(tiny, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert not [p for p in last.parent.iterdir() if p.name not in ("last.pt", "best.pt")]  # no temp files
+    # a kill mid-save can leave only the atomic writer's temporary file beside the intact checkpoints
+    left = [p.name for p in last.parent.iterdir() if p.name not in ("last.pt", "best.pt")]
+    assert all(re.fullmatch(r"\.(last|best)\.pt\.\w+\.tmp", name) for name in left), left
+    (last.parent / ".best.pt.cutoff.tmp").write_bytes(b"half a checkpoint")  # as a kill mid-save leaves
     done = load_checkpoint(last)["epoch"]
     assert 2 <= done < 1000
     argv = [a if a != "1000" else str(done + 1) for a in args]
     assert training.main([*argv, "--resume", str(last)]) == 0
     state = load_checkpoint(last)
     assert state["epoch"] == done + 1 and state["samples_seen"] == (done + 1) * 2 * BATCH
+    assert sorted(p.name for p in last.parent.iterdir()) == ["best.pt", "last.pt"]  # the resume cleaned up
 
 
 def test_sigterm_is_handled_like_ctrl_c_and_its_dataloader_workers_exit(tiny, tmp_path):
@@ -563,7 +572,8 @@ def test_resume_with_a_weight_of_the_wrong_shape_is_one_line(one_epoch, tmp_path
     state = load_checkpoint(last)
     key = next(k for k in state["model"] if k.endswith("conv1.weight"))
     state["model"][key] = torch.zeros(3, 3)
-    assert state["arch"] == arch_signature(training.LunaModel())  # the architecture tag still matches
+    width = state["config"]["model_width"]
+    assert state["arch"] == arch_signature(training.LunaModel(conv_channels=width))  # the tag still matches
     save_checkpoint(state, tmp_path / "bad.pt")
     capsys.readouterr()
     assert training.main([*base, "--epochs", "2", "--resume", str(tmp_path / "bad.pt")]) == 2
@@ -656,7 +666,7 @@ def test_a_nan_loss_after_a_good_epoch_names_the_last_good_checkpoint(one_epoch,
     assert f"the last good checkpoint is {shown} (epoch 1): continue with --resume {shown} and a lower --lr" in err
     assert last.read_bytes() == before  # the broken weights were not saved
     state_lr = load_checkpoint(last)["optimizer"]["param_groups"][0]["lr"]
-    assert state_lr == pytest.approx(0.001)
+    assert state_lr == pytest.approx(training.TrainingConfig.lr)
 
 
 def test_a_candidate_outside_its_ct_read_by_a_dataloader_worker_is_one_line(tiny, tmp_path, capsys):
