@@ -16,7 +16,7 @@ from p2ch import runtime
 from p2ch.cli import run_cli
 from p2ch.config import check_output_dir, check_output_file
 from p2ch.errors import CandidateOutsideCtError, ConfigError, DataNotFoundError
-from p2ch.fileio import atomic_writer
+from p2ch.fileio import atomic_writer, remove_stale_temporaries
 from p2ch.runtime import (
     DistInfo,
     SharedMemoryError,
@@ -357,3 +357,11 @@ def test_on_a_real_gpu_amp_auto_follows_the_compute_capability_and_logits_are_fl
     with torch.no_grad(), torch.autocast("cuda", dtype=resolve_amp("auto", device)):
         logits, prob = model(torch.randn(4, 1, 32, 48, 48, device=device))
     assert logits.dtype == torch.float32 and prob.dtype == torch.float32
+
+
+def test_remove_stale_temporaries_takes_only_what_a_cut_off_write_of_those_names_left(tmp_path):
+    for name in (".last.pt.a1b2.tmp", ".best.pt.zz.tmp", ".other.pt.x.tmp", "last.pt", ".last.pt.keep", "x.tmp"):
+        (tmp_path / name).write_bytes(b"x")
+    removed = remove_stale_temporaries(tmp_path, ("last.pt", "best.pt"))
+    assert sorted(p.name for p in removed) == [".best.pt.zz.tmp", ".last.pt.a1b2.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".last.pt.keep", ".other.pt.x.tmp", "last.pt", "x.tmp"]
