@@ -259,7 +259,7 @@ def load_model(
         check_task(path, state, task or "nodule", use)
     width = saved_model_width(state)
     try:
-        model = LunaModel(conv_channels=width or BOOK_MODEL_WIDTH)
+        model = LunaModel(conv_channels=BOOK_MODEL_WIDTH if width is None else width)
     except ConfigError as exc:
         raise DataFormatError(f"{path}: the checkpoint's model width is unusable ({exc})") from None
     found = state.get("arch")

@@ -113,13 +113,13 @@ def plan_schedule(config: RunConfig, steps_per_epoch: int, samples_per_step: int
         warmup = math.ceil(config.warmup_samples / samples_per_step)
     else:  # the default warm-up: a fraction of the horizon, shortened to fit a short run
         warmup = round(DEFAULT_WARMUP_FRACTION[kind] * total) if total else 0
-        if kind == "onecycle" and total is not None and total < MIN_ONECYCLE_STEPS:
+        if kind == "onecycle" and total < MIN_ONECYCLE_STEPS:
             log.warning(
                 "--lr-schedule onecycle: this run has %d optimizer steps, too few for a one-cycle schedule "
                 "(%d at least); the lr stays at --lr %g", total, MIN_ONECYCLE_STEPS, config.lr
             )  # fmt: skip
             return LrPlan("constant", None, 0)
-        if kind == "onecycle" and total is not None:
+        if kind == "onecycle":
             warmup = min(warmup, total - 1)
     if kind == "onecycle":
         warmup = max(warmup, 2)  # torch's OneCycleLR divides by the length of its rise minus 1

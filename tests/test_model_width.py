@@ -144,6 +144,7 @@ def test_a_checkpoint_without_a_width_is_the_books_and_a_bad_width_is_one_line(n
     monkeypatch.setattr(TrainingConfig, "__init__", _with_default_width(TrainingConfig.__init__, 16))
     assert TrainingConfig().model_width == 16 and TrainingConfig.from_dict(config).model_width == 8
     assert load_model(tmp_path / "old.pt")[0].conv_channels == 8
-    save_checkpoint({**old, "config": {**config, "model_width": "wide"}}, tmp_path / "bad.pt")
-    with pytest.raises(DataFormatError, match=r"bad\.pt: the checkpoint's model width is unusable"):
-        load_model(tmp_path / "bad.pt")
+    for bad in ("wide", 0):  # 0 is a width too, only not one a model can have
+        save_checkpoint({**old, "config": {**config, "model_width": bad}}, tmp_path / "bad.pt")
+        with pytest.raises(DataFormatError, match=r"bad\.pt: the checkpoint's model width is unusable"):
+            load_model(tmp_path / "bad.pt")
