@@ -119,6 +119,25 @@ def source_model_width(path: str | os.PathLike[str]) -> int | None:
         return None
 
 
+def saved_block_order(state: dict[str, Any]) -> str | None:
+    """The UNet block order ("p2ch" or "book") a segmentation checkpoint's config records ("p2ch" when it predates
+    the setting); None for other architectures."""
+    if not str(state.get("arch", "")).startswith(UNET_ARCH):
+        return None
+    config = state.get("config")
+    return (config if isinstance(config, dict) else {}).get("block_order", "p2ch")
+
+
+def source_block_order(path: str | os.PathLike[str]) -> str | None:
+    """The block order of the UNet checkpoint at `path` (one that seg_training's --init-weights will load, e.g. one
+    imported from the book); None where it is missing, unreadable or another architecture: loading it later, after
+    the run's flags are checked, says what is wrong."""
+    try:
+        return saved_block_order(load_checkpoint(path))
+    except (DataNotFoundError, DataFormatError):
+        return None
+
+
 def _width_note(width: int | None, how: str = "") -> str:
     """' (<how>--model-width N)', or '' where there is no width (not a LunaModel): says why architectures differ."""
     return "" if width is None else f" ({how}--model-width {width})"
@@ -312,7 +331,7 @@ def load_segmentation_model(
         config.validate()
         model = UNetWrapper(
             in_channels=2 * config.context_slices + 1, n_classes=1, depth=config.depth, wf=config.wf,
-            up_mode=config.up_mode,
+            up_mode=config.up_mode, block_order=config.block_order,
         )  # fmt: skip
     except (TypeError, ValueError) as exc:  # ConfigError is a ValueError
         raise DataFormatError(f"{path}: the segmentation config stored in the checkpoint is unusable ({exc})") from None
