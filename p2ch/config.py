@@ -46,7 +46,10 @@ BOOK_MODEL_WIDTH = 8  # the book's LunaModel: 8 conv channels in block1
 # Settings added after checkpoints were first written, with the value such older checkpoints were trained
 # with: `from_dict` fills them in where a stored config lacks them, whatever the default is today.
 PREDATING_VALUES: dict[str, Any] = {"model_width": BOOK_MODEL_WIDTH, "lr_schedule": "constant"}
-SPLIT_MODES = ("series", "subset", "stride")  # see p2ch.datasets.split_candidates
+# See p2ch.datasets.split_candidates; "series-stride" is the book's chapter-14 split (every 10th series in sorted
+# order), which models imported from the book (p2ch.import_book_models) carry, so they are scored on series they
+# never trained on.
+SPLIT_MODES = ("series", "subset", "stride", "series-stride")
 SELECT_BY = ("cpm", "f1", "auc")  # the validation metric that picks best.pt
 # What a classifier run learns: nodule vs non-nodule candidates (chapters 11-12), or benign vs
 # malignant annotated nodules (chapter 14). The book's --dataset names map onto them.
@@ -506,14 +509,16 @@ def add_split_arguments(
         choices=modes,
         default=d.split,
         help="series: by a stable hash of series_uid; subset: LUNA16 folds (--val-subsets); "
-        "stride: the book's every-Nth-candidate split (leaky, for comparison only)",
+        "stride: the book's every-Nth-candidate split (leaky, for comparison only); series-stride: every Nth "
+        "series in sorted order (the book's chapter-14 split, that of models imported from the book)",
     )
     g.add_argument("--val-fraction", type=float, default=d.val_fraction, help="fraction of series for validation")
     g.add_argument(
         "--val-stride",
         type=int,
         default=None,
-        help="every Nth series (series split) or candidate (stride split) to validation",
+        help="every Nth series (series split: by hash; series-stride: in sorted order) or candidate (stride split) "
+        "to validation",
     )
     g.add_argument(
         "--val-subsets",
