@@ -533,3 +533,8 @@ def test_seg_training_continues_the_books_unet(synth_set, tmp_path, capsys):
     (last,) = (tmp_path / "models").rglob("last.pt")
     state = load_checkpoint(last)
     assert state["config"]["block_order"] == "book" and state["arch"] == load_checkpoint(tmp_path / "seg.pt")["arch"]
+    # the book's weights were loaded: its input norm's running mean (-500 HU) moved one step, not from 0
+    assert float(state["model"]["input_batchnorm.running_mean"].mean()) < -300
+    assert seg_training.main(["--resume", str(last), "--epochs", "2", "--log-level", "WARNING"]) == 0
+    resumed = load_checkpoint(last)
+    assert resumed["epoch"] == 2 and resumed["arch"] == state["arch"] and resumed["config"]["block_order"] == "book"
