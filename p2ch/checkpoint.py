@@ -89,6 +89,11 @@ def load_checkpoint(path: str | os.PathLike[str], *, arch: str | None = None) ->
     except Exception as exc:  # torch raises several types for damaged or foreign files
         first_line = (str(exc).strip().splitlines() or [""])[0]  # torch's messages run to a page
         raise DataFormatError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {first_line})") from None
+    if isinstance(state, dict) and "model_state" in state and "format" not in state:
+        raise DataFormatError(
+            f"{path}: a model file of the book's code (model_state, model_name {state.get('model_name')!r}), not a "
+            f"p2ch checkpoint; import it first: python -m p2ch.import_book_models {path}"
+        )
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise DataFormatError(f"{path}: not a p2ch checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r})")
@@ -115,6 +120,25 @@ def source_model_width(path: str | os.PathLike[str]) -> int | None:
     run's flags are checked, says what is wrong."""
     try:
         return saved_model_width(load_checkpoint(path))
+    except (DataNotFoundError, DataFormatError):
+        return None
+
+
+def saved_block_order(state: dict[str, Any]) -> str | None:
+    """The UNet block order ("p2ch" or "book") a segmentation checkpoint's config records ("p2ch" when it predates
+    the setting); None for other architectures."""
+    if not str(state.get("arch", "")).startswith(UNET_ARCH):
+        return None
+    config = state.get("config")
+    return (config if isinstance(config, dict) else {}).get("block_order", "p2ch")
+
+
+def source_block_order(path: str | os.PathLike[str]) -> str | None:
+    """The block order of the UNet checkpoint at `path` (one that seg_training's --init-weights will load, e.g. one
+    imported from the book); None where it is missing, unreadable or another architecture: loading it later, after
+    the run's flags are checked, says what is wrong."""
+    try:
+        return saved_block_order(load_checkpoint(path))
     except (DataNotFoundError, DataFormatError):
         return None
 
@@ -148,7 +172,10 @@ def find_latest(checkpoint_dir: str | os.PathLike[str], name: str = BEST_NAME, t
             return path
     kind = f" of a {task} model" if task else ""
     trained_by = TASK_TRAINED_BY.get(task or "nodule", "python -m p2ch.training")
-    raise DataNotFoundError(f"no {name}{kind} under {root}; train first ({trained_by}) or pass the checkpoint's path")
+    raise DataNotFoundError(
+        f"no {name}{kind} under {root}; train first ({trained_by}), import the book's trained models "
+        "(python -m p2ch.import_book_models), or pass the checkpoint's path"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +186,8 @@ def find_latest(checkpoint_dir: str | os.PathLike[str], name: str = BEST_NAME, t
 class CheckpointInfo:
     """What a loaded checkpoint says about itself (for reports and metrics.json).
 
-    path: absolute path; sha1: of the file; config: the training run's settings.
+    path: absolute path; sha1: of the file; config: the training run's settings. imported_from: for a model
+    imported from the book's files (`p2ch.bookmodels`), the source file's name, SHA1, epoch, samples; else None.
     """
 
     path: Path
@@ -173,6 +201,7 @@ class CheckpointInfo:
     best_metric: float | None
     config: TrainingConfig
     versions: dict[str, str]
+    imported_from: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (no config; a non-finite best_metric becomes None)."""
@@ -188,6 +217,7 @@ class CheckpointInfo:
             "selected_by": self.selected_by,
             "best_metric": best if best is not None and math.isfinite(best) else None,
             "versions": dict(self.versions),
+            "imported_from": self.imported_from,
         }
 
 
@@ -291,9 +321,10 @@ def load_segmentation_model(
     """A `UNetWrapper` (CPU, eval mode) rebuilt from a `python -m p2ch.seg_training` checkpoint, and its settings.
 
     Returns `(model, settings)`; settings: `context_slices` (int: the model takes 2c + 1 slices),
-    `threshold` (float: the probability that counts as nodule in its validation), `config` (the run's
-    `SegTrainingConfig`) and `info` (a JSON-able dict like `CheckpointInfo.to_dict()`: path, sha1, arch,
-    task, epoch, samples_seen, run_time, selected_by, best_metric, versions). Refuses (ConfigError, one
+    `threshold` (float: the probability that counts as nodule in its validation; for a model imported from
+    the book, the book's 0.5), `config` (the run's `SegTrainingConfig`; its `block_order` builds the book's
+    UNet for imported weights) and `info` (a JSON-able dict like `CheckpointInfo.to_dict()`: path, sha1, arch,
+    task, epoch, samples_seen, run_time, selected_by, best_metric, versions, imported_from). Refuses (ConfigError, one
     line) a checkpoint of another task (a nodule or malignancy classifier) or architecture, and
     (DataFormatError) files that are not p2ch checkpoints or whose config or weights do not fit. `use`
     names the caller in refusals.
@@ -312,7 +343,7 @@ def load_segmentation_model(
         config.validate()
         model = UNetWrapper(
             in_channels=2 * config.context_slices + 1, n_classes=1, depth=config.depth, wf=config.wf,
-            up_mode=config.up_mode,
+            up_mode=config.up_mode, block_order=config.block_order,
         )  # fmt: skip
     except (TypeError, ValueError) as exc:  # ConfigError is a ValueError
         raise DataFormatError(f"{path}: the segmentation config stored in the checkpoint is unusable ({exc})") from None
@@ -333,6 +364,7 @@ def load_segmentation_model(
         **{key: _optional(state, key, str) for key in ("run_time", "selected_by")},
         "best_metric": _optional(state, "best_metric", float),
         "versions": versions_found,
+        "imported_from": _imported_from(state),
     }
     if info["best_metric"] is not None and not math.isfinite(info["best_metric"]):
         info["best_metric"] = None
@@ -403,6 +435,12 @@ def _load_training_checkpoint(path: Path) -> dict[str, Any]:
         ) from None
 
 
+def _imported_from(state: dict[str, Any]) -> dict[str, Any] | None:
+    """A checkpoint's `imported_from` record (a plain dict; see `p2ch.bookmodels`), None for trained ones."""
+    record = state.get("imported_from")
+    return dict(record) if isinstance(record, dict) else None
+
+
 def _optional(state: dict[str, Any], key: str, kind: type) -> Any:
     """state[key] as `kind` when it is a plain number or string (not a bool), else None."""
     value = state.get(key)
@@ -424,4 +462,5 @@ def _checkpoint_info(
         best_metric=_optional(state, "best_metric", float),
         config=config,
         versions=versions_found,
+        imported_from=_imported_from(state),
     )

@@ -46,7 +46,10 @@ BOOK_MODEL_WIDTH = 8  # the book's LunaModel: 8 conv channels in block1
 # Settings added after checkpoints were first written, with the value such older checkpoints were trained
 # with: `from_dict` fills them in where a stored config lacks them, whatever the default is today.
 PREDATING_VALUES: dict[str, Any] = {"model_width": BOOK_MODEL_WIDTH, "lr_schedule": "constant"}
-SPLIT_MODES = ("series", "subset", "stride")  # see p2ch.datasets.split_candidates
+# See p2ch.datasets.split_candidates; "series-stride" is the book's chapter-14 split (every 10th series in sorted
+# order), which models imported from the book (p2ch.import_book_models) carry, so they are scored on series they
+# never trained on.
+SPLIT_MODES = ("series", "subset", "stride", "series-stride")
 SELECT_BY = ("cpm", "f1", "auc")  # the validation metric that picks best.pt
 # What a classifier run learns: nodule vs non-nodule candidates (chapters 11-12), or benign vs
 # malignant annotated nodules (chapter 14). The book's --dataset names map onto them.
@@ -409,6 +412,9 @@ class TrainingConfig(RunConfig):
 
 VAL_SLICES = ("all", "nodules")  # segmentation validation: every slice, or nodule slices plus a sample
 UP_MODES = ("upconv", "upsample")  # the UNet's up path: learned transposed convolutions or bilinear + 1x1
+# The UNet's conv blocks: p2ch's Conv2d (no bias) → BatchNorm2d → ReLU with max-pooling between levels, or the
+# book's (util/unet.py) Conv2d with bias → ReLU → BatchNorm2d with average pooling, which its trained weights need.
+BLOCK_ORDERS = ("p2ch", "book")
 BOOK_SEG_EPOCH_SIZE = 300_000  # the book's segmentation epoch (samples)
 
 
@@ -418,9 +424,10 @@ class SegTrainingConfig(RunConfig):
 
     context_slices: slices on each side of the centre slice given as channels (3: 7 channels).
     crop_size: the random training crop (the dataset hands out crops 1.5x as large around a nodule).
-    depth, wf, up_mode: the UNet (depth levels, 2**wf filters at the first). fn_weight: weight of the
-    false-negative Dice term of the loss. background_crops: fixed positions per training CT away from
-    the nodules, sampled `background_ratio` per nodule crop (0: only nodule crops, as the book).
+    depth, wf, up_mode, block_order: the UNet (depth levels, 2**wf filters at the first; its blocks in
+    p2ch's or the book's order, `BLOCK_ORDERS`). fn_weight: weight of the false-negative Dice term of the
+    loss. background_crops: fixed positions per training CT away from the nodules, sampled
+    `background_ratio` per nodule crop (0: only nodule crops, as the book).
     val_slices: validate on every slice of the validation CTs (needed for per-nodule metrics) or on
     the nodule slices plus `val_negative_fraction` of the rest.
     threshold: probability above which a pixel counts as nodule.
@@ -434,6 +441,7 @@ class SegTrainingConfig(RunConfig):
     depth: int = 3
     wf: int = 4
     up_mode: str = "upconv"
+    block_order: str = "p2ch"
     fn_weight: float = 8.0
     background_crops: int = 0
     background_ratio: int = 1
@@ -450,6 +458,10 @@ class SegTrainingConfig(RunConfig):
         _need(1 <= self.depth <= 8, f"--depth must be in 1…8, got {self.depth}")
         _need(1 <= self.wf <= 10, f"--wf must be in 1…10, got {self.wf}")
         _need(self.up_mode in UP_MODES, f"--up-mode {self.up_mode!r}: expected one of {', '.join(UP_MODES)}")
+        _need(
+            self.block_order in BLOCK_ORDERS,
+            f"--block-order {self.block_order!r}: expected one of {', '.join(BLOCK_ORDERS)}",
+        )
         _need(self.fn_weight >= 0, f"--fn-weight must be ≥ 0, got {self.fn_weight}")
         _need(self.background_crops >= 0, f"--background-crops must be ≥ 0, got {self.background_crops}")
         _need(self.background_ratio >= 1, f"--background-ratio must be ≥ 1, got {self.background_ratio}")
@@ -497,14 +509,16 @@ def add_split_arguments(
         choices=modes,
         default=d.split,
         help="series: by a stable hash of series_uid; subset: LUNA16 folds (--val-subsets); "
-        "stride: the book's every-Nth-candidate split (leaky, for comparison only)",
+        "stride: the book's every-Nth-candidate split (leaky, for comparison only); series-stride: every Nth "
+        "series in sorted order (the book's chapter-14 split, that of models imported from the book)",
     )
     g.add_argument("--val-fraction", type=float, default=d.val_fraction, help="fraction of series for validation")
     g.add_argument(
         "--val-stride",
         type=int,
         default=None,
-        help="every Nth series (series split) or candidate (stride split) to validation",
+        help="every Nth series (series split: by hash; series-stride: in sorted order) or candidate (stride split) "
+        "to validation",
     )
     g.add_argument(
         "--val-subsets",

@@ -26,8 +26,10 @@ Splits
 so a CT (and its nodules) is never in two parts. The book's every-10th-candidate split
 (`mode="stride"`) is kept for comparison only: it puts the same CT, usually the same nodule
 seen from a neighbouring candidate, into both training and validation, which inflates
-validation scores. `split_series` splits whole series (the segmentation model's CTs) by the same
-rules, so a series is in the same part for both models.
+validation scores. The book's chapter-14 split by series (`mode="series-stride"`: every 10th
+series in sorted order) is what the book's trained models held out, so imported ones use it.
+`split_series` splits whole series (the segmentation model's CTs) by the same rules, so a series
+is in the same part for both models.
 
 Malignancy (the book's chapter 14)
 ----------------------------------
@@ -465,7 +467,7 @@ class Split:
 
     train, val, test: (n,) int64 rows of the candidate list, ascending (test may be empty).
     train_series, val_series, test_series: (s,) str, sorted series_uids of each part (disjoint
-    in modes "series" and "subset"; "stride" mode shares series between train and val).
+    in modes "series", "subset" and "series-stride"; "stride" mode shares series between train and val).
     """
 
     mode: str
@@ -579,6 +581,10 @@ def split_candidates(
       "stride": the book's split, every `val_stride`-th candidate (default 10) in candidate
         order to val. LEAKY: a CT, often the same nodule, lands in both parts. For comparison
         with the book only; it has no test part.
+      "series-stride": the book's chapter-14 split by series: of the series sorted by uid, every
+        `val_stride`-th (default 10) from the first to val, the rest to train; no test part. With all
+        of LUNA16 on disk these are the series the book's trained models never saw, so models imported
+        with `python -m p2ch.import_book_models` carry it; unlike "series", adding CTs moves series.
 
     The optional test part is for a final score the training app never sees; test takes
     precedence over val. Raises ConfigError for bad arguments and for an empty train or val
@@ -646,8 +652,9 @@ def split_series(
     For the segmentation model, which works on whole CTs: with the same settings a series lands
     in the same part here as its candidates do in `split_candidates` ("series": by
     `series_fraction`, "subset": by LUNA16 fold; see there), so no CT validates one model after
-    training the other. Duplicate uids count once. The book's "stride" split is per candidate and
-    has no meaning here: ConfigError, as for fewer than 2 series or an empty train or val part.
+    training the other ("series-stride" counts positions among the uids it is given, so it agrees when
+    every series has candidates, as in LUNA16). Duplicate uids count once. The book's "stride" split is
+    per candidate and has no meaning here: ConfigError, as for fewer than 2 series or an empty train or val part.
     """
     if mode not in SPLIT_MODES:
         raise ConfigError(f"split mode {mode!r} is unknown; expected one of {', '.join(SPLIT_MODES)}")
@@ -730,6 +737,8 @@ def _parts_of_series(
         if val_stride is not None:
             val_fraction = 1.0 / val_stride
         return _series_mode_parts(uids, val_fraction, test_fraction)
+    if mode == "series-stride":
+        return _series_stride_parts(uids, val_stride, test_fraction, test_set)
     if test_fraction:
         raise ConfigError(
             f"test_fraction {test_fraction:g} applies to --split series; the subset split takes --test-subsets"
@@ -737,6 +746,22 @@ def _parts_of_series(
     if val_stride is not None:
         raise ConfigError("val_stride applies to --split series or stride; the subset split takes --val-subsets")
     return _subset_mode_parts(uids, val_set, test_set, data_root)
+
+
+def _series_stride_parts(
+    uids: np.ndarray, val_stride: int | None, test_fraction: float, test_set: frozenset[int]
+) -> np.ndarray:
+    """(S,) int8 part of each of the distinct `uids` in the book's chapter-14 split: in sorted uid order, every
+    `val_stride`-th series (default 10) from the first to validation; ConfigError for a test part."""
+    if test_fraction or test_set:
+        raise ConfigError(
+            "the series-stride split (the book's) has no test part (test_fraction / test_subsets given); "
+            "use --split series with --test-fraction, or --split subset with --test-subsets"
+        )
+    part = np.full(len(uids), _TRAIN, dtype=np.int8)
+    in_order = np.argsort(np.asarray(uids, dtype=str), kind="stable")
+    part[in_order[:: DEFAULT_VAL_STRIDE if val_stride is None else val_stride]] = _VAL
+    return part
 
 
 def _split_from_parts(candidates: CandidateArrays, mode: str, part: np.ndarray) -> Split:

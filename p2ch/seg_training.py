@@ -36,7 +36,9 @@ import numpy as np
 import torch
 
 from p2ch.augment import Augment2dConfig, augment_2d, random_crop_2d
+from p2ch.checkpoint import source_block_order
 from p2ch.config import (
+    BLOCK_ORDERS,
     BOOK_SEG_EPOCH_SIZE,
     SPLIT_MODES,
     UP_MODES,
@@ -131,6 +133,19 @@ def _add_model_arguments(parser: argparse.ArgumentParser, d: SegTrainingConfig) 
     g.add_argument("--depth", type=int, default=d.depth, help="UNet levels")
     g.add_argument("--wf", type=int, default=d.wf, help="2**wf filters at the first level")
     g.add_argument("--up-mode", choices=UP_MODES, default=d.up_mode, help="learned up-convolutions or upsampling")
+    g.add_argument(
+        "--block-order", choices=BLOCK_ORDERS, default=None,
+        help="p2ch: conv, batch norm, ReLU, max-pooling; book: the book's UNet (conv with bias, ReLU, batch norm, "
+        f"average pooling), which its trained weights need. Default: {d.block_order}, or with --init-weights PATH "
+        "the order PATH was built with (book for models imported by python -m p2ch.import_book_models)",
+    )  # fmt: skip
+
+
+def complete_block_order(args: argparse.Namespace) -> None:
+    """--block-order left out of a new run that loads weights (--init-weights): the order of the UNet it loads,
+    so that the book's imported UNet trains on without repeating its order."""
+    if args.block_order is None and args.init_weights and not args.resume:
+        args.block_order = source_block_order(args.init_weights)
 
 
 def augment_2d_config(config: SegTrainingConfig) -> Augment2dConfig:
@@ -235,7 +250,10 @@ class SegmentationTrainingApp(TrainingRun):
 
     def make_model(self) -> torch.nn.Module:
         c = self.config
-        return UNetWrapper(in_channels=2 * c.context_slices + 1, n_classes=1, depth=c.depth, wf=c.wf, up_mode=c.up_mode)
+        return UNetWrapper(
+            in_channels=2 * c.context_slices + 1, n_classes=1, depth=c.depth, wf=c.wf, up_mode=c.up_mode,
+            block_order=c.block_order,
+        )  # fmt: skip
 
     def arch_of(self, model: torch.nn.Module) -> str:
         return unet_signature(model)
@@ -422,6 +440,11 @@ def _check_report(args: argparse.Namespace) -> None:
         check_output_file(args.report, "--report")
 
 
+def _prepare_args(args: argparse.Namespace) -> None:
+    _check_report(args)
+    complete_block_order(args)
+
+
 def _write_report_if_asked(app: SegmentationTrainingApp, args: argparse.Namespace) -> None:
     if args.report:
         write_report(args.report, app)
@@ -452,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         SegmentationTrainingApp,
         argv,
         after_run=_write_report_if_asked,
-        prepare_args=_check_report,
+        prepare_args=_prepare_args,
     )
 
 

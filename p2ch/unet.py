@@ -14,13 +14,17 @@ Layout (module names are part of the checkpoint format; keep them):
       last              Conv2d 1×1 to n_classes logits
 
 A ConvBlock is (Conv2d 3×3 [+ BatchNorm2d] + ReLU) twice; with batch norm the convolutions have
-no bias (the norm's shift replaces it). `up_mode="upconv"` up-samples with a learned
-ConvTranspose2d (2×2, stride 2); `"upsample"` with bilinear interpolation followed by a 1×1
-convolution. With `padding=True` every 3×3 convolution pads by 1, so the output has the input's
-H × W; H and W must then be multiples of 2**(depth-1), so that every pooled size is whole and each
-up-sampled map lines up with its skip (`check_input_size`). With `padding=False` the convolutions
-are unpadded, as in the original UNet paper: the output is smaller than the input and each skip
-is centre-cropped to the up-sampled map.
+no bias (the norm's shift replaces it), and levels are joined by 2×2 max-pooling. `block_order="book"`
+builds the book's UNet (its util/unet.py) instead, so that the book's trained weights compute what
+they computed there: (Conv2d 3×3 with bias + ReLU [+ BatchNorm2d]) twice, the norm after the ReLU,
+and 2×2 average pooling between levels. The module names are the same; with batch norm the state
+dicts differ (the book's convolutions have biases, its norms sit at block indices 2 and 5).
+`up_mode="upconv"` up-samples with a learned ConvTranspose2d (2×2, stride 2); `"upsample"` with
+bilinear interpolation followed by a 1×1 convolution. With `padding=True` every 3×3 convolution pads
+by 1, so the output has the input's H × W; H and W must then be multiples of 2**(depth-1), so that
+every pooled size is whole and each up-sampled map lines up with its skip (`check_input_size`). With
+`padding=False` the convolutions are unpadded, as in the original UNet paper: the output is smaller
+than the input and each skip is centre-cropped to the up-sampled map.
 
 The model works under `torch.autocast` (logits and probabilities come out in float32) and with
 `memory_format=torch.channels_last`.
@@ -34,11 +38,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from p2ch.config import BLOCK_ORDERS
 from p2ch.errors import ConfigError, DataFormatError
 from p2ch.model import arch_signature, count_parameters, float32_head
 
 UNET_ARCH = "UNetWrapper-v1"
 UP_MODES = ("upconv", "upsample")
+# The book's order computes differently with the same module names (and, without batch norm, the same
+# state dict): its architecture tag says so.
+BOOK_ARCH_SUFFIX = "-book"
 
 
 def check_input_size(h: int, w: int, depth: int, *, padding: bool = True) -> tuple[int, int]:
@@ -87,16 +95,20 @@ def _unpadded_output(size: int, depth: int, axis: str) -> int:
 
 
 class ConvBlock(nn.Module):
-    """(Conv2d 3×3 [+ BatchNorm2d] + ReLU) twice: (N, in, H, W) -> (N, out, H', W')."""
+    """(Conv2d 3×3 [+ BatchNorm2d] + ReLU) twice, or in the book's order (Conv2d 3×3 with bias + ReLU
+    [+ BatchNorm2d]) twice: (N, in, H, W) -> (N, out, H', W')."""
 
-    def __init__(self, in_channels: int, out_channels: int, padding: bool, batch_norm: bool):
+    def __init__(self, in_channels: int, out_channels: int, padding: bool, batch_norm: bool, block_order: str = "p2ch"):
         super().__init__()
+        book = block_order == "book"
         layers: list[nn.Module] = []
         for channels_in in (in_channels, out_channels):
-            layers.append(nn.Conv2d(channels_in, out_channels, 3, padding=int(padding), bias=not batch_norm))
-            if batch_norm:
+            layers.append(nn.Conv2d(channels_in, out_channels, 3, padding=int(padding), bias=book or not batch_norm))
+            if batch_norm and not book:
                 layers.append(nn.BatchNorm2d(out_channels))
             layers.append(nn.ReLU(inplace=True))
+            if batch_norm and book:
+                layers.append(nn.BatchNorm2d(out_channels))
         self.block = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +118,9 @@ class ConvBlock(nn.Module):
 class UpBlock(nn.Module):
     """Up-sample ×2 to `out` channels, concatenate the skip (cropped if larger), ConvBlock."""
 
-    def __init__(self, in_channels: int, out_channels: int, up_mode: str, padding: bool, batch_norm: bool):
+    def __init__(
+        self, in_channels: int, out_channels: int, up_mode: str, padding: bool, batch_norm: bool, block_order: str
+    ):
         super().__init__()
         if up_mode == "upconv":
             self.up = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
@@ -115,7 +129,7 @@ class UpBlock(nn.Module):
                 nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
                 nn.Conv2d(in_channels, out_channels, kernel_size=1),
             )
-        self.conv_block = ConvBlock(out_channels * 2, out_channels, padding, batch_norm)
+        self.conv_block = ConvBlock(out_channels * 2, out_channels, padding, batch_norm, block_order)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         up = self.up(x)
@@ -141,6 +155,10 @@ def _check_settings(**settings: Any) -> None:
             raise ConfigError(f"UNet: {name} is {settings[name]!r}; expected True or False")
     if settings["up_mode"] not in UP_MODES:
         raise ConfigError(f"UNet: up_mode is {settings['up_mode']!r}; expected one of {', '.join(UP_MODES)}")
+    if settings["block_order"] not in BLOCK_ORDERS:
+        raise ConfigError(
+            f"UNet: block_order is {settings['block_order']!r}; expected one of {', '.join(BLOCK_ORDERS)}"
+        )
 
 
 class UNet(nn.Module):
@@ -149,7 +167,7 @@ class UNet(nn.Module):
     forward(x: (N, in_channels, H, W) float) -> (N, n_classes, H, W) float logits (smaller H × W
     with padding=False, see `check_input_size`), float32 also under autocast: the last 1×1
     convolution runs in float32 (`p2ch.model.float32_head`), as probabilities near a threshold
-    would otherwise move in bf16 steps.
+    would otherwise move in bf16 steps. block_order: "p2ch" or "book" (see the module docstring).
     """
 
     def __init__(
@@ -161,6 +179,7 @@ class UNet(nn.Module):
         padding: bool = True,
         batch_norm: bool = True,
         up_mode: str = "upconv",
+        block_order: str = "p2ch",
     ):
         super().__init__()
         _check_settings(
@@ -171,16 +190,19 @@ class UNet(nn.Module):
             padding=padding,
             batch_norm=batch_norm,
             up_mode=up_mode,
+            block_order=block_order,
         )
         self.depth = depth
         self.padding = padding
+        # The book pools with F.avg_pool2d (its util/unet.py); its weights were trained with that.
+        self.pool = nn.functional.avg_pool2d if block_order == "book" else nn.functional.max_pool2d
         widths = [2 ** (wf + level) for level in range(depth)]
         self.down_path = nn.ModuleList(
-            ConvBlock(c_in, c_out, padding, batch_norm)
+            ConvBlock(c_in, c_out, padding, batch_norm, block_order)
             for c_in, c_out in zip([in_channels, *widths[:-1]], widths, strict=True)
         )
         self.up_path = nn.ModuleList(
-            UpBlock(widths[level + 1], widths[level], up_mode, padding, batch_norm)
+            UpBlock(widths[level + 1], widths[level], up_mode, padding, batch_norm, block_order)
             for level in reversed(range(depth - 1))
         )
         self.last = nn.Conv2d(widths[0], n_classes, kernel_size=1)
@@ -212,7 +234,7 @@ class UNet(nn.Module):
         skips = []
         for level, block in enumerate(self.down_path):
             if level:
-                x = nn.functional.max_pool2d(x, 2)
+                x = self.pool(x, 2)
             x = block(x)
             skips.append(x)
         skips.pop()  # the bottom level has no skip: it is x itself
@@ -225,7 +247,8 @@ class UNetWrapper(nn.Module):
     """The book's segmentation model: input batch norm, `UNet`, sigmoid.
 
     in_channels: CT slices per sample (the book's 7: the slice and 3 either side).
-    n_classes: output maps (1: nodule). The rest are `UNet`'s settings.
+    n_classes: output maps (1: nodule). The rest are `UNet`'s settings (block_order "book": the book's
+    own UNet, which its trained weights need).
     forward(x: (N, in_channels, H, W) float HU) -> (N, n_classes, H, W) float32 probability.
     """
 
@@ -238,6 +261,7 @@ class UNetWrapper(nn.Module):
         padding: bool = True,
         batch_norm: bool = True,
         up_mode: str = "upconv",
+        block_order: str = "p2ch",
     ):
         super().__init__()
         self.settings = {
@@ -248,6 +272,7 @@ class UNetWrapper(nn.Module):
             "padding": padding,
             "batch_norm": batch_norm,
             "up_mode": up_mode,
+            "block_order": block_order,
         }
         _check_settings(**self.settings)
         self.input_batchnorm = nn.BatchNorm2d(in_channels)
@@ -281,13 +306,24 @@ class UNetWrapper(nn.Module):
     def describe(self) -> dict[str, Any]:
         """Plain description for logs and checkpoints: architecture, settings, parameter count, signature."""
         return {
-            "arch": UNET_ARCH,
+            "arch": unet_arch(self.settings["block_order"]),
             **self.settings,
             "trainable_parameters": count_parameters(self),
             "signature": unet_signature(self),
         }
 
 
-def unet_signature(model_or_state_dict: nn.Module | dict[str, torch.Tensor]) -> str:
-    """`arch_signature` with the UNet's name tag: 'UNetWrapper-v1:<16 hex digits>'."""
-    return arch_signature(model_or_state_dict, UNET_ARCH)
+def unet_arch(block_order: str = "p2ch") -> str:
+    """The UNet's name tag: 'UNetWrapper-v1', or 'UNetWrapper-v1-book' for the book's block order."""
+    if block_order not in BLOCK_ORDERS:
+        raise ConfigError(f"unet_arch: block_order is {block_order!r}; expected one of {', '.join(BLOCK_ORDERS)}")
+    return UNET_ARCH + (BOOK_ARCH_SUFFIX if block_order == "book" else "")
+
+
+def unet_signature(model_or_state_dict: nn.Module | dict[str, torch.Tensor], block_order: str | None = None) -> str:
+    """`arch_signature` with the UNet's name tag: 'UNetWrapper-v1:<16 hex digits>' ('UNetWrapper-v1-book:…' for
+    the book's block order: that of a `UNetWrapper`'s settings, else `block_order`, else p2ch's)."""
+    settings = getattr(model_or_state_dict, "settings", None)
+    if block_order is None and isinstance(settings, dict):
+        block_order = settings.get("block_order")
+    return arch_signature(model_or_state_dict, unet_arch(block_order or "p2ch"))

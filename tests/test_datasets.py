@@ -748,3 +748,22 @@ def test_balanced_loader_end_to_end():
     sampler = BalancedSampler(ds.labels, ratio=2, epoch_size=30, seed=0)
     labels = torch.cat([b.label for b in create_loader(ds, sampler, batch_size=6)])
     assert labels.tolist() == [1, 0, 0] * 10
+
+
+def test_series_stride_split_is_every_tenth_sorted_series():
+    """The book's chapter-14 split (its trained models held these series out): sorted uids, every 10th validates."""
+    uids = [f"1.2.3.{n}" for n in range(25)]
+    ordered = sorted(uids)
+    split = split_series(list(reversed(uids)), "series-stride")
+    assert list(split.val) == ordered[::10] and list(split.train) == [u for u in ordered if u not in ordered[::10]]
+    assert list(split_series(uids, "series-stride", val_stride=4).val) == ordered[::4]
+    with pytest.raises(ConfigError, match="no test part"):
+        split_series(uids, "series-stride", test_fraction=0.1)
+    n = 3 * len(uids)  # three candidates per series, series listed in reverse
+    candidates = CandidateArrays(
+        series_uids=np.array(list(reversed(uids))), series_index=np.repeat(np.arange(len(uids)), 3).astype(np.int32),
+        center_xyz=np.zeros((n, 3)), is_nodule=np.arange(n) % 3 == 0, has_annotation=np.zeros(n, bool),
+        is_mal=np.zeros(n, bool), diameter_mm=np.zeros(n, np.float32),
+    )  # fmt: skip
+    by_candidates = split_candidates(candidates, "series-stride")
+    assert list(by_candidates.val_series) == ordered[::10] and len(by_candidates.val) == 3 * len(ordered[::10])

@@ -7,7 +7,9 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "p2ch"
 DOCS = PACKAGE.parent / "docs" / "architecture.md"
-COMMANDS = {"training", "prepcache", "evaluate", "predict", "synth", "seg_training", "nodule_analysis"}
+COMMANDS = {
+    "training", "prepcache", "evaluate", "predict", "synth", "seg_training", "nodule_analysis", "import_book_models",
+}  # fmt: skip
 MAX_CLASS_LINES = 250
 MAX_FUNCTION_LINES = 60
 

@@ -216,3 +216,16 @@ def test_cuda_bf16_channels_last_forward_backward():
     assert prob.dtype == torch.float32 and loss.dtype == torch.float32
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_book_block_order_is_part_of_the_architecture():
+    book, p2ch = UNetWrapper(3, 1, 2, 2, block_order="book"), UNetWrapper(3, 1, 2, 2)
+    assert unet_signature(book).startswith("UNetWrapper-v1-book:") and unet_signature(p2ch).startswith(
+        "UNetWrapper-v1:"
+    )
+    no_norm = [UNetWrapper(3, 1, 2, 2, batch_norm=False, block_order=order) for order in ("p2ch", "book")]
+    assert no_norm[0].state_dict().keys() == no_norm[1].state_dict().keys()  # same tensors, other pooling
+    assert unet_signature(no_norm[0]) != unet_signature(no_norm[1])
+    assert book.describe()["block_order"] == "book" and book.describe()["arch"] == "UNetWrapper-v1-book"
+    with pytest.raises(ConfigError, match="block_order is 'keras'"):
+        UNetWrapper(block_order="keras")
