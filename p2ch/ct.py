@@ -371,7 +371,11 @@ class Ct:
             conversion, so a volume never exists as float32.
         origin_xyz: XyzTuple, mm. voxel_size_xyz: XyzTuple, mm per voxel along (x, y, z).
         direction: (3, 3) float64 direction matrix.
+        dicom_slices: per slice, the DICOM file, InstanceNumber and SOPInstanceUID (`p2ch.dicom.DicomSlices`)
+            of a CT read from a DICOM folder; None for other sources.
     """
+
+    dicom_slices: dicom.DicomSlices | None = None
 
     def __init__(self, series_uid: str, data_root: str | os.PathLike[str] | None = None):
         series_uid = check_series_uid(series_uid)
@@ -528,9 +532,12 @@ def load_image_file(path: str | os.PathLike[str], hu_offset: int = 0) -> Ct:
 
 def load_dicom(folder: str | os.PathLike[str], series_uid: str | None = None) -> Ct:
     """The CT of a folder of DICOM files (its one series, or `series_uid`): see `p2ch.dicom.read_dicom_image`
-    for the checks (CT modality, HU rescale, one orientation, evenly spaced slices, no gaps)."""
+    for the checks (CT modality, HU rescale, one orientation, evenly spaced slices, no gaps). Its
+    `dicom_slices` (`p2ch.dicom.DicomSlices`) name each slice's file, InstanceNumber and SOPInstanceUID."""
     image, uid = dicom.read_dicom_image(folder, series_uid)
-    return Ct.from_image(image, uid, Path(folder))
+    ct = Ct.from_image(image, uid, Path(folder))
+    ct.dicom_slices = dicom.read_slice_references(folder, uid, image)
+    return ct
 
 
 def load_ct_input(
