@@ -2,6 +2,7 @@
 
     python -m p2ch.nodule_analysis 1.3.6.1.4.1.14519.5.2.1.6279.6001.1051…   # a series of the data root
     python -m p2ch.nodule_analysis scans/patient7.mhd scans/dicom_folder/     # any .mhd, any DICOM series
+    python -m p2ch.nodule_analysis scans/patient8.nii.gz scans/study/ --dicom-series all   # NIfTI; every series
     python -m p2ch.nodule_analysis --run-validation                           # the detector, scored LUNA16's way
 
 Per CT, in this order (seconds of each step go into analysis.json):
@@ -17,15 +18,26 @@ Per CT, in this order (seconds of each step go into analysis.json):
 4. **malignancy**: the malignancy classifier (`--malignant`) scores the components with p_nodule above
    --nodule-threshold → p_malignant.
 
+Inputs: series uids of the data root, `.mhd` files, NIfTI/NRRD files (`.nii`, `.nii.gz`, `.nrrd`,
+`.nhdr`; checked by `p2ch.imagefile`, `--hu-offset` for files known to store HU + 1024) and DICOM
+folders (one series, `--dicom-series UID`, or `--dicom-series all`: every CT volume of the folder).
+
 Written into `--out` (default `data-unversioned/analysis/<time>/`), one folder per CT:
-`nodules.csv` (seriesuid, coordX/Y/Z mm, diameter_mm (estimated), p_nodule, p_malignant; the
-components above --nodule-threshold, most probable first), `components.csv` (every component,
-dropped ones with their reason), `analysis.json` (the CT's geometry, settings, models used, step
-times, counts) and `nodules_NN.png` (each nodule in three planes, lung window, with its
-probabilities). `--write-candidates` writes every kept component of all CTs as a LUNA16-format
-`candidates.csv` in `--out` (class 1 where a component lies within an annotated nodule's radius,
-when the data root has annotations.csv; else 0), so the classifier can be trained on candidates
-of one's own.
+`nodules.csv` (seriesuid, coordX/Y/Z mm, diameter_mm (estimated), p_nodule, p_malignant, then where
+it is: voxel_index/row/col, the 1-based slice_number, for DICOM the slice's instance_number,
+sop_instance_uid and dicom_file, and its label in the label map; the components above
+--nodule-threshold, most probable first), `components.csv` (every component, dropped ones with their
+reason, the same positions, label 0 for non-nodules), `nodules_mask.nii.gz` (label k on the voxels of
+row k of nodules.csv, exactly on the CT's grid; `--mask-format mhd|nrrd|none`; with
+`--write-probability` also `nodules_probability`, uint8 P × 255; for a DICOM input also `ct.nii.gz`,
+so a viewer opens the pair without a DICOM reader), `analysis.json` (the CT's geometry, settings,
+models used, step times, counts, files) and `nodules_NN.png` (the `--max-pictures` most probable
+nodules in three planes, lung window, with their probabilities). `report.html` in `--out` shows every
+CT and all its nodules with their pictures (and, with --run-validation, the detector's FROC and
+confusion matrix), readable offline. `--write-candidates` writes every kept component of all CTs as a
+LUNA16-format `candidates.csv` in `--out` (class 1 where a component lies within an annotated
+nodule's radius, when the data root has annotations.csv; else 0), so the classifier can be trained on
+candidates of one's own.
 
 `--run-validation` analyses the validation series of the classifier's split (also the training
 series with `--include-train`, reported apart) and writes into `--out/validation/` (and `train/`):

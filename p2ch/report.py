@@ -29,13 +29,15 @@ from p2ch.fileio import write_text_atomic
 from p2ch.vis import sheet_size_px
 
 REPORT_NAME = "report.html"
-THUMBNAIL_SCALE = 0.6  # a sheet row of 750 × 295 px is shown at 450 × 177 px
+THUMBNAIL_SCALE = 0.5  # a sheet row of 750 × 295 px is shown at 375 × 148 px
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5em 2em; color: #1d1d1f; }
 h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ccc; }
+h2.uid { font-size: 1.15em; }
 h3 { margin-top: 1.4em; }
-table { border-collapse: collapse; margin: 0.6em 0; } th, td { padding: 0.25em 0.6em; text-align: right; }
+table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.92em; }
+th, td { padding: 0.2em 0.45em; text-align: right; white-space: nowrap; }
 th { background: #f0f0f3; position: sticky; top: 0; } tr:nth-child(even) td { background: #fafafc; }
 td.text, th.text { text-align: left; } td.pic { padding: 2px; }
 .meta { color: #555; font-size: 0.92em; }
@@ -43,7 +45,7 @@ dl { display: grid; grid-template-columns: max-content auto; gap: 0.15em 1em; }
 dt { color: #555; } dd { margin: 0; font-family: ui-monospace, monospace; font-size: 0.92em; }
 .crop { display: block; overflow: hidden; } .crop img { display: block; border: 0; }
 .malignant { color: #b00020; font-weight: 600; } .none { color: #888; }
-.uid { font-family: ui-monospace, monospace; font-size: 0.9em; }
+.uid { font-family: ui-monospace, monospace; }
 """
 
 
@@ -103,29 +105,33 @@ def _picture(ct: CtReport, label: int, base: Path) -> str:
     )
 
 
-def _nodule_rows(ct: CtReport, base: Path, malignancy_threshold: float) -> list[str]:
+def _nodule_rows(ct: CtReport, base: Path, malignancy_threshold: float, dicom: bool) -> list[str]:
     rows = []
     for nodule in ct.nodules.itertuples(index=False):
         label = int(nodule.label)
         p_mal = nodule.p_malignant
-        mal_class = ' class="malignant"' if pd.notna(p_mal) and p_mal > malignancy_threshold else ""
+        mal_class = "p-malignant malignant" if pd.notna(p_mal) and p_mal > malignancy_threshold else "p-malignant"
         instance = "" if pd.isna(nodule.instance_number) else str(int(nodule.instance_number))
         rows.append(
             f'<tr class="nodule" data-label="{label}"><td>{label}</td><td class="pic">{_picture(ct, label, base)}</td>'
-            f'<td class="p-nodule">{_number(nodule.p_nodule, 3)}</td><td class="p-malignant"{mal_class}>'
-            f"{_number(p_mal, 3)}</td><td>{_number(nodule.diameter_mm, 1)}</td>"
+            f'<td class="p-nodule">{_number(nodule.p_nodule, 3)}</td><td class="{mal_class}">{_number(p_mal, 3)}</td>'
+            f"<td>{_number(nodule.diameter_mm, 1)}</td>"
             f'<td class="xyz">{_number(nodule.coordX, 1)}, {_number(nodule.coordY, 1)}, {_number(nodule.coordZ, 1)}'
             f'</td><td class="irc">{int(nodule.voxel_index)}, {int(nodule.voxel_row)}, {int(nodule.voxel_col)}</td>'
-            f'<td class="slice">{int(nodule.slice_number)}</td><td class="instance">{instance}</td></tr>'
+            f'<td class="slice">{int(nodule.slice_number)}</td>'
+            + (f'<td class="instance">{instance}</td>' if dicom else "")
+            + "</tr>"
         )
     return rows
 
 
-_NODULE_HEADER = (
-    "<tr><th>#</th><th class=text>picture (axial, coronal, sagittal)</th><th>p_nodule</th><th>p_malignant</th>"
-    "<th>diameter mm</th><th>x, y, z mm (LPS)</th><th>voxel (index, row, col)</th><th>slice</th>"
-    "<th>DICOM InstanceNumber</th></tr>"
-)
+def _nodule_header(dicom: bool) -> str:
+    instance = "<th>DICOM<br>Instance</th>" if dicom else ""
+    return (
+        '<tr><th>#</th><th class="text">picture: axial, coronal, sagittal</th><th>p_nodule</th><th>p_malignant</th>'
+        "<th>diameter<br>mm</th><th>x, y, z<br>mm (LPS)</th><th>voxel<br>i, r, c</th>"
+        f"<th>slice<br>(1-based)</th>{instance}</tr>"
+    )
 
 
 def _ct_section(ct: CtReport, base: Path, malignancy_threshold: float) -> str:
@@ -143,14 +149,16 @@ def _ct_section(ct: CtReport, base: Path, malignancy_threshold: float) -> str:
         ("size (index, row, col)", " × ".join(map(str, geometry["shape_irc"]))),
         ("voxel size x, y, z mm", ", ".join(f"{v:.4g}" for v in geometry["voxel_size_xyz"])),
         ("origin x, y, z mm", ", ".join(f"{v:.2f}" for v in geometry["origin_xyz"])),
-        ("direction", " ".join(f"{v:.4g}" for v in geometry["direction"])),
+        ("direction", " ".join(f"{round(v, 4) + 0.0:g}" for v in geometry["direction"])),
         ("analysed", f"{_e(s['created'])}; {seconds}"),
         ("components", f"{counts['components']} ({counts['kept_by_size']} kept by size)"),
         ("files", files),
     ]
     body = "".join(f"<dt>{name}</dt><dd>{value}</dd>" for name, value in items)
+    dicom = s.get("source_kind") == "DICOM"
     table = (
-        f'<table class="nodules">{_NODULE_HEADER}{"".join(_nodule_rows(ct, base, malignancy_threshold))}</table>'
+        f'<table class="nodules">{_nodule_header(dicom)}{"".join(_nodule_rows(ct, base, malignancy_threshold, dicom))}'
+        "</table>"
         if len(ct.nodules)
         else "<p>No nodule above the threshold.</p>"
     )
