@@ -420,6 +420,10 @@ def write_volumes(result: CtResult, rows: np.ndarray, config: AnalysisConfig, ou
     """In --mask-format, on the CT's grid: nodules_mask (label k + 1 on the voxels of component rows[k]), with
     --write-probability nodules_probability (uint8, P × 255), for a DICOM CT the CT (int16 HU as analysed);
     returns {what: file name}."""
+    for stem in VOLUME_STEMS:  # an earlier run's volumes, perhaps in another format, would contradict this one's
+        for fmt in MASK_FORMATS:
+            (out_dir / volume_name(stem, fmt)).unlink(missing_ok=True)
+        (out_dir / f"{stem}.zraw").unlink(missing_ok=True)
     if config.mask_format == "none" or result.labels is None:
         return {}
     ct, fmt = result.ct, config.mask_format
@@ -497,6 +501,7 @@ def ct_summary(
     }
 
 
+VOLUME_STEMS = ("nodules_mask", "nodules_probability", "ct")  # the volumes write_volumes may write
 VOLUME_NOTES = {
     "grid": "every volume lies on the CT's grid: same size, spacing, origin and direction",
     "label_map": "label k on the voxels of row k of nodules.csv (its 'label' column), 0 elsewhere",

@@ -382,6 +382,8 @@ def test_nifti_input_with_mhd_label_maps_and_the_probability(root, models, tmp_p
     source = Ct(uid, root)
     sitk.WriteImage(sitk.ReadImage(str(source.mhd_path)), str(tmp_path / f"{uid}.nii.gz"))
     out = tmp_path / "out"
+    (out / uid).mkdir(parents=True)
+    (out / uid / "nodules_mask.nii.gz").write_bytes(b"an earlier run's label map")
     argv = [str(tmp_path / f"{uid}.nii.gz"), *_argv(models, root, out, "--nodule-threshold", "0", "--no-pictures",
             "--mask-format", "mhd", "--write-probability")]  # fmt: skip
     assert nodule_analysis.main(argv) == 0
@@ -392,6 +394,7 @@ def test_nifti_input_with_mhd_label_maps_and_the_probability(root, models, tmp_p
     assert kept["instance_number"].isna().all() and kept["dicom_file"].isna().all()
     assert {p.name for p in folder.iterdir()} >= {"nodules_mask.mhd", "nodules_mask.zraw", "nodules_probability.mhd"}
     assert not list(folder.glob("ct.*")), "the CT itself is written for DICOM inputs only"
+    assert not (folder / "nodules_mask.nii.gz").exists(), "an earlier run's volume in another format is removed"
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "masks" / f"{uid}.mhd"))) > 0
     probability = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "nodules_probability.mhd")))
     np.testing.assert_array_equal(probability, np.where(truth, 255, 0))
