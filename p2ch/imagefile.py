@@ -18,7 +18,8 @@ silently, and `read_image_file` refuses in one line naming the file (`DataFormat
   unknown);
 - a NIfTI whose sform is not what SimpleITK read (a sheared or scaled sform makes ITK fall back to
   the qform with only a console warning, placing every voxel elsewhere than the sform says);
-- values that are not HU of a chest CT (`check_hu_range`): nothing below `AIR_MAX_HU` means no air.
+- values that are not HU of a chest CT (`check_hu_range`): nan or infinite voxels; nothing below
+  `AIR_MAX_HU` means no air.
   Values that start at 0 and reach ≥ 1000 are named as likely unrescaled (stored values without
   the rescale to HU); other values (e.g. normalised 0..1) as not HU.
 
@@ -290,7 +291,9 @@ def check_hu_range(hu: np.ndarray, path: str | os.PathLike[str], hu_offset: int 
     A chest CT in HU has air: its lowest value is ≤ AIR_MAX_HU. Values from 0 to ≥ 1000 are named as likely
     unrescaled (with the `--hu-offset` hint), anything else as not HU.
     """
-    low, high = float(np.min(hu)), float(np.max(hu))
+    low, high = float(np.min(hu)), float(np.max(hu))  # np.min/np.max propagate nan
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise DataFormatError(f"{path}: voxel values {low:g}..{high:g}: expected finite numbers (no nan or inf) in HU")
     if low <= AIR_MAX_HU:
         return
     after = f" after --hu-offset {hu_offset}" if hu_offset else ""

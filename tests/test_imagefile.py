@@ -118,6 +118,11 @@ def test_values_without_air_are_not_hu(tmp_path):
     write_image(tmp_path / "normalised.nrrd", np.random.default_rng(2).random((4, 5, 6)).astype(np.float32))
     with pytest.raises(DataFormatError, match=r"nothing below -500 HU, so no air"):
         load_image_file(tmp_path / "normalised.nrrd")
+    holes = make_hu().astype(np.float32)
+    holes[1, 2, 3] = np.nan
+    write_image(tmp_path / "holes.nrrd", holes)  # (SimpleITK reads a NIfTI nan as 0)
+    with pytest.raises(DataFormatError, match=r"voxel values nan\.\.nan: expected finite numbers"):
+        load_image_file(tmp_path / "holes.nrrd")
     write_image(tmp_path / "shifted.nii.gz", make_hu())
     with pytest.raises(DataFormatError, match=r"after --hu-offset 900: nothing below -500 HU"):
         load_image_file(tmp_path / "shifted.nii.gz", hu_offset=900)
