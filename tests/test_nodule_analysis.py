@@ -374,9 +374,10 @@ def test_dicom_ct_gets_a_label_map_and_a_ct_on_its_grid_and_slice_references(
     assert summary["source_kind"] == "DICOM" and summary["files"]["label_map"] == "nodules_mask.nii.gz"
 
 
-def test_nifti_input_with_mhd_label_maps_and_the_probability(root, models, tmp_path, monkeypatch):
+def test_oblique_nifti_input_with_mhd_label_maps_and_the_probability(synth_set, models, tmp_path, monkeypatch):
     from p2ch.ct import Ct
 
+    root = synth_set(masks=True, direction="oblique", **SETTINGS)
     monkeypatch.setattr(nodule_analysis, "segment_ct", _true_segmentation(root))
     uid = _uids_with_nodules(root)[0]
     source = Ct(uid, root)
@@ -398,7 +399,12 @@ def test_nifti_input_with_mhd_label_maps_and_the_probability(root, models, tmp_p
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "masks" / f"{uid}.mhd"))) > 0
     probability = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "nodules_probability.mhd")))
     np.testing.assert_array_equal(probability, np.where(truth, 255, 0))
-    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "nodules_mask.mhd")))
+    given, mask = sitk.ReadImage(str(tmp_path / f"{uid}.nii.gz")), sitk.ReadImage(str(folder / "nodules_mask.mhd"))
+    assert not np.allclose(np.reshape(given.GetDirection(), (3, 3)), np.eye(3)) and mask.GetSize() == given.GetSize()
+    np.testing.assert_allclose(mask.GetOrigin(), given.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(mask.GetSpacing(), given.GetSpacing(), rtol=1e-6)
+    np.testing.assert_allclose(mask.GetDirection(), given.GetDirection(), atol=1e-6)
+    labels = sitk.GetArrayFromImage(mask)
     assert set(np.unique(labels).tolist()) == {0, *range(1, len(kept) + 1)} and not labels[~truth].any()
 
 
