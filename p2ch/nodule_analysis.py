@@ -906,6 +906,8 @@ def run(args: argparse.Namespace) -> int:
     tables, lines, cts, parts = [], [], [], []
     if config.inputs:
         components, cts, skipped = analyse_many(config.inputs, models, config, out, data_root, args.num_workers)
+        if skipped and not cts:
+            raise DataFormatError(f"no CT could be analysed: {'; '.join(skipped)}")
         tables.append(components)
         for ct in cts:
             uid, counts = ct.summary["series_uid"], ct.summary["counts"]

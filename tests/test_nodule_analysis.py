@@ -425,6 +425,14 @@ def test_dicom_series_all_analyses_each_ct_volume(root, models, tmp_path, monkey
     assert (out / "1.2.826.0.1.1" / "analysis.json").is_file() and (out / "1.2.826.0.1.2" / "ct.nii.gz").is_file()
     assert not (out / "1.2.826.0.1.3").exists() and not (out / "1.2.826.0.1.4").exists()
     assert "skipped:" in printed and "1 slice(s) missing" in printed
+    broken = tmp_path / "broken"  # two CT volumes, each missing a slice: nothing to analyse is an error
+    for k, uid in enumerate(("1.2.826.0.1.5", "1.2.826.0.1.6")):
+        write_dicom_series(broken, hu, series_uid=uid, names=[f"{k}_{n}.dcm" for n in range(4)], index_z=[0, 1, 2, 4])
+    assert nodule_analysis.main([str(broken), *_argv(models, root, out, "--dicom-series", "all")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "no CT could be analysed" in err and err.count("slice(s) missing") == 2 and len(err.strip().splitlines()) == 1
+    )
     empty = tmp_path / "mr-only"
     write_dicom_series(empty, hu, series_uid="1.2.826.0.1.3", modality="MR")
     assert nodule_analysis.main([str(empty), *_argv(models, root, out, "--dicom-series", "all")]) == 2
