@@ -30,7 +30,11 @@ A CT can come from three kinds of input (`load_ct_input`, for commands that take
   OID root for UUID-derived uids, so it is a valid DICOM uid (≤ 42 characters), the same for
   the same file on every run, and never a LUNA16 uid;
 - a path to a folder of DICOM files: `load_dicom` (checks in `p2ch.dicom`) (one CT series; pick one with
-  `dicom_series` when the folder holds several).
+  `dicom_series` when the folder holds several);
+- a path to a NIfTI or NRRD file (`.nii`, `.nii.gz`, `.nrrd`, `.nhdr`): `load_image_file` (checks in
+  `p2ch.imagefile`: one 3-D volume, a signed or float type, geometry, a patient space, values in HU;
+  `hu_offset` for a file known to store HU + 1024); its series uid as for a `.mhd`, from the name
+  without the suffix (`scan.nii.gz` → `scan`).
 
 Every input ends in `Ct.from_image`, so the voxels (int16 HU clipped to [-1000, 1000]) and the
 geometry are handled the same way whatever the source.
@@ -49,10 +53,19 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from p2ch import dicom
+from p2ch import dicom, imagefile
 from p2ch.config import resolve_data_root
 from p2ch.errors import CandidateOutsideCtError, ConfigError, DataFormatError, DataNotFoundError
-from p2ch.geometry import DEFAULT_WIDTH_IRC, IrcTuple, XyzTuple, check_width_irc, inside_volume, xyz2irc
+from p2ch.geometry import (
+    DEFAULT_WIDTH_IRC,
+    DIRECTION_TOL,
+    IrcTuple,
+    XyzTuple,
+    check_width_irc,
+    direction_error,
+    inside_volume,
+    xyz2irc,
+)
 from p2ch.luna import check_series_uid, clear_series_index, cut_text, find_mhd, is_valid_series_uid, quoted
 
 log = logging.getLogger(__name__)
@@ -65,7 +78,6 @@ CT_CACHE_SIZE = 3
 SPACING_KEYS = ("ElementSpacing", "ElementSize")  # ElementSize stands in when ElementSpacing is absent
 ORIGIN_KEYS = ("Offset", "Origin", "Position")
 DIRECTION_KEYS = ("TransformMatrix", "Rotation", "Orientation")
-DIRECTION_TOL = 1e-3  # max |DDᵀ − I| of a direction matrix (headers store it rounded)
 ALLOW_EXTERNAL_DATA_ENV = "P2CH_ALLOW_EXTERNAL_DATA"
 _HEADER_BYTES = 65536  # a MetaIO header is a few hundred bytes; LOCAL voxels may follow it
 
@@ -260,8 +272,7 @@ def _check_geometry(header: dict[str, str], mhd_path: Path) -> None:
         _header_numbers(header, key, 3, mhd_path, "3 finite numbers (the first voxel's position in mm)")
     for key in (k for k in DIRECTION_KEYS if k in header):
         direction = _header_numbers(header, key, 9, mhd_path, "9 finite numbers (a 3 × 3 direction matrix)")
-        matrix = direction.reshape(3, 3)
-        error = float(np.abs(matrix @ matrix.T - np.eye(3)).max())
+        error = direction_error(direction)
         if error > DIRECTION_TOL:
             raise DataFormatError(
                 f"{mhd_path}: header line '{key} = {header[key]}' is not an orthonormal direction matrix "
@@ -360,7 +371,11 @@ class Ct:
             conversion, so a volume never exists as float32.
         origin_xyz: XyzTuple, mm. voxel_size_xyz: XyzTuple, mm per voxel along (x, y, z).
         direction: (3, 3) float64 direction matrix.
+        dicom_slices: per slice, the DICOM file, InstanceNumber and SOPInstanceUID (`p2ch.dicom.DicomSlices`)
+            of a CT read from a DICOM folder; None for other sources.
     """
+
+    dicom_slices: dicom.DicomSlices | None = None
 
     def __init__(self, series_uid: str, data_root: str | os.PathLike[str] | None = None):
         series_uid = check_series_uid(series_uid)
@@ -499,30 +514,57 @@ def load_mhd(path: str | os.PathLike[str]) -> Ct:
     return Ct.from_image(image, uid, mhd_path)
 
 
-INPUT_KINDS = "a LUNA16 series uid, a .mhd file (with its .raw) or a folder of DICOM files"
+INPUT_KINDS = (
+    "a LUNA16 series uid, a .mhd file (with its .raw), a NIfTI or NRRD file (.nii, .nii.gz, .nrrd, .nhdr) or a "
+    "folder of DICOM files"
+)
+
+
+def load_image_file(path: str | os.PathLike[str], hu_offset: int = 0) -> Ct:
+    """A `Ct` from a NIfTI or NRRD file (`p2ch.imagefile.read_image_file` checks it; `hu_offset` is added to
+    every voxel, for a file known to store HU + 1024). Series uid: the name without its suffix when that is a
+    uid, else `2.25.…` from the absolute path, as `load_mhd` does. Not cached."""
+    path = Path(path).resolve()
+    image = imagefile.read_image_file(path, hu_offset)
+    stem = imagefile.image_stem(path)
+    return Ct.from_image(image, stem if is_valid_series_uid(stem) else _derived_series_uid(path), path)
 
 
 def load_dicom(folder: str | os.PathLike[str], series_uid: str | None = None) -> Ct:
     """The CT of a folder of DICOM files (its one series, or `series_uid`): see `p2ch.dicom.read_dicom_image`
-    for the checks (CT modality, HU rescale, one orientation, evenly spaced slices, no gaps)."""
+    for the checks (CT modality, HU rescale, one orientation, evenly spaced slices, no gaps). Its
+    `dicom_slices` (`p2ch.dicom.DicomSlices`) name each slice's file, InstanceNumber and SOPInstanceUID."""
     image, uid = dicom.read_dicom_image(folder, series_uid)
-    return Ct.from_image(image, uid, Path(folder))
+    ct = Ct.from_image(image, uid, Path(folder))
+    ct.dicom_slices = dicom.read_slice_references(folder, uid, image)
+    return ct
 
 
-def load_ct_input(spec: str, data_root: str | os.PathLike[str] | None = None, dicom_series: str | None = None) -> Ct:
-    """A `Ct` from whatever names one: a `.mhd` path, a DICOM folder or a series uid.
+def load_ct_input(
+    spec: str,
+    data_root: str | os.PathLike[str] | None = None,
+    dicom_series: str | None = None,
+    hu_offset: int = 0,
+) -> Ct:
+    """A `Ct` from whatever names one: a `.mhd` path, a NIfTI/NRRD path, a DICOM folder or a series uid.
 
-    `spec` ending in `.mhd` → `load_mhd`; an existing folder → `load_dicom(spec, dicom_series)`; an
-    existing file of another kind → DataFormatError; else a series uid → `get_ct(spec, data_root)`.
-    `dicom_series` is only for a DICOM folder (ConfigError otherwise).
+    `spec` ending in `.mhd` → `load_mhd`; in `.nii`, `.nii.gz`, `.nrrd` or `.nhdr` → `load_image_file(spec,
+    hu_offset)`; an existing folder → `load_dicom(spec, dicom_series)`; an existing file of another kind →
+    DataFormatError; else a series uid → `get_ct(spec, data_root)`. `dicom_series` is only for a DICOM
+    folder and `hu_offset` only for a NIfTI/NRRD file (ConfigError otherwise).
     """
     path = Path(spec)
+    is_image_file = imagefile.image_suffix(path) is not None
+    if hu_offset and not is_image_file:
+        raise ConfigError(f"--hu-offset {hu_offset} applies to NIfTI and NRRD files only, but {spec} is not one")
     if path.is_dir():
         return load_dicom(path, dicom_series)
     if dicom_series is not None:
         raise ConfigError(f"--dicom-series {dicom_series} applies to a DICOM folder only, but {spec} is not a folder")
     if path.suffix.lower() == ".mhd":
         return load_mhd(path)
+    if is_image_file:
+        return load_image_file(path, hu_offset)
     if path.exists():
         hint = f"; pass {path.with_suffix('.mhd')} instead" if path.suffix.lower() == ".raw" else ""
         raise DataFormatError(f"{spec}: not a CT input; expected {INPUT_KINDS}{hint}")

@@ -223,7 +223,8 @@ def find_components(
     min_diameter_mm: float = DEFAULT_MIN_DIAMETER_MM,
     max_diameter_mm: float = DEFAULT_MAX_DIAMETER_MM,
     connectivity: int = 26,
-) -> Components:
+    return_labels: bool = False,
+) -> Components | tuple[Components, np.ndarray]:
     """The 3D connected components of `mask` in `ct`, measured, and which of them are nodule candidates.
 
     mask: (I, R, C) bool, e.g. `mask_from_probability(segment_ct(...), threshold)`. ct: a `p2ch.ct.Ct`
@@ -231,6 +232,8 @@ def find_components(
     corners, as `p2ch.segmetrics` counts nodules). A component is "too_small" below `min_voxels`
     voxels or `min_diameter_mm`, "too_large" above `max_diameter_mm` (equivalent diameters; the
     defaults bracket LUNA16's 3–30 mm nodules). See `Components` for the measures.
+    With `return_labels`, returns `(components, labels)`: labels (I, R, C) int32, j + 1 on the voxels of
+    row j of `components`, 0 elsewhere (what label maps on the CT's grid are written from).
     """
     hu = _check_hu(ct)
     mask = _check_mask(mask, hu.shape)
@@ -246,7 +249,7 @@ def find_components(
     large = ~small & (diameter > max_diameter_mm)
     reason = np.where(small, REASONS[1], np.where(large, REASONS[2], REASONS[0])).astype("<U9")
     center_xyz = np.asarray(irc2xyz(center_irc, ct.origin_xyz, ct.voxel_size_xyz, ct.direction), dtype=np.float64)
-    return Components(
+    components = Components(
         center_irc=center_irc,
         center_xyz=center_xyz.reshape(count, 3),
         voxels=voxels,
@@ -257,3 +260,4 @@ def find_components(
         kept=~(small | large),
         reason=reason,
     )
+    return (components, labels.astype(np.int32, copy=False)) if return_labels else components

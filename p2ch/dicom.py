@@ -261,3 +261,79 @@ def read_dicom_image(folder: str | os.PathLike[str], series_uid: str | None = No
             "at most 64 characters)"
         )
     return _read_pixels([s.path for s in slices], folder), uid
+
+
+# ---------------------------------------------------------------------------------------------
+# per-slice references (what a viewer or PACS navigates by) and folders of several series
+
+INSTANCE_NUMBER_TAG = "0020|0013"
+SOP_INSTANCE_UID_TAG = "0008|0018"
+
+
+@dataclass(frozen=True)
+class DicomSlices:
+    """Per slice of a CT read from DICOM, in the CT's slice order (entry i is `ct.hu[i]`): the file's name
+    (in the folder), its InstanceNumber (None when absent or not an integer) and its SOPInstanceUID ("" when
+    absent). A PACS shows slices by InstanceNumber, which may run the other way than the CT's index."""
+
+    file_names: tuple[str, ...]
+    instance_numbers: tuple[int | None, ...]
+    sop_instance_uids: tuple[str, ...]
+
+
+def _slice_ids(path: Path, folder: Path) -> tuple[np.ndarray, int | None, str]:
+    """(ImagePositionPatient (3,) mm, InstanceNumber, SOPInstanceUID) of one file's header."""
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise DataFormatError(f"{folder}: cannot read the DICOM header of {path.name} ({_sitk_reason(exc)})") from None
+    position = _numbers(_tag_value(reader, POSITION_TAG), 3, f"ImagePositionPatient ({POSITION_TAG})", path, folder)
+    number = _tag_value(reader, INSTANCE_NUMBER_TAG)
+    try:
+        instance = int(float(number)) if number else None
+    except ValueError:
+        instance = None
+    return position, instance, _tag_value(reader, SOP_INSTANCE_UID_TAG)
+
+
+def read_slice_references(folder: str | os.PathLike[str], series_uid: str, image: sitk.Image) -> DicomSlices:
+    """The file, InstanceNumber and SOPInstanceUID of every slice of `image` (read by `read_dicom_image` from
+    `folder`'s series `series_uid`). Each file is placed by its ImagePositionPatient: the slice index it
+    lands on in `image`. Raises DataFormatError when the files do not land one on each slice."""
+    folder = _check_folder(folder)
+    names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid)
+    depth = image.GetDepth()
+    found: dict[int, tuple[str, int | None, str]] = {}
+    for name in names:
+        path = Path(name)
+        position, instance, sop_uid = _slice_ids(path, folder)
+        index = image.TransformPhysicalPointToContinuousIndex(tuple(float(v) for v in position))[2]
+        k = round(index)
+        if abs(index - k) > 0.1 or not 0 <= k < depth or k in found:
+            raise DataFormatError(
+                f"{folder}: {path.name} (ImagePositionPatient {position.tolist()}) does not fall on its own slice of "
+                f"the series read ({index:.2f} of {depth}); the folder changed while it was read?"
+            )
+        found[k] = (path.name, instance, sop_uid)
+    if len(found) != depth:
+        raise DataFormatError(f"{folder}: {len(found)} files for the {depth} slices read; the folder changed?")
+    ordered = [found[k] for k in range(depth)]
+    return DicomSlices(*(tuple(column) for column in zip(*ordered, strict=True)))
+
+
+def volume_series(folder: str | os.PathLike[str]) -> tuple[list[DicomSeries], list[tuple[DicomSeries, str]]]:
+    """(the series of `folder` that may be CT volumes, [(series, why not)] for the others): a volume is a
+    series of modality CT with at least 2 files; localizers of one image, dose reports, MR and the like are
+    set aside with the reason. The volumes' own checks come when each is read."""
+    volumes, others = [], []
+    for series in list_dicom_series(folder):
+        if series.modality != "CT":
+            others.append((series, f"modality {series.modality or 'unknown'!r}, not 'CT'"))
+        elif len(series.files) < 2:
+            others.append((series, f"{len(series.files)} image, not a volume"))
+        else:
+            volumes.append(series)
+    return volumes, others

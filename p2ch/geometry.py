@@ -23,6 +23,7 @@ from p2ch.errors import ConfigError
 # The book's chunk: 32 slices of 48 x 48 voxels around a candidate.
 DEFAULT_WIDTH_IRC = (32, 48, 48)
 MAX_WIDTH = 0xFFFF  # the chunk cache's header stores each side in 16 bits
+DIRECTION_TOL = 1e-3  # max |DDᵀ − I| of a direction matrix (headers store it rounded)
 
 
 class XyzTuple(NamedTuple):
@@ -64,6 +65,14 @@ def inside_volume(centers_irc, shape_irc: Sequence[int]) -> np.ndarray:
     """Which voxel positions lie inside a volume: centers_irc (N, 3) int → (N,) bool."""
     centers = np.atleast_2d(np.asarray(centers_irc))
     return np.all((centers >= 0) & (centers < np.asarray(shape_irc)), axis=1)
+
+
+def direction_error(direction) -> float:
+    """How far a direction matrix (3 × 3, or its 9 values) is from orthonormal: max |DDᵀ − I| (nan if not finite)."""
+    matrix = _as_matrix(direction)
+    if not np.isfinite(matrix).all():
+        return float("nan")
+    return float(np.abs(matrix @ matrix.T - np.eye(3)).max())
 
 
 def _as_matrix(direction) -> np.ndarray:

@@ -2,6 +2,7 @@
 
     python -m p2ch.nodule_analysis 1.3.6.1.4.1.14519.5.2.1.6279.6001.1051…   # a series of the data root
     python -m p2ch.nodule_analysis scans/patient7.mhd scans/dicom_folder/     # any .mhd, any DICOM series
+    python -m p2ch.nodule_analysis scans/patient8.nii.gz scans/study/ --dicom-series all   # NIfTI; every series
     python -m p2ch.nodule_analysis --run-validation                           # the detector, scored LUNA16's way
 
 Per CT, in this order (seconds of each step go into analysis.json):
@@ -17,15 +18,26 @@ Per CT, in this order (seconds of each step go into analysis.json):
 4. **malignancy**: the malignancy classifier (`--malignant`) scores the components with p_nodule above
    --nodule-threshold → p_malignant.
 
+Inputs: series uids of the data root, `.mhd` files, NIfTI/NRRD files (`.nii`, `.nii.gz`, `.nrrd`,
+`.nhdr`; checked by `p2ch.imagefile`, `--hu-offset` for files known to store HU + 1024) and DICOM
+folders (one series, `--dicom-series UID`, or `--dicom-series all`: every CT volume of the folder).
+
 Written into `--out` (default `data-unversioned/analysis/<time>/`), one folder per CT:
-`nodules.csv` (seriesuid, coordX/Y/Z mm, diameter_mm (estimated), p_nodule, p_malignant; the
-components above --nodule-threshold, most probable first), `components.csv` (every component,
-dropped ones with their reason), `analysis.json` (the CT's geometry, settings, models used, step
-times, counts) and `nodules_NN.png` (each nodule in three planes, lung window, with its
-probabilities). `--write-candidates` writes every kept component of all CTs as a LUNA16-format
-`candidates.csv` in `--out` (class 1 where a component lies within an annotated nodule's radius,
-when the data root has annotations.csv; else 0), so the classifier can be trained on candidates
-of one's own.
+`nodules.csv` (seriesuid, coordX/Y/Z mm, diameter_mm (estimated), p_nodule, p_malignant, then where
+it is: voxel_index/row/col, the 1-based slice_number, for DICOM the slice's instance_number,
+sop_instance_uid and dicom_file, and its label in the label map; the components above
+--nodule-threshold, most probable first), `components.csv` (every component, dropped ones with their
+reason, the same positions, label 0 for non-nodules), `nodules_mask.nii.gz` (label k on the voxels of
+row k of nodules.csv, exactly on the CT's grid; `--mask-format mhd|nrrd|none`; with
+`--write-probability` also `nodules_probability`, uint8 P × 255; for a DICOM input also `ct.nii.gz`,
+so a viewer opens the pair without a DICOM reader), `analysis.json` (the CT's geometry, settings,
+models used, step times, counts, files) and `nodules_NN.png` (the `--max-pictures` most probable
+nodules in three planes, lung window, with their probabilities). `report.html` in `--out` shows every
+CT and all its nodules with their pictures (and, with --run-validation, the detector's FROC and
+confusion matrix), readable offline. `--write-candidates` writes every kept component of all CTs as a
+LUNA16-format `candidates.csv` in `--out` (class 1 where a component lies within an annotated
+nodule's radius, when the data root has annotations.csv; else 0), so the classifier can be trained on
+candidates of one's own.
 
 `--run-validation` analyses the validation series of the classifier's split (also the training
 series with `--include-train`, reported apart) and writes into `--out/validation/` (and `train/`):
@@ -70,9 +82,22 @@ from p2ch.config import (
 from p2ch.ct import Ct, load_ct_input
 from p2ch.datasets import split_series
 from p2ch.detect import Components, find_components, segment_ct
-from p2ch.errors import ConfigError, DataNotFoundError
+from p2ch.dicom import volume_series
+from p2ch.errors import ConfigError, DataFormatError, DataNotFoundError
 from p2ch.fileio import write_text_atomic
+from p2ch.imagefile import check_hu_offset, image_suffix
 from p2ch.inference import Scorer, make_scorer, score_ct
+from p2ch.labelmap import FORMATS as MASK_FORMATS
+from p2ch.labelmap import (
+    POSITION_COLUMNS,
+    PROBABILITY_SCALE,
+    image_on_grid,
+    label_volume,
+    probability_volume,
+    slice_positions,
+    volume_name,
+    write_volume,
+)
 from p2ch.luna import (
     ANNOTATION_COLUMNS,
     ANNOTATIONS_FILE,
@@ -92,6 +117,7 @@ from p2ch.metrics import (
     match_predictions,
 )
 from p2ch.plots import froc_figure, save_figure_png
+from p2ch.report import CtReport, PartReport, write_report
 from p2ch.runtime import configure_backends
 from p2ch.tblog import RunWriters
 from p2ch.vis import DETECTED, Finding, write_sheets
@@ -129,6 +155,10 @@ class AnalysisConfig:
     min_diameter_mm: float = 2.0
     max_diameter_mm: float = 40.0
     pictures: bool = True
+    max_pictures: int = 20
+    mask_format: str = "nii.gz"
+    write_probability: bool = False
+    hu_offset: int = 0
     write_candidates: bool = False
     bootstrap: int = 1000
     seed: int = 0
@@ -166,6 +196,21 @@ class AnalysisConfig:
             "0 ≤ min < max",
         )
         need(self.bootstrap >= 0, f"--bootstrap must be ≥ 0, got {self.bootstrap}")
+        need(self.max_pictures >= 0, f"--max-pictures must be ≥ 0, got {self.max_pictures}")
+        need(
+            self.mask_format in (*MASK_FORMATS, "none"),
+            f"--mask-format {self.mask_format!r}: expected one of {', '.join((*MASK_FORMATS, 'none'))}",
+        )
+        need(
+            not (self.write_probability and self.mask_format == "none"),
+            "--write-probability writes in the --mask-format; it cannot be 'none' with it",
+        )
+        check_hu_offset(self.hu_offset)
+        need(
+            not self.hu_offset or any(image_suffix(spec) for spec in self.inputs),
+            f"--hu-offset {self.hu_offset} applies to NIfTI and NRRD inputs (.nii, .nii.gz, .nrrd, .nhdr), but none "
+            "is given",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +302,8 @@ class CtResult:
     p_nodule: np.ndarray
     p_malignant: np.ndarray
     seconds: dict[str, float]
+    labels: np.ndarray | None = None  # (I, R, C) int32, j + 1 on component row j's voxels (None: no label map)
+    probability: np.ndarray | None = None  # (I, R, C) uint8, round(255 × P) (--write-probability)
 
 
 def analyse_ct(ct: Ct, models: Models, config: AnalysisConfig) -> CtResult:
@@ -269,11 +316,12 @@ def analyse_ct(ct: Ct, models: Models, config: AnalysisConfig) -> CtResult:
         amp_dtype=models.nodule.amp_dtype, batch_size=config.batch_size,
         channels_last=config.channels_last == "on", progress=config.progress,
     )  # fmt: skip
+    probability = probability_volume(prob) if config.write_probability else None
     seconds["segmentation"] = time.perf_counter() - started
     started = time.perf_counter()
-    components = find_components(
+    components, labels = find_components(
         prob > models.segmentation_threshold, ct, min_voxels=config.min_voxels,
-        min_diameter_mm=config.min_diameter_mm, max_diameter_mm=config.max_diameter_mm,
+        min_diameter_mm=config.min_diameter_mm, max_diameter_mm=config.max_diameter_mm, return_labels=True,
     )  # fmt: skip
     del prob
     seconds["grouping"] = time.perf_counter() - started
@@ -293,7 +341,8 @@ def analyse_ct(ct: Ct, models: Models, config: AnalysisConfig) -> CtResult:
         ct.series_uid, len(components), len(kept), len(likely), config.nodule_threshold,
         ", ".join(f"{step} {seconds[step]:.1f} s" for step in STEPS),
     )  # fmt: skip
-    return CtResult(ct, components, p_nodule, p_malignant, seconds)
+    labels = None if config.mask_format == "none" else labels
+    return CtResult(ct, components, p_nodule, p_malignant, seconds, labels, probability)
 
 
 def _score(scorer: Scorer, ct: Ct, centers_xyz: np.ndarray, models: Models, config: AnalysisConfig) -> np.ndarray:
@@ -302,11 +351,22 @@ def _score(scorer: Scorer, ct: Ct, centers_xyz: np.ndarray, models: Models, conf
     return score_ct(scorer, ct, centers_xyz, width_irc=models.width_irc, batch_size=max(config.batch_size, 64))
 
 
-def component_table(result: CtResult) -> pd.DataFrame:
+def nodule_rows(p_nodule: np.ndarray, threshold: float) -> np.ndarray:
+    """The component rows of nodules.csv, in its order: p_nodule (n,) above `threshold`, most probable first
+    (ties in component order). Row k of the result is label k + 1 of the label map."""
+    above = np.flatnonzero(np.asarray(p_nodule) > threshold)
+    return above[np.argsort(-np.asarray(p_nodule)[above], kind="stable")]
+
+
+def component_table(result: CtResult, threshold: float) -> pd.DataFrame:
     """Every component of one CT: seriesuid, coordX/Y/Z (mm), diameter_mm, voxels, kept, reason, p_nodule,
-    p_malignant."""
+    p_malignant, then where it is (`labelmap.POSITION_COLUMNS`: voxel, slice number, DICOM slice) and its
+    label in the label map (its row of nodules.csv, 1-based; 0: not a nodule)."""
     c = result.components
-    return pd.DataFrame(
+    label = np.zeros(len(c), dtype=np.int64)
+    rows = nodule_rows(result.p_nodule, threshold)
+    label[rows] = np.arange(1, len(rows) + 1)
+    frame = pd.DataFrame(
         {
             "seriesuid": result.ct.series_uid,
             "coordX": c.center_xyz[:, 0],
@@ -320,42 +380,105 @@ def component_table(result: CtResult) -> pd.DataFrame:
             "p_malignant": result.p_malignant,
         }
     )
+    return pd.concat([frame, slice_positions(result.ct, c.center_irc)], axis=1).assign(label=label)
 
 
+# The columns other tools and tests read come first, in their original order; positions and the label after.
 COMPONENT_COLUMNS = (
     "seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "voxels", "kept", "reason", "p_nodule", "p_malignant",
+    *POSITION_COLUMNS, "label",
 )  # fmt: skip
-NODULE_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "p_nodule", "p_malignant")
+NODULE_COLUMNS = (
+    "seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "p_nodule", "p_malignant", *POSITION_COLUMNS, "label",
+)  # fmt: skip
 
 
 def nodule_table(components: pd.DataFrame, threshold: float) -> pd.DataFrame:
-    """The components above the nodule threshold, most probable first (nodules.csv)."""
-    nodules = components[components["p_nodule"] > threshold]
-    return nodules.sort_values("p_nodule", ascending=False, kind="stable")[list(NODULE_COLUMNS)].reset_index(drop=True)
+    """The components above the nodule threshold, most probable first (nodules.csv); row k has label k + 1."""
+    rows = nodule_rows(components["p_nodule"].to_numpy(dtype=np.float64), threshold)
+    return components.iloc[rows][list(NODULE_COLUMNS)].reset_index(drop=True)
 
 
-def write_ct_outputs(result: CtResult, models: Models, config: AnalysisConfig, out_dir: Path) -> dict[str, Any]:
-    """nodules.csv, components.csv, nodules_NN.png and analysis.json of one CT in `out_dir`; returns the JSON."""
+def write_ct_outputs(result: CtResult, models: Models, config: AnalysisConfig, out_dir: Path) -> CtReport:
+    """nodules.csv, components.csv, the label map (probability map; a DICOM CT itself) on the CT's grid, picture
+    sheets of the --max-pictures most probable nodules and analysis.json of one CT in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    components = component_table(result)
+    components = component_table(result, config.nodule_threshold)
     nodules = nodule_table(components, config.nodule_threshold)
     write_text_atomic(out_dir / "nodules.csv", nodules.to_csv(index=False))
     write_text_atomic(out_dir / "components.csv", components.to_csv(index=False))
-    sheets = []
-    if config.pictures and len(nodules):
-        findings = [
-            Finding(DETECTED, k + 1, row.seriesuid, (row.coordX, row.coordY, row.coordZ), row.diameter_mm,
-                    row.p_nodule, row.p_malignant)
-            for k, row in enumerate(nodules.itertuples(index=False))
-        ]  # fmt: skip
-        written = write_sheets(findings, None, out_dir, "nodules", cts={result.ct.series_uid: result.ct})
-        sheets = [path.name for path, _ in written]
+    volumes = write_volumes(result, nodule_rows(result.p_nodule, config.nodule_threshold), config, out_dir)
+    pictures = draw_nodules(result.ct, nodules, config, out_dir)
+    summary = ct_summary(result, components, nodules, models, config, volumes)
+    summary["pictures"] = sorted({sheet for sheet, _ in pictures.values()})
+    summary["nodules_drawn"] = len(pictures)
+    write_text_atomic(out_dir / "analysis.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    return CtReport(out_dir, summary, nodules, pictures)
+
+
+def write_volumes(result: CtResult, rows: np.ndarray, config: AnalysisConfig, out_dir: Path) -> dict[str, str]:
+    """In --mask-format, on the CT's grid: nodules_mask (label k + 1 on the voxels of component rows[k]), with
+    --write-probability nodules_probability (uint8, P × 255), for a DICOM CT the CT (int16 HU as analysed);
+    returns {what: file name}."""
+    for stem in VOLUME_STEMS:  # an earlier run's volumes, perhaps in another format, would contradict this one's
+        for fmt in MASK_FORMATS:
+            (out_dir / volume_name(stem, fmt)).unlink(missing_ok=True)
+        (out_dir / f"{stem}.zraw").unlink(missing_ok=True)
+    if config.mask_format == "none" or result.labels is None:
+        return {}
+    ct, fmt = result.ct, config.mask_format
+    mask = label_volume(result.labels, rows)
+    files = {"label_map": write_volume(image_on_grid(mask, ct), out_dir / volume_name("nodules_mask", fmt)).name}
+    del mask
+    if result.probability is not None:
+        path = out_dir / volume_name("nodules_probability", fmt)
+        files["probability_map"] = write_volume(image_on_grid(result.probability, ct), path).name
+    if ct.dicom_slices is not None:
+        files["ct"] = write_volume(image_on_grid(ct.hu, ct), out_dir / volume_name("ct", fmt)).name
+    return files
+
+
+def draw_nodules(ct: Ct, nodules: pd.DataFrame, config: AnalysisConfig, out_dir: Path) -> dict[int, tuple[str, int]]:
+    """Sheets `nodules_NN.png` of the --max-pictures most probable nodules (none with --no-pictures; older sheets
+    in `out_dir` are removed); returns {label: (sheet file name, row on it, 0-based)}."""
+    for old in out_dir.glob("nodules_*.png"):
+        old.unlink()
+    count = min(len(nodules), config.max_pictures if config.pictures else 0)
+    if count < len(nodules) and count:
+        log.info(
+            "%s: %d nodules; pictures of the %d most probable (--max-pictures %d); nodules.csv and report.html "
+            "list all", ct.series_uid, len(nodules), count, config.max_pictures,
+        )  # fmt: skip
+    findings = [
+        Finding(DETECTED, int(row.label), row.seriesuid, (row.coordX, row.coordY, row.coordZ), row.diameter_mm,
+                row.p_nodule, row.p_malignant)
+        for row in nodules.head(count).itertuples(index=False)
+    ]  # fmt: skip
+    written = write_sheets(findings, None, out_dir, "nodules", cts={ct.series_uid: ct}) if findings else []
+    return {f.rank: (path.name, row) for path, on_sheet in written for row, f in enumerate(on_sheet)}
+
+
+def _source_kind(ct: Ct) -> str:
+    if ct.dicom_slices is not None:
+        return "DICOM"
+    suffix = image_suffix(ct.source)
+    if suffix is not None:
+        return "NIfTI" if suffix.startswith(".nii") else "NRRD"
+    return "MetaIO"
+
+
+def ct_summary(
+    result: CtResult, components: pd.DataFrame, nodules: pd.DataFrame, models: Models, config: AnalysisConfig,
+    volumes: dict[str, str],
+) -> dict[str, Any]:  # fmt: skip
+    """analysis.json of one CT (without its pictures)."""
     ct = result.ct
-    summary = {
+    return {
         "format": ANALYSIS_FORMAT,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "series_uid": ct.series_uid,
         "source": str(getattr(ct, "source", ct.mhd_path)),
+        "source_kind": _source_kind(ct),
         "ct": {
             "shape_irc": list(ct.shape_irc),
             "voxel_size_xyz": list(ct.voxel_size_xyz),
@@ -368,15 +491,25 @@ def write_ct_outputs(result: CtResult, models: Models, config: AnalysisConfig, o
             "nodules": len(nodules),
             "malignant": int((nodules["p_malignant"] > config.malignancy_threshold).sum()),
         },
+        "files": {"nodules": "nodules.csv", "components": "components.csv", **volumes},
+        "volumes": VOLUME_NOTES if volumes else {},
         "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
         "segmentation_threshold": models.segmentation_threshold,
         "models": models.describe(),
-        "pictures": sheets,
         "settings": config.to_dict(),
         "versions": versions(),
     }
-    write_text_atomic(out_dir / "analysis.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    return summary
+
+
+VOLUME_STEMS = ("nodules_mask", "nodules_probability", "ct")  # the volumes write_volumes may write
+VOLUME_NOTES = {
+    "grid": "every volume lies on the CT's grid: same size, spacing, origin and direction",
+    "label_map": "label k on the voxels of row k of nodules.csv (its 'label' column), 0 elsewhere",
+    "probability_map": f"uint8: P(nodule voxel) = value / {PROBABILITY_SCALE}",
+    "ct": "DICOM input only: the CT as analysed, int16 HU clipped to [-1000, 1000]",
+    "slice_number": "1-based: voxel_index + 1, counted from the first slice of the volume (DICOM: the lowest "
+    "along the slice normal); instance_number is the DICOM InstanceNumber of that slice",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,40 +519,89 @@ def write_ct_outputs(result: CtResult, models: Models, config: AnalysisConfig, o
 # many CTs
 
 
-def _loaded(specs: Sequence[str], config: AnalysisConfig, data_root: Path | None, pool) -> Iterator[Ct]:
-    """The CTs named by `specs` in order; with a pool, the next one is read while this one is analysed."""
+ALL_SERIES = "all"  # --dicom-series all: every CT volume of each DICOM folder
 
-    def load(spec: str) -> Ct:
-        return load_ct_input(spec, data_root, config.dicom_series)
+
+@dataclasses.dataclass(frozen=True)
+class CtInput:
+    """One CT to read: a spec of `load_ct_input`, the DICOM series (None: the folder's only one), and whether
+    a failed check only skips it (one of several volumes that --dicom-series all found in a folder)."""
+
+    spec: str
+    dicom_series: str | None = None
+    optional: bool = False
+
+
+def expand_inputs(specs: Sequence[str], dicom_series: str | None) -> list[CtInput]:
+    """The CTs named by `specs`: with --dicom-series all, each DICOM folder becomes its CT volumes
+    (`dicom.volume_series`; the other series are logged as set aside), else `dicom_series` goes with each spec."""
+    if dicom_series != ALL_SERIES:
+        return [CtInput(spec, dicom_series) for spec in specs]
+    expanded = []
+    for spec in specs:
+        if not Path(spec).is_dir():
+            expanded.append(CtInput(spec))
+            continue
+        volumes, others = volume_series(spec)
+        for series, why in others:
+            log.warning("%s: series %s set aside: %s", spec, series.series_uid, why)
+        if not volumes:
+            found = "; ".join(f"{series.series_uid}: {why}" for series, why in others) or "no DICOM series"
+            raise DataNotFoundError(f"{spec}: --dicom-series all found no CT volume (CT modality, ≥ 2 images): {found}")
+        expanded += [CtInput(spec, series.series_uid, optional=len(volumes) > 1) for series in volumes]
+    return expanded
+
+
+def _loaded(
+    inputs: Sequence[CtInput], config: AnalysisConfig, data_root: Path | None, pool, skipped: list[str]
+) -> Iterator[Ct | None]:
+    """The CTs of `inputs` in order (None for an optional one that failed its checks, named in `skipped`);
+    with a pool, the next one is read while this one is analysed."""
+
+    def load(item: CtInput) -> Ct | None:
+        hu_offset = config.hu_offset if image_suffix(item.spec) else 0
+        try:
+            return load_ct_input(item.spec, data_root, item.dicom_series, hu_offset)
+        except DataFormatError as exc:
+            if not item.optional:
+                raise
+            log.warning("skipped: %s", exc)
+            skipped.append(str(exc))
+            return None
 
     if pool is None:
-        for spec in specs:
-            yield load(spec)
+        for item in inputs:
+            yield load(item)
         return
-    pending = pool.submit(load, specs[0]) if specs else None
-    for k in range(len(specs)):
+    pending = pool.submit(load, inputs[0]) if inputs else None
+    for k in range(len(inputs)):
         ct = pending.result()
-        pending = pool.submit(load, specs[k + 1]) if k + 1 < len(specs) else None
+        pending = pool.submit(load, inputs[k + 1]) if k + 1 < len(inputs) else None
         yield ct
         del ct
 
 
 def analyse_many(
     specs: Sequence[str], models: Models, config: AnalysisConfig, out: Path, data_root: Path | None, num_workers: int
-) -> tuple[pd.DataFrame, dict[str, dict[str, Any]]]:
-    """Analyse every CT of `specs`, each into `out/<series_uid>/`; returns (all components, analysis.json per CT)."""
-    tables, summaries = [], {}
-    pool = concurrent.futures.ThreadPoolExecutor(num_workers) if num_workers > 0 and len(specs) > 1 else None
+) -> tuple[pd.DataFrame, list[CtReport], list[str]]:
+    """Analyse every CT of `specs`, each into `out/<series_uid>/`; returns (all components, what the report shows
+    of each CT, the series --dicom-series all skipped, with why)."""
+    inputs = expand_inputs(specs, config.dicom_series)
+    tables, reports, skipped = [], [], []
+    pool = concurrent.futures.ThreadPoolExecutor(num_workers) if num_workers > 0 and len(inputs) > 1 else None
     try:
-        for ct in _loaded(specs, config, data_root, pool):
+        for ct in _loaded(inputs, config, data_root, pool, skipped):
+            if ct is None:
+                continue
             result = analyse_ct(ct, models, config)
-            summaries[ct.series_uid] = write_ct_outputs(result, models, config, out / ct.series_uid)
-            tables.append(component_table(result))
+            reports.append(write_ct_outputs(result, models, config, out / ct.series_uid))
+            tables.append(component_table(result, config.nodule_threshold))
+            del result, ct
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     frame = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=list(COMPONENT_COLUMNS))
-    return frame, summaries
+    return frame, reports, skipped
 
 
 def write_candidates(components: pd.DataFrame, data_root: Path | None, path: Path) -> int:
@@ -485,10 +667,18 @@ def score_detector(
     return result, confusion, submission
 
 
-def format_confusion(confusion: dict[str, dict[str, int]]) -> str:
-    """The confusion matrix as a text table (rows and columns with any count; the book's four columns always)."""
+def shown_confusion(confusion: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """The rows and columns of the confusion matrix worth showing: those with any count, and always the book's
+    three rows and four columns (in CONFUSION_ROWS / CONFUSION_COLUMNS order)."""
     columns = [c for c in CONFUSION_COLUMNS if c in CONFUSION_COLUMNS[:4] or any(r[c] for r in confusion.values())]
     rows = [r for r in CONFUSION_ROWS if r in CONFUSION_ROWS[:3] or any(confusion[r].values())]
+    return {r: {c: confusion[r][c] for c in columns} for r in rows}
+
+
+def format_confusion(confusion: dict[str, dict[str, int]]) -> str:
+    """The confusion matrix as a text table (rows and columns with any count; the book's four columns always)."""
+    shown = shown_confusion(confusion)
+    rows, columns = list(shown), list(next(iter(shown.values())))
     width = max(len(r) for r in rows) + 2
     lines = [" " * width + " | ".join(f"{c:>14}" for c in columns)]
     for r in rows:
@@ -529,7 +719,8 @@ def write_part_outputs(
         f"{format_confusion(confusion)}\n"
     )
     write_text_atomic(out / "report.txt", report)
-    return {"result": result, "report": report, "metrics": metrics}
+    part = PartReport(name, out, len(uids), cpm, shown_confusion(confusion))
+    return {"result": result, "report": report, "metrics": metrics, "part": part}
 
 
 def _cpm_text(result: FrocResult) -> str:
@@ -564,18 +755,22 @@ def get_args_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Find the nodules of any chest CT and grade them: the segmentation model on every slice, "
         "3D components, the nodule classifier on each, the malignancy classifier on the likely nodules. Writes "
-        "nodules.csv, components.csv, analysis.json and picture sheets per CT; --run-validation scores the whole "
-        "detector the LUNA16 way (FROC/CPM with CI) and prints the book's confusion matrix.",
+        "nodules.csv, components.csv (mm, voxel and slice positions), analysis.json, a label map on the CT's grid "
+        "(nodules_mask.nii.gz; for DICOM also ct.nii.gz) and picture sheets per CT, and one report.html; "
+        "--run-validation scores the whole detector the LUNA16 way (FROC/CPM with CI) and prints the book's "
+        "confusion matrix.",
         formatter_class=DefaultsHelpFormatter,
         epilog="Examples: python -m p2ch.nodule_analysis 1.3.6.1.4.1.14519.5.2.1.6279.6001.1057566580315150620… "
         "(a series of the data root); "
-        "python -m p2ch.nodule_analysis scan.mhd dicom_folder/ --out results; "
+        "python -m p2ch.nodule_analysis scan.mhd scan2.nii.gz dicom_folder/ --out results; "
+        "python -m p2ch.nodule_analysis study_folder/ --dicom-series all; "
         "python -m p2ch.nodule_analysis --run-validation --include-train",
     )
     parser.add_argument(
         "inputs", nargs="*", metavar="CT",
-        help="series uid(s) of the data root (comma-separated as the book's series_uid also works), .mhd files "
-        "or folders of DICOM files (one series each; see --dicom-series)",
+        help="series uid(s) of the data root (comma-separated as the book's series_uid also works), .mhd files, "
+        "NIfTI/NRRD files (.nii, .nii.gz, .nrrd, .nhdr) or folders of DICOM files (one series each; see "
+        "--dicom-series)",
     )  # fmt: skip
     _add_model_arguments(parser.add_argument_group("models (default: the newest best.pt of each kind)"))
     _add_data_arguments(parser.add_argument_group("data"))
@@ -591,6 +786,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     out = parser.add_argument_group("output")
     out.add_argument("--out", default=None, metavar="DIR", help=f"output folder (default: {DEFAULT_OUT_DIR}/<time>)")
     out.add_argument("--no-pictures", action="store_true", help="no picture sheets of the nodules found")
+    out.add_argument(
+        "--max-pictures", type=int, default=d.max_pictures, metavar="N",
+        help="picture sheets for the N most probable nodules of each CT (nodules.csv and report.html list all)",
+    )  # fmt: skip
+    out.add_argument(
+        "--mask-format", default=d.mask_format, choices=(*MASK_FORMATS, "none"),
+        help="format of nodules_mask (label k = row k of nodules.csv, on the CT's grid) and, for a DICOM input, "
+        "of the CT itself (ct.<format>), for viewers; none: neither",
+    )  # fmt: skip
+    out.add_argument(
+        "--write-probability", action="store_true",
+        help=f"also nodules_probability.<format>: the segmentation's P(nodule voxel) as uint8, P = value / "
+        f"{PROBABILITY_SCALE}",
+    )  # fmt: skip
     out.add_argument(
         "--write-candidates", action="store_true",
         help="also write every kept component of all CTs as a LUNA16 candidates.csv in --out (class from "
@@ -621,8 +830,16 @@ def _add_data_arguments(g: argparse._ArgumentGroup) -> None:
         help="LUNA16 root for series uids and --run-validation (default: the classifier's, else $P2CH_DATA_ROOT)",
     )  # fmt: skip
     g.add_argument(
-        "--dicom-series", default=None, metavar="UID", help="the series to read from a DICOM folder with several"
-    )
+        "--dicom-series", default=None, metavar="UID",
+        help=f"the series to read from a DICOM folder with several; {ALL_SERIES}: each CT volume of every folder "
+        "(series of other modalities or of one image are set aside, and a volume that fails a check is skipped, "
+        "each with a warning)",
+    )  # fmt: skip
+    g.add_argument(
+        "--hu-offset", type=int, default=0, metavar="N",
+        help="add N to every voxel of NIfTI/NRRD inputs, for files known to store HU + 1024 without a rescale "
+        "(-1024); such files are refused as likely unrescaled without it",
+    )  # fmt: skip
 
 
 def _add_detector_arguments(g: argparse._ArgumentGroup, d: AnalysisConfig) -> None:
@@ -678,7 +895,7 @@ def config_from_args(args: argparse.Namespace) -> AnalysisConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Analyse the CTs given and/or the validation series; print where everything went."""
+    """Analyse the CTs given and/or the validation series; write report.html; print where everything went."""
     config = config_from_args(args)
     run_time = datetime.datetime.now().strftime("%Y-%m-%d_%H.%M.%S")
     out = check_output_dir(Path(config.out) if config.out else DEFAULT_OUT_DIR / run_time, "--out")
@@ -686,35 +903,46 @@ def run(args: argparse.Namespace) -> int:
         check_output_dir(resolve_runs_dir(config.runs_dir), "--runs-dir")
     models = load_models(config)
     data_root = resolve_data_root(config.data_root or models.classifier_config.data_root)
-    tables, lines = [], []
+    tables, lines, cts, parts = [], [], [], []
     if config.inputs:
-        components, summaries = analyse_many(config.inputs, models, config, out, data_root, args.num_workers)
+        components, cts, skipped = analyse_many(config.inputs, models, config, out, data_root, args.num_workers)
+        if skipped and not cts:
+            raise DataFormatError(f"no CT could be analysed: {'; '.join(skipped)}")
         tables.append(components)
-        for uid, summary in summaries.items():
-            counts = summary["counts"]
+        for ct in cts:
+            uid, counts = ct.summary["series_uid"], ct.summary["counts"]
             lines.append(
-                f"{uid}: {counts['nodules']} nodule(s), {counts['malignant']} malignant → {out / uid}/nodules.csv"
+                f"{uid}: {counts['nodules']} nodule(s), {counts['malignant']} malignant → {ct.folder}/nodules.csv"
             )
+        lines += [f"skipped: {why}" for why in skipped]
     if config.run_validation:
-        lines += _run_validation(config, models, out, run_time, args.num_workers, tables)
+        lines += _run_validation(config, models, out, run_time, args.num_workers, tables, cts, parts)
     if config.write_candidates:
         everything = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=list(COMPONENT_COLUMNS))
         positives = write_candidates(everything, data_root, out / "candidates.csv")
         lines.append(f"candidates: {int(everything['kept'].sum())} rows ({positives} class 1) → {out}/candidates.csv")
+    header = {
+        "time": run_time, "models": models.describe(), "nodule_threshold": config.nodule_threshold,
+        "malignancy_threshold": config.malignancy_threshold, "version": versions().get("p2ch", ""),
+    }  # fmt: skip
+    lines.append(f"report: {write_report(out, cts, parts, header)}")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
 
 def _run_validation(
-    config: AnalysisConfig, models: Models, out: Path, run_time: str, num_workers: int, tables: list[pd.DataFrame]
-) -> list[str]:
-    data_root, parts = validation_parts(config, models)
+    config: AnalysisConfig, models: Models, out: Path, run_time: str, num_workers: int, tables: list[pd.DataFrame],
+    cts: list[CtReport], parts: list[PartReport],
+) -> list[str]:  # fmt: skip
+    data_root, uids_of = validation_parts(config, models)
     scored = {}
-    for name, uids in parts.items():
+    for name, uids in uids_of.items():
         log.info("%s: %d series of %s", name, len(uids), data_root)
-        components, _ = analyse_many(uids, models, config, out / name, data_root, num_workers)
+        components, reports, _ = analyse_many(uids, models, config, out / name, data_root, num_workers)
         tables.append(components)
+        cts += reports
         scored[name] = write_part_outputs(name, uids, components, data_root, config, models, out / name)
+        parts.append(scored[name]["part"])
     tb_root = log_to_tensorboard(scored, config, run_time)
     return [part["report"] + f"→ {out / name}/ (TensorBoard: {tb_root})" for name, part in scored.items()]
 

@@ -213,6 +213,22 @@ def test_two_spheres_and_a_speck_are_counted_measured_and_filtered():
     assert len(kept) == 2 and kept.center_xyz.shape == (2, 3) and set(kept.reason.tolist()) == {""}
 
 
+def test_labels_mark_each_rows_voxels():
+    shape = (20, 30, 30)
+    a, b = sphere(shape, (6, 8, 8), 5.0), sphere(shape, (14, 20, 22), 7.0)
+    mask = a | b
+    mask[1, 28, 1] = True
+    hu = np.full(shape, -700, dtype=np.int16)
+    comps, labels = find_components(mask, fake_ct(hu), return_labels=True)
+    assert labels.dtype == np.int32 and labels.shape == shape
+    assert set(np.unique(labels).tolist()) == {0, 1, 2, 3}
+    for j in range(len(comps)):
+        voxels = labels == j + 1
+        assert voxels.sum() == comps.voxels[j]
+        np.testing.assert_allclose(np.argwhere(voxels).mean(axis=0), comps.center_irc[j], atol=1e-9)
+    assert not labels[~mask].any()
+
+
 def test_six_and_twenty_six_connectivity_differ_on_diagonal_neighbours():
     mask = np.zeros((10, 10, 10), dtype=bool)
     mask[2, 2, 2] = mask[3, 3, 3] = True  # corners touch

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from p2ch.ct import HU_MAX, HU_MIN
 from p2ch.ct import load_dicom as read_dicom_series
-from p2ch.dicom import DicomSeries, list_dicom_series
+from p2ch.dicom import DicomSeries, list_dicom_series, volume_series
 from p2ch.errors import DataFormatError, DataNotFoundError
 
 SERIES_UID = "1.2.826.0.1.3680043.8.498.1001"
@@ -231,3 +231,34 @@ def test_empty_missing_and_single_slice_folders(tmp_path):
     write_dicom_series(tmp_path / "one", make_hu((1, 4, 4)))
     with pytest.raises(DataFormatError, match=r"one: the series has 1 slice; a CT needs at least 2"):
         read_dicom_series(tmp_path / "one")
+
+
+def test_slice_references_follow_the_ct_order_not_the_file_order(tmp_path):
+    """Written with z pointing down (as many scanners store a head-first series): the CT's slice 0 is the last
+    file written, and InstanceNumber runs opposite to the CT's index."""
+    hu = make_hu((5, 4, 6), seed=7)
+    names = [f"img{n}.dcm" for n in (3, 0, 4, 1, 2)]
+    write_dicom_series(tmp_path, hu, direction=np.diag([1.0, 1.0, -1.0]), names=names)
+    ct = read_dicom_series(tmp_path)
+    np.testing.assert_array_equal(ct.hu, np.clip(hu[::-1], HU_MIN, HU_MAX))
+    refs = ct.dicom_slices
+    assert refs.instance_numbers == (5, 4, 3, 2, 1)
+    assert refs.file_names == tuple(reversed(names))
+    for name, sop_uid in zip(refs.file_names, refs.sop_instance_uids, strict=True):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(tmp_path / name))
+        reader.ReadImageInformation()
+        assert sop_uid == reader.GetMetaData("0008|0018").strip(" \0") and sop_uid
+    assert len(set(refs.sop_instance_uids)) == 5
+
+
+def test_volume_series_sets_aside_what_is_not_a_ct_volume(tmp_path):
+    write_dicom_series(tmp_path, make_hu((3, 4, 4)), description="lung")
+    write_dicom_series(
+        tmp_path, make_hu((3, 4, 4)), series_uid=OTHER_UID, modality="MR", names=["m0.dcm", "m1.dcm", "m2.dcm"]
+    )
+    write_dicom_series(tmp_path, make_hu((1, 4, 4)), series_uid=OTHER_UID + "1", names=["scout.dcm"])
+    volumes, others = volume_series(tmp_path)
+    assert [s.series_uid for s in volumes] == [SERIES_UID]
+    reasons = {s.series_uid: why for s, why in others}
+    assert reasons == {OTHER_UID: "modality 'MR', not 'CT'", OTHER_UID + "1": "1 image, not a volume"}

@@ -7,6 +7,7 @@ the confusion matrix — is checked against known nodules; one test runs a real 
 
 from __future__ import annotations
 
+import html.parser
 import json
 import shutil
 from pathlib import Path
@@ -158,6 +159,18 @@ def test_run_validation_scores_the_detector(root, models, tmp_path, monkeypatch,
         assert (out / part / "froc.png").is_file() and (out / part / "confusion.csv").is_file()
     events = list((out / "runs" / "p2ch").glob("*-val_analysis-analysis/events.out.tfevents.*"))
     assert events
+    page = ReportPage.parse(out / "report.html")
+    assert {"validation/froc.png", "train/froc.png", "validation/metrics.json"} <= page.links
+    assert all((out / link).is_file() for link in page.links)
+    for part in ("validation", "train"):
+        confusion = json.loads((out / part / "metrics.json").read_text())["confusion"]
+        header, *rows = page.confusion[part]
+        for row in rows:
+            shown = {column: cell for column, cell in zip(header[1:], row[1:], strict=True) if cell != "–"}
+            assert shown == {c: str(confusion[row[0]][c]) for c in shown}, (part, row)
+        assert [r[0] for r in rows][:3] == ["non-nodule", "benign", "malignant"]
+        uids = {u for u in page.rows if (out / part / u).is_dir()}
+        assert uids == {d.name for d in (out / part).iterdir() if d.is_dir()}, "every analysed CT is in the report"
 
 
 def test_write_candidates_is_a_luna16_candidates_file(root, models, tmp_path, monkeypatch):
@@ -290,3 +303,240 @@ def test_out_that_is_a_file_is_refused_before_any_model_loads(root, models, tmp_
     assert nodule_analysis.main([uid, *_argv(models, root, blocker / "out")]) == 2
     err = capsys.readouterr().err
     assert f"--out {blocker / 'out'}: {blocker} is a file, not a folder" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# results where viewers read them: label maps, positions, NIfTI/NRRD inputs, several series, report.html
+
+
+def _weighted_centres_mm(label_image: sitk.Image, hu: np.ndarray) -> dict[int, np.ndarray]:
+    """{label: HU + 1001 weighted centre of its voxels, in mm by SimpleITK's own transform of the label image}."""
+    labels = sitk.GetArrayFromImage(label_image)
+    centres = {}
+    for k in np.unique(labels[labels > 0]).tolist():
+        voxels = np.argwhere(labels == k)
+        weights = hu[tuple(voxels.T)].astype(np.float64) + 1001.0
+        irc = (voxels * weights[:, None]).sum(axis=0) / weights.sum()
+        centres[k] = np.array(label_image.TransformContinuousIndexToPhysicalPoint(tuple(irc[::-1].tolist())))
+    return centres
+
+
+def test_dicom_ct_gets_a_label_map_and_a_ct_on_its_grid_and_slice_references(
+    synth_set, models, tmp_path, monkeypatch
+):  # fmt: skip
+    from test_dicom import write_dicom_series
+
+    from p2ch.ct import Ct
+
+    oblique = synth_set(masks=True, direction="oblique", **SETTINGS)
+    monkeypatch.setattr(nodule_analysis, "segment_ct", _true_segmentation(oblique))
+    uid = _uids_with_nodules(oblique)[0]
+    source = Ct(uid, oblique)
+    write_dicom_series(
+        tmp_path / "dicom", source.hu, spacing_xyz=source.voxel_size_xyz, origin_xyz=source.origin_xyz,
+        direction=source.direction, series_uid=uid,
+    )  # fmt: skip
+    out = tmp_path / "out"
+    assert nodule_analysis.main([str(tmp_path / "dicom"), *_argv(models, oblique, out, "--nodule-threshold", "0")]) == 0
+    folder = out / uid
+    nodules = pd.read_csv(folder / "nodules.csv", dtype={"seriesuid": str, "sop_instance_uid": str})
+    assert list(nodules.columns[:7]) == ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "p_nodule",
+                                         "p_malignant"]  # fmt: skip
+    assert len(nodules) >= 2 and nodules["label"].tolist() == list(range(1, len(nodules) + 1))
+    mask = sitk.ReadImage(str(folder / "nodules_mask.nii.gz"))
+    ct_image = sitk.ReadImage(str(folder / "ct.nii.gz"))
+    for image in (mask, ct_image):
+        assert image.GetSize() == source.hu.shape[::-1]
+        np.testing.assert_allclose(image.GetSpacing(), source.voxel_size_xyz, rtol=1e-6)
+        np.testing.assert_allclose(image.GetOrigin(), source.origin_xyz, atol=1e-3)
+        np.testing.assert_allclose(np.reshape(image.GetDirection(), (3, 3)), source.direction, atol=1e-5)
+    assert mask.GetPixelID() == sitk.sitkUInt8
+    hu = sitk.GetArrayFromImage(ct_image)
+    np.testing.assert_array_equal(hu, source.hu)
+    centres = _weighted_centres_mm(mask, hu)
+    assert sorted(centres) == nodules["label"].tolist()
+    for row in nodules.itertuples(index=False):
+        np.testing.assert_allclose(centres[row.label], (row.coordX, row.coordY, row.coordZ), atol=2e-3)
+        continuous = ct_image.TransformPhysicalPointToContinuousIndex((row.coordX, row.coordY, row.coordZ))
+        assert (row.voxel_index, row.voxel_row, row.voxel_col) == tuple(round(v) for v in continuous[::-1])
+        assert row.slice_number == row.voxel_index + 1
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(tmp_path / "dicom" / row.dicom_file))
+        reader.ReadImageInformation()
+        assert int(reader.GetMetaData("0020|0013")) == row.instance_number
+        assert reader.GetMetaData("0008|0018").strip(" \0") == row.sop_instance_uid
+        position = [float(v) for v in reader.GetMetaData("0020|0032").split("\\")]
+        assert round(ct_image.TransformPhysicalPointToContinuousIndex(position)[2]) == row.voxel_index
+    components = pd.read_csv(folder / "components.csv", dtype={"seriesuid": str})
+    labelled = components[components["label"] > 0].sort_values("label")
+    assert labelled["voxels"].tolist() == [int((sitk.GetArrayFromImage(mask) == k).sum()) for k in centres]
+    summary = json.loads((folder / "analysis.json").read_text())
+    assert summary["source_kind"] == "DICOM" and summary["files"]["label_map"] == "nodules_mask.nii.gz"
+
+
+def test_oblique_nifti_input_with_mhd_label_maps_and_the_probability(synth_set, models, tmp_path, monkeypatch):
+    from p2ch.ct import Ct
+
+    root = synth_set(masks=True, direction="oblique", **SETTINGS)
+    monkeypatch.setattr(nodule_analysis, "segment_ct", _true_segmentation(root))
+    uid = _uids_with_nodules(root)[0]
+    source = Ct(uid, root)
+    sitk.WriteImage(sitk.ReadImage(str(source.mhd_path)), str(tmp_path / f"{uid}.nii.gz"))
+    out = tmp_path / "out"
+    (out / uid).mkdir(parents=True)
+    (out / uid / "nodules_mask.nii.gz").write_bytes(b"an earlier run's label map")
+    argv = [str(tmp_path / f"{uid}.nii.gz"), *_argv(models, root, out, "--nodule-threshold", "0", "--no-pictures",
+            "--mask-format", "mhd", "--write-probability")]  # fmt: skip
+    assert nodule_analysis.main(argv) == 0
+    folder = out / uid
+    kept = pd.read_csv(folder / "components.csv", dtype={"seriesuid": str}).query("kept")
+    scored = kept[list(nodule_analysis.LOCATION_COLUMNS)].assign(probability=kept["p_nodule"])
+    assert match_predictions(scored, _annotations(root, uid)).is_detected.all(), "mm survive NIfTI's RAS"
+    assert kept["instance_number"].isna().all() and kept["dicom_file"].isna().all()
+    assert {p.name for p in folder.iterdir()} >= {"nodules_mask.mhd", "nodules_mask.zraw", "nodules_probability.mhd"}
+    assert not list(folder.glob("ct.*")), "the CT itself is written for DICOM inputs only"
+    assert not (folder / "nodules_mask.nii.gz").exists(), "an earlier run's volume in another format is removed"
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "masks" / f"{uid}.mhd"))) > 0
+    probability = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "nodules_probability.mhd")))
+    np.testing.assert_array_equal(probability, np.where(truth, 255, 0))
+    given, mask = sitk.ReadImage(str(tmp_path / f"{uid}.nii.gz")), sitk.ReadImage(str(folder / "nodules_mask.mhd"))
+    assert not np.allclose(np.reshape(given.GetDirection(), (3, 3)), np.eye(3)) and mask.GetSize() == given.GetSize()
+    np.testing.assert_allclose(mask.GetOrigin(), given.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(mask.GetSpacing(), given.GetSpacing(), rtol=1e-6)
+    np.testing.assert_allclose(mask.GetDirection(), given.GetDirection(), atol=1e-6)
+    labels = sitk.GetArrayFromImage(mask)
+    assert set(np.unique(labels).tolist()) == {0, *range(1, len(kept) + 1)} and not labels[~truth].any()
+
+
+def test_dicom_series_all_analyses_each_ct_volume(root, models, tmp_path, monkeypatch, capsys):
+    from test_dicom import write_dicom_series
+
+    monkeypatch.setattr(nodule_analysis, "segment_ct", lambda model, ct, **kw: np.zeros(ct.hu.shape, np.float16))
+    hu = np.full((4, 16, 16), -800, dtype=np.int16)
+    folder = tmp_path / "study"
+    write_dicom_series(folder, hu, series_uid="1.2.826.0.1.1", names=[f"a{k}.dcm" for k in range(4)])
+    write_dicom_series(folder, hu, series_uid="1.2.826.0.1.2", names=[f"b{k}.dcm" for k in range(4)])
+    write_dicom_series(folder, hu, series_uid="1.2.826.0.1.3", modality="MR", names=[f"m{k}.dcm" for k in range(4)])
+    write_dicom_series(folder, hu, series_uid="1.2.826.0.1.4", names=[f"c{k}.dcm" for k in range(4)],
+                       index_z=[0, 1, 2, 4])  # fmt: skip
+    out = tmp_path / "out"
+    assert nodule_analysis.main([str(folder), *_argv(models, root, out, "--dicom-series", "all")]) == 0
+    printed = capsys.readouterr().out
+    assert (out / "1.2.826.0.1.1" / "analysis.json").is_file() and (out / "1.2.826.0.1.2" / "ct.nii.gz").is_file()
+    assert not (out / "1.2.826.0.1.3").exists() and not (out / "1.2.826.0.1.4").exists()
+    assert "skipped:" in printed and "1 slice(s) missing" in printed
+    broken = tmp_path / "broken"  # two CT volumes, each missing a slice: nothing to analyse is an error
+    for k, uid in enumerate(("1.2.826.0.1.5", "1.2.826.0.1.6")):
+        write_dicom_series(broken, hu, series_uid=uid, names=[f"{k}_{n}.dcm" for n in range(4)], index_z=[0, 1, 2, 4])
+    assert nodule_analysis.main([str(broken), *_argv(models, root, out, "--dicom-series", "all")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "no CT could be analysed" in err and err.count("slice(s) missing") == 2 and len(err.strip().splitlines()) == 1
+    )
+    empty = tmp_path / "mr-only"
+    write_dicom_series(empty, hu, series_uid="1.2.826.0.1.3", modality="MR")
+    assert nodule_analysis.main([str(empty), *_argv(models, root, out, "--dicom-series", "all")]) == 2
+    err = capsys.readouterr().err
+    assert "found no CT volume" in err and "modality 'MR'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_report_lists_every_nodule_with_its_picture_and_links(root, models, tmp_path, monkeypatch):
+    monkeypatch.setattr(nodule_analysis, "segment_ct", _true_segmentation(root))
+    uids = _uids_with_nodules(root)[:2]
+    out = tmp_path / "out"
+    argv = [",".join(uids), *_argv(models, root, out, "--nodule-threshold", "0", "--max-pictures", "2")]
+    assert nodule_analysis.main(argv) == 0
+    page = ReportPage.parse(out / "report.html")
+    assert set(page.rows) == set(uids)
+    for uid in uids:
+        nodules = pd.read_csv(out / uid / "nodules.csv", dtype={"seriesuid": str})
+        assert len(nodules) > 2
+        rows = page.rows[uid]
+        assert [r["label"] for r in rows] == nodules["label"].tolist()
+        assert [r["p_nodule"] for r in rows] == [f"{p:.3f}" for p in nodules["p_nodule"]]
+        assert [r["slice"] for r in rows] == [str(v) for v in nodules["slice_number"]]
+        assert [r["pictures"] for r in rows] == [1, 1] + [0] * (len(nodules) - 2), "pictures of the 2 most probable"
+        summary = json.loads((out / uid / "analysis.json").read_text())
+        assert summary["nodules_drawn"] == 2 and summary["pictures"] == ["nodules_01.png"]
+    assert page.links and all((out / link).is_file() for link in page.links), page.links
+    assert {f"{uid}/nodules_01.png" for uid in uids} | {f"{uid}/nodules_mask.nii.gz" for uid in uids} <= page.links
+    assert not page.scripts and not any("://" in link for link in page.links)
+
+
+class ReportPage(html.parser.HTMLParser):
+    """report.html read back: nodule rows per CT section and every link and image source."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[str, list[dict]] = {}
+        self.confusion: dict[str, list[list[str]]] = {}
+        self._part: str | None = None
+        self._table_row: list[str] | None = None
+        self.links: set[str] = set()
+        self.scripts = 0
+        self._ct: str | None = None
+        self._row: dict | None = None
+        self._cell: str | None = None
+
+    @classmethod
+    def parse(cls, path: Path) -> ReportPage:
+        page = cls()
+        page.feed(path.read_text(encoding="utf-8"))
+        return page
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.scripts += tag == "script"
+        for key in ("href", "src"):
+            if attrs.get(key) and not attrs[key].startswith("#"):
+                self.links.add(attrs[key])
+        if tag == "section" and attrs.get("class") == "part":
+            self._part = attrs["id"].removeprefix("part-")
+            self.confusion[self._part] = []
+        elif tag == "table" and attrs.get("class") != "confusion":
+            self._part = None
+        elif tag == "tr" and self._part is not None:
+            self._table_row = []
+            self.confusion[self._part].append(self._table_row)
+        if tag == "section" and attrs.get("class") == "ct":
+            self._ct = attrs["id"].removeprefix("ct-")
+            self.rows[self._ct] = []
+        elif tag == "tr" and attrs.get("class") == "nodule":
+            self._row = {"label": int(attrs["data-label"]), "pictures": 0}
+            self.rows[self._ct].append(self._row)
+        elif tag == "td" and self._row is not None:
+            self._cell = attrs.get("class")
+        elif tag == "img" and self._row is not None:
+            self._row["pictures"] += 1
+
+    def handle_endtag(self, tag):
+        if tag == "tr":
+            self._row = self._table_row = None
+        elif tag == "section":
+            self._part = None
+
+    def handle_data(self, data):
+        if self._table_row is not None and data.strip():
+            self._table_row.append(data.strip())
+        if self._row is not None and self._cell in ("p-nodule", "slice") and data.strip():
+            self._row["p_nodule" if self._cell == "p-nodule" else "slice"] = data.strip()
+
+
+def test_bad_nifti_inputs_and_output_flags_are_one_line(root, models, tmp_path, capfd):
+    four_d = tmp_path / "series.nii.gz"
+    sitk.WriteImage(sitk.JoinSeries([sitk.GetImageFromArray(np.full((4, 8, 8), -900, np.int16))] * 2), str(four_d))
+    stored = tmp_path / "stored.nii.gz"  # a scanner's 0..4095 without the rescale to HU
+    sitk.WriteImage(sitk.GetImageFromArray(np.tile(np.array([0, 40, 1000, 4095], np.int16), (4, 8, 2))), str(stored))
+    uid = _uids_with_nodules(root)[0]
+    cases = [
+        ([str(four_d)], "a 4-D image of size 8 × 8 × 4 × 2: expected one 3-D CT volume"),
+        ([str(stored)], "voxel values 0..4095 look like stored values without the rescale"),
+        ([uid, "--hu-offset", "-1024"], "--hu-offset -1024 applies to NIfTI and NRRD inputs"),
+        ([str(stored), "--hu-offset", "20000"], "--hu-offset 20000: expected an integer number of HU"),
+        ([uid, "--write-probability", "--mask-format", "none"], "--write-probability writes in the --mask-format"),
+        ([uid, "--max-pictures", "-1"], "--max-pictures must be ≥ 0, got -1"),
+    ]
+    for inputs, expected in cases:
+        assert nodule_analysis.main([*inputs, *_argv(models, root, tmp_path / "out")]) == 2, inputs
+        err = capfd.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1, (inputs, err)
