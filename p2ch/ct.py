@@ -360,6 +360,8 @@ class Ct:
             conversion, so a volume never exists as float32.
         origin_xyz: XyzTuple, mm. voxel_size_xyz: XyzTuple, mm per voxel along (x, y, z).
         direction: (3, 3) float64 direction matrix.
+        provenance: {key: text} of what was done to the voxels on the way in, e.g. a DICOM series
+            resampled for its gantry tilt (`p2ch.dicom.TILT_KEY`); empty for a CT read as stored.
     """
 
     def __init__(self, series_uid: str, data_root: str | os.PathLike[str] | None = None):
@@ -396,6 +398,7 @@ class Ct:
         self.origin_xyz = XyzTuple(*image.GetOrigin())
         self.voxel_size_xyz = XyzTuple(*image.GetSpacing())
         self.direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+        self.provenance = {key: image.GetMetaData(key) for key in image.GetMetaDataKeys() if key.startswith("p2ch:")}
 
     def __repr__(self) -> str:
         return f"Ct({self.series_uid!r}, shape={self.hu.shape}, spacing={tuple(self.voxel_size_xyz)})"

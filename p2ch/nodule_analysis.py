@@ -361,6 +361,7 @@ def write_ct_outputs(result: CtResult, models: Models, config: AnalysisConfig, o
             "voxel_size_xyz": list(ct.voxel_size_xyz),
             "origin_xyz": list(ct.origin_xyz),
             "direction": ct.direction.ravel().tolist(),
+            "provenance": dict(getattr(ct, "provenance", {})),  # e.g. a DICOM series resampled for its gantry tilt
         },
         "counts": {
             "components": len(components),
