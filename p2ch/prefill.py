@@ -68,8 +68,9 @@ log = logging.getLogger(__name__)
 _ROW_BYTES = 300
 _BLOCK = 4096
 # Below this many bytes of CT to load, a fill of some candidates runs in this process: on a loaded 2-core VM
-# 6 CTs of 64 MB took 1.6 s here and 4.5 s in 2 worker processes, which take about 3 s to start (each
-# imports SimpleITK, pandas and diskcache); a GiB is about 8 LUNA16 CTs (BENCHMARKS.md, "cold cache").
+# 6 CTs of 64 MB took 1.1-1.7 s here and 8.9 s in 2 worker processes, which take seconds to start (a spawned
+# worker imports SimpleITK, pandas, diskcache and the command's own module, torch included); a GiB is about
+# 8 LUNA16 CTs (BENCHMARKS.md, "cold cache").
 IN_PROCESS_CT_BYTES = 2**30
 
 
@@ -417,7 +418,7 @@ def chunk_coverage(
 
     indices: (n,) int rows of `candidates` (or an (N,) bool mask); repeated rows count once.
     width_irc: 3 ints. A CT whose files cannot be identified counts as wholly missing (its fill
-    then reports it). LUNA16's 550,560 chunks took 3.1 s on a loaded 2-core VM (BENCHMARKS.md).
+    then reports it). LUNA16's 550,560 chunks took 2-3 s on a loaded 2-core VM (BENCHMARKS.md).
     """
     start = time.perf_counter()
     width = check_width_irc(width_irc)
