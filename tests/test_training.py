@@ -854,3 +854,17 @@ def test_an_unknown_batch_buffers_value_is_refused(tiny, tmp_path, capsys):
         training.main(_args(tiny, tmp_path, "--batch-buffers", "recycle"))
     assert exc.value.code == 2
     assert "--batch-buffers: invalid choice: 'recycle'" in capsys.readouterr().err
+
+
+def test_the_prepcache_line_of_the_no_prefill_warning_fills_this_runs_chunks(tmp_path):
+    from p2ch.config import TrainingConfig
+
+    config = TrainingConfig(data_root=str(tmp_path / "luna"), cache_dir=str(tmp_path / "c"), task="malignancy")
+    assert training.prepcache_command(config) == (
+        f"python -m p2ch.prepcache --data-root {tmp_path / 'luna'} --cache-dir {tmp_path / 'c'} --malignant"
+    )
+    wide = TrainingConfig(data_root=str(tmp_path / "luna"), width_irc=(16, 32, 32))
+    assert (
+        training.prepcache_command(wide)
+        == f"python -m p2ch.prepcache --data-root {tmp_path / 'luna'} --width-irc 16 32 32"
+    )
