@@ -687,14 +687,14 @@ class ChunkCache:
     def missing(self, series_uid: str, centers_xyz, width_irc: Sequence[int] = DEFAULT_WIDTH_IRC) -> np.ndarray:
         """Which of these chunks are not cached yet: (N,) bool, for centers_xyz (N, 3) float mm.
 
-        Reads nothing but the index; creates nothing when the cache does not exist yet.
+        Reads nothing but the index (the CT's keys, one range query per shard); creates nothing.
         """
         centers = np.asarray(centers_xyz, dtype=np.float64).reshape(-1, 3)
         if not self.exists():
             return np.ones(len(centers), dtype=bool)
         prefix = self._sources_here().prefix(series_uid, tuple(width_irc))[0]
-        contains = self.store.contains
-        return np.array([not contains(prefix + _center_key(c)) for c in centers.tolist()], dtype=bool)
+        present = self.store.keys_with_prefix(prefix)
+        return np.array([prefix + _center_key(c) not in present for c in centers.tolist()], dtype=bool)
 
     def fill_series(
         self,

@@ -55,6 +55,7 @@ from p2ch.luna import (
     ANNOTATIONS_FILE,
     CANDIDATE_COLUMNS,
     EXCLUDED_FILE,
+    LOCATION_COLUMNS,
     MALIGNANCY_COLUMNS,
     MALIGNANCY_FILE,
     cut_text,
@@ -459,7 +460,9 @@ class CandidateArrays:
     series_uids: (S,) str, the distinct series; series_index: (N,) int32 into series_uids;
     center_xyz: (N, 3) float64 mm; is_nodule, has_annotation, is_mal: (N,) bool (is_mal: see
     CandidateInfoTuple); diameter_mm: (N,) float32 mm (0 when unmatched). The malignancy task's
-    rows (`get_malignancy_arrays()`) come in the same form.
+    rows (`get_malignancy_arrays()`) come in the same form. source_file: the CSV the rows were read
+    from (None when built in memory), so that an error about a row can name its file and line
+    (`row_location`).
     """
 
     series_uids: np.ndarray
@@ -469,6 +472,7 @@ class CandidateArrays:
     has_annotation: np.ndarray
     is_mal: np.ndarray
     diameter_mm: np.ndarray
+    source_file: Path | None = None
 
     def __len__(self) -> int:
         return len(self.series_index)
@@ -650,6 +654,7 @@ def _load(root: str, require_on_disk: bool) -> tuple[CandidateArrays, CandidateS
     if (data_root / MALIGNANCY_FILE).is_file():
         annotation_is_mal = _malignancy_table(root).annotation_is_mal
     arrays, stats = build_candidate_arrays(candidates, annotations, on_disk, duplicates, annotation_is_mal)
+    arrays = dataclasses.replace(arrays, source_file=candidates_path)
     if require_on_disk and stats.candidates == 0:
         raise DataNotFoundError(
             f"none of the {len(on_disk)} series under {data_root}/subset*/ appears in "
@@ -826,6 +831,7 @@ def _load_malignancy(root: str, require_on_disk: bool) -> tuple[CandidateArrays,
             raise DataNotFoundError(no_data_message(data_root))
     table = _malignancy_table(root)
     arrays, stats = _malignancy_arrays(table, on_disk)
+    arrays = dataclasses.replace(arrays, source_file=table.path)
     if require_on_disk and len(arrays) == 0:
         raise DataNotFoundError(
             f"none of the {stats.matched} rows of {table.path} is of one of the {len(on_disk)} series under "
@@ -917,6 +923,26 @@ def submission_frame(candidates: CandidateArrays, indices: np.ndarray, probabili
             "probability": np.asarray(probability, dtype=np.float64),
         }
     )
+
+
+def csv_line(path: str | os.PathLike[str], series_uid: str, center_xyz) -> str:
+    """`path: line N` of the first row of a LUNA16 CSV at this location (the header is line 1), else `path`.
+
+    center_xyz: 3 floats, mm, matched to 1e-6 mm. Reads the file again: for error messages only.
+    """
+    frame = read_luna_csv(path, LOCATION_COLUMNS)
+    same = (frame["seriesuid"].to_numpy() == series_uid) & np.isclose(
+        frame[list(_COORDS)].to_numpy(dtype=np.float64), np.asarray(center_xyz), rtol=0, atol=1e-6
+    ).all(axis=1)
+    found = np.flatnonzero(same)
+    return f"{path}: line {int(found[0]) + 2}" if len(found) else str(path)
+
+
+def row_location(candidates: CandidateArrays, row: int) -> str | None:
+    """Where row `row` of `candidates` was read: `<csv>: line N` (None for rows built in memory)."""
+    if candidates.source_file is None:
+        return None
+    return csv_line(candidates.source_file, candidates.series_uid(row), candidates.center_xyz[row])
 
 
 def read_reference(data_root: Path, series_uids) -> tuple[pd.DataFrame, pd.DataFrame | None]:

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -52,6 +53,29 @@ def one_line(exc: BaseException) -> str:
     """An exception's message on one line (some library messages embedded in ours span several; an error
     raised in a DataLoader worker keeps only its own message, not torch's wrapping and traceback)."""
     return " ".join(worker_message(exc).split())
+
+
+_LEADING_PATH = re.compile(r"^([^\s:]*[/\\])([^\s:/\\]+): ")  # "/data/x.mhd: " before a message
+_PATH_OR_LENGTH_NOTE = re.compile(r" \((?:[^()]*[/\\][^()]*|[\d,]+ characters)\)")  # " (/abs/path)", " (84 characters)"
+_LONG_QUOTE = re.compile(r"'([^']{41,})'")
+
+
+def brief_reason(message: str, limit: int = 200) -> str:
+    """The gist of an error message for a summary line (its full text goes to the log).
+
+    Keeps only the file name of a leading path ("/data/luna/annotations.csv: line 2: …" → "annotations.csv:
+    line 2: …"), drops the advice after the first "; " and notes in parentheses that hold a path or a length
+    ("(84 characters)"), cuts quoted values to 40 characters and the whole to `limit`, each cut marked "…".
+    Numbers and names in the message stay.
+    """
+    text = " ".join(message.split())
+    if (match := _LEADING_PATH.match(text)) is not None:
+        text = text[len(match[1]) :]
+    text = text.split("; ", 1)[0]
+    while (shorter := _PATH_OR_LENGTH_NOTE.sub("", text)) != text:
+        text = shorter
+    text = _LONG_QUOTE.sub(lambda m: f"'{m[1][:39]}…'", text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class _Signals:

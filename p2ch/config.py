@@ -225,6 +225,7 @@ class RunConfig:
     # data
     data_root: str | None = None
     cache_dir: str | None = None
+    prefill: bool = True  # fill what the cache lacks CT by CT before the first batch (--no-prefill: don't)
     # split
     split: str = "series"
     val_fraction: float = 0.1
@@ -485,8 +486,21 @@ class SegTrainingConfig(RunConfig):
 # the command-line spelling of RunConfig, shared by the training apps
 
 
-def add_data_arguments(parser: argparse.ArgumentParser, cache_help: str = "chunk cache") -> argparse._ArgumentGroup:
-    """--data-root and --cache-dir (group "data")."""
+PREFILL_HELP = {
+    "chunk cache": "before the first batch, the chunks the run reads that the cache lacks (a key check) are "
+    "cropped CT by CT, one load per CT, in up to --num-workers processes (at most 8; this one for less than a GiB "
+    "of CT), with a progress bar and ETA; with --no-prefill a warning says what is missing, and DataLoader workers "
+    "crop each missing chunk after loading its whole CT (about 20x fewer samples/s on a cold cache, BENCHMARKS.md)",
+    "slice cache": "before the first batch, the CTs of the run that the slice cache lacks are written CT by CT in "
+    "--num-workers processes (at most 8, with a progress bar and ETA); with --no-prefill a warning says how many "
+    "are missing, and the datasets write each one in the main process when they first read it",
+}
+
+
+def add_data_arguments(
+    parser: argparse.ArgumentParser, cache_help: str = "chunk cache", cache_kind: str = "chunk cache"
+) -> argparse._ArgumentGroup:
+    """--data-root, --cache-dir and --no-prefill (group "data"); cache_kind: "chunk cache" or "slice cache"."""
     g = parser.add_argument_group("data")
     g.add_argument(
         "--data-root",
@@ -496,6 +510,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, cache_help: str = "chunk
     g.add_argument(
         "--cache-dir", default=None, help=f"{cache_help} (default: $P2CH_CACHE_DIR or data-unversioned/cache)"
     )
+    g.add_argument("--no-prefill", dest="prefill", action="store_false", help=PREFILL_HELP[cache_kind])
     return g
 
 

@@ -373,6 +373,8 @@ class Ct:
         direction: (3, 3) float64 direction matrix.
         dicom_slices: per slice, the DICOM file, InstanceNumber and SOPInstanceUID (`p2ch.dicom.DicomSlices`)
             of a CT read from a DICOM folder; None for other sources.
+        provenance: {key: text} of what was done to the voxels on the way in, e.g. a DICOM series
+            resampled for its gantry tilt (`p2ch.dicom.TILT_KEY`); empty for a CT read as stored.
     """
 
     dicom_slices: dicom.DicomSlices | None = None
@@ -411,6 +413,7 @@ class Ct:
         self.origin_xyz = XyzTuple(*image.GetOrigin())
         self.voxel_size_xyz = XyzTuple(*image.GetSpacing())
         self.direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+        self.provenance = {key: image.GetMetaData(key) for key in image.GetMetaDataKeys() if key.startswith("p2ch:")}
 
     def __repr__(self) -> str:
         return f"Ct({self.series_uid!r}, shape={self.hu.shape}, spacing={tuple(self.voxel_size_xyz)})"

@@ -80,10 +80,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 from p2ch.batchbuffers import BatchBuffers, Leased, buffer_slots, new_shared_int16
-from p2ch.candidates import CandidateArrays
+from p2ch.candidates import CandidateArrays, csv_line
 from p2ch.cli import exit_with_parent
 from p2ch.config import SPLIT_MODES
-from p2ch.errors import ConfigError, DataFormatError, DataNotFoundError
+from p2ch.errors import CandidateOutsideCtError, ConfigError, DataFormatError, DataNotFoundError
 from p2ch.geometry import DEFAULT_WIDTH_IRC, check_width_irc
 from p2ch.luna import series_index, subset_of
 
@@ -234,6 +234,7 @@ class LunaDataset(Dataset):
         self._series_index = np.ascontiguousarray(candidates.series_index[self.indices])
         self._center_xyz = np.ascontiguousarray(candidates.center_xyz[self.indices], dtype=np.float64)
         self.labels = np.ascontiguousarray(candidates.is_nodule[self.indices], dtype=bool)
+        self._source_file = candidates.source_file
         self._source_takes_out = _takes_out(source.get_ct_raw_candidate)
         self.buffers: BatchBuffers | None = None  # a loader's reusable batch buffers (create_loader sets it)
 
@@ -255,10 +256,20 @@ class LunaDataset(Dataset):
             )
         return chunk
 
+    def _located(self, exc: CandidateOutsideCtError, series_uid: str, center_xyz: tuple[float, ...]) -> Exception:
+        """`exc` prefixed with the CSV file and line of the candidate (the same one line in a DataLoader
+        worker as in the main process); `exc` itself when the rows were not read from a file."""
+        if self._source_file is None:
+            return exc
+        return CandidateOutsideCtError(f"{csv_line(self._source_file, series_uid, center_xyz)}: {exc}")
+
     def __getitem__(self, k: int) -> LunaSample:
         series_uid = self.series_uid(k)
         center_xyz = tuple(self._center_xyz[k].tolist())
-        chunk, center_irc = self.source.get_ct_raw_candidate(series_uid, center_xyz, self.width_irc)
+        try:
+            chunk, center_irc = self.source.get_ct_raw_candidate(series_uid, center_xyz, self.width_irc)
+        except CandidateOutsideCtError as exc:
+            raise self._located(exc, series_uid, center_xyz) from None
         chunk = self._checked_chunk(chunk, series_uid, center_xyz)
         if not (chunk.flags.writeable and chunk.flags.c_contiguous and chunk.flags.owndata):
             # Read-only buffers (e.g. straight from a cache file) and views into the source's own
@@ -297,10 +308,13 @@ class LunaDataset(Dataset):
         read = self.source.get_ct_raw_candidate
         for j in range(n):
             series_uid, center_xyz, slot = uids[j], tuple(centers_xyz[j]), slots[j]
-            if self._source_takes_out:
-                got, center_irc = read(series_uid, center_xyz, self.width_irc, out=slot)
-            else:
-                got, center_irc = read(series_uid, center_xyz, self.width_irc)
+            try:
+                if self._source_takes_out:
+                    got, center_irc = read(series_uid, center_xyz, self.width_irc, out=slot)
+                else:
+                    got, center_irc = read(series_uid, center_xyz, self.width_irc)
+            except CandidateOutsideCtError as exc:
+                raise self._located(exc, series_uid, center_xyz) from None
             if got is not slot:
                 slot[...] = self._checked_chunk(got, series_uid, center_xyz)
             centers[j] = [int(v) for v in center_irc]

@@ -14,18 +14,32 @@ reconstructions, …), told apart by their SeriesInstanceUID. `list_dicom_series
   duplicate, a missing slice or uneven gaps would put voxels at the wrong place. A gap may differ
   from the median gap by at most `GAP_REL_TOL` of it or `GAP_ABS_TOL_MM`, whichever is larger.
 
-Files in the folder that are not DICOM are ignored; subfolders are not searched. Every error
-names the folder.
+A series whose slices are tilted or sheared (gantry tilt: the step from one ImagePositionPatient
+to the next is not along the slice normal) is resampled onto an orthogonal grid, as dcm2niix does:
+each slice stays in its own plane and is shifted within it (linear interpolation) so that every
+output voxel lies where the files put that point; the grid grows to hold every slice whole, the
+rest is air. SimpleITK alone would stack the slices straight, each one off by its drift (tens of
+mm at the far end of a tilted chest series). The tilt is logged and recorded in the image's
+metadata (`TILT_KEY`, `RESAMPLED_KEY`), which `p2ch.ct.Ct` keeps as its `provenance`.
+
+Files in the folder that are not DICOM are ignored; subfolders are not searched. A file that
+looks like DICOM (a `.dcm`/`.ima` name or the "DICM" marker) but cannot be read is named as
+damaged (truncated, or not intact) rather than left out, unless the series uid it still holds
+is another series' (then it is logged and skipped). Every error names the folder.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from p2ch.errors import DataFormatError, DataNotFoundError
 from p2ch.luna import is_valid_series_uid
@@ -41,6 +55,17 @@ SLOPE_TAG = "0028|1053"
 GAP_REL_TOL = 0.01  # a gap may differ from the median gap by 1 % of it …
 GAP_ABS_TOL_MM = 0.01  # … or by 0.01 mm, whichever is larger (positions are written rounded)
 ORIENTATION_TOL = 1e-4  # direction cosines that differ by less are the same orientation
+# In-plane drift of the slices (over the whole series, in pixels) below which a series counts as orthogonal:
+# stacking it straight misplaces no voxel by more than this fraction of its width.
+TILT_TOL_PIXELS = 0.05
+SNAP_PIXELS = 1e-3  # a slice's shift this close to a whole number of pixels is taken as whole
+OUTSIDE_HU = -1000.0  # what the resampled grid holds where no slice reaches: air (p2ch.ct.HU_MIN)
+TILT_KEY = "p2ch:gantry_tilt_deg"  # image metadata: the tilt angle of a resampled series, degrees
+RESAMPLED_KEY = "p2ch:resampled"  # image metadata: how it was resampled
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")  # names that say "DICOM file" even without the DICM marker
+_PREAMBLE = 128  # bytes before the "DICM" marker of a DICOM Part 10 file
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -243,16 +268,182 @@ def _read_pixels(paths: list[Path], folder: Path) -> sitk.Image:
         raise DataFormatError(f"{folder}: SimpleITK cannot read the series ({_sitk_reason(exc)})") from None
 
 
+# --- damaged files ------------------------------------------------------------------------------
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    """A `.dcm`-like name or the Part 10 marker "DICM" after the 128-byte preamble."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as file:
+            file.seek(_PREAMBLE)
+            return file.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _readable_header(path: Path) -> bool:
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+        return True
+    except RuntimeError:
+        return False
+
+
+def _raw_series_uid(path: Path) -> str | None:
+    """The SeriesInstanceUID (0020,000E) of a damaged file, read from its bytes (None when not found).
+
+    Little-endian only (what nearly every CT writes): explicit VR ("UI" and a 2-byte length) or implicit
+    VR (a 4-byte length). Header elements come before the pixel data, so a file truncated in its pixels
+    still holds it.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    at = data.find(b"\x20\x00\x0e\x00")
+    if at < 0:
+        return None
+    header = data[at + 4 : at + 8]  # explicit VR: "UI" and a 2-byte length; implicit: a 4-byte length
+    if len(header) < 4:
+        return None
+    (length,) = struct.unpack("<H", header[2:]) if header[:2] == b"UI" else struct.unpack("<I", header)
+    uid = data[at + 8 : at + 8 + length].decode("ascii", "replace").strip(" \0")
+    return uid if length <= 64 and is_valid_series_uid(uid) else None
+
+
+def check_damaged_files(folder: Path, series: DicomSeries) -> None:
+    """DataFormatError naming the files of `folder` that look like DICOM but that GDCM cannot read (a truncated
+    or damaged file is left out of every series, so the series would seem to miss a slice), unless the series
+    uid still in such a file is another series' (then it is logged and skipped)."""
+    listed = set(series.files)
+    damaged = []
+    for path in sorted(folder.iterdir()):
+        if path in listed or not path.is_file() or not _looks_like_dicom(path) or _readable_header(path):
+            continue
+        uid = _raw_series_uid(path)
+        if uid is not None and uid != series.series_uid:
+            log.warning("%s: %s is damaged (not readable DICOM) and of series %s; skipped", folder, path.name, uid)
+            continue
+        damaged.append((path, uid))
+    if damaged:
+        (first, uid), others = damaged[0], [p.name for p, _ in damaged[1:]]
+        more = f" (and {len(others)} more: {', '.join(others[:3])}{', …' if len(others) > 3 else ''})" if others else ""
+        whose = "a slice" if uid == series.series_uid else "maybe a slice"
+        raise DataFormatError(
+            f"{folder}: {first.name} is not a readable DICOM file ({first.stat().st_size:,} bytes: truncated or "
+            f"damaged){more}, {whose} of series {series.series_uid}; replace it with an intact copy (export the "
+            "series again) or remove it"
+        )
+
+
+# --- gantry tilt --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Tilt:
+    """How a series' slices drift within their planes: offsets of each slice from the first, mm.
+
+    along_row_mm, along_col_mm: (N,) in-plane offsets along ImageOrientationPatient's row and column
+    directions; spacing_mm: the step along the slice normal; angle_deg: the tilt of the stack.
+    """
+
+    along_row_mm: np.ndarray
+    along_col_mm: np.ndarray
+    spacing_mm: float
+    angle_deg: float
+
+
+def _measure_tilt(slices: list[_Slice]) -> tuple[np.ndarray, _Tilt]:
+    """(direction (3, 3) with columns row, column, normal; the tilt) of slices ordered along their normal."""
+    row_dir = slices[0].orientation[:3] / np.linalg.norm(slices[0].orientation[:3])
+    col_dir = slices[0].orientation[3:] / np.linalg.norm(slices[0].orientation[3:])
+    normal = np.cross(row_dir, col_dir)
+    normal /= np.linalg.norm(normal)
+    offsets = np.array([s.position_xyz - slices[0].position_xyz for s in slices])  # (N, 3) mm
+    along = offsets @ normal
+    spacing = float((along[-1] - along[0]) / (len(slices) - 1))
+    drift = math.hypot(float(offsets[-1] @ row_dir), float(offsets[-1] @ col_dir))
+    angle = math.degrees(math.atan2(drift, float(along[-1])))
+    tilt = _Tilt(offsets @ row_dir, offsets @ col_dir, spacing, angle)
+    return np.stack([row_dir, col_dir, normal], axis=1), tilt
+
+
+def _shifted_slices(hu: np.ndarray, shift_rc: np.ndarray, shape_rc: tuple[int, int]) -> np.ndarray:
+    """Each slice of hu (I, R, C) moved by shift_rc[k] pixels (row, col) onto a (R', C') grid, linearly
+    interpolated; air beyond the slice. Integer inputs are rounded back to their dtype."""
+    out = np.empty((hu.shape[0], *shape_rc), dtype=np.float32)
+    for k in range(hu.shape[0]):
+        # affine_transform reads input[o - shift] for output pixel o: the slice lands shift pixels further on.
+        ndimage.affine_transform(
+            hu[k].astype(np.float32), np.ones(2), offset=-shift_rc[k], output_shape=shape_rc, output=out[k],
+            order=1, mode="constant", cval=OUTSIDE_HU,
+        )  # fmt: skip
+    if np.issubdtype(hu.dtype, np.integer):
+        info = np.iinfo(hu.dtype)
+        return np.clip(np.rint(out), info.min, info.max).astype(hu.dtype)
+    return out
+
+
+def _snapped(shift: np.ndarray) -> np.ndarray:
+    """Shifts within SNAP_PIXELS of a whole pixel made whole: positions are written rounded, and a slice moved
+    by 0.9999 pixels would lose its last row to the edge of the interpolation."""
+    whole = np.rint(shift)
+    return np.where(np.abs(shift - whole) <= SNAP_PIXELS, whole, shift)
+
+
+def correct_tilt(image: sitk.Image, slices: list[_Slice], folder: Path) -> sitk.Image:
+    """The series on an orthogonal grid when its slices drift within their planes (gantry tilt), else `image`.
+
+    image: the series as SimpleITK read it, slices in the order of `slices` (ordered along the normal).
+    Output voxel (k, r, c) lies at origin + c·Δx·row + r·Δy·column + k·spacing·normal, where origin
+    is the first slice's position moved to the corner that holds every slice; its value is slice k's,
+    interpolated at that point (each slice stays in its plane). Logged, and recorded in the image
+    metadata (`TILT_KEY`, `RESAMPLED_KEY`).
+    """
+    direction, tilt = _measure_tilt(slices)
+    dx, dy = image.GetSpacing()[:2]
+    shift_c, shift_r = _snapped(tilt.along_row_mm / dx), _snapped(tilt.along_col_mm / dy)  # (N,) pixels
+    if max(np.abs(shift_c).max(), np.abs(shift_r).max()) <= TILT_TOL_PIXELS:
+        return image
+    hu = sitk.GetArrayFromImage(image)  # (I, R, C)
+    low = np.array([shift_r.min(), shift_c.min()])
+    extent = np.array([shift_r.max(), shift_c.max()]) - low
+    shape_rc = tuple(int(n + math.ceil(e - TILT_TOL_PIXELS)) for n, e in zip(hu.shape[1:], extent, strict=True))
+    out = _shifted_slices(hu, np.stack([shift_r, shift_c], axis=1) - low, shape_rc)
+    resampled = sitk.GetImageFromArray(out)
+    resampled.SetSpacing((float(dx), float(dy), tilt.spacing_mm))
+    origin = slices[0].position_xyz + low[1] * dx * direction[:, 0] + low[0] * dy * direction[:, 1]
+    resampled.SetOrigin(tuple(float(v) for v in origin))
+    resampled.SetDirection(tuple(float(v) for v in direction.ravel()))
+    drift = float(np.hypot(tilt.along_row_mm, tilt.along_col_mm).max())
+    how = (
+        f"slices shifted within their planes by up to {drift:.1f} mm onto an orthogonal {out.shape[0]} x "
+        f"{out.shape[1]} x {out.shape[2]} grid (linear interpolation; air where no slice reaches)"
+    )
+    resampled.SetMetaData(TILT_KEY, f"{tilt.angle_deg:.3f}")
+    resampled.SetMetaData(RESAMPLED_KEY, how)
+    log.warning("%s: gantry tilt of %.2f° (ImagePositionPatient steps off the slice normal); %s", folder,
+                tilt.angle_deg, how)  # fmt: skip
+    return resampled
+
+
 def read_dicom_image(folder: str | os.PathLike[str], series_uid: str | None = None) -> tuple[sitk.Image, str]:
     """(image, SeriesInstanceUID) of a DICOM folder's CT series (the one there, or `series_uid`), voxels
     in HU (GDCM applies the rescale), slices ordered by position; `p2ch.ct.load_dicom` makes it a `Ct`.
 
     Raises DataNotFoundError for a missing folder, one without DICOM series or without
     `series_uid`; DataFormatError for several series and no `series_uid`, a series that is not
-    CT, has no HU rescale, no positions, mixed orientations or uneven slice positions.
+    CT, has no HU rescale, no positions, mixed orientations or uneven slice positions, or a damaged
+    file that may be one of its slices. A tilted series comes back resampled (`correct_tilt`).
     """
     folder = _check_folder(folder)
     series = _choose_series(folder, series_uid)
+    check_damaged_files(folder, series)
     slices = _order_slices([_read_slice(path, folder) for path in series.files], folder)
     uid = slices[0].series_uid
     if not is_valid_series_uid(uid):
@@ -260,7 +451,7 @@ def read_dicom_image(folder: str | os.PathLike[str], series_uid: str | None = No
             f"{folder}: SeriesInstanceUID {uid!r} ({SERIES_UID_TAG}) is not a DICOM uid (digits and dots, "
             "at most 64 characters)"
         )
-    return _read_pixels([s.path for s in slices], folder), uid
+    return correct_tilt(_read_pixels([s.path for s in slices], folder), slices, folder), uid
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,6 +66,7 @@ import torch
 from p2ch.cache import ChunkCache
 from p2ch.candidates import (
     CandidateArrays,
+    csv_line,
     get_task_arrays,
     group_rows,
     read_reference,
@@ -91,7 +92,7 @@ from p2ch.datasets import Split, split_candidates
 from p2ch.errors import ConfigError, DataNotFoundError, P2chError
 from p2ch.fileio import write_text_atomic
 from p2ch.geometry import check_width_irc
-from p2ch.inference import OutsideReport, Scorer, make_scorer, predict_locations, read_locations, score_from_cache
+from p2ch.inference import OutsideReport, Scorer, make_scorer, predict_locations, score_from_cache
 from p2ch.luna import ANNOTATION_COLUMNS, MALIGNANCY_FILE, check_series_uid, find_candidates_file, series_index
 from p2ch.metrics import (
     AucResult,
@@ -359,11 +360,14 @@ def _score_through_cache(inputs: EvalInputs, config: EvalConfig) -> Scores:
     cache_dir = resolve_cache_dir(config.cache_dir or inputs.info.config.cache_dir)
     cache = ChunkCache(cache_dir, inputs.data_root)
     indices = inputs.selection.indices
-    # Serially, one CT load per CT: the cache is then warm for the DataLoader workers below.
-    written = fill_missing(cache, inputs.candidates, indices, inputs.width_irc, progress=config.progress)
+    workers = config.num_workers if config.num_workers is not None else _default_num_workers(inputs.scorer.device)
+    # CT by CT (one load each) in as many processes as the loader has workers: the cache is then warm for the
+    # DataLoader workers below, which would otherwise load a whole CT for every chunk they miss.
+    written = fill_missing(
+        cache, inputs.candidates, indices, inputs.width_irc, num_workers=min(workers, 8), progress=config.progress
+    )
     _check_all_cached(inputs, config, cache)
     started = time.perf_counter()  # the rate reported is inference from the (now warm) cache
-    workers = config.num_workers if config.num_workers is not None else _default_num_workers(inputs.scorer.device)
     # A sample hands over its int16 chunk, label and centre (int64) through shared memory.
     check_loader_shared_memory([math.prod(inputs.width_irc) * 2 + 32], config.batch_size, workers, reuse=True)
     with shared_memory_errors(f"--batch-size {config.batch_size}, --num-workers {workers}"):
@@ -406,16 +410,6 @@ def _outside_report(inputs: EvalInputs, config: EvalConfig, rows: np.ndarray) ->
         return csv_line(path, candidates.series_uid(k), candidates.center_xyz[k])
 
     return OutsideReport(where=where, fix="correct its coordinates in the CSV, or remove the row")
-
-
-def csv_line(path: Path, series_uid: str, center_xyz: np.ndarray) -> str:
-    """`path: line N` of the first row of a LUNA16 CSV at this location (the header is line 1), else `path`."""
-    frame = read_locations(path)
-    same = (frame["seriesuid"].to_numpy() == series_uid) & np.isclose(
-        frame[["coordX", "coordY", "coordZ"]].to_numpy(dtype=np.float64), np.asarray(center_xyz), rtol=0, atol=1e-6
-    ).all(axis=1)
-    found = np.flatnonzero(same)
-    return f"{path}: line {int(found[0]) + 2}" if len(found) else str(path)
 
 
 def _score_from_cts(inputs: EvalInputs, config: EvalConfig, positions: np.ndarray | None = None) -> Scores:

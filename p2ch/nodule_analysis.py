@@ -484,6 +484,7 @@ def ct_summary(
             "voxel_size_xyz": list(ct.voxel_size_xyz),
             "origin_xyz": list(ct.origin_xyz),
             "direction": ct.direction.ravel().tolist(),
+            "provenance": dict(getattr(ct, "provenance", {})),  # e.g. a DICOM series resampled for its gantry tilt
         },
         "counts": {
             "components": len(components),

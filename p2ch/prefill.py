@@ -14,6 +14,10 @@ kill the same call carries on where it stopped.
   `python -m p2ch.prepcache` does it, with an estimate of the disk space it needs; with
   `malignant`, also the chunks at the malignancy rows' centres (the book's chapter 14 task).
 - `fill_missing`: the chunks of some candidates (e.g. an evaluation's), as other commands need.
+- `chunk_coverage` / `warm_chunk_cache`: before a training run's first batch, which of the chunks it
+  reads are missing (a key check: one range query per shard and CT, no value read) and their fill,
+  CT by CT (in this process when the CTs load faster than worker processes start); a candidate still
+  missing afterwards lies outside its CT and is named by its CSV file and line (`check_inside`).
 - `make_slice_plan` / `run_slice_prefill` / `fill_slices`: the same for the segmentation model's
   slice cache (`p2ch.slices.SliceCache`, `python -m p2ch.prepcache --segmentation`): one task per
   CT, which writes all its slices, mask slices and finally its meta record; CTs whose meta is
@@ -42,10 +46,16 @@ import numpy as np
 
 from p2ch import store
 from p2ch.cache import CacheError, CacheFullError, ChunkCache, FillResult
-from p2ch.candidates import CandidateArrays, get_candidate_arrays, get_malignancy_arrays, group_rows
-from p2ch.cli import exit_with_parent
+from p2ch.candidates import (
+    CandidateArrays,
+    get_candidate_arrays,
+    get_malignancy_arrays,
+    group_rows,
+    row_location,
+)
+from p2ch.cli import brief_reason, exit_with_parent
 from p2ch.ct import read_mhd_header
-from p2ch.errors import ConfigError, DataNotFoundError, P2chError
+from p2ch.errors import CandidateOutsideCtError, ConfigError, DataNotFoundError, P2chError
 from p2ch.geometry import DEFAULT_WIDTH_IRC, check_width_irc
 from p2ch.luna import find_mhd, no_data_message, series_index, subset_name, subset_of
 from p2ch.progress import Progress
@@ -57,6 +67,11 @@ log = logging.getLogger(__name__)
 # plus its SQLite row (key, header, index entries), about 300 bytes.
 _ROW_BYTES = 300
 _BLOCK = 4096
+# Below this many bytes of CT to load, a fill of some candidates runs in this process: on a loaded 2-core VM
+# 6 CTs of 64 MB took 1.1-1.7 s here and 8.9 s in 2 worker processes, which take seconds to start (a spawned
+# worker imports SimpleITK, pandas, diskcache and the command's own module, torch included); a GiB is about
+# 8 LUNA16 CTs (BENCHMARKS.md, "cold cache").
+IN_PROCESS_CT_BYTES = 2**30
 
 
 class WorkerDiedError(P2chError):
@@ -180,13 +195,25 @@ def make_plan(
         # One entry per distinct key: identical centres (to the µm) are one chunk.
         _, unique_rows = np.unique(np.round(centers * 1000.0), axis=0, return_index=True)
         centers = np.ascontiguousarray(centers[np.sort(unique_rows)])
-        missing = int(cache.missing(uid, centers, width).sum()) if check_cache else len(centers)
+        missing = int(_missing_or_all(cache, uid, centers, width).sum()) if check_cache else len(centers)
         tasks.append(SeriesTask(uid, index[uid].parent.name if uid in index else "", centers, missing))
     if not tasks:
         raise ConfigError(f"no candidates to cache in the selected subsets under {cache.data_root}")
     chunks = sum(len(t.centers_xyz) for t in tasks)
     cached = chunks - sum(t.missing for t in tasks)
     return Plan(tasks, width, chunks, cached, chunk_disk_bytes(width), free_bytes(cache.cache_dir))
+
+
+def _missing_or_all(cache: ChunkCache, series_uid: str, centers_xyz: np.ndarray, width: tuple[int, int, int]):
+    """`cache.missing`, or all of them when the CT's files cannot even be identified (a bad header, a data
+    file outside its folder): its fill then fails in turn and is reported with the others, not alone."""
+    try:
+        return cache.missing(series_uid, centers_xyz, width)
+    except CacheError:
+        raise
+    except P2chError as exc:
+        log.debug("%s: counted as not cached (%s)", series_uid, exc)
+        return np.ones(len(centers_xyz), dtype=bool)
 
 
 def check_room(plan: Plan, cache: ChunkCache, advice: str = "free some space or point the cache at a bigger disk"):
@@ -261,9 +288,14 @@ class Summary:
 
 
 def _raise_if_failed(failed: list[str], cts: int) -> None:
+    """PrefillError in one short line: the count, the first CT and the gist of its reason, that CT's uid
+    written <uid> there (each failure, "<series_uid>: <message>", was logged in full as it came in)."""
     if failed:
+        series_uid, _, message = failed[0].partition(": ")
+        reason = brief_reason(message.replace(series_uid, "<uid>"))
         raise PrefillError(
-            f"{len(failed)} of {cts} CTs could not be cached (first: {failed[0]}); fix or remove those files and rerun"
+            f"{len(failed)} of {cts} CTs could not be cached (first: {series_uid}: {reason}); "
+            "each CT's full reason and fix are logged above; fix or remove those files and rerun"
         )
 
 
@@ -341,6 +373,89 @@ def _run_pool(cache, tasks, fill, num_workers, summary, progress, log_level) -> 
     executor.shutdown(wait=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class Coverage:
+    """How many of the chunks some candidates need are cached: the answer of a key check (no value read).
+
+    chunks: candidate rows asked about; missing: those whose chunk is not cached (`missing_rows`,
+    (m,) int64 rows of the candidates); tasks: one `SeriesTask` per CT with a missing chunk (its
+    missing centres); ct_bytes: (n,) int64 bytes of each task's CT in memory (int16 voxels, from
+    its header; 0 when unreadable); seconds: what the check took.
+    """
+
+    chunks: int
+    missing: int
+    tasks: list[SeriesTask]
+    missing_rows: np.ndarray
+    ct_bytes: np.ndarray
+    seconds: float
+
+    @property
+    def cts(self) -> int:
+        return len(self.tasks)
+
+    def cold_cost(self) -> str:
+        """What reading the missing chunks costs without a prefill, against with one (for a log line)."""
+        missing = np.array([t.missing for t in self.tasks], dtype=np.int64)
+        return (
+            f"DataLoader workers would crop each after loading its whole CT: up to {self.missing:,} CT loads "
+            f"({format_gb(int((missing * self.ct_bytes).sum()))} read) where a prefill loads each CT once "
+            f"({self.cts:,} loads, {format_gb(int(self.ct_bytes.sum()))})"
+        )
+
+
+def _ct_bytes(series_uid: str, data_root: Path) -> int:
+    try:
+        return 2 * int(np.prod(shape_irc_from_header(series_uid, data_root)))
+    except P2chError:
+        return 0
+
+
+def chunk_coverage(
+    cache: ChunkCache, candidates: CandidateArrays, indices: np.ndarray, width_irc: Sequence[int]
+) -> Coverage:
+    """Which chunks of candidates[indices] are not cached: a key check, CT by CT (reads only the index).
+
+    indices: (n,) int rows of `candidates` (or an (N,) bool mask); repeated rows count once.
+    width_irc: 3 ints. A CT whose files cannot be identified counts as wholly missing (its fill
+    then reports it). LUNA16's 550,560 chunks took 2-3 s on a loaded 2-core VM (BENCHMARKS.md).
+    """
+    start = time.perf_counter()
+    width = check_width_irc(width_irc)
+    indices = np.asarray(indices).reshape(-1)
+    indices = np.flatnonzero(indices) if indices.dtype == bool else np.unique(indices.astype(np.int64, copy=False))
+    tasks, missing_rows = [], []
+    for group in group_rows(candidates.series_index[indices]):
+        rows = indices[group]
+        uid = candidates.series_uid(int(rows[0]))
+        centers = np.ascontiguousarray(candidates.center_xyz[rows])
+        missing = _missing_or_all(cache, uid, centers, width)
+        if missing.any():
+            tasks.append(SeriesTask(uid, "", np.ascontiguousarray(centers[missing]), int(missing.sum())))
+            missing_rows.append(rows[missing])
+    rows_left = np.sort(np.concatenate(missing_rows)) if missing_rows else np.zeros(0, dtype=np.int64)
+    ct_bytes = np.array([_ct_bytes(t.series_uid, cache.data_root) for t in tasks], dtype=np.int64)
+    return Coverage(len(indices), len(rows_left), tasks, rows_left, ct_bytes, time.perf_counter() - start)
+
+
+def _fill_workers(coverage: Coverage, num_workers: int) -> int:
+    """The processes that fill `coverage`: `num_workers`, or 0 (this process) for a single CT or for CTs that
+    load faster than worker processes start (`IN_PROCESS_CT_BYTES`)."""
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ConfigError(f"num_workers {num_workers!r}: expected 0 or more")
+    if coverage.cts < 2 or int(coverage.ct_bytes.sum()) < IN_PROCESS_CT_BYTES:
+        return 0
+    return num_workers
+
+
+def _fill_tasks(cache: ChunkCache, tasks: list[SeriesTask], width, num_workers: int, progress: bool) -> Summary:
+    fill = functools.partial(_fill_chunks, width=width)
+    level = logging.getLogger().getEffectiveLevel()
+    summary = _run_tasks(cache, tasks, fill, num_workers, Summary(), level, progress)
+    summary.raise_if_failed(len(tasks))
+    return summary
+
+
 def fill_missing(
     cache: ChunkCache,
     candidates: CandidateArrays,
@@ -358,28 +473,76 @@ def fill_missing(
     logged). Raises CacheFullError / CacheDirError when the cache cannot be written, PrefillError
     (after caching the others) when some CTs cannot be read.
     """
-    width = check_width_irc(width_irc)
     if not isinstance(num_workers, int) or num_workers < 0:
         raise ConfigError(f"num_workers {num_workers!r}: expected 0 or more")
-    indices = np.asarray(indices).reshape(-1)
-    indices = np.flatnonzero(indices) if indices.dtype == bool else indices.astype(np.int64, copy=False)
-    tasks = []
-    for group in group_rows(candidates.series_index[indices]):
-        rows = indices[group]
-        uid = candidates.series_uid(int(rows[0]))
-        centers = np.ascontiguousarray(candidates.center_xyz[rows])
-        missing = cache.missing(uid, centers, width)
-        if missing.any():
-            tasks.append(SeriesTask(uid, "", np.ascontiguousarray(centers[missing]), int(missing.sum())))
-    if not tasks:
+    coverage = chunk_coverage(cache, candidates, indices, width_irc)
+    if not coverage.missing:
         return 0
-    total = sum(t.missing for t in tasks)
-    log.info("caching %d chunk(s) of %d CT(s) not in %s yet", total, len(tasks), cache.cache_dir)
-    fill = functools.partial(_fill_chunks, width=width)
-    level = logging.getLogger().getEffectiveLevel()
-    summary = _run_tasks(cache, tasks, fill, num_workers, Summary(), level, progress)
-    summary.raise_if_failed(len(tasks))
-    return summary.written
+    log.info("caching %d chunk(s) of %d CT(s) not in %s yet", coverage.missing, coverage.cts, cache.cache_dir)
+    workers = _fill_workers(coverage, num_workers)
+    return _fill_tasks(cache, coverage.tasks, check_width_irc(width_irc), workers, progress).written
+
+
+def warm_chunk_cache(
+    cache: ChunkCache,
+    candidates: CandidateArrays,
+    indices: np.ndarray,
+    width_irc: Sequence[int],
+    *,
+    fill: bool = True,
+    num_workers: int = 0,
+    progress: bool = True,
+    prepcache_command: str = "python -m p2ch.prepcache",
+) -> Coverage:
+    """Before the first batch of a run that reads candidates[indices]: check the cache, and fill what it lacks.
+
+    The check (`chunk_coverage`) reads only keys. With `fill`, the missing chunks are cropped CT by CT
+    in `num_workers` processes (0: here), with a progress bar and ETA, resumably (`fill_missing`'s
+    way, far faster than DataLoader workers loading a whole CT per missing chunk); a candidate still
+    missing afterwards lies outside its CT and raises CandidateOutsideCtError naming its CSV file and
+    line. Without `fill`, one warning line says what is missing, what that costs and
+    `prepcache_command`. Returns the coverage found before filling.
+    """
+    width = check_width_irc(width_irc)
+    coverage = chunk_coverage(cache, candidates, indices, width)
+    checked = f"key check of {coverage.chunks:,} chunks in {coverage.seconds:.2f} s"
+    if not coverage.missing:
+        log.info("chunk cache %s: every chunk this run reads is cached (%s)", cache.cache_dir, checked)
+        return coverage
+    share = f"{coverage.missing:,} of {coverage.chunks:,} chunks this run reads ({coverage.cts:,} CTs)"
+    if not fill:
+        log.warning(
+            "chunk cache %s: %s are not cached; %s; fill it first with: %s", cache.cache_dir, share,
+            coverage.cold_cost(), prepcache_command,
+        )  # fmt: skip
+        return coverage
+    needed, free = coverage.missing * chunk_disk_bytes(width), free_bytes(cache.cache_dir)
+    if free is not None and needed > free:
+        raise CacheFullError(
+            f"chunk cache {cache.cache_dir}: the {share} that are not cached need about {format_gb(needed)}, but its "
+            f"disk has {format_gb(free)} free; free some space or point --cache-dir at a bigger disk"
+        )
+    workers = _fill_workers(coverage, num_workers)
+    log.info(
+        "chunk cache %s: %s are not cached (%s); filling them CT by CT with %s before the first batch "
+        "(--no-prefill skips this)", cache.cache_dir, share, checked, _who_fills(workers),
+    )  # fmt: skip
+    _fill_tasks(cache, coverage.tasks, width, workers, progress)
+    check_inside(cache, candidates, coverage.missing_rows, width)
+    return coverage
+
+
+def check_inside(cache: ChunkCache, candidates: CandidateArrays, rows: np.ndarray, width_irc: Sequence[int]) -> None:
+    """After a fill of candidates[rows]: CandidateOutsideCtError, naming the CSV file and line, for the first
+    row still not cached (a fill skips centres outside their CT; reading one again says why)."""
+    left = chunk_coverage(cache, candidates, rows, width_irc).missing_rows
+    for row in left.tolist():
+        try:
+            cache.get_ct_raw_candidate(candidates.series_uid(row), candidates.center_xyz[row], width_irc)
+        except CandidateOutsideCtError as exc:
+            where = row_location(candidates, row)
+            others = f" ({len(left):,} rows of this run lie outside their CT)" if len(left) > 1 else ""
+            raise CandidateOutsideCtError(f"{where + ': ' if where else ''}{exc}{others}") from None
 
 
 # --- the slice cache (segmentation) -----------------------------------------------------------
@@ -435,15 +598,21 @@ def slice_disk_bytes(shape_irc: Sequence[int]) -> int:
     return n_i * (-(-2 * n_r * n_c // _BLOCK) * _BLOCK + _ROW_BYTES)
 
 
-def _shape_irc(series_uid: str, data_root: Path) -> tuple[int, int, int]:
-    """A CT's (I, R, C) from its MetaIO header (DimSize is x, y, z)."""
+def shape_irc_from_header(series_uid: str, data_root: Path) -> tuple[int, int, int]:
+    """A CT's (I, R, C) from its MetaIO header (DimSize is x, y, z): no voxels read."""
     dims = [int(v) for v in read_mhd_header(find_mhd(series_uid, data_root))["DimSize"].split()]
     return dims[2], dims[1], dims[0]
 
 
 def _slice_task(cache: SliceCache, series_uid: str, subset: str, check_cache: bool) -> SliceTask:
-    shape = _shape_irc(series_uid, cache.data_root)
-    complete = check_cache and cache.complete(series_uid)
+    try:
+        shape = shape_irc_from_header(series_uid, cache.data_root)
+        complete = check_cache and cache.complete(series_uid)
+    except CacheError:
+        raise
+    except P2chError as exc:  # a CT that cannot be identified: its fill fails and is reported with the others
+        log.debug("%s: counted as not cached (%s)", series_uid, exc)
+        return SliceTask(series_uid, subset, (1, 0, 0), 1)
     return SliceTask(series_uid, subset, shape, 0 if complete else shape[0])
 
 
@@ -511,23 +680,48 @@ def run_slice_prefill(
 
 
 def fill_slices(
-    cache: SliceCache, series_uids: Sequence[str] | np.ndarray, *, num_workers: int = 0, progress: bool = True
+    cache: SliceCache,
+    series_uids: Sequence[str] | np.ndarray,
+    *,
+    num_workers: int = 0,
+    progress: bool = True,
+    fill: bool = True,
+    prepcache_command: str = "python -m p2ch.prepcache --segmentation",
 ) -> int:
     """Fill the slice cache for these CTs, one CT load per CT not complete yet; returns how many CTs it filled.
 
     num_workers: worker processes, each holding one CT and its labels (0: in this process).
-    progress: show a bar / log progress lines. Raises CacheFullError / CacheDirError when the
-    cache cannot be written, PrefillError (after filling the others) when some CTs cannot be
-    read or have an annotation outside the CT.
+    progress: show a bar / log progress lines. fill False (--no-prefill): fill nothing, only log one
+    warning with the CTs missing and `prepcache_command` (a `SliceCache` writes a CT when it is first
+    read). Raises CacheFullError / CacheDirError when the cache cannot be written, PrefillError
+    (after filling the others) when some CTs cannot be read or have an annotation outside the CT.
     """
     if not isinstance(num_workers, int) or num_workers < 0:
         raise ConfigError(f"num_workers {num_workers!r}: expected 0 or more")
     uids = sorted({str(uid) for uid in np.asarray(series_uids, dtype=str).reshape(-1)})
     tasks = [task for task in (_slice_task(cache, uid, "", True) for uid in uids) if task.missing]
     if not tasks:
+        log.info("slice cache %s: every one of the %d CT(s) this run reads is cached", cache.directory, len(uids))
         return 0
-    log.info("filling the slice cache for %d of %d CT(s) in %s", len(tasks), len(uids), cache.directory)
+    if not fill:
+        log.warning(
+            "slice cache %s: %d of %d CT(s) this run reads are not cached; the datasets will write each one in the "
+            "main process when they first read it, one at a time; fill them first with: %s",
+            cache.directory, len(tasks), len(uids), prepcache_command,
+        )  # fmt: skip
+        return 0
+    log.info(
+        "slice cache %s: %d of %d CT(s) this run reads are not cached; filling them CT by CT with %s before the "
+        "first batch (--no-prefill skips this)", cache.directory, len(tasks), len(uids), _who_fills(num_workers),
+    )  # fmt: skip
     level = logging.getLogger().getEffectiveLevel()
     summary = _run_tasks(cache, tasks, _fill_slices, num_workers, SliceSummary(), level, progress, unit="slice")
     summary.raise_if_failed(len(tasks))
     return summary.cts
+
+
+def _who_fills(num_workers: int) -> str:
+    """Who fills: "N worker process(es)" or "this process"."""
+    if not num_workers:
+        return "this process"
+    return f"{num_workers} worker process" + ("es" if num_workers > 1 else "")

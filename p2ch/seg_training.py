@@ -53,12 +53,14 @@ from p2ch.config import (
     add_speed_arguments,
     add_split_arguments,
     check_output_file,
+    display_path,
 )
 from p2ch.datasets import BalancedSampler, ShuffleSampler, split_series
+from p2ch.errors import ConfigError
 from p2ch.fileio import write_text_atomic
 from p2ch.loop import BestCheckpoint, EpochResult, Metric, run_epoch
 from p2ch.luna import series_index
-from p2ch.prefill import fill_slices
+from p2ch.prefill import fill_slices, shape_irc_from_header
 from p2ch.runtime import autocast, barrier, check_loader_shared_memory, configure_backends, gather_objects
 from p2ch.segdatasets import (
     Luna2dSegmentationDataset,
@@ -91,7 +93,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--augmented --epoch-size 20000 seg-run; then: tensorboard --logdir runs",
     )
     parser.add_argument("comment", nargs="?", default=d.comment, help="suffix for the run directories")
-    add_data_arguments(parser, cache_help="cache folder (slices and masks go to its segmentation/ folder)")
+    add_data_arguments(
+        parser, cache_help="cache folder (slices and masks go to its segmentation/ folder)", cache_kind="slice cache"
+    )
     add_split_arguments(parser, d, modes=SEG_SPLIT_MODES)
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument(
@@ -390,14 +394,39 @@ class SegData:
         self.val_loader = parts["val_loader"]
 
 
+def check_crop_size(config: SegTrainingConfig, shapes_irc: dict[str, tuple[int, int, int]]) -> None:
+    """ConfigError when --crop-size is larger than the slices of a training CT (shapes_irc: (I, R, C) per
+    series uid): its crops would be mostly padding (air, no nodule), so the model would learn from little."""
+    if not shapes_irc:
+        return
+    uid, (_, rows, cols) = min(shapes_irc.items(), key=lambda item: (min(item[1][1:]), item[0]))
+    crop = config.crop_size
+    if crop <= min(rows, cols):
+        return
+    step = 2 ** (config.depth - 1)
+    padding = 1.0 - min(rows, crop) * min(cols, crop) / crop**2
+    largest = min(rows, cols) // step * step
+    raise ConfigError(
+        f"--crop-size {crop}: larger than the {rows} × {cols} slices of training CT {uid}, so every crop of it would "
+        f"be at least {padding:.0%} padding (air, no nodule); pass --crop-size {largest} or less (a multiple of "
+        f"{step} for --depth {config.depth}), e.g. 64, the book's"
+    )
+
+
 def build_seg_data(config: SegTrainingConfig, dist, device: torch.device) -> SegData:
     """The leak-free series split, slices and masks in the cache (filled where missing), datasets, loaders."""
     data_root = Path(config.data_root)
     slices = SliceCache(config.cache_dir, data_root)
     uids = sorted(series_index(data_root))
     split = split_series(uids, config.split, **config.split_settings(), data_root=data_root)
+    check_crop_size(config, {uid: shape_irc_from_header(uid, data_root) for uid in split.train})
     if dist.is_main:  # one process fills; the others wait, then read
-        fill_slices(slices, [*split.train, *split.val], num_workers=min(config.num_workers, 8))
+        command = f"python -m p2ch.prepcache --segmentation --data-root {display_path(data_root)}"
+        command += f" --cache-dir {display_path(config.cache_dir)}" if config.cache_dir else ""
+        fill_slices(
+            slices, [*split.train, *split.val], num_workers=min(config.num_workers, 8), fill=config.prefill,
+            prepcache_command=command,
+        )  # fmt: skip
     barrier(dist)
     context, crop = config.context_slices, round(config.crop_size * DATASET_CROP_FACTOR)
     train_ds = TrainingLuna2dSegmentationDataset(

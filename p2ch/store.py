@@ -481,6 +481,30 @@ class ByteStore:
                 time.sleep(0.01)
         raise AssertionError("unreachable")
 
+    def keys_with_prefix(self, prefix: str) -> set[str]:
+        """Every key that starts with `prefix` (non-empty, ASCII); an empty set when there is no store.
+
+        One indexed range query per shard (key >= prefix and < the next prefix), so asking about a
+        CT's hundreds of chunks costs a few queries, not one per chunk (`contains`). Reads only the
+        index; values are not touched.
+        """
+        if not prefix or not prefix.isascii():
+            raise ValueError(f"prefix {prefix!r}: expected a non-empty ASCII string")
+        if not self.exists():
+            return set()
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)  # keys are ASCII, compared bytewise by SQLite
+        query = "SELECT key FROM Cache WHERE key >= ? AND key < ? AND raw = 1"
+        found: set[str] = set()
+        # diskcache has no public per-shard query; `_shards` and `_sql` are stable through diskcache 5.
+        for shard in self.diskcache._shards:
+            rows = _retry_locked(
+                lambda shard=shard: shard._sql(query, (prefix, end)).fetchall(),
+                max(60.0, self.timeout_s),
+                self.dir_error,
+            )
+            found.update(row[0] for row in rows)
+        return found
+
     def add(self, key: str, value: bytes, tag: str) -> bool:
         """Store `value` (header + payload) under `key` unless the key is present; True if stored."""
         try:

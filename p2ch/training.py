@@ -12,6 +12,11 @@ TensorBoard, best.pt by AUC). `--finetune PATH` starts from a nodule classifier'
 its head, and `--finetune-depth N` trains only the last N weight blocks (1: the head alone); frozen
 blocks stay in eval mode, so their batch-norm statistics stay those of the nodule model.
 
+Before the first batch the chunks the run reads (the training epochs left, as the seeded sampler
+draws them, and the validation set) are looked up in the cache's index and the missing ones are
+cropped CT by CT (`p2ch.prefill.warm_chunk_cache`), so a cold cache costs one load per CT instead of
+one per missing chunk in a DataLoader worker; `--no-prefill` only warns.
+
 The app is a recipe over the library: data from `p2ch.datasets`, the epoch loop and the
 best-checkpoint policy from `p2ch.loop`, TensorBoard from `p2ch.tblog`, checkpoints from
 `p2ch.checkpoint`, device/AMP/DDP from `p2ch.runtime`.
@@ -76,14 +81,17 @@ from p2ch.datasets import (
     ShuffleSampler,
     Split,
     create_loader,
+    shard_bounds,
     split_candidates,
     to_device_batch,
 )
 from p2ch.errors import ConfigError
+from p2ch.geometry import DEFAULT_WIDTH_IRC
 from p2ch.loop import BestCheckpoint, EpochResult, Metric, run_epoch
 from p2ch.metrics import classification_summary, froc
 from p2ch.model import LunaModel, arch_signature, freeze_for_finetune, set_train_mode
-from p2ch.runtime import DistInfo, autocast, check_loader_shared_memory, configure_backends
+from p2ch.prefill import warm_chunk_cache
+from p2ch.runtime import DistInfo, autocast, barrier, check_loader_shared_memory, configure_backends
 from p2ch.trainer import TrainingRun, batches_of, training_main
 from p2ch.vis import LUNG_WINDOW_HU
 
@@ -316,6 +324,47 @@ def build_data(config: TrainingConfig, dist: DistInfo, device: torch.device) -> 
     )
 
 
+MAX_PREFILL_WORKERS = 8  # each holds one CT (0.2-1 GB on LUNA16)
+
+
+def sampler_reads(sampler: Any, epoch: int, batch_size: int, max_batches: int | None) -> np.ndarray:
+    """(n,) int64 dataset positions one epoch reads over every rank (a rank stops after `max_batches`).
+
+    sampler: a `BalancedSampler`/`ShuffleSampler` (rank r reads the contiguous shard r of
+    `global_indices(epoch)`) or an `EvalSampler` (rank r reads `shard_bounds(...)[r]`, in order).
+    """
+    per_rank = len(sampler) if max_batches is None else min(len(sampler), max_batches * batch_size)
+    if isinstance(sampler, EvalSampler):
+        bounds = shard_bounds(sampler.length, sampler.world_size)
+        parts = [np.arange(start, min(stop, start + per_rank), dtype=np.int64) for start, stop in bounds]
+    else:
+        order, size = sampler.global_indices(epoch), sampler.num_samples
+        parts = [order[r * size : r * size + per_rank] for r in range(sampler.world_size)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def rows_to_read(data: LunaData, config: TrainingConfig, first_epoch: int) -> np.ndarray:
+    """(n,) int64 rows of `data.candidates` a run reads from epoch `first_epoch` to `config.epochs`: what the
+    (seeded) training sampler draws in those epochs and the validation set (empty when no epoch is left)."""
+    if first_epoch > config.epochs:
+        return np.zeros(0, dtype=np.int64)
+    parts = [
+        data.train_ds.indices[sampler_reads(data.train_sampler, epoch, config.batch_size, config.max_train_batches)]
+        for epoch in range(first_epoch, config.epochs + 1)
+    ]
+    parts.append(data.val_ds.indices[sampler_reads(data.val_sampler, 0, config.batch_size, config.max_val_batches)])
+    return np.unique(np.concatenate(parts))
+
+
+def prepcache_command(config: TrainingConfig) -> str:
+    """The prepcache line that fills the chunk cache for this run's data (`display_path`s)."""
+    command = f"python -m p2ch.prepcache --data-root {display_path(config.data_root)}"
+    command += f" --cache-dir {display_path(config.cache_dir)}" if config.cache_dir else ""
+    if tuple(config.width_irc) != DEFAULT_WIDTH_IRC:
+        command += " --width-irc " + " ".join(str(v) for v in config.width_irc)
+    return command + (" --malignant" if config.task == "malignancy" else "")
+
+
 def augment_config(config: TrainingConfig) -> AugmentConfig:
     """The batched augmentation the flags ask for (--augmented: all of them)."""
     return AugmentConfig.from_flags(
@@ -454,6 +503,16 @@ class LunaTrainingApp(TrainingRun):
     def build_data(self) -> None:
         self.data = build_data(self.config, self.dist, self.device)
 
+    def warm_cache(self) -> None:
+        """Before the first batch: the chunks this run reads (training epochs left, validation) checked in the cache
+        (keys only) and filled CT by CT where it lacks them; with --no-prefill, one warning says what is missing."""
+        config = self.config
+        warm_chunk_cache(
+            self.data.source, self.data.candidates, rows_to_read(self.data, config, self.epoch + 1), config.width_irc,
+            fill=config.prefill, num_workers=min(config.num_workers, MAX_PREFILL_WORKERS),
+            prepcache_command=prepcache_command(config),
+        )  # fmt: skip
+
     def prepare_model(self, model: torch.nn.Module, resume_state: dict[str, Any] | None) -> None:
         """--finetune: a nodule model's weights but the head (new runs only), then freeze all but the last
         --finetune-depth blocks (also when resuming, so the same parameters train)."""
@@ -575,8 +634,14 @@ class LunaTrainingApp(TrainingRun):
         return self.best.update({**summary, "froc/cpm": cpm}, epoch)
 
     def run(self) -> None:
-        if self.dist.is_main:
-            log_run_description(self)
+        try:
+            if self.dist.is_main:
+                log_run_description(self)
+                self.warm_cache()
+            barrier(self.dist)  # the other ranks read what rank 0 cached
+        except BaseException:
+            self.writers.close()
+            raise
         super().run()
 
 

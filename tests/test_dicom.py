@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import locale
+import math
 import struct
 from pathlib import Path
 
@@ -12,8 +13,9 @@ import SimpleITK as sitk
 
 from p2ch.ct import HU_MAX, HU_MIN
 from p2ch.ct import load_dicom as read_dicom_series
-from p2ch.dicom import DicomSeries, list_dicom_series, volume_series
+from p2ch.dicom import RESAMPLED_KEY, TILT_KEY, DicomSeries, list_dicom_series, volume_series
 from p2ch.errors import DataFormatError, DataNotFoundError
+from p2ch.geometry import irc2xyz, xyz2irc
 
 SERIES_UID = "1.2.826.0.1.3680043.8.498.1001"
 OTHER_UID = "1.2.826.0.1.3680043.8.498.1002"
@@ -46,24 +48,26 @@ def write_dicom_series(
     names=None,
     index_z=None,
     intercept: str | None = "-1024",
+    drift_xyz=None,
 ) -> sitk.Image:
     """Write hu (I, R, C) int16 HU as one DICOM file per slice; returns the source image.
 
     names: file name per slice (default `slice_<k>.dcm`). index_z: the (continuous) slice index
     each file's ImagePositionPatient is computed at (default k): to make gaps uneven or missing.
-    intercept None writes no rescale tags at all.
+    intercept None writes no rescale tags at all. drift_xyz: mm added to the position per slice
+    index (a gantry tilt when it is not along the slice normal).
     """
     folder.mkdir(parents=True, exist_ok=True)
     saved_locale = locale.setlocale(locale.LC_ALL)  # GDCM's writer sets the C locale (ASCII text I/O after it)
     try:
         return _write_slices(folder, hu, spacing_xyz, origin_xyz, direction, series_uid, modality, description,
-                             names, index_z, intercept)  # fmt: skip
+                             names, index_z, intercept, drift_xyz)  # fmt: skip
     finally:
         locale.setlocale(locale.LC_ALL, saved_locale)
 
 
 def _write_slices(folder, hu, spacing_xyz, origin_xyz, direction, series_uid, modality, description, names, index_z,
-                  intercept) -> sitk.Image:  # fmt: skip
+                  intercept, drift_xyz=None) -> sitk.Image:  # fmt: skip
     image = sitk.GetImageFromArray(np.asarray(hu, dtype=np.int16))
     image.SetSpacing(tuple(float(v) for v in spacing_xyz))
     image.SetOrigin(tuple(float(v) for v in origin_xyz))
@@ -76,6 +80,8 @@ def _write_slices(folder, hu, spacing_xyz, origin_xyz, direction, series_uid, mo
     for k in range(image.GetDepth()):
         z = k if index_z is None else index_z[k]
         position = image.TransformContinuousIndexToPhysicalPoint((0.0, 0.0, float(z)))
+        if drift_xyz is not None:
+            position = np.add(position, np.multiply(z, drift_xyz))
         tags = {
             "0008|0060": modality,
             "0008|0008": "ORIGINAL\\PRIMARY\\AXIAL",
@@ -262,3 +268,107 @@ def test_volume_series_sets_aside_what_is_not_a_ct_volume(tmp_path):
     assert [s.series_uid for s in volumes] == [SERIES_UID]
     reasons = {s.series_uid: why for s, why in others}
     assert reasons == {OTHER_UID: "modality 'MR', not 'CT'", OTHER_UID + "1": "1 image, not a volume"}
+
+
+# --- gantry tilt: resampled onto an orthogonal grid, every pixel where its file puts it -------------
+
+
+def file_geometry(folder: Path) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float]]]:
+    """Per file (in name order): ImagePositionPatient, row and column directions, (Δx, Δy) mm, from its header."""
+    found = []
+    for path in sorted(folder.glob("*.dcm")):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        position = np.array([float(v) for v in reader.GetMetaData("0020|0032").split("\\")])
+        orientation = np.array([float(v) for v in reader.GetMetaData("0020|0037").split("\\")])
+        dy, dx = (float(v) for v in reader.GetMetaData("0028|0030").split("\\"))  # PixelSpacing: row, column
+        found.append((position, orientation[:3], orientation[3:], (dx, dy)))
+    return found
+
+
+def file_points(geometry, rows: int, cols: int) -> np.ndarray:
+    """(rows * cols, 3) mm: where one file puts each of its pixels (row-major)."""
+    position, row_dir, col_dir, (dx, dy) = geometry
+    r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    return position + (c.reshape(-1, 1) * dx) * row_dir + (r.reshape(-1, 1) * dy) * col_dir
+
+
+def test_gantry_tilt_is_resampled_so_every_pixel_stays_where_its_file_puts_it(tmp_path):
+    hu = make_hu((6, 10, 12), seed=6)
+    write_dicom_series(tmp_path, hu, drift_xyz=(0.0, 0.8, 0.0))  # each slice 0.8 mm (one row) further along y
+    ct = read_dicom_series(tmp_path)
+    assert ct.hu.shape == (6, 15, 12)  # grown by the 5 rows of drift, so that every slice is whole
+    r, c = np.meshgrid(np.arange(10), np.arange(12), indexing="ij")
+    for k, geometry in enumerate(file_geometry(tmp_path)):
+        irc = xyz2irc(file_points(geometry, 10, 12), ct.origin_xyz, ct.voxel_size_xyz, ct.direction, rounded=False)
+        expected = np.stack([np.full(r.size, k), r.ravel() + k, c.ravel()], axis=1)
+        np.testing.assert_allclose(irc, expected, atol=1e-4)  # exactly on the grid: the values are the file's own
+        np.testing.assert_array_equal(ct.hu[k, k : k + 10], np.clip(hu[k], HU_MIN, HU_MAX))
+        assert (ct.hu[k, :k] == HU_MIN).all() and (ct.hu[k, k + 10 :] == HU_MIN).all()  # no slice reaches: air
+    angle = math.degrees(math.atan2(5 * 0.8, 5 * 1.25))
+    assert (
+        float(ct.provenance[TILT_KEY]) == pytest.approx(angle, abs=1e-3) and "shifted" in ct.provenance[RESAMPLED_KEY]
+    )
+    np.testing.assert_allclose(ct.direction, np.eye(3), atol=1e-6)  # orthonormal, as every Ct
+
+
+def test_sheared_oblique_series_is_interpolated_at_the_files_positions(tmp_path):
+    """A fractional drift along both in-plane axes of an oblique series: a linear ramp is interpolated exactly."""
+    i, r, c = np.meshgrid(np.arange(5), np.arange(9), np.arange(11), indexing="ij")
+    hu = (100 * i + 20 * r + 7 * c - 500).astype(np.int16)
+    direction = rotation((1.0, 2.0, 3.0), 0.4)
+    spacing = (0.6, 0.9, 2.0)
+    drift = direction @ np.array([0.3 * 0.6, -0.45 * 0.9, 0.0])  # 0.3 column and -0.45 row per slice
+    write_dicom_series(tmp_path, hu, spacing_xyz=spacing, direction=direction, drift_xyz=drift)
+    ct = read_dicom_series(tmp_path)
+    assert ct.hu.shape == (5, 9 + 2, 11 + 2) and float(ct.provenance[TILT_KEY]) > 5.0
+    out_irc = np.argwhere(np.ones(ct.hu.shape, dtype=bool))
+    world = irc2xyz(out_irc, ct.origin_xyz, ct.voxel_size_xyz, ct.direction)
+    checked = 0
+    for k, (position, row_dir, col_dir, (dx, dy)) in enumerate(file_geometry(tmp_path)):
+        mine = out_irc[:, 0] == k
+        offset = world[mine] - position
+        np.testing.assert_allclose(offset @ np.cross(row_dir, col_dir), 0.0, atol=1e-4)  # in file k's plane
+        c_f, r_f = offset @ row_dir / dx, offset @ col_dir / dy  # where in file k, continuous pixels
+        inside = (r_f > -1e-6) & (r_f < 8 + 1e-6) & (c_f > -1e-6) & (c_f < 10 + 1e-6)
+        expected = np.rint(100 * k + 20 * r_f + 7 * c_f - 500)[inside]
+        got = ct.hu[tuple(out_irc[mine][inside].T)]
+        np.testing.assert_allclose(got, expected, atol=1)  # linear interpolation of a linear ramp
+        checked += int(inside.sum())
+    assert checked >= 5 * 8 * 10  # about every pixel of every file
+
+
+def test_positions_that_drift_less_than_a_twentieth_pixel_are_read_as_they_are(tmp_path):
+    hu = make_hu((6, 8, 8), seed=7)
+    image = write_dicom_series(tmp_path, hu, drift_xyz=(0.0, 0.005, 0.0))  # 0.025 mm over the series
+    ct = read_dicom_series(tmp_path)
+    np.testing.assert_array_equal(ct.hu, np.clip(hu, HU_MIN, HU_MAX))
+    assert_same_geometry(ct, image)
+    assert ct.provenance == {}
+
+
+# --- damaged files: named, not mistaken for a missing slice ------------------------------------------
+
+
+def test_a_truncated_slice_is_named_as_damaged(tmp_path):
+    write_dicom_series(tmp_path, make_hu((6, 16, 16), seed=8))
+    path = tmp_path / "slice_003.dcm"
+    path.write_bytes(path.read_bytes()[:-100])  # cut inside the pixel data
+    with pytest.raises(DataFormatError) as info:
+        read_dicom_series(tmp_path)
+    message = str(info.value)
+    assert f"{tmp_path}: slice_003.dcm is not a readable DICOM file ({path.stat().st_size:,} bytes" in message
+    assert f"a slice of series {SERIES_UID}" in message and "missing" not in message
+    path.write_bytes(path.read_bytes()[:100])  # the series uid is gone too: it may still be one of ours
+    with pytest.raises(DataFormatError, match=r"slice_003\.dcm is not a readable .* maybe a slice of series"):
+        read_dicom_series(tmp_path)
+
+
+def test_a_damaged_file_of_another_series_is_skipped(tmp_path):
+    hu = make_hu((4, 8, 8), seed=9)
+    write_dicom_series(tmp_path, hu)
+    write_dicom_series(tmp_path, make_hu((3, 8, 8)), series_uid=OTHER_UID, names=[f"b{k}.dcm" for k in range(3)])
+    other = tmp_path / "b1.dcm"
+    other.write_bytes(other.read_bytes()[:-50])
+    np.testing.assert_array_equal(read_dicom_series(tmp_path, SERIES_UID).hu, np.clip(hu, HU_MIN, HU_MAX))

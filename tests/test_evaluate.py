@@ -616,3 +616,24 @@ def test_gpu_bf16_scores_close_to_cpu(world, val_run, tmp_path, capsys):
     assert len(merged) == len(gpu) == len(val_run["submission"])
     np.testing.assert_allclose(merged["probability"], merged["probability_cpu"], rtol=0, atol=0.02)
     assert strict_json(tmp_path / "gpu" / "metrics.json")["device"]["amp"] == "bfloat16"
+
+
+def test_the_cache_is_filled_in_as_many_processes_as_the_loader_has_workers(world, tmp_path, capsys, monkeypatch):
+    real, asked = evaluate.fill_missing, []
+
+    def fill(*args, num_workers=0, **kwargs):
+        asked.append(num_workers)
+        return real(*args, num_workers=0, **kwargs)  # the fill itself in this process: tested in test_prepcache
+
+    monkeypatch.setattr(evaluate, "fill_missing", fill)
+    # Scoring is beside the point here (and 12 DataLoader workers would take seconds to start).
+    monkeypatch.setattr(
+        evaluate, "score_from_cache", lambda scorer, candidates, indices, *a, **k: np.linspace(0, 1, len(indices))
+    )
+    for workers in ("3", "12"):
+        rc, _, err = run(
+            capsys, "--checkpoint", str(world["checkpoint"]), "--out", str(tmp_path / workers),
+            "--cache-dir", str(tmp_path / "cache"), "--num-workers", workers,
+        )  # fmt: skip
+        assert rc == 0, err
+    assert asked == [3, 8]  # at most 8 processes, each holding one CT

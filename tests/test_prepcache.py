@@ -15,10 +15,10 @@ from processes import children, wait_until_gone
 
 from p2ch import ct as ct_module
 from p2ch import prefill, prepcache
-from p2ch.cache import ChunkCache, decode_chunk
+from p2ch.cache import CacheFullError, ChunkCache, decode_chunk
 from p2ch.candidates import clear_candidate_cache, get_candidate_arrays, read_annotations
 from p2ch.ct import Ct
-from p2ch.errors import ConfigError
+from p2ch.errors import CandidateOutsideCtError, ConfigError
 from p2ch.luna import find_mhd, series_index, subset_of
 from p2ch.masks import ct_mask
 from p2ch.slices import SliceCache
@@ -471,7 +471,13 @@ def test_fill_missing_caches_only_the_selected_candidates(tiny_root, tmp_path, m
     assert cache.get_cached(arrays.series_uid(6), arrays.center_xyz[6], (4, 6, 8)) is not None
 
 
-def test_fill_missing_in_worker_processes_builds_the_same_cache(data_root, reference, tmp_path):
+def test_fill_missing_in_worker_processes_builds_the_same_cache(data_root, reference, tmp_path, monkeypatch):
+    monkeypatch.setattr(prefill, "IN_PROCESS_CT_BYTES", 0)  # these CTs are small enough to fill in this process
+    pools = []
+    real_pool = prefill._run_pool
+    monkeypatch.setattr(
+        prefill, "_run_pool", lambda cache, tasks, *a: pools.append(len(tasks)) or real_pool(cache, tasks, *a)
+    )
     arrays = get_candidate_arrays(data_root)
     cache = ChunkCache(tmp_path / "cache", data_root)
     first = np.arange(0, len(arrays), 3)
@@ -480,6 +486,15 @@ def test_fill_missing_in_worker_processes_builds_the_same_cache(data_root, refer
         arrays
     ) - len(first)
     assert snapshot(cache.cache_dir, data_root) == reference
+    assert pools == [N_CTS, N_CTS]
+
+
+def test_a_small_fill_runs_in_this_process(data_root, tmp_path, monkeypatch):
+    arrays = get_candidate_arrays(data_root)
+    cache = ChunkCache(tmp_path / "cache", data_root)
+    monkeypatch.setattr(prefill, "_run_pool", lambda *a, **k: pytest.fail("started worker processes"))
+    assert prefill.IN_PROCESS_CT_BYTES > N_CTS * 2 * 40 * 56 * 60  # 4 CTs of 0.27 MB
+    assert prefill.fill_missing(cache, arrays, np.arange(len(arrays)), (32, 48, 48), num_workers=2) == len(arrays)
 
 
 def test_fill_missing_reports_unreadable_cts_after_caching_the_others(tiny_root, tmp_path):
@@ -494,6 +509,87 @@ def test_fill_missing_reports_unreadable_cts_after_caching_the_others(tiny_root,
         prefill.fill_missing(cache, arrays, np.arange(2), (32, 48, 48), num_workers=-1)
     with pytest.raises(ConfigError, match="width_irc"):
         prefill.fill_missing(cache, arrays, np.arange(2), (32, 48))
+
+
+# --- chunk_coverage / warm_chunk_cache: what a training run checks and fills before its first batch ----
+
+
+def test_coverage_is_a_key_check_that_names_the_missing_rows(tiny_root, tmp_path, monkeypatch):
+    arrays = get_candidate_arrays(tiny_root)
+    cache = ChunkCache(tmp_path / "cache", tiny_root)
+    rows = np.array([6, 0, 3, 0, 5])  # both CTs, one row twice
+    cold = prefill.chunk_coverage(cache, arrays, rows, (32, 48, 48))
+    assert (cold.chunks, cold.missing, cold.cts) == (4, 4, 2) and cold.missing_rows.tolist() == [0, 3, 5, 6]
+    assert sorted(cold.ct_bytes.tolist()) == [2 * 30 * 50 * 60, 2 * 40 * 64 * 64]  # from the headers
+    assert not cache.exists()  # asking created nothing
+    prefill.fill_missing(cache, arrays, np.array([0, 6]), (32, 48, 48), progress=False)
+    monkeypatch.setattr(ChunkCache, "get_cached", lambda *a, **k: pytest.fail("read a value"))
+    warm = prefill.chunk_coverage(cache, arrays, rows, (32, 48, 48))
+    assert (warm.missing, warm.cts, warm.missing_rows.tolist()) == (2, 2, [3, 5])
+    assert [t.missing for t in sorted(warm.tasks, key=lambda t: t.series_uid)] == [1, 1]
+
+
+def test_warm_fills_what_a_run_reads_or_with_no_prefill_only_counts_it(tiny_root, tmp_path, monkeypatch):
+    arrays = get_candidate_arrays(tiny_root)
+    cache = ChunkCache(tmp_path / "cache", tiny_root)
+    rows = np.array([0, 3, 5, 6])
+    told = prefill.warm_chunk_cache(cache, arrays, rows, (32, 48, 48), fill=False, progress=False)
+    assert told.missing == 4 and len(cache) == 0  # --no-prefill: nothing written
+    monkeypatch.setattr(prefill, "free_bytes", lambda path: 3 * prefill.chunk_disk_bytes((32, 48, 48)))
+    with pytest.raises(CacheFullError, match=r"need about 0\.00 GB, but its disk has 0\.00 GB free"):
+        prefill.warm_chunk_cache(cache, arrays, rows, (32, 48, 48), progress=False)
+    assert len(cache) == 0  # refused before writing
+    monkeypatch.undo()
+    filled = prefill.warm_chunk_cache(cache, arrays, rows, (32, 48, 48), progress=False)
+    assert filled.missing == 4 and len(cache) == 4
+    assert prefill.chunk_coverage(cache, arrays, np.arange(len(arrays)), (32, 48, 48)).missing_rows.tolist() == [
+        1,
+        2,
+        4,
+    ]
+    monkeypatch.setattr(ChunkCache, "fill_series", lambda *a, **k: pytest.fail("loaded a CT for cached chunks"))
+    assert prefill.warm_chunk_cache(cache, arrays, rows, (32, 48, 48), progress=False).missing == 0
+
+
+def test_warm_names_the_csv_line_of_a_candidate_outside_its_ct(tiny_root, tmp_path):
+    root = tiny_root  # a fresh copy for each test
+    lines = (root / "candidates.csv").read_text().splitlines()
+    row = lines[4].split(",")
+    row[3] = "5000.0"  # coordZ far above its CT
+    lines[4] = ",".join(row)
+    (root / "candidates.csv").write_text("\n".join(lines) + "\n")
+    arrays = get_candidate_arrays(root)
+    cache = ChunkCache(tmp_path / "cache", root)
+    with pytest.raises(CandidateOutsideCtError) as info:
+        prefill.warm_chunk_cache(cache, arrays, np.arange(len(arrays)), (32, 48, 48), progress=False)
+    assert str(info.value).startswith(f"{root / 'candidates.csv'}: line 5: candidate centre (")
+    assert "5000.0) mm lies outside CT" in str(info.value)
+    assert len(cache) == len(arrays) - 1  # every other chunk was cached first
+
+
+def test_an_unreadable_ct_is_reported_in_one_short_line_with_the_detail_in_the_log(tiny_root, tmp_path, capsys, caplog):
+    root = tiny_root  # a fresh copy for each test
+    mhd = find_mhd(UID_B, root)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    mhd.with_suffix(".raw").rename(elsewhere / f"{UID_B}.raw")
+    header = mhd.read_text().replace(f"ElementDataFile = {UID_B}.raw", f"ElementDataFile = ../../elsewhere/{UID_B}.raw")
+    mhd.write_text(header)
+    cache_dir = tmp_path / "cache"
+    for attempt, tried in (("cold", 2), ("with the other CT cached", 1)):
+        assert prepcache.main(args(root, cache_dir, "--num-workers", "0")) == 2, attempt
+        line = capsys.readouterr().err.splitlines()[-1]
+        assert line.startswith(
+            f"python -m p2ch.prepcache: error: 1 of {tried} CTs could not be cached (first: {UID_B}: "
+        )
+        assert "<uid>.mhd: header line 'ElementDataFile = ../../elsewhere/<uid>" in line and "points outside" in line
+        assert str(tmp_path) not in line and len(line) < 320, attempt  # the paths and the advice are in the log
+        logged = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and UID_B in r.getMessage()]
+        assert logged and str(elsewhere / f"{UID_B}.raw") in logged[-1] and "P2CH_ALLOW_EXTERNAL_DATA" in logged[-1]
+        caplog.clear()
+    arrays = get_candidate_arrays(root)
+    of_a = arrays.series_index == list(arrays.series_uids).index(UID_A)
+    assert ChunkCache(cache_dir, root).missing(UID_A, arrays.center_xyz[of_a]).sum() == 0  # the other CT is cached
 
 
 # --- --segmentation: the slice cache of the segmentation model ---------------------------------
@@ -571,6 +667,15 @@ def test_segmentation_prefill_reports_a_bad_annotation_and_fills_the_others(synt
     }
     with pytest.raises(prefill.PrefillError, match=rf"1 of 1 CTs could not be cached \(first: {bad_uid}.*outside"):
         prefill.fill_slices(cache, list(series_index(root)), progress=False)
+
+
+def test_fill_slices_with_no_prefill_fills_nothing(synth_set, tmp_path, monkeypatch):
+    root = synth_set(**SEG_SET)
+    uids = sorted(series_index(root))
+    cache = SliceCache(tmp_path / "cache", root)
+    monkeypatch.setattr(SliceCache, "fill_series", lambda *a, **k: pytest.fail("filled with --no-prefill"))
+    assert prefill.fill_slices(cache, uids, fill=False, progress=False) == 0
+    assert not any(cache.complete(uid) for uid in uids)
 
 
 def test_fill_slices_fills_only_what_is_missing(synth_set, tmp_path, monkeypatch):

@@ -228,3 +228,23 @@ def test_background_crops_are_sampled_beside_nodule_crops(small, tmp_path):
         assert app.samples_seen == 16
     finally:
         app.close()
+
+
+def test_a_crop_larger_than_the_slices_is_refused_before_the_cache_is_filled(small, tmp_path, capsys):
+    args = _args(small, tmp_path)
+    args[args.index("--crop-size") + 1] = "128"  # the slices are 64 x 64: every crop would be 3/4 air
+    assert seg_training.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("p2ch.seg_training: error: --crop-size 128: larger than the 64 × 64")
+    assert "at least 75% padding" in err and "--crop-size 64 or less (a multiple of 4" in err
+    assert not (tmp_path / "cache").exists()  # refused from the headers, before any CT was loaded
+    args[args.index("--crop-size") + 1] = "64"  # as large as the slices: accepted
+    assert seg_training.main([*args, "--max-train-batches", "1", "--max-val-batches", "1"]) == 0
+
+
+def test_no_prefill_leaves_the_slice_cache_to_the_datasets(small, tmp_path, monkeypatch):
+    from p2ch import prefill
+
+    monkeypatch.setattr(prefill, "_run_tasks", lambda *a, **k: pytest.fail("prefilled with --no-prefill"))
+    args = [*_args(small, tmp_path), "--no-prefill", "--max-train-batches", "1", "--max-val-batches", "1"]
+    assert seg_training.main(args) == 0  # the datasets wrote each CT as they first read it

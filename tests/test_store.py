@@ -112,6 +112,26 @@ def test_round_trip_keeps_header_in_the_row_and_payload_in_the_file(tmp_path):
     assert store.clear() == 1 and len(store) == 0
 
 
+def test_keys_with_prefix_finds_every_key_under_it_in_every_shard_and_no_other(tmp_path):
+    store = new_store(tmp_path / "store", shards=4)
+    assert store.keys_with_prefix("ct/1/") == set() and not store.exists()  # asking created nothing
+    keys = [f"ct/1/{k}" for k in range(40)] + ["ct/1", "ct/10/0", "ct/1.5/0", "ct/0/9", "ct/2/0", "ct/1/"]
+    for key in keys:
+        store.add(key, make_record(b"x")[1], tag="t")
+    shards = {store.diskcache._hash(key) % 4 for key in keys[:40]}
+    assert len(shards) == 4  # the prefix's keys are spread over every shard
+    assert store.keys_with_prefix("ct/1/") == {*keys[:40], "ct/1/"}
+    assert store.keys_with_prefix("ct/1") == {*keys[:41], "ct/10/0", "ct/1.5/0", "ct/1/"}
+    assert store.keys_with_prefix("ct/3/") == set()
+    stock = diskcache.FanoutCache(str(store.directory), shards=4)
+    stock.set(("ct/1/x",), b"x", retry=True)  # a foreign key, stored pickled: never returned (nor unpickled)
+    stock.close()
+    assert store.keys_with_prefix("ct/1/") == {*keys[:40], "ct/1/"}
+    for bad in ("", "ct/µ"):
+        with pytest.raises(ValueError, match="prefix"):
+            store.keys_with_prefix(bad)
+
+
 def test_refuses_anything_but_record_bytes_and_str_keys(tmp_path):
     store = new_store(tmp_path / "store")
     with pytest.raises(TypeError, match=r"only test record bytes \(make_record\), got dict"):

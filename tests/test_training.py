@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from processes import wait_for_children, wait_until_gone
@@ -683,11 +684,75 @@ def test_a_candidate_outside_its_ct_read_by_a_dataloader_worker_is_one_line(tiny
     row = next(line for line in lines if line.startswith(val_uid)).split(",")
     row[3], row[4] = "5000.0", "0"  # coordZ far above the CT; validation reads every candidate of its CTs
     (root / "candidates.csv").write_text("\n".join([*lines, ",".join(row)]) + "\n")
-    args = _args(root, tmp_path, "--cache-dir", str(tmp_path / "cache"), "--num-workers", "1")
+    args = _args(root, tmp_path, "--cache-dir", str(tmp_path / "cache"), "--num-workers", "1", "--no-prefill")
     assert training.main([*args, "--max-train-batches", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "lies outside CT" in err and "5000" in err
     assert "Traceback" not in err and "DataLoader worker" not in err
+    # the same line as in the main process: the CSV file and line of the candidate first
+    assert err.startswith(f"p2ch.training: error: {root / 'candidates.csv'}: line {len(lines) + 1}: candidate centre")
+
+
+def test_before_the_first_batch_the_cache_holds_every_chunk_the_run_reads(tiny, tmp_path, monkeypatch):
+    """A cold cache is filled CT by CT before training; with --no-prefill the first batch still misses."""
+    from p2ch.datasets import LunaDataset
+
+    real = LunaDataset.__getitems__
+    missing_per_batch: list[int] = []
+
+    def counting(self, ks):
+        found = [self.source.missing(self.series_uid(k), self._center_xyz[[k]]) for k in ks]  # a key check
+        missing_per_batch.append(int(np.concatenate(found).sum()))
+        return real(self, ks)
+
+    monkeypatch.setattr(LunaDataset, "__getitems__", counting)
+    for prefill, work in ((True, tmp_path / "warm"), (False, tmp_path / "cold")):
+        missing_per_batch.clear()
+        args = _args(
+            tiny, work, "--cache-dir", str(work / "cache"), "--max-train-batches", "2", "--max-val-batches", "2"
+        )
+        assert training.main([*args, "--max-val-batches", "2", *([] if prefill else ["--no-prefill"])]) == 0
+        assert len(missing_per_batch) == 4  # two training and two validation batches
+        assert (sum(missing_per_batch) == 0) is prefill, missing_per_batch
+
+
+def test_a_candidate_outside_its_ct_stops_the_run_before_its_first_batch(tiny, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from p2ch.datasets import LunaDataset
+
+    root = tmp_path / "luna"
+    shutil.copytree(tiny, root)
+    lines = (root / "candidates.csv").read_text().splitlines()
+    row = lines[3].split(",")
+    row[3] = "-5000.0"  # coordZ far below its CT; every candidate is read (no --max-*-batches)
+    lines[3] = ",".join(row)
+    (root / "candidates.csv").write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(LunaDataset, "__getitems__", lambda *a: pytest.fail("read a batch"))
+    assert training.main(_args(root, tmp_path, "--cache-dir", str(tmp_path / "cache"))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"p2ch.training: error: {root / 'candidates.csv'}: line 4: candidate centre (")
+    assert "-5000.0) mm lies outside CT" in err and not (tmp_path / "models").exists()
+
+
+def test_sampler_reads_are_what_every_rank_iterates():
+    from p2ch.datasets import BalancedSampler, EvalSampler
+
+    labels = np.zeros(50, dtype=bool)
+    labels[[3, 17, 40]] = True
+    for max_batches in (None, 2):
+        for epoch in (1, 2):
+            ranks = [BalancedSampler(labels, epoch_size=30, seed=4, rank=r, world_size=2) for r in range(2)]
+            iterated = []
+            for sampler in ranks:
+                sampler.set_epoch(epoch)
+                iterated += list(sampler)[: None if max_batches is None else max_batches * 4]
+            reads = training.sampler_reads(ranks[0], epoch, 4, max_batches)
+            assert sorted(reads.tolist()) == sorted(iterated)
+        evals = [EvalSampler(11, rank=r, world_size=3) for r in range(3)]
+        iterated = [k for sampler in evals for k in list(sampler)[: None if max_batches is None else max_batches * 1]]
+        assert training.sampler_reads(evals[1], 0, 1, max_batches).tolist() == iterated
 
 
 def test_paths_are_stored_absolute(tiny, tmp_path, monkeypatch):
@@ -789,3 +854,17 @@ def test_an_unknown_batch_buffers_value_is_refused(tiny, tmp_path, capsys):
         training.main(_args(tiny, tmp_path, "--batch-buffers", "recycle"))
     assert exc.value.code == 2
     assert "--batch-buffers: invalid choice: 'recycle'" in capsys.readouterr().err
+
+
+def test_the_prepcache_line_of_the_no_prefill_warning_fills_this_runs_chunks(tmp_path):
+    from p2ch.config import TrainingConfig
+
+    config = TrainingConfig(data_root=str(tmp_path / "luna"), cache_dir=str(tmp_path / "c"), task="malignancy")
+    assert training.prepcache_command(config) == (
+        f"python -m p2ch.prepcache --data-root {tmp_path / 'luna'} --cache-dir {tmp_path / 'c'} --malignant"
+    )
+    wide = TrainingConfig(data_root=str(tmp_path / "luna"), width_irc=(16, 32, 32))
+    assert (
+        training.prepcache_command(wide)
+        == f"python -m p2ch.prepcache --data-root {tmp_path / 'luna'} --width-irc 16 32 32"
+    )
