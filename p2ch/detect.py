@@ -18,6 +18,8 @@ Units: `irc` = (index, row, col) voxel positions (continuous for centres), `xyz`
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -27,6 +29,7 @@ import torch
 from p2ch.ct import HU_MIN
 from p2ch.errors import ConfigError, DataFormatError
 from p2ch.geometry import irc2xyz
+from p2ch.lungs import lung_mask
 from p2ch.progress import Progress
 from p2ch.runtime import autocast
 from p2ch.segmetrics import component_structure
@@ -39,7 +42,6 @@ DEFAULT_MIN_VOXELS = 2
 # The book weights a component's centre of mass by HU + 1001: air (-1000 HU) weighs 1, never 0,
 # and denser tissue (the nodule's core rather than its fuzzy rim) pulls the centre towards itself.
 DENSITY_OFFSET_HU = 1001
-REASONS = ("", "too_small", "too_large")  # Components.reason: kept, or why not
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -95,6 +97,7 @@ def segment_ct(
     batch_size: int = 16,
     channels_last: bool = True,
     progress: bool = False,
+    region: np.ndarray | None = None,
 ) -> np.ndarray:
     """P(nodule) of every voxel of `ct`: the segmentation model on each slice, `batch_size` slices at a time.
 
@@ -102,6 +105,10 @@ def segment_ct(
         `device` and set to eval mode in place (and to channels_last memory format with `channels_last`).
     ct: a `p2ch.ct.Ct` (anything with `hu`: (I, R, C) int16 HU). context_slices: c, the model's
         2c + 1 input channels (the checkpoint's `context_slices`). amp_dtype: autocast dtype or None.
+    region: None (every voxel), or (I, 4) int per slice: row start, row stop, col start, col stop
+        of the part to segment (`p2ch.lungs.LungMask.slice_boxes`: the lungs and a margin); a slice
+        whose box is empty is not segmented. Each batch runs on the union of its slices' boxes, so
+        the model sees whole neighbourhoods there; voxels outside get probability 0.
     Input per slice: `slab_batch`. Rows and columns that are not a multiple of 2**(depth-1) are
     padded with air (-1000 HU) at the far end and the padding is cut from the output (a CT that the
     training app could validate is never padded).
@@ -111,31 +118,80 @@ def segment_ct(
     hu = _check_hu(ct)
     c = _check_int("context_slices", context_slices, 0)
     step = _check_int("batch_size", batch_size, 1)
+    boxes = _check_region(region, hu.shape)
     device = torch.device(device)
     model = model.to(device).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    n_slices, rows, cols = hu.shape
-    padded_rows, padded_cols = _padded_size(model, rows, cols)
-    out = torch.empty(hu.shape, dtype=torch.float16, device=device)
-    with torch.inference_mode(), Progress(n_slices, "segmenting", "slices", enabled=progress) as bar:
-        for start in range(0, n_slices, step):
-            stop = min(start + step, n_slices)
-            x = slab_batch(hu, start, stop, c, device)
-            if (padded_rows, padded_cols) != (rows, cols):
-                x = torch.nn.functional.pad(x, (0, padded_cols - cols, 0, padded_rows - rows), value=float(HU_MIN))
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, amp_dtype):
-                prob = model(x)
-            if prob.ndim != 4 or tuple(prob.shape[2:]) != (padded_rows, padded_cols):
-                raise DataFormatError(
-                    f"segment_ct: the model gave {tuple(prob.shape)} for input {tuple(x.shape)}; expected "
-                    f"(N, 1, {padded_rows}, {padded_cols}) probabilities (a UNetWrapper with padding=True)"
-                )
-            out[start:stop] = prob[:, 0, :rows, :cols].to(torch.float16)
+    out = torch.zeros(hu.shape, dtype=torch.float16, device=device)
+    batches = list(_region_batches(boxes, step))
+    with torch.inference_mode(), Progress(hu.shape[0], "segmenting", "slices", enabled=progress) as bar:
+        for start, stop, (r0, r1, c0, c1) in batches:
+            if r1 > r0 and c1 > c0:
+                prob = _segment_batch(model, hu[:, r0:r1, c0:c1], start, stop, c, device, amp_dtype, channels_last)
+                out[start:stop, r0:r1, c0:c1] = prob
             bar.update(stop - start)
     return out.cpu().numpy()
+
+
+def _check_region(region: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """(I, 4) int64 boxes (row start, row stop, col start, col stop), the whole slice for None."""
+    n_slices, rows, cols = shape
+    if region is None:
+        return np.tile(np.array([0, rows, 0, cols], dtype=np.int64), (n_slices, 1))
+    boxes = np.asarray(region)
+    if boxes.shape != (n_slices, 4) or not np.issubdtype(boxes.dtype, np.integer):
+        raise DataFormatError(f"segment_ct: region is {boxes.shape} {boxes.dtype}; expected ({n_slices}, 4) integers")
+    limits = np.array([rows, rows, cols, cols])
+    if (
+        (boxes < 0).any()
+        or (boxes > limits).any()
+        or (boxes[:, 1] < boxes[:, 0]).any()
+        or (boxes[:, 3] < boxes[:, 2]).any()
+    ):
+        raise DataFormatError(f"segment_ct: region holds boxes outside the slice (rows {rows}, cols {cols})")
+    return boxes.astype(np.int64)
+
+
+def _region_batches(boxes: np.ndarray, step: int) -> Iterator[tuple[int, int, tuple[int, int, int, int]]]:
+    """(start, stop, union box) of runs of up to `step` consecutive slices with a box; slices without one
+    come as runs of their own with an empty box."""
+    n_slices = len(boxes)
+    present = (boxes[:, 1] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 2])
+    start = 0
+    while start < n_slices:
+        stop = start + 1
+        while stop < n_slices and stop - start < step and present[stop] == present[start]:
+            stop += 1
+        part = boxes[start:stop]
+        if present[start]:
+            union = (int(part[:, 0].min()), int(part[:, 1].max()), int(part[:, 2].min()), int(part[:, 3].max()))
+        else:
+            union = (0, 0, 0, 0)
+        yield start, stop, union
+        start = stop
+
+
+def _segment_batch(
+    model: torch.nn.Module, hu: np.ndarray, start: int, stop: int, context_slices: int, device: torch.device,
+    amp_dtype: torch.dtype | None, channels_last: bool,
+) -> torch.Tensor:  # fmt: skip
+    """(stop - start, R, C) float16 probabilities of slices start … stop - 1 of `hu` (I, R, C) int16."""
+    rows, cols = hu.shape[1:]
+    padded_rows, padded_cols = _padded_size(model, rows, cols)
+    x = slab_batch(hu, start, stop, context_slices, device)
+    if (padded_rows, padded_cols) != (rows, cols):
+        x = torch.nn.functional.pad(x, (0, padded_cols - cols, 0, padded_rows - rows), value=float(HU_MIN))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device, amp_dtype):
+        prob = model(x)
+    if prob.ndim != 4 or tuple(prob.shape[2:]) != (padded_rows, padded_cols):
+        raise DataFormatError(
+            f"segment_ct: the model gave {tuple(prob.shape)} for input {tuple(x.shape)}; expected "
+            f"(N, 1, {padded_rows}, {padded_cols}) probabilities (a UNetWrapper with padding=True)"
+        )
+    return prob[:, 0, :rows, :cols].to(torch.float16)
 
 
 def mask_from_probability(prob: np.ndarray, threshold: float) -> np.ndarray:
@@ -158,8 +214,10 @@ class Components:
     voxels: (n,) int64. volume_mm3: (n,) float64, voxels × voxel volume (product of the
         spacing). diameter_mm: (n,) float64, the diameter of the sphere of that volume, (6 V / π)^(1/3).
     bbox_start_irc, bbox_stop_irc: (n, 3) int64 bounding box, start inclusive, stop exclusive.
-    kept: (n,) bool, a candidate by the size rule. reason: (n,) str, "" when kept, else "too_small"
-        or "too_large".
+    kept: (n,) bool, a candidate. reason: (n,) str, "" when kept, else why not: "too_small",
+        "too_large" (the size rule), "outside_lungs", "over_max_candidates" (`find_candidates`).
+    score: (n,) float64, the segmentation's highest probability in the component (nan from
+        `find_components`, which sees only the mask).
     """
 
     center_irc: np.ndarray
@@ -171,6 +229,7 @@ class Components:
     bbox_stop_irc: np.ndarray
     kept: np.ndarray
     reason: np.ndarray
+    score: np.ndarray
 
     def __len__(self) -> int:
         return len(self.voxels)
@@ -240,24 +299,203 @@ def find_components(
     _check_limits(min_voxels, min_diameter_mm, max_diameter_mm)
     labels, count = scipy.ndimage.label(mask, structure=component_structure(connectivity))
     voxels, center_irc = _weighted_centres(hu, labels, count)
+    rule = {"min_voxels": min_voxels, "min_diameter_mm": min_diameter_mm, "max_diameter_mm": max_diameter_mm}
+    reason = _size_reasons(voxels, _spacing_irc(ct), SimpleNamespace(**rule))
+    components = _components(labels, count, ct, center_irc, voxels, reason, np.full(count, np.nan))
+    return (components, labels.astype(np.int32, copy=False)) if return_labels else components
+
+
+def _size_reasons(voxels: np.ndarray, spacing_irc: np.ndarray, rule: Any) -> np.ndarray:
+    """(n,) str: "too_small" below min_voxels or min_diameter_mm, "too_large" above max_diameter_mm, else ""."""
+    diameter = np.cbrt(6.0 * voxels * float(np.prod(spacing_irc)) / np.pi)
+    small = (voxels < rule.min_voxels) | (diameter < rule.min_diameter_mm)
+    large = ~small & (diameter > rule.max_diameter_mm)
+    return np.where(small, "too_small", np.where(large, "too_large", "")).astype("<U19")
+
+
+def _components(
+    labels: np.ndarray, count: int, ct: Any, center_irc: np.ndarray, voxels: np.ndarray, reason: np.ndarray,
+    score: np.ndarray,
+) -> Components:  # fmt: skip
+    """The `Components` of labels 1…count: boxes, volumes, diameters and world centres added."""
     boxes = scipy.ndimage.find_objects(labels, max_label=count)
     start = np.array([[s.start for s in box] for box in boxes], dtype=np.int64).reshape(count, 3)
     stop = np.array([[s.stop for s in box] for box in boxes], dtype=np.int64).reshape(count, 3)
     volume = voxels * float(np.prod(np.asarray(ct.voxel_size_xyz, dtype=np.float64)))
-    diameter = np.cbrt(6.0 * volume / np.pi)
-    small = (voxels < min_voxels) | (diameter < min_diameter_mm)
-    large = ~small & (diameter > max_diameter_mm)
-    reason = np.where(small, REASONS[1], np.where(large, REASONS[2], REASONS[0])).astype("<U9")
     center_xyz = np.asarray(irc2xyz(center_irc, ct.origin_xyz, ct.voxel_size_xyz, ct.direction), dtype=np.float64)
-    components = Components(
+    return Components(
         center_irc=center_irc,
         center_xyz=center_xyz.reshape(count, 3),
         voxels=voxels,
         volume_mm3=volume,
-        diameter_mm=diameter,
+        diameter_mm=np.cbrt(6.0 * volume / np.pi),
         bbox_start_irc=start,
         bbox_stop_irc=stop,
-        kept=~(small | large),
+        kept=reason == "",
         reason=reason,
+        score=np.asarray(score, dtype=np.float64),
     )
-    return (components, labels.astype(np.int32, copy=False)) if return_labels else components
+
+
+# ---------------------------------------------------------------------------------------------
+# candidates: components split at their probability peaks, kept in the lungs, ranked
+
+
+@dataclasses.dataclass(frozen=True)
+class CandidateRule:
+    """How a probability map becomes nodule candidates (`find_candidates`; nodule_analysis and the
+    segmentation's validation use the same rule, so validation measures what the detector will get).
+
+    threshold: P(nodule voxel) above which a voxel is segmented. min_voxels, min_diameter_mm,
+    max_diameter_mm: the size rule (equivalent-sphere diameter). lungs: drop candidates that do not
+    touch the lungs (within `near_lungs_mm` of `p2ch.lungs.lung_mask`'s air; "outside_lungs").
+    split: split a component at its probability peaks (watershed), each peak at least
+    `peak_distance_mm` from a higher one, so a small nodule that touches a vessel gets a candidate
+    of its own. centre: "probability" (the region's probability-weighted centre, where the model is
+    surest) or "density" (HU + 1001, the book's). max_candidates: keep at most this many per CT, the
+    highest segmentation scores (`score`: the region's highest probability, ties by voxel count);
+    the rest are "over_max_candidates" (0: no limit).
+    """
+
+    threshold: float = 0.5
+    min_voxels: int = DEFAULT_MIN_VOXELS
+    min_diameter_mm: float = DEFAULT_MIN_DIAMETER_MM
+    max_diameter_mm: float = DEFAULT_MAX_DIAMETER_MM
+    lungs: bool = True
+    near_lungs_mm: float = 4.0
+    split: bool = True
+    peak_distance_mm: float = 6.0
+    centre: str = "probability"
+    max_candidates: int = 30
+
+    def validate(self) -> None:
+        if not 0.0 < self.threshold < 1.0:
+            raise ConfigError(f"segmentation threshold {self.threshold!r}: expected a probability in (0, 1)")
+        _check_limits(self.min_voxels, self.min_diameter_mm, self.max_diameter_mm)
+        if self.centre not in CENTRES:
+            raise ConfigError(f"centre {self.centre!r}: expected one of {', '.join(CENTRES)}")
+        if not self.near_lungs_mm >= 0 or not self.peak_distance_mm > 0:
+            raise ConfigError(
+                f"near_lungs_mm {self.near_lungs_mm!r} and peak_distance_mm {self.peak_distance_mm!r}: expected "
+                "≥ 0 and > 0 mm"
+            )
+        _check_int("max_candidates", self.max_candidates, 0)
+
+
+CENTRES = ("probability", "density")
+CANDIDATE_REASONS = ("", "too_small", "too_large", "outside_lungs", "over_max_candidates")
+PEAK_SMOOTHING_MM = 1.0  # the probabilities are smoothed this much (sigma) before their peaks are found
+
+
+def _spacing_irc(ct: Any) -> np.ndarray:
+    return np.asarray(ct.voxel_size_xyz, dtype=np.float64)[::-1]
+
+
+def _split_component(prob: np.ndarray, inside: np.ndarray, size: tuple[int, ...], sigma: np.ndarray) -> np.ndarray:
+    """Regions of one component: (box) int32, 0 outside, 1…k for the k peaks' watershed basins.
+
+    prob: (box) float32 probabilities; inside: (box) bool, the component. A peak is a voxel of the
+    smoothed probability that is the highest within a box of `size` voxels around it (plateaus count
+    once)."""
+    smooth = scipy.ndimage.gaussian_filter(np.where(inside, prob, 0.0).astype(np.float32), sigma, mode="constant")
+    peaks = (smooth == scipy.ndimage.maximum_filter(smooth, size=size, mode="constant")) & inside
+    markers, count = scipy.ndimage.label(peaks, structure=np.ones((3, 3, 3), dtype=bool))
+    if count <= 1:
+        return inside.astype(np.int32)
+    level = np.round((1.0 - smooth / max(float(smooth.max()), 1e-6)) * 65535).astype(np.uint16)
+    # No background marker: it would flood into the component's rim. Outside voxels are the highest level,
+    # so the basins meet inside the component before any flood goes round through them.
+    regions = scipy.ndimage.watershed_ift(level, markers.astype(np.int32), structure=np.ones((3, 3, 3), dtype=bool))
+    return np.where(inside, regions, 0).astype(np.int32)
+
+
+def split_at_peaks(prob: np.ndarray, labels: np.ndarray, count: int, spacing_irc: np.ndarray, distance_mm: float):
+    """Relabel `labels` (I, R, C) int32 (components 1…count of prob > threshold) so that each component
+    is split into the watershed basins of its probability peaks; returns (labels, new count).
+
+    A component too small to hold two peaks `distance_mm` apart stays whole (most of them: only those
+    are looked at one by one). Components keep their order; the extra basins of a split one are
+    numbered after all components."""
+    reach = np.floor(distance_mm / spacing_irc).astype(int)
+    size = tuple(int(2 * r + 1) for r in reach)
+    # Two peaks that far apart hold at least two spheres of half that diameter between them.
+    smallest = 2 * np.pi / 6 * (distance_mm / 2) ** 3 / float(np.prod(spacing_irc))
+    sigma = PEAK_SMOOTHING_MM / spacing_irc
+    voxels = np.bincount(labels.ravel(), minlength=count + 1)
+    large = np.flatnonzero(voxels[1:] >= smallest) + 1
+    out = labels.copy()
+    next_label = count + 1
+    boxes = scipy.ndimage.find_objects(labels, max_label=count)
+    for k in large.tolist():
+        box = boxes[k - 1]
+        inside = labels[box] == k
+        regions = _split_component(prob[box].astype(np.float32), inside, size, sigma)
+        extra = regions > 1  # basin 1 keeps the component's label, the others get new ones
+        if extra.any():
+            target = out[box]
+            target[extra] = regions[extra] + (next_label - 2)
+            next_label += int(regions.max()) - 1
+    return out, next_label - 1
+
+
+def _probability_centres(prob: np.ndarray, labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(max probability (n,) float64, probability-weighted centres (n, 3) float64 irc) of labels 1…count."""
+    coords = np.nonzero(labels)
+    which = labels[coords]
+    weights = prob[coords].astype(np.float64)
+    total = np.bincount(which, weights=weights, minlength=count + 1)[1:]
+    centres = np.stack(
+        [np.bincount(which, weights=weights * axis, minlength=count + 1)[1:] for axis in coords], axis=1
+    ).reshape(count, 3)
+    top = np.zeros(count + 1)
+    np.maximum.at(top, which, weights)
+    return top[1:], centres / np.maximum(total, np.finfo(np.float64).tiny)[:, None]
+
+
+def _touching(labels: np.ndarray, count: int, near: np.ndarray, lungs: Any) -> np.ndarray:
+    """(count,) bool: which labels have a voxel in `near` (the lungs' coarse mask, grown)."""
+    coords = np.stack(np.nonzero(labels), axis=1)
+    which = labels[tuple(coords.T)]
+    hits = near[lungs.coarse_index(coords)]
+    return np.bincount(which, weights=hits, minlength=count + 1)[1:] > 0
+
+
+def find_candidates(
+    prob: np.ndarray, ct: Any, rule: CandidateRule | None = None, *, lungs: Any = None
+) -> tuple[Components, np.ndarray]:
+    """The nodule candidates of a CT's probability map, and the label volume they come from.
+
+    prob: (I, R, C) float probabilities (`segment_ct`). ct: a `p2ch.ct.Ct` (hu and geometry).
+    rule: a `CandidateRule` (default: its defaults). lungs: a `p2ch.lungs.LungMask` of this CT, used
+    when `rule.lungs` (None: computed here).
+    Steps: voxels above the threshold → 26-connected components → (rule.split) each split into the
+    basins of its probability peaks → per region: voxels, volume, equivalent diameter, centre
+    (rule.centre), box and `score` (its highest probability) → the size rule, the lung rule, then the
+    `max_candidates` best scores. Returns `(components, labels)`: labels (I, R, C) int32, where value
+    j + 1 marks the voxels of row j of `components` (kept or not).
+    """
+    rule = rule or CandidateRule()
+    rule.validate()
+    hu = _check_hu(ct)
+    prob = np.asarray(prob)
+    if prob.shape != hu.shape:
+        raise DataFormatError(f"find_candidates: prob is {prob.shape}; expected the CT's {hu.shape}")
+    labels, count = scipy.ndimage.label(prob > rule.threshold, structure=component_structure(26))
+    labels = labels.astype(np.int32, copy=False)
+    spacing = _spacing_irc(ct)
+    if rule.split and count:
+        labels, count = split_at_peaks(prob, labels, count, spacing, rule.peak_distance_mm)
+    score, centre_p = _probability_centres(prob, labels, count)
+    voxels, centre_d = _weighted_centres(hu, labels, count)
+    center_irc = centre_p if rule.centre == "probability" else centre_d
+    reason = _size_reasons(voxels, spacing, rule)
+    if rule.lungs and count:
+        lungs = lung_mask(hu, ct.voxel_size_xyz) if lungs is None else lungs
+        if lungs.found:
+            outside = ~_touching(labels, count, lungs.near(rule.near_lungs_mm), lungs)
+            reason = np.where((reason == "") & outside, "outside_lungs", reason)
+    if rule.max_candidates:
+        ranked = np.lexsort((-voxels, -score))
+        ranked = ranked[reason[ranked] == ""]
+        reason[ranked[rule.max_candidates :]] = "over_max_candidates"
+    return _components(labels, count, ct, center_irc, voxels, reason, score), labels

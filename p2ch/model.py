@@ -16,6 +16,7 @@ the logical (C, D, H, W) order whatever the strides), and under `torch.compile`.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from collections.abc import Mapping
@@ -229,3 +230,45 @@ def arch_signature(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], 
         lines.append(f"{name}:{','.join(str(s) for s in shape)}")
     digest = hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()[:16]
     return f"{arch}:{digest}"
+
+
+def fuse_conv_batchnorm(model: nn.Module) -> nn.Module:
+    """An inference copy of `model` in which every Conv → BatchNorm pair of an `nn.Sequential` is one conv.
+
+    In eval mode a batch norm is a per-channel affine map of its running statistics, y = a·x + b,
+    so a convolution right before it can absorb it: weights × a, bias → a·bias + b. The copy
+    computes the same function (to float rounding) with one pass over the activations fewer per
+    pair, which is what an inference on the CPU is bound by. The norm's place holds an
+    `nn.Identity`, so module names stay. Pairs in another order (a norm after the ReLU) are left as
+    they are: folding those into the next convolution would change what its zero padding means.
+    `model` itself is not changed; the copy is in eval mode and shares no tensors with it.
+    """
+    fused = copy.deepcopy(model).eval()
+    for module in fused.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        for k in range(len(module) - 1):
+            conv, norm = module[k], module[k + 1]
+            conv_norm = (isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d)) or (
+                isinstance(conv, nn.Conv3d) and isinstance(norm, nn.BatchNorm3d)
+            )
+            if conv_norm and norm.track_running_stats and norm.running_var is not None:
+                module[k] = _folded(conv, norm)
+                module[k + 1] = nn.Identity()
+    return fused
+
+
+@torch.no_grad()
+def _folded(conv: nn.Conv2d | nn.Conv3d, norm: nn.BatchNorm2d | nn.BatchNorm3d) -> nn.Module:
+    scale = torch.rsqrt(norm.running_var.double() + norm.eps)
+    if norm.affine:
+        scale = scale * norm.weight.double()
+    shift = -norm.running_mean.double() * scale
+    if norm.affine:
+        shift = shift + norm.bias.double()
+    if conv.bias is not None:
+        shift = shift + conv.bias.double() * scale
+    folded = copy.deepcopy(conv)
+    folded.weight.copy_((conv.weight.double() * scale.reshape(-1, *[1] * (conv.weight.ndim - 1))).to(conv.weight))
+    folded.bias = nn.Parameter(shift.to(conv.weight.dtype), requires_grad=False)
+    return folded

@@ -189,3 +189,35 @@ def synth_set(tmp_path_factory):
         return made[key]
 
     return make
+
+
+def chest_phantom(
+    shape=(40, 96, 128), spacing_xyz=(1.0, 1.0, 2.0), with_lungs: bool = True
+) -> tuple[np.ndarray, dict[str, tuple[int, int, int]]]:
+    """A chest CT cartoon, (I, R, C) int16 HU, and where its landmarks are (voxel index, row, col).
+
+    Air (-1000) around an elliptic body (40 HU) that spans every slice; two lungs (-850 HU), ellipsoids
+    in slices 4-35, one on each side of the mediastinum; landmarks: "juxtapleural", the centre of a
+    6 mm solid nodule (50 HU) sitting on the outer wall of the right lung (its centre in the chest
+    wall, its edge touching lung air); "inner", a 5 mm nodule inside the left lung; "mediastinum", a
+    point in the soft tissue between the lungs, far from either. without lungs: the body alone.
+    """
+    hu = np.full(shape, -1000, dtype=np.int16)
+    i, r, c = np.indices(shape, dtype=np.float64)
+    dz, dy, dx = spacing_xyz[2], spacing_xyz[1], spacing_xyz[0]
+    mid_r, mid_c = shape[1] / 2, shape[2] / 2
+    body = ((r - mid_r) * dy / 42) ** 2 + ((c - mid_c) * dx / 60) ** 2 <= 1.0
+    hu[body] = 40
+    landmarks = {"mediastinum": (20, int(mid_r), int(mid_c))}
+    if with_lungs:
+        for centre_c in (mid_c - 28, mid_c + 28):  # right, left
+            lung = ((i - 20) * dz / 32) ** 2 + ((r - mid_r) * dy / 28) ** 2 + ((c - centre_c) * dx / 20) ** 2 <= 1.0
+            hu[lung] = -850
+        wall_c = round(mid_c - 28 - 20 / dx)  # the right lung's outer wall at its widest
+        juxta = (20, int(mid_r), wall_c - 1)
+        inner = (20, int(mid_r) + 6, int(mid_c + 28))
+        for centre, diameter in ((juxta, 6.0), (inner, 5.0)):
+            ball = ((i - centre[0]) * dz) ** 2 + ((r - centre[1]) * dy) ** 2 + ((c - centre[2]) * dx) ** 2
+            hu[ball <= (diameter / 2) ** 2] = 50
+        landmarks.update(juxtapleural=juxta, inner=inner)
+    return hu, landmarks

@@ -15,7 +15,9 @@ import torch
 from p2ch.checkpoint import load_segmentation_model
 from p2ch.ct import Ct
 from p2ch.detect import (
+    CandidateRule,
     Components,
+    find_candidates,
     find_components,
     mask_from_probability,
     segment_ct,
@@ -28,7 +30,7 @@ from p2ch.segdatasets import Luna2dSegmentationDataset
 from p2ch.slices import SliceCache
 from p2ch.unet import UNetWrapper
 
-from conftest import make_model, make_uid, write_ct
+from conftest import chest_phantom, make_model, make_uid, write_ct
 
 CPU = torch.device("cpu")
 SPACING_XYZ = (0.7, 0.7, 1.25)
@@ -358,3 +360,80 @@ def test_a_seg_training_checkpoint_segments_a_ct_as_its_validation_did(synth_set
             np.testing.assert_allclose(prob[k].astype(np.float32), direct, atol=1e-3)
     comps = find_components(mask_from_probability(prob, settings["threshold"]), ct)
     assert comps.center_xyz.shape == (len(comps), 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# find_candidates
+
+
+def nodule_and_vessel(shape=(40, 80, 80)):
+    """P of a 4.4 mm nodule (0.97 at its centre (20, 40, 30)) touching the end of a 1.8 mm × 30 mm vessel
+    along the columns (0.8): one component whose density or probability centre lies outside the nodule."""
+    grid = np.indices(shape, dtype=np.float64)
+    spacing = np.asarray(SPACING_XYZ)[::-1]
+    nodule_irc = np.array([20.0, 40.0, 30.0])
+    d_nodule = np.sqrt(sum(((grid[a] - nodule_irc[a]) * spacing[a]) ** 2 for a in range(3)))
+    d_axis = np.sqrt(((grid[0] - 20) * spacing[0]) ** 2 + ((grid[1] - 40) * spacing[1]) ** 2)
+    along = (grid[2] - 30) * spacing[2]
+    prob = np.where(d_nodule <= 2.2, 0.97 - 0.05 * d_nodule, 0.0)
+    vessel = (d_axis <= 0.9) & (along >= 1.5) & (along <= 31.5)
+    prob = np.where(vessel & (prob == 0), 0.8, prob).astype(np.float16)
+    hu = np.where(prob > 0, 40, -850).astype(np.int16)
+    return prob, fake_ct(hu), nodule_irc
+
+
+def test_a_small_nodule_on_a_vessel_gets_a_candidate_inside_it_when_split():
+    prob, ct, nodule_irc = nodule_and_vessel()
+    nodule_xyz = np.asarray(ct.origin_xyz) + nodule_irc[::-1] * np.asarray(SPACING_XYZ)
+    whole, _ = find_candidates(prob, ct, CandidateRule(split=False, lungs=False, max_candidates=0))
+    split, labels = find_candidates(prob, ct, CandidateRule(lungs=False, max_candidates=0))
+    assert len(whole) == 1 and len(split) >= 2
+    assert np.linalg.norm(whole.center_xyz[0] - nodule_xyz) > 2.2  # the merged centre misses the nodule
+    distance = np.linalg.norm(split.center_xyz - nodule_xyz, axis=1)
+    best = int(np.argmin(distance))
+    assert distance[best] <= 2.2 * 0.5 and split.score[best] == pytest.approx(0.97, abs=1e-3)
+    assert split.diameter_mm[best] == pytest.approx(4.4, rel=0.35)  # the nodule's basin, not the vessel's
+    # labels: value j + 1 on row j's voxels, every segmented voxel in exactly one row
+    assert np.bincount(labels.ravel(), minlength=len(split) + 1)[1:].tolist() == split.voxels.tolist()
+    assert ((labels > 0) == (prob > 0.5)).all()
+
+
+def test_candidates_outside_the_lungs_are_dropped_and_juxtapleural_ones_kept():
+    hu, landmarks = chest_phantom(spacing_xyz=(1.0, 1.0, 2.0))
+    ct = fake_ct(hu, spacing_xyz=(1.0, 1.0, 2.0))
+    prob = np.zeros(hu.shape, dtype=np.float16)
+    for name in ("juxtapleural", "inner", "mediastinum"):
+        i, r, c = landmarks[name]
+        prob[i - 1 : i + 2, r - 2 : r + 3, c - 2 : c + 3] = 0.9
+    comps, _ = find_candidates(prob, ct, CandidateRule(max_candidates=0))
+    where = {name: int(np.argmin(np.linalg.norm(comps.center_irc - np.array(landmarks[name]), axis=1)))
+             for name in landmarks}  # fmt: skip
+    assert comps.reason[where["juxtapleural"]] == "" and comps.reason[where["inner"]] == ""
+    assert comps.reason[where["mediastinum"]] == "outside_lungs" and not comps.kept[where["mediastinum"]]
+    everywhere, _ = find_candidates(prob, ct, CandidateRule(lungs=False, max_candidates=0))
+    assert everywhere.kept.all()
+
+
+def test_at_most_max_candidates_are_kept_the_surest_first():
+    shape = (24, 48, 48)
+    prob = np.zeros(shape, dtype=np.float16)
+    for k, p in enumerate((0.7, 0.95, 0.8, 0.6)):
+        prob[10:14, 10:14, 4 + 11 * k : 8 + 11 * k] = p
+    prob[2, 2, 2] = 0.99  # one voxel: too small, never counted against the limit
+    comps, _ = find_candidates(
+        prob, fake_ct(np.full(shape, -800, np.int16)), CandidateRule(lungs=False, max_candidates=2)
+    )
+    kept = sorted(np.round(comps.score[comps.kept], 2).tolist())
+    assert kept == [0.8, 0.95]
+    assert sorted(comps.reason.tolist()) == ["", "", "over_max_candidates", "over_max_candidates", "too_small"]
+
+
+def test_candidate_rule_settings_are_checked():
+    prob = np.zeros((4, 8, 8), dtype=np.float16)
+    ct = fake_ct(np.zeros((4, 8, 8), np.int16))
+    for bad in (CandidateRule(threshold=1.0), CandidateRule(centre="middle"), CandidateRule(max_candidates=-1),
+                CandidateRule(peak_distance_mm=0.0)):  # fmt: skip
+        with pytest.raises(ConfigError):
+            find_candidates(prob, ct, bad)
+    with pytest.raises(DataFormatError, match="prob"):
+        find_candidates(np.zeros((4, 8, 9), np.float16), ct)

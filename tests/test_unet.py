@@ -7,7 +7,7 @@ import torch
 
 from p2ch.checkpoint import load_checkpoint, save_checkpoint
 from p2ch.errors import ConfigError, DataFormatError
-from p2ch.model import MODEL_ARCH, LunaModel, arch_signature
+from p2ch.model import MODEL_ARCH, LunaModel, arch_signature, fuse_conv_batchnorm
 from p2ch.segmetrics import dice_loss, pixel_counts, segmentation_loss
 from p2ch.unet import UNET_ARCH, UNet, UNetWrapper, check_input_size, unet_signature
 
@@ -229,3 +229,26 @@ def test_book_block_order_is_part_of_the_architecture():
     assert book.describe()["block_order"] == "book" and book.describe()["arch"] == "UNetWrapper-v1-book"
     with pytest.raises(ConfigError, match="block_order is 'keras'"):
         UNetWrapper(block_order="keras")
+
+
+@pytest.mark.parametrize("block_order", ["p2ch", "book"])
+def test_fused_inference_copy_gives_the_same_probabilities(block_order):
+    torch.manual_seed(3)
+    model = UNetWrapper(in_channels=3, depth=3, wf=2, block_order=block_order)
+    with torch.no_grad():  # statistics a trained model would have, so the fold has something to fold
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.3, 0.3)
+    model.eval()
+    fused = fuse_conv_batchnorm(model)
+    x = torch.randn(2, 3, 16, 24) * 300 - 400
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in fused.unet.modules())
+    # p2ch's Conv → BatchNorm pairs fold; the book's norm after the ReLU stays (its padding forbids folding)
+    assert norms == (0 if block_order == "p2ch" else 10)
+    assert isinstance(fused.input_batchnorm, torch.nn.BatchNorm2d)  # a norm before any convolution stays
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.unet.modules()) == 10  # the model is untouched

@@ -1,0 +1,85 @@
+"""p2ch.lungs: the lungs of a CT, where the detector looks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from p2ch.errors import DataFormatError
+from p2ch.lungs import coarse_factors, coarse_sample, lung_mask
+
+from conftest import chest_phantom
+
+SPACING_XYZ = (1.0, 1.0, 2.0)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    hu, landmarks = chest_phantom(spacing_xyz=SPACING_XYZ)
+    return hu, landmarks, lung_mask(hu, SPACING_XYZ)
+
+
+def test_the_lungs_are_found_and_measured(phantom):
+    hu, _, lungs = phantom
+    assert lungs.found
+    inside_body_air = (hu == -850).sum() * np.prod(SPACING_XYZ) / 1000.0
+    # the nodules inside are filled in, the closing smooths: the volume is the lungs' within 15 %
+    assert lungs.volume_ml == pytest.approx(inside_body_air, rel=0.15)
+
+
+def test_nodules_touching_the_lungs_are_in_them_and_the_mediastinum_is_not(phantom):
+    _, landmarks, lungs = phantom
+    points = np.array([landmarks["juxtapleural"], landmarks["inner"], landmarks["mediastinum"]])
+    assert lungs.contains(points).tolist() == [True, True, False]
+    # the juxtapleural nodule's centre lies outside the air: only "near the lungs" takes it in
+    assert not lungs.contains(points[:1], distance_mm=0.0)[0]
+
+
+def test_the_box_holds_the_lungs_with_a_margin_and_slice_boxes_follow_them(phantom):
+    hu, _, lungs = phantom
+    index, rows, cols = lungs.box(margin_mm=0.0)
+    lung_voxels = np.argwhere(hu == -850)
+    low, high = lung_voxels.min(axis=0), lung_voxels.max(axis=0)
+    for axis, part in enumerate((index, rows, cols)):
+        assert part.start <= low[axis] and part.stop > high[axis]
+    wider = lungs.box(margin_mm=10.0)
+    assert wider[2].start == max(cols.start - 10, 0) and wider[2].stop == min(cols.stop + 10, hu.shape[2])
+    assert wider[0].start == max(index.start - 5, 0) and wider[0].stop == min(index.stop + 5, hu.shape[0])
+    boxes = lungs.slice_boxes(margin_mm=0.0)
+    assert boxes.shape == (hu.shape[0], 4)
+    empty = (boxes[:, 1] == boxes[:, 0]) | (boxes[:, 3] == boxes[:, 2])
+    assert empty[0] and empty[-1]  # slices far from the lungs are not segmented
+    for k in np.flatnonzero(~empty):
+        on_slice = np.argwhere(hu[k] == -850)
+        if len(on_slice):
+            assert boxes[k, 0] <= on_slice[:, 0].min() and boxes[k, 1] > on_slice[:, 0].max()
+            assert boxes[k, 2] <= on_slice[:, 1].min() and boxes[k, 3] > on_slice[:, 1].max()
+
+
+def test_a_ct_without_lungs_is_searched_whole():
+    hu, landmarks = chest_phantom(spacing_xyz=SPACING_XYZ, with_lungs=False)
+    lungs = lung_mask(hu, SPACING_XYZ)
+    assert not lungs.found and lungs.volume_ml == 0.0
+    assert [(s.start, s.stop) for s in lungs.box()] == [(0, n) for n in hu.shape]
+    assert (lungs.slice_boxes() == [0, hu.shape[1], 0, hu.shape[2]]).all()
+    assert lungs.contains(np.array([landmarks["mediastinum"]])).all()
+
+
+def test_outside_air_and_small_pockets_are_not_lungs():
+    hu, _ = chest_phantom(spacing_xyz=SPACING_XYZ, with_lungs=False)
+    hu[18:22, 40:44, 60:64] = -1000  # a 4 × 4 × 8 mm gas pocket inside the body: 0.13 ml
+    assert not lung_mask(hu, SPACING_XYZ).found
+
+
+def test_coarse_grid_and_sampling():
+    assert coarse_factors((0.7, 0.7, 2.5)) == (1, 4, 4)
+    assert coarse_factors((3.5, 3.5, 5.0)) == (1, 1, 1)
+    hu = np.arange(5 * 6 * 7, dtype=np.int16).reshape(5, 6, 7)
+    sample = coarse_sample(hu, (2, 3, 3))
+    assert sample.shape == (3, 2, 3)
+    assert sample[0, 0, 0] == hu[1, 1, 1] and sample[-1, -1, -1] == hu[4, 4, 6]  # the last block clipped
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(DataFormatError, match="expected an"):
+        lung_mask(np.zeros((4, 4)), SPACING_XYZ)
