@@ -45,7 +45,7 @@ MAX_MODEL_WIDTH = 256  # --model-width: 256 channels in block1 make 2,048 in blo
 BOOK_MODEL_WIDTH = 8  # the book's LunaModel: 8 conv channels in block1
 # Settings added after checkpoints were first written, with the value such older checkpoints were trained
 # with: `from_dict` fills them in where a stored config lacks them, whatever the default is today.
-PREDATING_VALUES: dict[str, Any] = {"model_width": BOOK_MODEL_WIDTH, "lr_schedule": "constant"}
+PREDATING_VALUES: dict[str, Any] = {"model_width": BOOK_MODEL_WIDTH, "lr_schedule": "constant", "bce_weight": 0.0}
 # See p2ch.datasets.split_candidates; "series-stride" is the book's chapter-14 split (every 10th series in sorted
 # order), which models imported from the book (p2ch.import_book_models) carry, so they are scored on series they
 # never trained on.
@@ -437,6 +437,12 @@ class SegTrainingConfig(RunConfig):
     comment: str = "seg"
     batch_size: int = 16
     optimizer: str = "adam"
+    # The detector's recipe (BENCHMARKS.md, issue 22): a one-cycle lr peaking at 0.003 over the run, hard
+    # negatives (candidates.csv's class-0 rows: vessels, scars) beside the nodule crops and a pixel
+    # cross-entropy beside the Dice loss. The book's (nodule crops only, Dice, constant lr 0.001) paints vessels
+    # and tissue around nodules: components merge, and small nodules get no candidate of their own.
+    lr: float = 0.003
+    lr_schedule: str = "onecycle"
     context_slices: int = 3
     crop_size: int = 64
     depth: int = 3
@@ -444,7 +450,8 @@ class SegTrainingConfig(RunConfig):
     up_mode: str = "upconv"
     block_order: str = "p2ch"
     fn_weight: float = 8.0
-    background_crops: int = 0
+    bce_weight: float = 1.0
+    background_crops: int = 100
     background_ratio: int = 1
     val_slices: str = "all"
     val_negative_fraction: float = 0.1
@@ -464,6 +471,7 @@ class SegTrainingConfig(RunConfig):
             f"--block-order {self.block_order!r}: expected one of {', '.join(BLOCK_ORDERS)}",
         )
         _need(self.fn_weight >= 0, f"--fn-weight must be ≥ 0, got {self.fn_weight}")
+        _need(self.bce_weight >= 0, f"--bce-weight must be ≥ 0, got {self.bce_weight}")
         _need(self.background_crops >= 0, f"--background-crops must be ≥ 0, got {self.background_crops}")
         _need(self.background_ratio >= 1, f"--background-ratio must be ≥ 1, got {self.background_ratio}")
         _need(

@@ -2,20 +2,27 @@
 
 A 2D UNet (`p2ch.unet.UNetWrapper`) labels nodule voxels slice by slice; its input is a CT slice
 with `--context-slices` slices on each side as channels (7 channels by default). Training samples
-are crops around annotated nodules (`TrainingLuna2dSegmentationDataset`, 96×96 from the cache, cut
-to a random `--crop-size` 64×64 on the device and augmented there, image and mask alike);
-validation runs whole slices of the validation CTs (`Luna2dSegmentationDataset`). The loss is soft
-Dice plus the book's false-negative-weighted Dice term (`--fn-weight`, 8).
+are crops around annotated nodules and, beside them (`--background-crops`, `--background-ratio`),
+crops around hard negatives: the class-0 rows of the data root's candidates.csv (vessels, scars,
+airway walls: where a detector fires), topped up with positions in the middle of the CT
+(`TrainingLuna2dSegmentationDataset`, 96×96 from the cache, cut to a random `--crop-size` 64×64 on
+the device and augmented there, image and mask alike); validation runs whole slices of the
+validation CTs (`Luna2dSegmentationDataset`). The loss is soft Dice plus the book's
+false-negative-weighted Dice term (`--fn-weight`, 8) plus a pixel cross-entropy (`--bce-weight`,
+1), with a one-cycle lr peaking at 0.003; `--background-crops 0 --bce-weight 0 --lr-schedule
+constant --lr 0.001` is the book's recipe, which paints vessels and the tissue around nodules.
 
-What matters downstream is found nodules, not pixels: after each validation the predicted
-slices of every validation CT are stacked, thresholded and split into 3D connected components;
-a nodule is found when a component contains its centre or overlaps its mask
-(`p2ch.segmetrics`). best.pt is the epoch with the highest per-nodule recall, ties broken by
-fewer false-positive components per CT. TensorBoard: `<time>-trn_seg-<comment>` and
-`…-val_seg-<comment>` with `loss/all`, `pr/precision|recall|f1_score`, `percent_all/tp|fn|fp`,
-`nodule/recall`, `nodule/recall_5mm`, `nodule/fp_per_ct` and validation slices in three colours
-(true positives green, false negatives yellow, false positives red). `--report PATH` writes the
-last validation's metrics as JSON.
+What matters downstream is found nodules, not pixels: after each validation the probabilities of
+every validation CT are stacked and turned into candidates exactly as `python -m
+p2ch.nodule_analysis` does (`p2ch.detect.find_candidates`: lungs, components split at their peaks,
+the size rule, at most 30 per CT), and a nodule is found when a kept candidate's centre lies within
+its radius (LUNA16's hit rule, `p2ch.segmetrics.candidate_hits`; a blob that only overlaps a nodule
+finds nothing). best.pt is the epoch with the highest candidate recall, ties broken by fewer false
+positives per CT. TensorBoard: `<time>-trn_seg-<comment>` and `…-val_seg-<comment>` with `loss/all`,
+`pr/precision|recall|f1_score`, `percent_all/tp|fn|fp`, `nodule/recall`, `nodule/recall_5mm`,
+`nodule/candidates_per_ct`, `nodule/fp_per_ct` and validation slices in three colours (true
+positives green, false negatives yellow, false positives red). `--report PATH` writes the last
+validation's metrics as JSON.
 
 The machinery (device, AMP, DDP, checkpoints with exact resume, writers, the epoch schedule) is
 `p2ch.trainer.TrainingRun`, shared with `p2ch.training`.
@@ -30,6 +37,7 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -56,6 +64,7 @@ from p2ch.config import (
     display_path,
 )
 from p2ch.datasets import BalancedSampler, ShuffleSampler, split_series
+from p2ch.detect import CandidateRule, find_candidates
 from p2ch.errors import ConfigError
 from p2ch.fileio import write_text_atomic
 from p2ch.loop import BestCheckpoint, EpochResult, Metric, run_epoch
@@ -66,9 +75,17 @@ from p2ch.segdatasets import (
     Luna2dSegmentationDataset,
     SeriesShardSampler,
     TrainingLuna2dSegmentationDataset,
+    candidate_negatives_irc,
     create_seg_loader,
 )
-from p2ch.segmetrics import NoduleHits, nodule_hits, pixel_counts, pixel_summary, segmentation_loss, summarize_nodules
+from p2ch.segmetrics import (
+    NoduleHits,
+    candidate_hits,
+    pixel_counts,
+    pixel_summary,
+    segmentation_loss,
+    summarize_nodules,
+)
 from p2ch.slices import SliceCache
 from p2ch.trainer import TrainingRun, batches_of, training_main
 from p2ch.unet import UNetWrapper, check_input_size, unet_signature
@@ -112,6 +129,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_augmentation_arguments(parser, rotate_help="random rotation in the slice plane")
     optimisation = add_optimisation_arguments(parser, d)
     optimisation.add_argument("--fn-weight", type=float, default=d.fn_weight, help="weight of the false-negative Dice")
+    optimisation.add_argument(
+        "--bce-weight", type=float, default=d.bce_weight,
+        help="weight of a pixel cross-entropy added to the Dice loss (0: the book's loss)",
+    )  # fmt: skip
     _add_model_arguments(parser, d)
     add_speed_arguments(parser, d, "channels_last memory format for the model and batches")
     control = add_run_control_arguments(parser, d, "log validation slices as images every N epochs (0: never)")
@@ -161,38 +182,55 @@ def augment_2d_config(config: SegTrainingConfig) -> Augment2dConfig:
 
 
 class VolumeAssembler:
-    """Stacks predicted slices into per-CT volumes and scores each CT's nodules once it is complete.
+    """Stacks predicted slices into per-CT volumes and scores each CT's candidates once it is complete.
 
     Validation visits every slice of each CT (`--val-slices all`); slices may arrive in any order.
-    `hits` collects one `NoduleHits` per completed CT and `diameters` its nodule diameters.
+    A complete CT's probabilities become candidates exactly as `python -m p2ch.nodule_analysis`
+    makes them (`p2ch.detect.find_candidates` with `rule`: lungs, split, size rule, at most
+    `rule.max_candidates`), and a nodule counts as found when a kept candidate's centre lies within
+    its radius (`p2ch.segmetrics.candidate_hits`, LUNA16's rule). `hits` collects one `NoduleHits`
+    per completed CT and `diameters` its nodule diameters.
     """
 
-    def __init__(self, slices: SliceCache):
+    def __init__(self, slices: SliceCache, rule: CandidateRule):
         self.slices = slices
-        self.pending: dict[str, np.ndarray] = {}
+        self.rule = rule
+        self.pending: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.seen: dict[str, int] = {}
         self.hits: list[NoduleHits] = []
         self.diameters: list[np.ndarray] = []
 
-    def add(self, series_uids: Sequence[str], slice_index: np.ndarray, predicted: np.ndarray) -> None:
-        """predicted: (N, R, C) bool, slice `slice_index[n]` of CT `series_uids[n]`."""
-        for uid, k, plane in zip(series_uids, slice_index.tolist(), predicted, strict=True):
+    def add(self, series_uids: Sequence[str], slice_index: np.ndarray, prob: np.ndarray, hu: np.ndarray) -> None:
+        """prob: (N, R, C) float probabilities and hu: (N, R, C) int16 HU of slice `slice_index[n]` of CT
+        `series_uids[n]`."""
+        for uid, k, plane, hu_plane in zip(series_uids, slice_index.tolist(), prob, hu, strict=True):
             info = self.slices.info(uid)
-            volume = self.pending.get(uid)
-            if volume is None:
-                volume = self.pending[uid] = np.zeros(tuple(info.shape_irc), dtype=bool)
+            volumes = self.pending.get(uid)
+            if volumes is None:
+                shape = tuple(info.shape_irc)
+                volumes = self.pending[uid] = (np.zeros(shape, dtype=np.float16), np.zeros(shape, dtype=np.int16))
                 self.seen[uid] = 0
-            volume[k] = plane
+            volumes[0][k] = plane
+            volumes[1][k] = hu_plane
             self.seen[uid] += 1
             if self.seen[uid] == info.shape_irc[0]:
                 self._score(uid, info)
 
     def _score(self, uid: str, info) -> None:
-        volume = self.pending.pop(uid)
+        prob, hu = self.pending.pop(uid)
         del self.seen[uid]
-        labels = np.stack([self.slices.mask(uid, k) for k in range(info.shape_irc[0])]).astype(np.int32)
-        self.hits.append(nodule_hits(volume, labels, info.nodule_center_irc))
+        ct = SimpleNamespace(
+            hu=hu, voxel_size_xyz=info.voxel_size_xyz, origin_xyz=info.origin_xyz, direction=info.direction
+        )
+        components, _ = find_candidates(prob, ct, self.rule)
+        kept = components.center_xyz[components.kept]
+        self.hits.append(candidate_hits(kept, info.nodule_center_xyz, info.nodule_diameter_mm))
         self.diameters.append(np.asarray(info.nodule_diameter_mm, dtype=np.float64))
+
+
+def candidate_rule(config: SegTrainingConfig) -> CandidateRule:
+    """The candidate rule validation scores with: nodule_analysis's defaults at the run's --threshold."""
+    return CandidateRule(threshold=config.threshold)
 
 
 def overlay(image: torch.Tensor, label: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
@@ -227,8 +265,9 @@ def format_seg_epoch(epoch: int, mode: str, count: int, summary: dict[str, float
     nodules = ""
     if "nodule/recall" in summary:
         nodules = (
-            f", nodule recall {summary['nodule/recall']:.3f} (≥ 5 mm {summary['nodule/recall_5mm']:.3f}), "
-            f"{summary['nodule/fp_per_ct']:.1f} false-positive components per CT"
+            f", candidate recall {summary['nodule/recall']:.3f} (≥ 5 mm {summary['nodule/recall_5mm']:.3f}), "
+            f"{summary['nodule/candidates_per_ct']:.1f} candidates per CT "
+            f"({summary['nodule/fp_per_ct']:.1f} on no nodule)"
         )
     return (
         f"E{epoch} {mode} {count:,} {unit}: loss {summary['loss/all']:.4f}, pixel precision "
@@ -290,7 +329,7 @@ class SegmentationTrainingApp(TrainingRun):
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.amp_dtype):
             prob = self.train_model(x)
-        loss = segmentation_loss(prob, y, self.config.fn_weight)  # float32 inside
+        loss = segmentation_loss(prob, y, self.config.fn_weight, self.config.bce_weight)  # float32 inside
         self.optimizer_step(loss.mean())  # and the lr schedule's step (--lr-schedule)
         return {"losses": loss.detach(), "counts": pixel_counts(prob.detach(), y, self.config.threshold)}
 
@@ -301,9 +340,9 @@ class SegmentationTrainingApp(TrainingRun):
             prob = self.train_model(self._input(batch.image))
         prob = prob.float()
         if self._assembler is not None:
-            predicted = (prob[:, 0] > self.config.threshold).cpu().numpy()
-            self._assembler.add(batch.series_uid, np.asarray(batch.slice_index), predicted)
-        loss = segmentation_loss(prob, y, self.config.fn_weight)
+            centre = batch.image[:, self.config.context_slices].numpy()
+            self._assembler.add(batch.series_uid, np.asarray(batch.slice_index), prob[:, 0].cpu().numpy(), centre)
+        loss = segmentation_loss(prob, y, self.config.fn_weight, self.config.bce_weight)
         return {"losses": loss, "counts": pixel_counts(prob, y, self.config.threshold)}
 
     def train_epoch(self, epoch: int) -> EpochResult:
@@ -322,7 +361,7 @@ class SegmentationTrainingApp(TrainingRun):
         self.train_model.eval()
         batches = batches_of(self.data.val_loader, self.config.max_val_batches)
         whole = self.config.val_slices == "all" and batches == len(self.data.val_loader)
-        self._assembler = VolumeAssembler(self.data.slices) if whole else None
+        self._assembler = VolumeAssembler(self.data.slices, candidate_rule(self.config)) if whole else None
         total = min(batches * self.config.batch_size, len(self.data.val_sampler))
         result = run_epoch(
             self.data.val_loader, self._val_step, device=self.device, dist=self.dist,
@@ -429,9 +468,11 @@ def build_seg_data(config: SegTrainingConfig, dist, device: torch.device) -> Seg
         )  # fmt: skip
     barrier(dist)
     context, crop = config.context_slices, round(config.crop_size * DATASET_CROP_FACTOR)
+    negatives = candidate_negatives_irc(data_root, slices, split.train) if config.background_crops else {}
     train_ds = TrainingLuna2dSegmentationDataset(
-        slices, split.train, context_slices=context, crop_size=crop, background_per_ct=config.background_crops
-    )
+        slices, split.train, context_slices=context, crop_size=crop, background_per_ct=config.background_crops,
+        hard_negatives=negatives,
+    )  # fmt: skip
     full = config.val_slices == "all"
     val_ds = Luna2dSegmentationDataset(
         slices, split.val, context_slices=context, full_ct=full, negative_fraction=config.val_negative_fraction

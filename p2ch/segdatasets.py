@@ -31,14 +31,18 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
+from p2ch.candidates import read_candidates
 from p2ch.datasets import LunaDataLoader, create_loader, series_fraction
-from p2ch.errors import ConfigError, DataFormatError
+from p2ch.errors import ConfigError, DataFormatError, DataNotFoundError
+from p2ch.geometry import xyz2irc
+from p2ch.luna import LOCATION_COLUMNS, find_candidates_file
 from p2ch.slices import DEFAULT_CONTEXT_SLICES, DEFAULT_CROP_SIZE, SliceCache, SliceInfo
 
 _NEGATIVE_STREAM = 7  # keeps the negative-slice sample apart from other draws seeded by a series
@@ -184,10 +188,14 @@ class TrainingLuna2dSegmentationDataset(Dataset):
     `SegSample` with image (2c+1, S, S) int16 HU, mask (1, S, S) bool of the nodule's centre
     slice, slice_index that slice.
 
-    background_per_ct: also this many fixed positions per CT away from the annotations (uniform
-    in the central 50 % of rows and cols, seeded by the series uid), so the model sees vessels and
-    tissue without a nodule too; their mask is whatever the CT holds there (usually empty). A
-    sampler then decides the mix (e.g. `BalancedSampler(dataset.is_nodule, ratio=...)`).
+    background_per_ct: also this many fixed positions per CT without a nodule, so the model sees
+    vessels and tissue that it must not segment; their mask is whatever the CT holds there
+    (usually empty). They are taken from `hard_negatives` first: per series uid, (n, 3) voxel
+    positions of places that look like nodules but are not (LUNA16's candidates.csv class-0 rows:
+    vessels, scars, airway walls — where detectors fire); a seeded sample of up to
+    background_per_ct of them, topped up with positions uniform in the central 50 % of rows and
+    cols (seeded by the series uid). A sampler then decides the mix (e.g.
+    `BalancedSampler(dataset.is_nodule, ratio=...)`).
 
     Attributes (numpy, one row per item, nodules first): `center_irc` (M, 3) int64,
     `diameter_mm` (M,) float64 (0 for background positions), `is_nodule` (M,) bool,
@@ -201,6 +209,7 @@ class TrainingLuna2dSegmentationDataset(Dataset):
         context_slices: int = DEFAULT_CONTEXT_SLICES,
         crop_size: int = DEFAULT_CROP_SIZE,
         background_per_ct: int = 0,
+        hard_negatives: dict[str, np.ndarray] | None = None,
     ):
         self.slices = _check_source(slices)
         self.context_slices = _check_context(context_slices)
@@ -219,7 +228,10 @@ class TrainingLuna2dSegmentationDataset(Dataset):
                 f"the {len(infos)} training CTs have no annotated nodule, so there is nothing to train the "
                 "segmentation model on; use more CTs (another split) or check annotations.csv"
             )
-        background = [_background_positions(info, int(background_per_ct)) for info in infos]
+        negatives = hard_negatives or {}
+        background = [
+            _background_positions(info, int(background_per_ct), negatives.get(info.series_uid)) for info in infos
+        ]
         self.series_index = np.concatenate(
             [np.repeat(np.arange(len(infos), dtype=np.int32), counts)]
             + [np.full(len(b), n, dtype=np.int32) for n, b in enumerate(background)]
@@ -252,19 +264,47 @@ class TrainingLuna2dSegmentationDataset(Dataset):
         )
 
 
-def _background_positions(info: SliceInfo, count: int) -> np.ndarray:
-    """`count` fixed voxel positions (count, 3) int64 of a CT: any slice, rows and cols in the central
-    half of the slice (where the lungs are), seeded by the series uid (the same every run)."""
+def _background_positions(info: SliceInfo, count: int, hard_negatives: np.ndarray | None = None) -> np.ndarray:
+    """`count` fixed voxel positions (count, 3) int64 of a CT: a sample of `hard_negatives` ((n, 3) voxel
+    positions; those outside the CT are ignored), topped up with positions on any slice, rows and cols
+    in the central half of the slice (where the lungs are). Seeded by the series uid (the same every run)."""
     if count == 0:
         return np.zeros((0, 3), dtype=np.int64)
     seed = int(series_fraction(info.series_uid) * 2**32)
     rng = np.random.default_rng(seed)
     i, r, c = (int(v) for v in info.shape_irc)
-    return np.stack(
-        [rng.integers(0, i, count), rng.integers(r // 4, max(r // 4 + 1, 3 * r // 4), count),
-         rng.integers(c // 4, max(c // 4 + 1, 3 * c // 4), count)],
+    chosen = np.zeros((0, 3), dtype=np.int64)
+    if hard_negatives is not None and len(hard_negatives):
+        hard = np.asarray(hard_negatives, dtype=np.int64).reshape(-1, 3)
+        hard = hard[np.all((hard >= 0) & (hard < np.array([i, r, c])), axis=1)]
+        chosen = hard[np.sort(rng.permutation(len(hard))[:count])]
+    rest = count - len(chosen)
+    uniform = np.stack(
+        [rng.integers(0, i, rest), rng.integers(r // 4, max(r // 4 + 1, 3 * r // 4), rest),
+         rng.integers(c // 4, max(c // 4 + 1, 3 * c // 4), rest)],
         axis=1,
     ).astype(np.int64)  # fmt: skip
+    return np.concatenate([chosen, uniform]).astype(np.int64)
+
+
+def candidate_negatives_irc(data_root: Path, slices: SliceCache, series_uids: Sequence[str]) -> dict[str, np.ndarray]:
+    """The class-0 rows of the data root's candidates.csv (or candidates_V2.csv) as voxel positions, per CT:
+    {series_uid: (n, 3) int64 (index, row, col)} for the CTs of `series_uids` (the hard negatives of
+    `TrainingLuna2dSegmentationDataset`). {} when the data root has no candidates file."""
+    try:
+        path = find_candidates_file(Path(data_root))
+    except DataNotFoundError:
+        return {}
+    frame = read_candidates(path)
+    frame = frame[(frame["class"] == 0) & frame["seriesuid"].isin(set(map(str, series_uids)))]
+    out = {}
+    for uid, rows in frame.groupby("seriesuid", sort=True):
+        info = slices.info(str(uid))
+        centers_xyz = rows[list(LOCATION_COLUMNS[1:])].to_numpy(dtype=np.float64)
+        out[str(uid)] = np.asarray(
+            xyz2irc(centers_xyz, info.origin_xyz, info.voxel_size_xyz, info.direction), dtype=np.int64
+        ).reshape(-1, 3)
+    return out
 
 
 def collate_seg(samples: Sequence[SegSample]) -> SegBatch:

@@ -75,20 +75,35 @@ def dice_loss(prob: torch.Tensor, label: torch.Tensor, epsilon: float = 1.0) -> 
     return 1.0 - ratio
 
 
-def segmentation_loss(prob: torch.Tensor, label: torch.Tensor, fn_weight: float = BOOK_FN_WEIGHT) -> torch.Tensor:
+def segmentation_loss(
+    prob: torch.Tensor, label: torch.Tensor, fn_weight: float = BOOK_FN_WEIGHT, bce_weight: float = 0.0
+) -> torch.Tensor:
     """Chapter 13's loss per sample: dice_loss(prob, label) + fn_weight · dice_loss(prob · label, label).
 
     The second term sees only the predictions inside the label, so it is the loss of the false
     negatives: weighting it makes missing nodule pixels cost more than over-painting.
+    bce_weight: adds that many times the pixels' mean binary cross-entropy (per sample). Dice
+    alone hardly punishes a crop without a nodule: its loss is 1 - 1/(1 + Σp), flat once a blob
+    is painted, and the false-negative term rewards painting beyond the nodule; the
+    cross-entropy charges every wrongly painted pixel, so blobs stay the nodule's size and crops
+    of vessels stay dark.
     prob: (N, 1, H, W) float probabilities. label: (N, 1, H, W) bool.
     Returns (N,) float32 (float64 for float64 input); take `.mean()` for the batch loss.
     """
     _check_maps(prob, label, "segmentation_loss")
     if isinstance(fn_weight, bool) or not isinstance(fn_weight, (int, float)) or not fn_weight >= 0:
         raise ConfigError(f"segmentation_loss: fn_weight is {fn_weight!r}; expected a number >= 0 (the book uses 8)")
+    if isinstance(bce_weight, bool) or not isinstance(bce_weight, (int, float)) or not bce_weight >= 0:
+        raise ConfigError(f"segmentation_loss: bce_weight is {bce_weight!r}; expected a number >= 0")
     work = torch.promote_types(prob.dtype, torch.float32)
     p, lab = prob.to(work), label.to(work)
-    return dice_loss(p, lab) + fn_weight * dice_loss(p * lab, lab)
+    loss = dice_loss(p, lab) + fn_weight * dice_loss(p * lab, lab)
+    if bce_weight:
+        # torch refuses a nan probability inside the cross-entropy; the Dice terms above are nan then already,
+        # which is what the training loop stops on
+        bce = torch.nn.functional.binary_cross_entropy(torch.nan_to_num(p, nan=0.5), lab, reduction="none")
+        loss = loss + bce_weight * bce.mean(dim=tuple(range(1, p.ndim)))
+    return loss
 
 
 def pixel_counts(prob: torch.Tensor, label: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -161,64 +176,38 @@ def component_structure(connectivity: int = 26) -> np.ndarray:
     return scipy.ndimage.generate_binary_structure(3, 1 if connectivity == 6 else 3)
 
 
-def _check_volumes(pred_volume: Any, nodule_labels: Any, centers_irc: Any) -> np.ndarray:
-    """Validate the arguments of `nodule_hits`; return the centres as (N, 3) int64."""
-    if not isinstance(pred_volume, np.ndarray) or pred_volume.ndim != 3 or pred_volume.dtype != bool:
-        found = (pred_volume.shape, pred_volume.dtype) if isinstance(pred_volume, np.ndarray) else type(pred_volume)
-        raise DataFormatError(f"nodule_hits: pred_volume is {found}; expected an (I, R, C) bool numpy array")
-    shape = pred_volume.shape
-    if (
-        not isinstance(nodule_labels, np.ndarray)
-        or nodule_labels.shape != shape
-        or not np.issubdtype(nodule_labels.dtype, np.integer)
-    ):
-        found = (nodule_labels.shape, nodule_labels.dtype) if isinstance(nodule_labels, np.ndarray) else nodule_labels
-        raise DataFormatError(f"nodule_hits: nodule_labels is {found}; expected a {shape} int32 array like pred_volume")
-    centers = np.asarray(centers_irc)
-    if centers.size == 0:
-        centers = centers.reshape(0, 3)
-    if centers.ndim != 2 or centers.shape[1] != 3 or not np.issubdtype(centers.dtype, np.integer):
-        raise DataFormatError(
-            f"nodule_hits: centers_irc is {centers.shape} {centers.dtype}; expected (N, 3) integer voxel indices"
-        )
-    outside = ~np.all((centers >= 0) & (centers < np.array(shape)), axis=1)
-    if outside.any():
-        raise DataFormatError(
-            f"nodule_hits: nodule centre {tuple(int(v) for v in centers[outside][0])} (I, R, C) lies outside "
-            f"the volume {shape}"
-        )
-    top = int(nodule_labels.max(initial=0))
-    if top > len(centers) or int(nodule_labels.min(initial=0)) < 0:
-        raise DataFormatError(
-            f"nodule_hits: nodule_labels holds labels up to {top} (min {int(nodule_labels.min(initial=0))}) for "
-            f"{len(centers)} nodule centres; expected 0 (background) and k + 1 for nodule k"
-        )
-    return centers.astype(np.int64)
+def candidate_hits(candidates_xyz: Any, nodules_xyz: Any, diameters_mm: Any) -> NoduleHits:
+    """Which nodules a CT's candidates find by LUNA16's hit rule, and how many candidates find none.
 
-
-def nodule_hits(
-    pred_volume: np.ndarray, nodule_labels: np.ndarray, centers_irc: np.ndarray, *, connectivity: int = 26
-) -> NoduleHits:
-    """Which nodules a predicted mask finds, and how many predicted blobs touch no nodule.
-
-    pred_volume: (I, R, C) bool, the thresholded prediction of one CT.
-    nodule_labels: (I, R, C) integer, 0 background and k + 1 inside nodule k's mask.
-    centers_irc: (N, 3) integer voxel (index, row, col) of each nodule's centre.
-    connectivity: 26 (default) or 6, see the module docstring.
-    Nodule k is found when a predicted blob contains its centre voxel or overlaps its mask; a blob
-    that does neither for any nodule is a false positive (one blob can find several nodules).
-    Returns NoduleHits(found (N,) bool, fp_components, components).
+    candidates_xyz: (K, 3) float mm, the kept candidates' centres (`p2ch.detect.find_candidates`).
+    nodules_xyz: (N, 3) float mm and diameters_mm: (N,) float, the CT's annotated nodules.
+    Nodule n is found when a candidate's centre lies within diameters_mm[n] / 2 of its centre (the
+    rule of LUNA16's FROC, so this is the candidate recall the whole detector starts from; a blob
+    that only overlaps a nodule, with its centre outside, finds nothing). A candidate within no
+    nodule's radius is a false positive. Returns NoduleHits(found (N,) bool, fp_components,
+    components = K).
     """
-    centers = _check_volumes(pred_volume, nodule_labels, centers_irc)
-    components, count = scipy.ndimage.label(pred_volume, structure=component_structure(connectivity))
-    found = np.zeros(len(centers), dtype=bool)
-    inside = np.unique(nodule_labels[pred_volume])  # nodule labels that some blob overlaps
-    found[inside[inside > 0] - 1] = True
-    at_centers = pred_volume[centers[:, 0], centers[:, 1], centers[:, 2]]
-    found |= at_centers
-    touching = np.concatenate([components[nodule_labels > 0], components[centers[:, 0], centers[:, 1], centers[:, 2]]])
-    true_blobs = np.unique(touching[touching > 0]).size
-    return NoduleHits(found=found, fp_components=int(count - true_blobs), components=int(count))
+    candidates = _points(candidates_xyz, "candidates_xyz")
+    nodules = _points(nodules_xyz, "nodules_xyz")
+    radius = np.asarray(diameters_mm, dtype=np.float64).reshape(-1) / 2.0
+    if radius.shape != (len(nodules),) or not np.all(np.isfinite(radius) & (radius > 0)):
+        raise DataFormatError(
+            f"candidate_hits: diameters_mm is {radius.shape}; expected ({len(nodules)},) positive mm, one per nodule"
+        )
+    distance = np.linalg.norm(candidates[:, None, :] - nodules[None, :, :], axis=2)
+    inside = distance <= radius[None, :]
+    return NoduleHits(
+        found=inside.any(axis=0), fp_components=int((~inside.any(axis=1)).sum()), components=len(candidates)
+    )
+
+
+def _points(values: Any, name: str) -> np.ndarray:
+    points = np.asarray(values, dtype=np.float64)
+    if points.size == 0:
+        points = points.reshape(0, 3)
+    if points.ndim != 2 or points.shape[1] != 3 or not np.isfinite(points).all():
+        raise DataFormatError(f"candidate_hits: {name} is {points.shape}; expected (n, 3) finite mm (x, y, z)")
+    return points
 
 
 def summarize_nodules(
@@ -229,16 +218,17 @@ def summarize_nodules(
     hits_per_ct: one `NoduleHits` per CT. diameters_mm: per CT, (N,) float nodule diameters in
         mm, in the order of that CT's `found`.
     Returns `nodule/recall` (found / all nodules), `nodule/recall_5mm` (the same for nodules of
-        at least `RECALL_MIN_DIAMETER_MM`), `nodule/fp_per_ct` (false-positive blobs per CT) and
-        the counts `nodule/count`, `nodule/found`, `nodule/count_5mm`, `nodule/found_5mm`,
-        `nodule/fp`, `nodule/ct_count`; a ratio without a denominator is nan.
+        at least `RECALL_MIN_DIAMETER_MM`), `nodule/fp_per_ct` (false-positive candidates or blobs
+        per CT), `nodule/candidates_per_ct` (all of them per CT) and the counts `nodule/count`,
+        `nodule/found`, `nodule/count_5mm`, `nodule/found_5mm`, `nodule/fp`, `nodule/ct_count`; a
+        ratio without a denominator is nan.
     """
     if len(hits_per_ct) != len(diameters_mm):
         raise DataFormatError(
             f"summarize_nodules: {len(hits_per_ct)} CTs of hits but {len(diameters_mm)} of diameters; "
             "expected one list of diameters per CT"
         )
-    count = found = count_5mm = found_5mm = fp = 0
+    count = found = count_5mm = found_5mm = fp = candidates = 0
     for k, (hits, diameters) in enumerate(zip(hits_per_ct, diameters_mm, strict=True)):
         diameters = np.asarray(diameters, dtype=np.float64).reshape(-1)
         if diameters.shape != hits.found.shape:
@@ -251,11 +241,13 @@ def summarize_nodules(
         count_5mm += int(large.sum())
         found_5mm += int((hits.found & large).sum())
         fp += hits.fp_components
+        candidates += hits.components
     cts = len(hits_per_ct)
     return {
         "nodule/recall": found / count if count else math.nan,
         "nodule/recall_5mm": found_5mm / count_5mm if count_5mm else math.nan,
         "nodule/fp_per_ct": fp / cts if cts else math.nan,
+        "nodule/candidates_per_ct": candidates / cts if cts else math.nan,
         "nodule/count": float(count),
         "nodule/found": float(found),
         "nodule/count_5mm": float(count_5mm),

@@ -78,8 +78,12 @@ def test_the_default_is_adam_one_cycle_at_width_16_and_the_books_recipe_is_one_f
     assert (group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]) == (1e-3, 0.99, 0.0, False)
     assert make_scheduler(book, plan_schedule(book_config, 10, 32)) is None  # a constant lr, as the book's
     assert _config("--optimizer", "sgd").momentum == 0.99  # the book's momentum stays the default
-    seg = SegTrainingConfig()
-    assert (seg.optimizer, seg.lr, seg.lr_schedule) == ("adam", 1e-3, "constant")  # the UNet's recipe, unchanged
+    seg = SegTrainingConfig()  # the detector's recipe (issue 22): one-cycle, hard negatives, + cross-entropy
+    assert (seg.optimizer, seg.lr, seg.lr_schedule) == ("adam", 3e-3, "onecycle")
+    assert (seg.background_crops, seg.background_ratio, seg.bce_weight, seg.fn_weight) == (100, 1, 1.0, 8.0)
+    older = {k: v for k, v in seg.to_dict().items() if k not in ("bce_weight", "lr_schedule")}
+    restored = SegTrainingConfig.from_dict(older)  # a checkpoint written before those settings: the Dice loss alone
+    assert (restored.bce_weight, restored.lr_schedule) == (0.0, "constant")
 
 
 def test_a_checkpoint_saved_with_sgd_resumes_as_sgd(tiny, tmp_path):
@@ -348,7 +352,7 @@ def test_the_segmentation_run_follows_the_schedule_too(synth_set, tmp_path, lrs)
         "--log-level", "WARNING", "--lr-schedule", "cosine", "--warmup-samples", "0", "--epochs", "1",
     ]  # fmt: skip
     assert seg_training.main(argv) == 0
-    assert lrs == pytest.approx([1e-3, 5e-4])  # 2 steps of a cosine from --lr down to 0
+    assert lrs == pytest.approx([3e-3, 1.5e-3])  # 2 steps of a cosine from --lr (0.003) down to 0
     (last,) = (tmp_path / "models").rglob("last.pt")
     state = load_checkpoint(last)
     assert state["schedule"] == {"kind": "cosine", "total_steps": 2, "warmup_steps": 0}

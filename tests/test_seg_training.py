@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from p2ch import seg_training, training
 from p2ch.checkpoint import load_checkpoint
+from p2ch.detect import CandidateRule
 
 SCALARS = {
     "loss/all",
@@ -21,7 +24,7 @@ SCALARS = {
     "percent_all/fp",
     "perf/samples_per_sec",
 }
-NODULE_SCALARS = {"nodule/recall", "nodule/recall_5mm", "nodule/fp_per_ct"}
+NODULE_SCALARS = {"nodule/recall", "nodule/recall_5mm", "nodule/fp_per_ct", "nodule/candidates_per_ct"}
 BATCH = 4
 
 
@@ -78,7 +81,8 @@ def test_help_names_the_books_flags(capsys):
 
 def test_two_epochs_log_checkpoint_report_then_resume(small, tmp_path):
     report = tmp_path / "report.json"
-    args = _args(small, tmp_path, "--augmented", "--report", str(report), "segsmoke")
+    # a constant lr, so the finished run can be extended (a one-cycle schedule ends with its run)
+    args = _args(small, tmp_path, "--augmented", "--lr-schedule", "constant", "--report", str(report), "segsmoke")
     assert seg_training.main([*args, "--epochs", "2"]) == 0
     run = _run_dir(tmp_path)
     state = load_checkpoint(run / "last.pt")
@@ -248,3 +252,30 @@ def test_no_prefill_leaves_the_slice_cache_to_the_datasets(small, tmp_path, monk
     monkeypatch.setattr(prefill, "_run_tasks", lambda *a, **k: pytest.fail("prefilled with --no-prefill"))
     args = [*_args(small, tmp_path), "--no-prefill", "--max-train-batches", "1", "--max-val-batches", "1"]
     assert seg_training.main(args) == 0  # the datasets wrote each CT as they first read it
+
+
+def test_validation_counts_a_nodule_only_when_a_candidate_centre_is_within_its_radius():
+    """The VolumeAssembler scores complete CTs with nodule_analysis's candidate rule and LUNA16's hit rule: a blob
+    that overlaps a nodule but is centred elsewhere finds nothing (the old mask-overlap rule counted it)."""
+    shape = (12, 40, 40)
+    spacing = (1.0, 1.0, 1.0)
+    nodules_irc = np.array([[6, 10, 10], [6, 30, 30]])
+    info = SimpleNamespace(
+        shape_irc=shape, voxel_size_xyz=spacing, origin_xyz=(0.0, 0.0, 0.0), direction=np.eye(3),
+        nodule_center_xyz=nodules_irc[:, ::-1].astype(float), nodule_diameter_mm=np.array([6.0, 6.0]),
+    )  # fmt: skip
+    prob = np.zeros(shape, dtype=np.float32)
+    prob[5:8, 8:13, 8:13] = 0.9  # centred on nodule 0
+    prob[5:8, 28:31, 28:40] = 0.9  # overlaps nodule 1 (its centre voxel too) but is centred 4.5 mm away
+    hu = np.full(shape, -800, dtype=np.int16)
+    assembler = seg_training.VolumeAssembler(
+        SimpleNamespace(info=lambda uid: info), CandidateRule(lungs=False, split=False, max_candidates=0)
+    )
+    order = np.random.default_rng(0).permutation(shape[0])  # slices arrive in any order
+    for start in range(0, shape[0], 5):
+        k = order[start : start + 5]
+        assembler.add(["ct"] * len(k), k, prob[k], hu[k])
+    (hits,) = assembler.hits
+    assert hits.found.tolist() == [True, False]
+    assert (hits.components, hits.fp_components) == (2, 1)
+    assert assembler.pending == {}

@@ -8,15 +8,18 @@ import torch
 from test_slices import SYNTH, sphere_labels
 
 from p2ch import ct as ct_module
+from p2ch.candidates import read_candidates
 from p2ch.ct import Ct
 from p2ch.datasets import EvalSampler, ShuffleSampler
 from p2ch.errors import ConfigError, DataFormatError
+from p2ch.geometry import xyz2irc
 from p2ch.luna import series_index
 from p2ch.segdatasets import (
     Luna2dSegmentationDataset,
     SegBatch,
     SegSample,
     TrainingLuna2dSegmentationDataset,
+    candidate_negatives_irc,
     collate_seg,
     create_seg_loader,
 )
@@ -183,3 +186,28 @@ def test_background_positions_are_fixed_central_and_labelled(root, slices):
         assert dataset.diameter_mm[k] == 0 and dataset[int(k)].image.shape == (7, 64, 64)
     with pytest.raises(ConfigError, match="background_per_ct"):
         TrainingLuna2dSegmentationDataset(slices, uids, background_per_ct=-1)
+
+
+def test_background_positions_are_candidates_csv_negatives_first(root, slices):
+    """Hard negatives: class-0 rows of candidates.csv (where detectors fire), topped up with central positions."""
+    uids = sorted(series_index(root))
+    negatives = candidate_negatives_irc(root, slices, uids)
+    frame = read_candidates(root / "candidates.csv")
+    for uid in uids:
+        rows = frame[(frame.seriesuid == uid) & (frame["class"] == 0)]
+        info = slices.info(uid)
+        expected = xyz2irc(rows[["coordX", "coordY", "coordZ"]].to_numpy(), info.origin_xyz, info.voxel_size_xyz,
+                           info.direction)  # fmt: skip
+        np.testing.assert_array_equal(negatives[uid], np.asarray(expected).reshape(-1, 3))
+    few = min(len(v) for v in negatives.values())
+    many = few + 3
+    dataset = TrainingLuna2dSegmentationDataset(
+        slices, uids, crop_size=64, background_per_ct=many, hard_negatives=negatives
+    )
+    for n, uid in enumerate(dataset.series_uids):
+        mine = dataset.center_irc[~dataset.is_nodule & (dataset.series_index == n)]
+        assert len(mine) == many
+        hard = {tuple(p) for p in negatives[uid].tolist()}
+        from_csv = [tuple(p) in hard for p in mine.tolist()]
+        assert sum(from_csv) >= min(len(hard), many)  # the CT's negatives come first, up to the count
+    assert candidate_negatives_irc(root / "nowhere", slices, uids) == {}

@@ -12,8 +12,8 @@ from p2ch.errors import ConfigError, DataFormatError
 from p2ch.segmetrics import (
     PIXEL_SUMMARY_KEYS,
     NoduleHits,
+    candidate_hits,
     dice_loss,
-    nodule_hits,
     pixel_counts,
     pixel_summary,
     segmentation_loss,
@@ -55,6 +55,17 @@ def test_segmentation_loss_adds_the_weighted_false_negative_term():
     torch.testing.assert_close(segmentation_loss(prob, label, fn_weight=0.0), dice_loss(prob, label))
     with pytest.raises(ConfigError, match="fn_weight"):
         segmentation_loss(prob, label, fn_weight=math.nan)
+
+
+def test_the_cross_entropy_term_charges_every_wrongly_painted_pixel():
+    prob, label = maps()
+    # per-pixel BCE with torch's clamp of log at -100: sample 0 has p = 1, .5 on the label (0, ln 2) and .5, 0
+    # off it (ln 2, 0); sample 1 nothing; sample 2 four painted pixels without a label (100 each).
+    bce = torch.tensor([2 * math.log(2) / 4, 0.0, 100.0])
+    with_bce = segmentation_loss(prob, label, bce_weight=0.5)
+    torch.testing.assert_close(with_bce, segmentation_loss(prob, label) + 0.5 * bce)
+    with pytest.raises(ConfigError, match="bce_weight"):
+        segmentation_loss(prob, label, bce_weight=-1.0)
 
 
 def test_losses_are_float32_for_half_input_and_under_autocast():
@@ -125,89 +136,57 @@ def test_pixel_summary_is_nan_safe():
 
 # -- per-nodule hits --------------------------------------------------------------------------
 
-SHAPE = (8, 16, 16)
-CENTERS = np.array([[3, 3, 3], [2, 11, 11], [6, 3, 12]])
+NODULES_XYZ = np.array([[0.0, 0.0, 0.0], [20.0, 0.0, 0.0], [0.0, 30.0, 10.0]])
 DIAMETERS_MM = np.array([6.0, 4.0, 8.0])
 
 
-def volumes() -> tuple[np.ndarray, np.ndarray]:
-    """A hand-made CT: (pred (I, R, C) bool, nodule labels (I, R, C) int32).
-
-    nodule 0: mask [2:5, 2:5, 2:5]; a predicted blob overlaps its mask's corner (4, 4, 4) but not its centre.
-    nodule 1: mask [2:4, 10:13, 10:13], nothing predicted: missed.
-    nodule 2: no mask voxels (annotation only); a blob covers its centre: found.
-    a blob at [6:8, 12:15, 2:4] touches no nodule: false positive.
-    two voxels touching only at a corner, (0, 14, 14) and (1, 15, 15): one blob with 26-connectivity, two with 6.
-    """
-    labels = np.zeros(SHAPE, dtype=np.int32)
-    labels[2:5, 2:5, 2:5] = 1
-    labels[2:4, 10:13, 10:13] = 2
-    pred = np.zeros(SHAPE, dtype=bool)
-    pred[4:6, 4:7, 4:7] = True
-    pred[6, 2:5, 11:14] = True
-    pred[6:8, 12:15, 2:4] = True
-    pred[0, 14, 14] = pred[1, 15, 15] = True
-    return pred, labels
-
-
-def test_nodule_hits_on_a_hand_made_volume():
-    pred, labels = volumes()
-    hits = nodule_hits(pred, labels, CENTERS)
+def test_candidate_hits_follow_luna16s_radius_rule():
+    candidates = np.array(
+        [
+            [0.0, 2.9, 0.0],  # inside nodule 0 (radius 3)
+            [1.0, 1.0, 1.0],  # nodule 0 again: no false positive
+            [22.1, 0.0, 0.0],  # 2.1 mm from nodule 1 (radius 2): outside, a false positive
+            [0.0, 30.0, 14.0],  # on nodule 2's radius (4 mm): inside
+            [50.0, 50.0, 50.0],  # nowhere
+        ]
+    )
+    hits = candidate_hits(candidates, NODULES_XYZ, DIAMETERS_MM)
     assert hits.found.tolist() == [True, False, True]
-    assert hits.components == 4 and hits.fp_components == 2
-    six = nodule_hits(pred, labels, CENTERS, connectivity=6)
-    assert six.found.tolist() == [True, False, True]
-    assert six.components == 5 and six.fp_components == 3
-    with pytest.raises(ConfigError, match="connectivity"):
-        nodule_hits(pred, labels, CENTERS, connectivity=8)
+    assert (hits.components, hits.fp_components) == (5, 2)
 
 
-def test_one_blob_can_find_two_nodules_and_is_no_false_positive():
-    labels = np.zeros(SHAPE, dtype=np.int32)
-    labels[1:3, 1:3, 1:3] = 1
-    labels[1:3, 6:8, 1:3] = 2
-    pred = np.zeros(SHAPE, dtype=bool)
-    pred[2, 2:7, 2] = True  # a bar from one mask to the other
-    hits = nodule_hits(pred, labels, np.array([[1, 1, 1], [1, 7, 1]]))
-    assert hits.found.tolist() == [True, True] and (hits.components, hits.fp_components) == (1, 0)
-
-
-def test_nothing_predicted_and_no_nodules():
-    pred, labels = volumes()
-    empty = nodule_hits(np.zeros(SHAPE, dtype=bool), labels, CENTERS)
-    assert empty.found.tolist() == [False, False, False] and (empty.components, empty.fp_components) == (0, 0)
-    no_nodules = nodule_hits(pred, np.zeros(SHAPE, dtype=np.int32), np.zeros((0, 3), dtype=np.int64))
-    assert no_nodules.found.shape == (0,) and no_nodules.fp_components == no_nodules.components == 4
+def test_candidate_hits_with_nothing():
+    none = candidate_hits(np.zeros((0, 3)), NODULES_XYZ, DIAMETERS_MM)
+    assert none.found.tolist() == [False, False, False] and (none.components, none.fp_components) == (0, 0)
+    no_nodules = candidate_hits(np.ones((2, 3)), np.zeros((0, 3)), np.zeros(0))
+    assert no_nodules.found.shape == (0,) and no_nodules.fp_components == no_nodules.components == 2
 
 
 @pytest.mark.parametrize(
-    ("change", "words"),
+    ("arguments", "words"),
     [
-        ({"pred_volume": np.zeros(SHAPE, dtype=np.uint8)}, "pred_volume"),
-        ({"nodule_labels": np.zeros((8, 16, 15), dtype=np.int32)}, "nodule_labels"),
-        ({"centers_irc": np.array([[3, 3, 3], [2, 11, 11], [8, 3, 12]])}, "outside"),
-        ({"centers_irc": np.array([[3.0, 3.0, 3.0], [2, 11, 11], [6, 3, 12]])}, "integer"),
-        ({"centers_irc": CENTERS[:1]}, "labels up to 2"),
+        ((np.zeros((2, 2)), NODULES_XYZ, DIAMETERS_MM), "candidates_xyz"),
+        ((np.full((1, 3), np.nan), NODULES_XYZ, DIAMETERS_MM), "finite"),
+        ((np.zeros((1, 3)), NODULES_XYZ, DIAMETERS_MM[:2]), "diameters_mm"),
+        ((np.zeros((1, 3)), NODULES_XYZ, -DIAMETERS_MM), "positive"),
     ],
 )
-def test_bad_volumes_are_refused(change, words):
-    pred, labels = volumes()
-    arguments = {"pred_volume": pred, "nodule_labels": labels, "centers_irc": CENTERS, **change}
+def test_bad_hit_arguments_are_refused(arguments, words):
     with pytest.raises(DataFormatError, match=words):
-        nodule_hits(**arguments)
+        candidate_hits(*arguments)
 
 
 def test_summarize_nodules_recall_5mm_and_fp_per_ct():
-    pred, labels = volumes()
-    first = nodule_hits(pred, labels, CENTERS)
+    first = candidate_hits(np.array([[0.0, 2.9, 0.0], [22.1, 0.0, 0.0], [0.0, 30.0, 14.0]]), NODULES_XYZ, DIAMETERS_MM)
     second = NoduleHits(found=np.array([False, True]), fp_components=1, components=2)
     summary = summarize_nodules([first, second], [DIAMETERS_MM, [5.0, 3.0]])
     assert summary["nodule/recall"] == pytest.approx(3 / 5)
     # >= 5 mm: 6 (found), 8 (found), 5.0 (missed): 4 mm and 3 mm are left out.
     assert summary["nodule/recall_5mm"] == pytest.approx(2 / 3)
-    assert summary["nodule/fp_per_ct"] == pytest.approx((2 + 1) / 2)
+    assert summary["nodule/fp_per_ct"] == pytest.approx((1 + 1) / 2)
+    assert summary["nodule/candidates_per_ct"] == pytest.approx((3 + 2) / 2)
     counts = {k: summary[f"nodule/{k}"] for k in ("count", "found", "count_5mm", "found_5mm", "fp", "ct_count")}
-    assert counts == {"count": 5, "found": 3, "count_5mm": 3, "found_5mm": 2, "fp": 3, "ct_count": 2}
+    assert counts == {"count": 5, "found": 3, "count_5mm": 3, "found_5mm": 2, "fp": 2, "ct_count": 2}
 
 
 def test_summarize_nodules_is_nan_safe():
