@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -38,6 +39,8 @@ from p2ch.runtime import autocast, resolve_amp, resolve_device
 log = logging.getLogger(__name__)
 
 OUTSIDE_MODES = ("skip", "error")  # what predict_locations does with a centre outside its CT
+# The 8 mirror images of an (N, 1, I, R, C) batch: the dims flipped, from none to all three axes.
+FLIPS = tuple(dims for count in range(4) for dims in itertools.combinations((2, 3, 4), count))
 
 
 class Scorer:
@@ -63,12 +66,19 @@ class Scorer:
         self.model = model
 
     @torch.inference_mode()
-    def __call__(self, chunks: torch.Tensor) -> torch.Tensor:
+    def __call__(self, chunks: torch.Tensor, *, flips: bool = False) -> torch.Tensor:
         """chunks: (N, 1, I, R, C) int16 HU (CPU or device). Returns (N,) float32 P(nodule) on the device.
 
+        flips: the mean over the chunk and its 7 mirror images (each subset of the three axes flipped,
+        `FLIPS`), a test-time augmentation for models trained with flips (`--augmented`): a lesion is
+        the same lesion mirrored, and averaging eight looks steadies a model's vote on it.
         Results stay on the device, so a loop can collect them and copy once at the end.
         """
         x = to_device_batch(chunks, self.device)
+        looks = [torch.flip(x, dims) if dims else x for dims in (FLIPS if flips else ((),))]
+        return torch.stack([self._probability(look) for look in looks]).mean(dim=0)
+
+    def _probability(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         with autocast(self.device, self.amp_dtype):
@@ -307,14 +317,21 @@ def predict_locations(
 
 
 def score_ct(
-    scorer: Scorer, ct: Ct, centers_xyz: np.ndarray, *, width_irc: Sequence[int], batch_size: int = 64
+    scorer: Scorer,
+    ct: Ct,
+    centers_xyz: np.ndarray,
+    *,
+    width_irc: Sequence[int],
+    batch_size: int = 64,
+    flips: bool = False,
 ) -> np.ndarray:
     """P(class 1) of locations in one CT in memory: `scorer`'s model on a chunk around each centre.
 
     scorer: a `Scorer` of a nodule or a malignancy classifier. ct: a `p2ch.ct.Ct`. centers_xyz:
     (N, 3) float mm. width_irc: the chunk the model was trained on (its config's `width_irc`).
     Chunks are cropped with `Ct.get_raw_candidates`, `batch_size` at a time, so the numbers equal
-    `predict_locations`'s for the same locations of the CT on disk.
+    `predict_locations`'s for the same locations of the CT on disk. flips: each the mean of its 8 mirror
+    images (`Scorer.__call__`).
     Returns (N,) float64 in row order, nan for a centre whose voxel lies outside the CT (and for a
     non-finite centre): `get_raw_candidates` would raise CandidateOutsideCtError for it.
     """
@@ -333,7 +350,7 @@ def score_ct(
     parts = []
     for start in range(0, len(rows), batch_size):
         chunks, _ = ct.get_raw_candidates(centers[rows[start : start + batch_size]], width)
-        parts.append(scorer(torch.from_numpy(chunks).unsqueeze(1)))
+        parts.append(scorer(torch.from_numpy(chunks).unsqueeze(1), flips=flips))
     if parts:
         probability[rows] = torch.cat(parts).cpu().numpy().astype(np.float64)
     return probability

@@ -7,15 +7,22 @@
 
 Per CT, in this order (seconds of each step go into analysis.json):
 
-1. **segmentation**: the UNet of `python -m p2ch.seg_training` on every slice (with the context
-   slices it was trained with), batched on the device, AMP where available → P(nodule voxel);
-2. **grouping**: voxels above the segmentation threshold → 3D connected components (scipy.ndimage,
-   26-connectivity) → each component's density-weighted centre (irc → world mm, exact for any
-   direction matrix), its voxel count and equivalent-sphere diameter; components outside
-   [--min-diameter-mm, --max-diameter-mm] or under --min-voxels are dropped ("too_small", "too_large");
-3. **classification**: the nodule classifier (`python -m p2ch.training`) scores every kept component
-   on a chunk cropped from the CT in memory (no cache) → p_nodule;
-4. **malignancy**: the malignancy classifier (`--malignant`) scores the components with p_nodule above
+1. **lungs**: `p2ch.lungs.lung_mask` finds the lungs (large bodies of air inside the body) on a 3 mm
+   grid; the rest of the work stays in their box (`--no-lung-mask`: the whole CT; a CT without lungs
+   found is searched whole, with a warning);
+2. **segmentation**: the UNet of `python -m p2ch.seg_training` on every slice of the lungs' box (with
+   the context slices it was trained with), batched on the device, AMP where available → P(nodule voxel);
+3. **grouping**: `p2ch.detect.find_candidates`, the rule the segmentation's validation scores by:
+   voxels above the segmentation threshold → 3D components (26-connectivity), each split at its
+   probability peaks (`--no-split`: not), so a small nodule touching a vessel gets a candidate of its
+   own → each region's probability-weighted centre (irc → world mm, exact for any direction matrix),
+   voxel count, equivalent-sphere diameter and the segmentation's confidence; regions outside
+   [--min-diameter-mm, --max-diameter-mm] or under --min-voxels ("too_small", "too_large"), that do not
+   touch the lungs ("outside_lungs") or beyond the --max-candidates surest ("over_max_candidates") are dropped;
+4. **classification**: the nodule classifier (`python -m p2ch.training`) scores every kept candidate
+   on a chunk cropped from the CT in memory (no cache), the mean of the chunk and its 7 mirror images
+   (`--no-tta`: one look) → p_nodule;
+5. **malignancy**: the malignancy classifier (`--malignant`) scores the candidates with p_nodule above
    --nodule-threshold → p_malignant.
 
 Inputs: series uids of the data root, `.mhd` files, NIfTI/NRRD files (`.nii`, `.nii.gz`, `.nrrd`,
@@ -81,9 +88,9 @@ from p2ch.config import (
 )
 from p2ch.ct import Ct, load_ct_input
 from p2ch.datasets import split_series
-from p2ch.detect import Components, find_components, segment_ct
+from p2ch.detect import CENTRES, CandidateRule, Components, find_candidates, segment_ct
 from p2ch.dicom import volume_series
-from p2ch.errors import ConfigError, DataFormatError, DataNotFoundError
+from p2ch.errors import ConfigError, DataFormatError, DataNotFoundError, P2chError
 from p2ch.fileio import write_text_atomic
 from p2ch.imagefile import check_hu_offset, image_suffix
 from p2ch.inference import Scorer, make_scorer, score_ct
@@ -107,6 +114,7 @@ from p2ch.luna import (
     SUBMISSION_COLUMNS,
     series_index,
 )
+from p2ch.lungs import lung_mask
 from p2ch.metrics import (
     CONFUSION_COLUMNS,
     CONFUSION_ROWS,
@@ -116,6 +124,7 @@ from p2ch.metrics import (
     froc,
     match_predictions,
 )
+from p2ch.model import fuse_conv_batchnorm
 from p2ch.plots import froc_figure, save_figure_png
 from p2ch.report import CtReport, PartReport, write_report
 from p2ch.runtime import configure_backends
@@ -127,7 +136,7 @@ log = logging.getLogger("p2ch.nodule_analysis")
 PROG = "python -m p2ch.nodule_analysis"
 DEFAULT_OUT_DIR = Path("data-unversioned/analysis")
 ANALYSIS_FORMAT = "p2ch-analysis-v1"
-STEPS = ("segmentation", "grouping", "classification", "malignancy")
+STEPS = ("lungs", "segmentation", "grouping", "classification", "malignancy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +163,11 @@ class AnalysisConfig:
     min_voxels: int = 2
     min_diameter_mm: float = 2.0
     max_diameter_mm: float = 40.0
+    lung_mask: bool = True
+    split: bool = True
+    max_candidates: int = 30
+    tta: bool = True
+    candidate_centre: str = "probability"
     pictures: bool = True
     max_pictures: int = 20
     mask_format: str = "nii.gz"
@@ -190,6 +204,7 @@ class AnalysisConfig:
         seg = self.segmentation_threshold
         need(seg is None or 0.0 < seg < 1.0, f"--segmentation-threshold must be in (0, 1), got {seg}")
         need(self.min_voxels >= 1, f"--min-voxels must be ≥ 1, got {self.min_voxels}")
+        need(self.max_candidates >= 0, f"--max-candidates must be ≥ 0 (0: no limit), got {self.max_candidates}")
         need(
             0.0 <= self.min_diameter_mm < self.max_diameter_mm,
             f"--min-diameter-mm {self.min_diameter_mm} and --max-diameter-mm {self.max_diameter_mm}: expected "
@@ -231,6 +246,7 @@ class Models:
     malignancy_info: dict[str, Any] | None
     width_irc: tuple[int, int, int]
     classifier_config: Any
+    other_configs: dict[str, Any] = dataclasses.field(default_factory=dict)  # segmentation, malignancy: their runs
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -257,6 +273,7 @@ def load_models(config: AnalysisConfig) -> Models:
     cls_path = _find(config.classification_path, models_dir, "nodule", "--classification-path", True)
     mal_path = _find(config.malignancy_path, models_dir, "malignancy", "--malignancy-path", False)
     seg_model, seg = load_segmentation_model(seg_path, use=f"{PROG} --segmentation-path")
+    seg_model = fuse_conv_batchnorm(seg_model)  # the same probabilities, one pass over the activations fewer
     nodule_model, nodule_info = load_model(cls_path, task="nodule", use=f"{PROG} --classification-path")
     nodule = make_scorer(nodule_model, config.device, config.amp, config.channels_last)
     configure_backends(nodule.device, config.cudnn_benchmark == "on")
@@ -275,6 +292,7 @@ def load_models(config: AnalysisConfig) -> Models:
         segmentation_threshold=threshold, nodule=nodule, nodule_info=_info_dict(nodule_info), malignancy=malignancy,
         malignancy_info=None if mal_info is None else _info_dict(mal_info),
         width_irc=tuple(nodule_info.config.width_irc), classifier_config=nodule_info.config,
+        other_configs={"segmentation": seg["config"], **({} if mal_info is None else {"malignancy": mal_info.config})},
     )  # fmt: skip
     for kind, info in models.describe().items():
         if info is None:
@@ -306,23 +324,36 @@ class CtResult:
     probability: np.ndarray | None = None  # (I, R, C) uint8, round(255 × P) (--write-probability)
 
 
+def candidate_rule(config: AnalysisConfig, models: Models) -> CandidateRule:
+    """How this analysis turns the segmentation into candidates (the segmentation's validation uses the same
+    rule with its own threshold)."""
+    return CandidateRule(
+        threshold=models.segmentation_threshold, min_voxels=config.min_voxels, min_diameter_mm=config.min_diameter_mm,
+        max_diameter_mm=config.max_diameter_mm, lungs=config.lung_mask, split=config.split,
+        max_candidates=config.max_candidates, centre=config.candidate_centre,
+    )  # fmt: skip
+
+
 def analyse_ct(ct: Ct, models: Models, config: AnalysisConfig) -> CtResult:
     """Segment, group, classify and (for likely nodules) grade one CT; see the module docstring."""
     device = models.nodule.device
     seconds = {}
     started = time.perf_counter()
+    lungs = lung_mask(ct.hu, ct.voxel_size_xyz) if config.lung_mask else None
+    if lungs is not None and not lungs.found:
+        log.warning("%s: no lungs found (no large body of air inside the body); segmenting the whole CT", ct.series_uid)
+    region = lungs.slice_boxes() if lungs is not None and lungs.found else None
+    seconds["lungs"] = time.perf_counter() - started
+    started = time.perf_counter()
     prob = segment_ct(
         models.segmentation, ct, context_slices=models.context_slices, device=device,
         amp_dtype=models.nodule.amp_dtype, batch_size=config.batch_size,
-        channels_last=config.channels_last == "on", progress=config.progress,
+        channels_last=config.channels_last == "on", progress=config.progress, region=region,
     )  # fmt: skip
     probability = probability_volume(prob) if config.write_probability else None
     seconds["segmentation"] = time.perf_counter() - started
     started = time.perf_counter()
-    components, labels = find_components(
-        prob > models.segmentation_threshold, ct, min_voxels=config.min_voxels,
-        min_diameter_mm=config.min_diameter_mm, max_diameter_mm=config.max_diameter_mm, return_labels=True,
-    )  # fmt: skip
+    components, labels = find_candidates(prob, ct, candidate_rule(config, models), lungs=lungs)
     del prob
     seconds["grouping"] = time.perf_counter() - started
     p_nodule = np.full(len(components), np.nan)
@@ -337,7 +368,7 @@ def analyse_ct(ct: Ct, models: Models, config: AnalysisConfig) -> CtResult:
         p_malignant[likely] = _score(models.malignancy, ct, components.center_xyz[likely], models, config)
     seconds["malignancy"] = time.perf_counter() - started
     log.info(
-        "%s: %d components (%d kept by size), %d nodules above %.2f; %s",
+        "%s: %d components (%d kept), %d nodules above %.2f; %s",
         ct.series_uid, len(components), len(kept), len(likely), config.nodule_threshold,
         ", ".join(f"{step} {seconds[step]:.1f} s" for step in STEPS),
     )  # fmt: skip
@@ -348,7 +379,9 @@ def analyse_ct(ct: Ct, models: Models, config: AnalysisConfig) -> CtResult:
 def _score(scorer: Scorer, ct: Ct, centers_xyz: np.ndarray, models: Models, config: AnalysisConfig) -> np.ndarray:
     if len(centers_xyz) == 0:
         return np.zeros(0)
-    return score_ct(scorer, ct, centers_xyz, width_irc=models.width_irc, batch_size=max(config.batch_size, 64))
+    return score_ct(
+        scorer, ct, centers_xyz, width_irc=models.width_irc, batch_size=max(config.batch_size, 64), flips=config.tta
+    )
 
 
 def nodule_rows(p_nodule: np.ndarray, threshold: float) -> np.ndarray:
@@ -380,13 +413,14 @@ def component_table(result: CtResult, threshold: float) -> pd.DataFrame:
             "p_malignant": result.p_malignant,
         }
     )
-    return pd.concat([frame, slice_positions(result.ct, c.center_irc)], axis=1).assign(label=label)
+    positions = slice_positions(result.ct, c.center_irc)
+    return pd.concat([frame, positions], axis=1).assign(label=label, p_segmentation=c.score)
 
 
 # The columns other tools and tests read come first, in their original order; positions and the label after.
 COMPONENT_COLUMNS = (
     "seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "voxels", "kept", "reason", "p_nodule", "p_malignant",
-    *POSITION_COLUMNS, "label",
+    *POSITION_COLUMNS, "label", "p_segmentation",
 )  # fmt: skip
 NODULE_COLUMNS = (
     "seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "p_nodule", "p_malignant", *POSITION_COLUMNS, "label",
@@ -638,9 +672,35 @@ def validation_parts(config: AnalysisConfig, models: Models) -> tuple[Path, dict
         log.warning("the classifier used the book's stride split, which has no validation CTs; using the series split")
     split = split_series(uids, mode, **classifier.split_settings(), data_root=data_root)
     parts = {"validation": [str(u) for u in split.val]}
+    warn_if_trained_on(parts["validation"], uids, data_root, models)
     if config.include_train:
         parts["train"] = [str(u) for u in split.train]
     return data_root, parts
+
+
+def warn_if_trained_on(validation: Sequence[str], uids: Sequence[str], data_root: Path, models: Models) -> list[str]:
+    """Warn (and return the lines) when the segmentation or malignancy model trained on validation CTs of the
+    classifier's split (another --val-fraction, seed or split mode): the detector's scores are then optimistic."""
+    lines = []
+    wanted = set(validation)
+    for kind, config in models.other_configs.items():
+        settings = getattr(config, "split_settings", None)
+        if settings is None or getattr(config, "split", "stride") == "stride":
+            continue
+        try:
+            trained = set(map(str, split_series(uids, config.split, **settings(), data_root=data_root).train))
+        except P2chError as exc:  # its split settings do not fit this data root: nothing to compare
+            log.info("the %s model's split cannot be made on %s (%s)", kind, data_root, exc)
+            continue
+        trained &= wanted
+        if trained:
+            lines.append(
+                f"the {kind} model trained on {len(trained)} of the {len(wanted)} validation CTs (its split: "
+                f"{config.split}, --val-fraction {config.val_fraction}; the classifier's differs), so the detector's "
+                "scores are optimistic; train every model with the same split settings"
+            )
+            log.warning("%s", lines[-1])
+    return lines
 
 
 def score_detector(
@@ -867,6 +927,29 @@ def _add_detector_arguments(g: argparse._ArgumentGroup, d: AnalysisConfig) -> No
         "--max-diameter-mm", type=float, default=d.max_diameter_mm,
         help="larger components are dropped (too_large; LUNA16's nodules are ≤ 30 mm, a nodule's segmentation "
         "may run a little larger)",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-candidates", type=int, default=d.max_candidates,
+        help="candidates per CT passed to the classifier: those the segmentation is surest of (the rest: "
+        "over_max_candidates; 0: no limit)",
+    )  # fmt: skip
+    g.add_argument(
+        "--no-lung-mask", dest="lung_mask", action="store_false",
+        help="segment the whole CT and keep candidates outside the lungs too (default: the lungs' box is "
+        "segmented and a candidate must touch the lungs; a CT without lungs found is segmented whole)",
+    )  # fmt: skip
+    g.add_argument(
+        "--candidate-centre", choices=CENTRES, default=d.candidate_centre,
+        help="where a candidate sits: its region's probability-weighted centre, or its density-weighted one "
+        "(HU + 1001, the book's)",
+    )  # fmt: skip
+    g.add_argument(
+        "--no-tta", dest="tta", action="store_false",
+        help="one look per candidate (default: the classifiers' mean over the chunk and its 7 mirror images)",
+    )  # fmt: skip
+    g.add_argument(
+        "--no-split", dest="split", action="store_false",
+        help="one candidate per connected component (default: a component is split at its probability peaks)",
     )  # fmt: skip
 
 

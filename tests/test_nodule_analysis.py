@@ -11,6 +11,7 @@ import html.parser
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -21,10 +22,12 @@ from p2ch import nodule_analysis
 from p2ch.candidates import read_candidates
 from p2ch.checkpoint import save_checkpoint
 from p2ch.config import SegTrainingConfig, TrainingConfig
+from p2ch.datasets import split_series
+from p2ch.luna import series_index
 from p2ch.metrics import match_predictions
 from p2ch.unet import UNetWrapper, unet_signature
 
-from conftest import make_model, write_checkpoint, write_ct
+from conftest import chest_phantom, make_model, write_checkpoint, write_ct
 
 SETTINGS = {"num_cts": 3, "size": 96, "slices": 48, "candidates_per_ct": 20, "nodules_per_ct": 3, "seed": 12}
 
@@ -309,14 +312,13 @@ def test_out_that_is_a_file_is_refused_before_any_model_loads(root, models, tmp_
 # results where viewers read them: label maps, positions, NIfTI/NRRD inputs, several series, report.html
 
 
-def _weighted_centres_mm(label_image: sitk.Image, hu: np.ndarray) -> dict[int, np.ndarray]:
-    """{label: HU + 1001 weighted centre of its voxels, in mm by SimpleITK's own transform of the label image}."""
+def _centres_mm(label_image: sitk.Image) -> dict[int, np.ndarray]:
+    """{label: centre of its voxels, in mm by SimpleITK's own transform of the label image}: a candidate's centre
+    is the probability-weighted one, and the stand-in segmentation's probability is 1 on every nodule voxel."""
     labels = sitk.GetArrayFromImage(label_image)
     centres = {}
     for k in np.unique(labels[labels > 0]).tolist():
-        voxels = np.argwhere(labels == k)
-        weights = hu[tuple(voxels.T)].astype(np.float64) + 1001.0
-        irc = (voxels * weights[:, None]).sum(axis=0) / weights.sum()
+        irc = np.argwhere(labels == k).mean(axis=0)
         centres[k] = np.array(label_image.TransformContinuousIndexToPhysicalPoint(tuple(irc[::-1].tolist())))
     return centres
 
@@ -353,7 +355,7 @@ def test_dicom_ct_gets_a_label_map_and_a_ct_on_its_grid_and_slice_references(
     assert mask.GetPixelID() == sitk.sitkUInt8
     hu = sitk.GetArrayFromImage(ct_image)
     np.testing.assert_array_equal(hu, source.hu)
-    centres = _weighted_centres_mm(mask, hu)
+    centres = _centres_mm(mask)
     assert sorted(centres) == nodules["label"].tolist()
     for row in nodules.itertuples(index=False):
         np.testing.assert_allclose(centres[row.label], (row.coordX, row.coordY, row.coordZ), atol=2e-3)
@@ -540,3 +542,62 @@ def test_bad_nifti_inputs_and_output_flags_are_one_line(root, models, tmp_path, 
         assert nodule_analysis.main([*inputs, *_argv(models, root, tmp_path / "out")]) == 2, inputs
         err = capfd.readouterr().err
         assert expected in err and len(err.strip().splitlines()) == 1, (inputs, err)
+
+
+def test_the_detector_levers_candidate_limit_lungs_and_looks(root, models, tmp_path, monkeypatch):
+    seen = {}
+
+    def segment(model, ct, **kwargs):
+        seen[ct.series_uid] = kwargs.get("region")
+        return _true_segmentation(root)(model, ct, **kwargs)
+
+    monkeypatch.setattr(nodule_analysis, "segment_ct", segment)
+    uid = max(_uids_with_nodules(root), key=lambda u: len(_annotations(root, u)))
+    tables = {}
+    for name, extra in (("one", ["--max-candidates", "1"]), ("all", []), ("plain", ["--no-tta", "--no-lung-mask"])):
+        out = tmp_path / name
+        assert nodule_analysis.main([uid, *_argv(models, root, out, "--nodule-threshold", "0", *extra)]) == 0
+        tables[name] = pd.read_csv(out / uid / "components.csv", dtype={"seriesuid": str})
+        tables[name + "_region"] = seen[uid]
+    one, every, plain = tables["one"], tables["all"], tables["plain"]
+    assert one["kept"].sum() == 1 and every["kept"].sum() >= 2
+    assert (one["reason"] == "over_max_candidates").sum() == every["kept"].sum() - 1
+    assert (every["p_segmentation"] == 1.0).all()  # the stand-in's probability
+    # the lungs' box is segmented (a (I, 4) box per slice), the whole CT without the lung mask
+    boxes = tables["all_region"]
+    assert boxes is not None and boxes.shape == (48, 4) and tables["plain_region"] is None
+    assert (boxes[:, 1] - boxes[:, 0]).max() < 96 or (boxes[:, 3] - boxes[:, 2]).max() < 96
+    # eight looks average to other probabilities than one look at the same centres
+    kept, kept_plain = every[every["kept"]], plain[plain["kept"]]
+    np.testing.assert_allclose(kept[["coordX", "coordY", "coordZ"]], kept_plain[["coordX", "coordY", "coordZ"]])
+    assert not np.allclose(kept["p_nodule"], kept_plain["p_nodule"])
+
+
+def test_a_ct_without_lungs_is_segmented_whole(root, models, tmp_path, monkeypatch):
+    hu, _ = chest_phantom(shape=(24, 64, 80), with_lungs=False)
+    scans = tmp_path / "scans"
+    write_ct(scans, "1.2.3.4.5", hu, spacing_xyz=(1.0, 1.0, 2.0), subset=0)
+    seen = {}
+
+    def segment(model, ct, **kwargs):
+        seen["region"] = kwargs.get("region")
+        return np.zeros(ct.hu.shape, dtype=np.float16)
+
+    monkeypatch.setattr(nodule_analysis, "segment_ct", segment)
+    mhd = next(scans.glob("subset0/*.mhd"))
+    assert nodule_analysis.main([str(mhd), *_argv(models, root, tmp_path / "out")]) == 0
+    assert seen["region"] is None
+
+
+def test_models_trained_on_other_splits_are_named(root):
+    uids = sorted(series_index(root))
+    validation = [str(u) for u in split_series(uids, "series", val_fraction=0.5, data_root=root).val]
+    same = SegTrainingConfig(data_root=str(root), val_fraction=0.5)
+    other = SegTrainingConfig(data_root=str(root), val_fraction=0.34)
+    trained_on = set(split_series(uids, "series", val_fraction=0.34, data_root=root).train) & set(validation)
+    assert trained_on, "the fixture's split settings must overlap for this test"
+    models = SimpleNamespace(other_configs={"segmentation": same})
+    assert nodule_analysis.warn_if_trained_on(validation, uids, root, models) == []
+    models = SimpleNamespace(other_configs={"segmentation": other, "malignancy": same})
+    (line,) = nodule_analysis.warn_if_trained_on(validation, uids, root, models)
+    assert line.startswith(f"the segmentation model trained on {len(trained_on)} of the {len(validation)}")
