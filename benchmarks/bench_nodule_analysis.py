@@ -1,15 +1,23 @@
-"""The end-to-end analysis (`python -m p2ch.nodule_analysis`): its detection score and its time per CT.
+"""The whole detector (`python -m p2ch.nodule_analysis`): its detection score, each lever's part in it, its time per CT.
 
-1. Quality: generates a synthetic set with malignancy labels (or uses `--data-root`), trains the three
-   models on it — the segmentation UNet, the nodule classifier, the malignancy classifier fine-tuned from
-   it — with the settings printed, then runs `nodule_analysis --run-validation`: the whole detector's
-   FROC/CPM with a bootstrap CI over the validation CTs and the book's confusion matrix.
+1. Quality: generates a synthetic set with malignancy labels (or uses `--data-root`), trains the models on it
+   at a fixed budget — the segmentation UNet with the default recipe (hard negatives, Dice + cross-entropy,
+   one-cycle lr) and, for comparison, with the book's (nodule crops, Dice, constant lr), the nodule
+   classifier, the malignancy classifier fine-tuned from it — with the settings printed, then runs
+   `nodule_analysis --run-validation` once per ablation variant: every lever on (the default), then each
+   lever off in turn, then the book's segmentation recipe, and last the pipeline as it was before the
+   levers (the book's segmentation recipe, whole CT, one candidate per component at its density-weighted
+   centre, no limit, one look). Per variant: the detection FROC/CPM with a bootstrap CI over the
+   validation CTs, candidate recall (a kept candidate's centre within the nodule's radius, LUNA16's hit
+   rule) by nodule size, kept candidates and false positives per CT, seconds per step per CT.
 2. Speed: one CT of `--time-size`² × `--time-slices` (default 512 × 512 × 250, a typical chest CT) is
-   analysed with the same models; the seconds of each step (segmentation, grouping, classification,
-   malignancy) come from its analysis.json (median of `--repeats` runs).
+   analysed with the default models and settings, and with `--no-lung-mask` (the whole CT segmented); the
+   seconds of each step come from its analysis.json (median of `--repeats` runs) and the segmentation's
+   slices/s from them.
 
-    .venv/bin/python benchmarks/bench_nodule_analysis.py --work /tmp/bench-e2e     # ~20 minutes on 2 CPU cores
-    .venv/bin/python benchmarks/bench_nodule_analysis.py --work /tmp/bench-e2e --skip-training   # step 2 again
+    .venv/bin/python benchmarks/bench_nodule_analysis.py --work /tmp/bench-e2e     # ~25 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/bench_nodule_analysis.py --work /tmp/bench-e2e --skip-training   # again, same models
+    .venv/bin/python benchmarks/bench_nodule_analysis.py --work /tmp/e2e-smoke --smoke   # seconds: the GPU suite's
 
 Prints the figures and one JSON line. GPU: `--device cuda --num-workers 8`.
 """
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -26,12 +35,22 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 from p2ch import nodule_analysis, prepcache, seg_training, synth, training
+from p2ch.candidates import read_annotations
+from p2ch.segmetrics import candidate_hits
+
+BOOK_SEG_RECIPE = ["--background-crops", "0", "--bce-weight", "0", "--lr-schedule", "constant", "--lr", "0.001"]
+BEFORE_FLAGS = ["--no-lung-mask", "--no-split", "--candidate-centre", "density", "--max-candidates", "0", "--no-tta"]
+SIZE_BINS_MM = (0.0, 5.0, 10.0, 1000.0)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", required=True, help="folder for the data set, cache, models and outputs (kept)")
+    parser.add_argument("--data-root", default=None, help="an existing LUNA16-format set instead of a synthetic one")
     parser.add_argument("--num-cts", type=int, default=24)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--slices", type=int, default=128)
@@ -49,13 +68,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--skip-training", action="store_true", help="reuse the models under --work/models")
+    parser.add_argument("--no-ablation", action="store_true", help="the default variant only (and the timing)")
+    parser.add_argument("--smoke", action="store_true", help="a 4-CT set, a few batches, no ablation: seconds")
     return parser
 
 
 def _check(code: int, what: str) -> None:
     if code != 0:
         raise SystemExit(f"{what} failed (exit {code})")
+
+
+def _smoke(args: argparse.Namespace) -> None:
+    args.num_cts, args.size, args.slices, args.candidates_per_ct = 4, 64, 32, 20
+    args.seg_epochs, args.seg_epoch_size, args.cls_epochs, args.mal_epochs, args.epoch_size = 1, 32, 1, 1, 32
+    args.time_size, args.time_slices, args.repeats, args.bootstrap, args.val_fraction = 96, 48, 1, 10, 0.5
+    args.no_ablation = True
 
 
 def _common(args: argparse.Namespace, work: Path, root: Path) -> list[str]:
@@ -66,44 +95,100 @@ def _common(args: argparse.Namespace, work: Path, root: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def _timed(main, argv: list[str], what: str) -> float:
+    started = time.perf_counter()
+    _check(main(argv), what)
+    return round(time.perf_counter() - started, 1)
+
+
 def train_models(args: argparse.Namespace, work: Path, root: Path) -> dict[str, float]:
-    """The three models, one after the other; returns the seconds each took."""
-    seconds = {}
+    """The segmentation model twice (default and book recipe), the nodule and the malignancy classifier."""
     fill = ["--data-root", str(root), "--cache-dir", str(work / "cache"), "--log-level", "WARNING"]
-    _check(prepcache.main([*fill, "--malignant", "--num-workers", str(os.cpu_count() or 1)]), "prepcache")
-    _check(prepcache.main([*fill, "--segmentation", "--num-workers", str(os.cpu_count() or 1)]), "prepcache --seg")
+    workers = str(os.cpu_count() or 1)
+    _check(prepcache.main([*fill, "--malignant", "--num-workers", workers]), "prepcache")
+    _check(prepcache.main([*fill, "--segmentation", "--num-workers", workers]), "prepcache --segmentation")
     common = _common(args, work, root)
-    runs = {
-        "segmentation": (seg_training.main, [*common, "--augmented", "--epochs", str(args.seg_epochs),
-                                             "--epoch-size", str(args.seg_epoch_size), "seg"]),
-        "nodule": (training.main, [*common, "--balanced", "--augmented", "--optimizer", "adam", "--lr", "1e-3",
-                                   "--batch-size", "16", "--epochs", str(args.cls_epochs), "--epoch-size",
-                                   str(args.epoch_size), "nod"]),
-    }  # fmt: skip
-    for name, (main, argv) in runs.items():
-        started = time.perf_counter()
-        _check(main(argv), name)
-        seconds[name] = round(time.perf_counter() - started, 1)
-    (nodule,) = (work / "models" / "p2ch").glob("*-nod/best.pt")
-    mal = [*common, "--malignant", "--finetune", str(nodule), "--finetune-depth", "2", "--augmented",
+    seg = [*common, "--augmented", "--epochs", str(args.seg_epochs), "--epoch-size", str(args.seg_epoch_size)]
+    seconds = {"segmentation": _timed(seg_training.main, [*seg, "seg"], "segmentation")}
+    if not args.no_ablation:
+        seconds["segmentation_book"] = _timed(seg_training.main, [*seg, *BOOK_SEG_RECIPE, "segbook"], "book recipe")
+    # The classifiers' recipe as in every earlier run of this benchmark (Adam, lr 1e-3), so that only the
+    # detector changes between the figures of BENCHMARKS.md.
+    nodule = [*common, "--balanced", "--augmented", "--optimizer", "adam", "--lr", "1e-3", "--batch-size", "16",
+              "--epochs", str(args.cls_epochs), "--epoch-size", str(args.epoch_size), "nod"]  # fmt: skip
+    seconds["nodule"] = _timed(training.main, nodule, "nodule classifier")
+    mal = [*common, "--malignant", "--finetune", str(model_path(work, "nod")), "--finetune-depth", "2", "--augmented",
            "--optimizer", "adam", "--lr", "1e-3", "--batch-size", "16", "--epochs", str(args.mal_epochs),
            "--epoch-size", str(args.epoch_size), "mal"]  # fmt: skip
-    started = time.perf_counter()
-    _check(training.main(mal), "malignancy")
-    seconds["malignancy"] = round(time.perf_counter() - started, 1)
+    seconds["malignancy"] = _timed(training.main, mal, "malignancy classifier")
     return seconds
 
 
-def validate(args: argparse.Namespace, work: Path, root: Path) -> dict:
-    out = work / "analysis-validation"
-    argv = ["--run-validation", "--models-dir", str(work / "models"), "--data-root", str(root), "--out", str(out),
-            "--runs-dir", str(work / "runs"), "--device", args.device, "--no-progress", "--log-level", "WARNING",
-            "--no-pictures"]  # fmt: skip
-    started = time.perf_counter()
-    _check(nodule_analysis.main(argv), "nodule_analysis --run-validation")
+def model_path(work: Path, comment: str) -> Path:
+    found = sorted((work / "models" / "p2ch").glob(f"*-{comment}/best.pt"))
+    if not found:
+        raise SystemExit(f"no {comment} model under {work / 'models'}; run without --skip-training")
+    return found[-1]
+
+
+def variants(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
+    """(name, segmentation model comment, extra nodule_analysis flags) of the ablation."""
+    default = [("every lever (the default)", "seg", [])]
+    if args.no_ablation:
+        return default
+    return [
+        *default,
+        ("one look per candidate (--no-tta)", "seg", ["--no-tta"]),
+        ("no limit on candidates (--max-candidates 0)", "seg", ["--max-candidates", "0"]),
+        ("one candidate per component (--no-split)", "seg", ["--no-split"]),
+        ("density-weighted centres", "seg", ["--candidate-centre", "density"]),
+        ("whole CT, no lung rule (--no-lung-mask)", "seg", ["--no-lung-mask"]),
+        ("the book's segmentation recipe", "segbook", []),
+        ("before: the book's recipe, none of the levers", "segbook", BEFORE_FLAGS),
+    ]
+
+
+def recall_by_size(out: Path, uids: list[str], root: Path) -> dict[str, float]:
+    """Candidate recall (LUNA16's hit rule) of the kept candidates in submission.csv, overall, ≥ 5 mm and by size."""
+    submission = pd.read_csv(out / "submission.csv")
+    annotations = read_annotations(root / "annotations.csv")
+    annotations = annotations[annotations["seriesuid"].isin(uids)]
+    found, diameters, fps = [], [], 0
+    for uid in uids:
+        mine = annotations[annotations["seriesuid"] == uid]
+        kept = submission[submission["seriesuid"] == uid][["coordX", "coordY", "coordZ"]].to_numpy()
+        hits = candidate_hits(kept, mine[["coordX", "coordY", "coordZ"]].to_numpy(), mine["diameter_mm"].to_numpy())
+        found.append(hits.found)
+        diameters.append(mine["diameter_mm"].to_numpy())
+        fps += hits.fp_components
+    found, diameters = np.concatenate(found), np.concatenate(diameters)
+    result = {"recall": float(found.mean()), "recall_5mm": float(found[diameters >= 5].mean())}
+    for low, high in itertools.pairwise(SIZE_BINS_MM):
+        inside = (diameters >= low) & (diameters < high)
+        result[f"recall_{low:g}-{high:g}mm"] = float(found[inside].mean()) if inside.any() else float("nan")
+        result[f"nodules_{low:g}-{high:g}mm"] = int(inside.sum())
+    result["candidates_per_ct"] = len(submission) / len(uids)
+    result["fp_per_ct"] = fps / len(uids)
+    return result
+
+
+def validate(args: argparse.Namespace, work: Path, root: Path, name: str, seg: str, extra: list[str]) -> dict:
+    out = work / "ablation" / name.split(" (")[0].replace(" ", "-").replace(":", "").replace(",", "")[:40]
+    argv = ["--run-validation", "--segmentation-path", str(model_path(work, seg)),
+            "--classification-path", str(model_path(work, "nod")), "--malignancy-path", str(model_path(work, "mal")),
+            "--data-root", str(root), "--out", str(out), "--runs-dir", str(work / "runs"), "--device", args.device,
+            "--no-progress", "--log-level", "WARNING", "--no-pictures", "--mask-format", "none",
+            "--bootstrap", str(args.bootstrap), *extra]  # fmt: skip
+    seconds = _timed(nodule_analysis.main, argv, f"nodule_analysis --run-validation ({name})")
     metrics = json.loads((out / "validation" / "metrics.json").read_text())
-    metrics["seconds"] = round(time.perf_counter() - started, 1)
-    return metrics
+    uids = [p.parent.name for p in sorted((out / "validation").glob("*/analysis.json"))]
+    steps = [json.loads((out / "validation" / uid / "analysis.json").read_text())["seconds"] for uid in uids]
+    per_step = {step: round(statistics.mean(s.get(step, 0.0) for s in steps), 3) for step in nodule_analysis.STEPS}
+    return {
+        "name": name, "flags": extra, "segmentation": seg, "scans": metrics["scans"], "froc": metrics["froc"],
+        "confusion": metrics["confusion"], "candidates": recall_by_size(out / "validation", uids, root),
+        "seconds_per_ct": per_step, "seconds": seconds,
+    }  # fmt: skip
 
 
 def time_one_ct(args: argparse.Namespace, work: Path) -> dict:
@@ -112,52 +197,66 @@ def time_one_ct(args: argparse.Namespace, work: Path) -> dict:
         synth.generate(big, num_cts=1, size=args.time_size, slices=args.time_slices, nodules_per_ct=3,
                        candidates_per_ct=50, seed=3, workers=1)  # fmt: skip
     (mhd,) = big.glob("subset*/*.mhd")
-    runs = []
-    for k in range(args.repeats):
-        out = work / f"analysis-time-{k}"
-        argv = [str(mhd), "--models-dir", str(work / "models"), "--out", str(out), "--device", args.device,
-                "--no-progress", "--log-level", "WARNING", "--no-pictures"]  # fmt: skip
-        started = time.perf_counter()
-        _check(nodule_analysis.main(argv), "nodule_analysis (timing)")
-        total = time.perf_counter() - started
-        summary = json.loads((out / mhd.stem / "analysis.json").read_text())
-        runs.append({**summary["seconds"], "total_command": total, **summary["counts"]})
-    median = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-    median["shape_irc"] = summary["ct"]["shape_irc"]
-    return median
+    models = ["--segmentation-path", str(model_path(work, "seg")), "--classification-path",
+              str(model_path(work, "nod")), "--malignancy-path", str(model_path(work, "mal"))]  # fmt: skip
+    timings = {}
+    for label, extra in (("lungs", []), ("whole CT", ["--no-lung-mask"])):
+        runs = []
+        for k in range(args.repeats):
+            out = work / f"analysis-time-{label.replace(' ', '-')}-{k}"
+            argv = [str(mhd), *models, "--out", str(out), "--device", args.device, "--no-progress",
+                    "--log-level", "WARNING", "--no-pictures", *extra]  # fmt: skip
+            started = time.perf_counter()
+            _check(nodule_analysis.main(argv), "nodule_analysis (timing)")
+            total = time.perf_counter() - started
+            summary = json.loads((out / mhd.stem / "analysis.json").read_text())
+            runs.append({**summary["seconds"], "total_command": total, **summary["counts"]})
+        median = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        median["segmentation_slices_per_s"] = args.time_slices / median["segmentation"]
+        median["shape_irc"] = summary["ct"]["shape_irc"]
+        timings[label] = median
+    return timings
+
+
+def print_ablation(results: list[dict]) -> None:
+    print("variant | CPM [95% CI] | recall (≥ 5 mm) | < 5 / 5-10 / ≥ 10 mm | candidates/CT | FP/CT | s/CT")
+    for r in results:
+        f, c = r["froc"], r["candidates"]
+        bins = " / ".join(f"{c[k]:.2f}" for k in c if k.startswith("recall_") and "mm" in k and k != "recall_5mm")
+        print(
+            f"{r['name']} | {f['cpm']:.3f} [{f['cpm_ci'][0]:.3f}, {f['cpm_ci'][1]:.3f}] | {c['recall']:.3f} "
+            f"({c['recall_5mm']:.3f}) | {bins} | {c['candidates_per_ct']:.1f} | {c['fp_per_ct']:.1f} | "
+            f"{sum(r['seconds_per_ct'].values()):.2f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.smoke:
+        _smoke(args)
     work = Path(args.work)
-    root = work / "luna"
+    root = Path(args.data_root) if args.data_root else work / "luna"
     if not (root / "annotations.csv").is_file():
         synth.generate(root, num_cts=args.num_cts, size=args.size, slices=args.slices,
                        nodules_per_ct=args.nodules_per_ct, candidates_per_ct=args.candidates_per_ct,
                        seed=args.synth_seed, workers=os.cpu_count() or 1)  # fmt: skip
     training_seconds = {} if args.skip_training else train_models(args, work, root)
-    metrics = validate(args, work, root)
-    froc = metrics["froc"]
     print(f"training seconds: {training_seconds}")
-    print(
-        f"validation: {metrics['scans']} CTs, {froc['num_nodules']} nodules; detection CPM {froc['cpm']:.3f} "
-        f"[{froc['cpm_ci'][0]:.3f}, {froc['cpm_ci'][1]:.3f}]; nodules hit by a component: {froc['num_detected']}"
-    )
-    print(nodule_analysis.format_confusion(metrics["confusion"]))
+    results = [validate(args, work, root, *variant) for variant in variants(args)]
+    print_ablation(results)
+    print(nodule_analysis.format_confusion(results[0]["confusion"]))
     timing = time_one_ct(args, work)
-    print("one CT", timing["shape_irc"], {k: round(v, 2) for k, v in timing.items() if k != "shape_irc"})
+    for label, median in timing.items():
+        print(
+            f"one CT {median['shape_irc']} ({label}):", {k: round(v, 2) for k, v in median.items() if k != "shape_irc"}
+        )
     record = {
         "benchmark": "nodule_analysis",
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "settings": vars(args),
         "training_seconds": training_seconds,
-        "validation": {
-            "scans": metrics["scans"],
-            "froc": froc,
-            "confusion": metrics["confusion"],
-            "seconds": metrics["seconds"],
-        },
+        "ablation": results,
         "one_ct": timing,
     }
     print(json.dumps(record))
