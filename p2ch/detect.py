@@ -29,10 +29,11 @@ import torch
 from p2ch.ct import HU_MIN
 from p2ch.errors import ConfigError, DataFormatError
 from p2ch.geometry import irc2xyz
-from p2ch.lungs import lung_mask
+from p2ch.lungs import DEFAULT_BOX_MARGIN_MM, lung_mask
 from p2ch.progress import Progress
 from p2ch.runtime import autocast
 from p2ch.segmetrics import component_structure
+from p2ch.unet import receptive_radius
 
 # LUNA16 annotates nodules of 3 to 30 mm. Keep a margin on both sides: a segmented nodule can be a
 # little smaller or larger than its annotated diameter, and the classifier judges what is kept.
@@ -76,14 +77,29 @@ def slab_batch(hu: np.ndarray, start: int, stop: int, context_slices: int, devic
     return torch.from_numpy(band).to(device)[index].to(torch.float32)
 
 
-def _padded_size(model: torch.nn.Module, rows: int, cols: int) -> tuple[int, int]:
-    """(R', C') ≥ (R, C): the next multiples of 2**(depth-1) a padded UNet takes (R, C when it has no settings)."""
+def segmentation_margin_mm(model: torch.nn.Module, ct: Any, near_mm: float) -> float:
+    """How far around the lungs `segment_ct` must run so that everything within `near_mm` of them gets the
+    probabilities it would get from the whole slices: `near_mm` plus the UNet's reach (`unet.receptive_radius`)
+    at the coarser in-plane spacing, and at least `lungs.DEFAULT_BOX_MARGIN_MM`."""
+    settings = getattr(model, "settings", None)
+    depth = int(settings["depth"]) if isinstance(settings, dict) and "depth" in settings else 3
+    reach_mm = receptive_radius(depth) * max(float(ct.voxel_size_xyz[0]), float(ct.voxel_size_xyz[1]))
+    return max(DEFAULT_BOX_MARGIN_MM, near_mm + reach_mm)
+
+
+def _pooling_step(model: torch.nn.Module) -> int:
+    """2**(depth-1): the UNet's coarsest pooling step in pixels (1 for a model without settings)."""
     settings = getattr(model, "settings", None)
     if not isinstance(settings, dict) or "depth" not in settings:
-        return rows, cols
+        return 1
     if settings.get("padding") is False:
         raise ConfigError("segment_ct needs a UNet with padded convolutions (padding=True), as seg_training builds")
-    step = 2 ** (int(settings["depth"]) - 1)
+    return 2 ** (int(settings["depth"]) - 1)
+
+
+def _padded_size(model: torch.nn.Module, rows: int, cols: int) -> tuple[int, int]:
+    """(R', C') ≥ (R, C): the next multiples of 2**(depth-1) a padded UNet takes (R, C when it has no settings)."""
+    step = _pooling_step(model)
     return -(-rows // step) * step, -(-cols // step) * step
 
 
@@ -125,8 +141,12 @@ def segment_ct(
         model = model.to(memory_format=torch.channels_last)
     out = torch.zeros(hu.shape, dtype=torch.float16, device=device)
     batches = list(_region_batches(boxes, step))
+    grid = _pooling_step(model)
     with torch.inference_mode(), Progress(hu.shape[0], "segmenting", "slices", enabled=progress) as bar:
         for start, stop, (r0, r1, c0, c1) in batches:
+            # A box starts on the pooling grid of the whole slice (a multiple of 2**(depth-1)): a UNet is not
+            # shift-invariant, and a box shifted by one pixel against the grid gives other probabilities.
+            r0, c0 = r0 // grid * grid, c0 // grid * grid
             if r1 > r0 and c1 > c0:
                 prob = _segment_batch(model, hu[:, r0:r1, c0:c1], start, stop, c, device, amp_dtype, channels_last)
                 out[start:stop, r0:r1, c0:c1] = prob

@@ -83,12 +83,13 @@ from p2ch.config import (
     add_inference_arguments,
     check_finite_settings,
     check_output_dir,
+    resolve_batch_size,
     resolve_data_root,
     resolve_runs_dir,
 )
 from p2ch.ct import Ct, load_ct_input
 from p2ch.datasets import split_series
-from p2ch.detect import CENTRES, CandidateRule, Components, find_candidates, segment_ct
+from p2ch.detect import CENTRES, CandidateRule, Components, find_candidates, segment_ct, segmentation_margin_mm
 from p2ch.dicom import volume_series
 from p2ch.errors import ConfigError, DataFormatError, DataNotFoundError, P2chError
 from p2ch.fileio import write_text_atomic
@@ -137,6 +138,9 @@ PROG = "python -m p2ch.nodule_analysis"
 DEFAULT_OUT_DIR = Path("data-unversioned/analysis")
 ANALYSIS_FORMAT = "p2ch-analysis-v1"
 STEPS = ("lungs", "segmentation", "grouping", "classification", "malignancy")
+# Slices per forward pass of the segmentation: on a CPU, 512 × 512 slices in batches of 2 ran 1.7x faster
+# than in batches of 16 (BENCHMARKS.md, issue 22): the activations of small batches stay in the caches.
+SEGMENTATION_BATCH = {"cpu": 2, "cuda": 16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +156,7 @@ class AnalysisConfig:
     models_dir: str | None = None
     data_root: str | None = None
     dicom_series: str | None = None
-    batch_size: int = 16
+    batch_size: int = SEGMENTATION_BATCH["cpu"]
     device: str = "auto"
     amp: str = "auto"
     channels_last: str = "on"
@@ -342,7 +346,9 @@ def analyse_ct(ct: Ct, models: Models, config: AnalysisConfig) -> CtResult:
     lungs = lung_mask(ct.hu, ct.voxel_size_xyz) if config.lung_mask else None
     if lungs is not None and not lungs.found:
         log.warning("%s: no lungs found (no large body of air inside the body); segmenting the whole CT", ct.series_uid)
-    region = lungs.slice_boxes() if lungs is not None and lungs.found else None
+    rule = candidate_rule(config, models)
+    margin_mm = segmentation_margin_mm(models.segmentation, ct, rule.near_lungs_mm)
+    region = lungs.slice_boxes(margin_mm) if lungs is not None and lungs.found else None
     seconds["lungs"] = time.perf_counter() - started
     started = time.perf_counter()
     prob = segment_ct(
@@ -353,7 +359,7 @@ def analyse_ct(ct: Ct, models: Models, config: AnalysisConfig) -> CtResult:
     probability = probability_volume(prob) if config.write_probability else None
     seconds["segmentation"] = time.perf_counter() - started
     started = time.perf_counter()
-    components, labels = find_candidates(prob, ct, candidate_rule(config, models), lungs=lungs)
+    components, labels = find_candidates(prob, ct, rule, lungs=lungs)
     del prob
     seconds["grouping"] = time.perf_counter() - started
     p_nodule = np.full(len(components), np.nan)
@@ -839,7 +845,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     _add_validation_arguments(parser.add_argument_group("validation"), d)
     speed = parser.add_argument_group("speed")
     add_inference_arguments(speed)
-    speed.set_defaults(batch_size=d.batch_size)
+    for action in speed._group_actions:
+        if action.dest == "batch_size":
+            action.help = (
+                f"slices per forward pass of the segmentation (default: {SEGMENTATION_BATCH['cpu']} on the CPU, where "
+                f"small batches stay in the caches, {SEGMENTATION_BATCH['cuda']} on CUDA); the classifiers take at "
+                "least 64 candidates"
+            )
     speed.add_argument(
         "--num-workers", type=int, default=1,
         help="threads reading the next CTs while one is analysed (0: read each when its turn comes)",
@@ -969,6 +981,9 @@ def config_from_args(args: argparse.Namespace) -> AnalysisConfig:
     inputs = tuple(part for spec in args.inputs for part in (spec.split(",") if "," in spec else [spec]) if part)
     fields = {f.name for f in dataclasses.fields(AnalysisConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
+    values["batch_size"] = resolve_batch_size(
+        args.batch_size, args.device, SEGMENTATION_BATCH["cpu"], SEGMENTATION_BATCH["cuda"]
+    )
     config = AnalysisConfig(
         **{**values, "inputs": inputs, "pictures": not args.no_pictures, "progress": not args.no_progress}
     )

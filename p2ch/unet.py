@@ -74,6 +74,19 @@ def check_input_size(h: int, w: int, depth: int, *, padding: bool = True) -> tup
     return _unpadded_output(h, depth, "H"), _unpadded_output(w, depth, "W")
 
 
+def receptive_radius(depth: int) -> int:
+    """How many pixels away from an output pixel a padded UNet of this depth still looks (an upper bound).
+
+    Per level l (scale 2**l): two 3×3 convolutions on the way down (2 · 2**l), the 2×2 pooling before it
+    (2**(l-1)), and on the way up the ×2 up-sampling (at most 2**(l+1)) and two more 3×3 convolutions.
+    A crop that leaves this many pixels of real image around a region gives that region the same
+    output as the whole image (depth 3: 29 pixels).
+    """
+    down = sum(2 * 2**level for level in range(depth)) + sum(2 ** (level - 1) for level in range(1, depth))
+    up = sum(2 ** (level + 1) + 2 * 2**level for level in range(depth - 1))
+    return down + up
+
+
 def _unpadded_output(size: int, depth: int, axis: str) -> int:
     """Output length of one axis through unpadded convolutions; ConfigError where it breaks."""
     out = size
