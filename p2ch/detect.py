@@ -335,12 +335,14 @@ def _size_reasons(voxels: np.ndarray, spacing_irc: np.ndarray, rule: Any) -> np.
 
 def _components(
     labels: np.ndarray, count: int, ct: Any, center_irc: np.ndarray, voxels: np.ndarray, reason: np.ndarray,
-    score: np.ndarray,
+    score: np.ndarray, offset: Any = (0, 0, 0),
 ) -> Components:  # fmt: skip
-    """The `Components` of labels 1…count: boxes, volumes, diameters and world centres added."""
+    """The `Components` of labels 1…count (of a part of the CT starting at voxel `offset`): boxes, volumes,
+    diameters and world centres added."""
     boxes = scipy.ndimage.find_objects(labels, max_label=count)
-    start = np.array([[s.start for s in box] for box in boxes], dtype=np.int64).reshape(count, 3)
-    stop = np.array([[s.stop for s in box] for box in boxes], dtype=np.int64).reshape(count, 3)
+    shift = np.asarray(offset, dtype=np.int64)
+    start = np.array([[s.start for s in box] for box in boxes], dtype=np.int64).reshape(count, 3) + shift
+    stop = np.array([[s.stop for s in box] for box in boxes], dtype=np.int64).reshape(count, 3) + shift
     volume = voxels * float(np.prod(np.asarray(ct.voxel_size_xyz, dtype=np.float64)))
     center_xyz = np.asarray(irc2xyz(center_irc, ct.origin_xyz, ct.voxel_size_xyz, ct.direction), dtype=np.float64)
     return Components(
@@ -458,26 +460,46 @@ def split_at_peaks(prob: np.ndarray, labels: np.ndarray, count: int, spacing_irc
     return out, next_label - 1
 
 
-def _probability_centres(prob: np.ndarray, labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """(max probability (n,) float64, probability-weighted centres (n, 3) float64 irc) of labels 1…count."""
+def _region_measures(
+    prob: np.ndarray, hu: np.ndarray, labels: np.ndarray, count: int, offset: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Per label 1…count, from one pass over its voxels: voxels (n,) int64, score (max probability), mean
+    probability, probability- and density-weighted centres (n, 3) float64 irc (offset added), and the
+    voxels themselves (coords (m, 3) int64 irc with offset, which (m,) label)."""
     coords = np.nonzero(labels)
     which = labels[coords]
-    weights = prob[coords].astype(np.float64)
-    total = np.bincount(which, weights=weights, minlength=count + 1)[1:]
-    centres = np.stack(
-        [np.bincount(which, weights=weights * axis, minlength=count + 1)[1:] for axis in coords], axis=1
-    ).reshape(count, 3)
+    p = prob[coords].astype(np.float64)
+    density = hu[coords].astype(np.float64) + DENSITY_OFFSET_HU
+    tiny = np.finfo(np.float64).tiny
+
+    def centre(weights: np.ndarray) -> np.ndarray:
+        total = np.bincount(which, weights=weights, minlength=count + 1)[1:]
+        sums = [np.bincount(which, weights=weights * axis, minlength=count + 1)[1:] for axis in coords]
+        return np.stack(sums, axis=1).reshape(count, 3) / np.maximum(total, tiny)[:, None] + offset
+
+    voxels = np.bincount(which, minlength=count + 1)[1:].astype(np.int64)
     top = np.zeros(count + 1)
-    np.maximum.at(top, which, weights)
-    return top[1:], centres / np.maximum(total, np.finfo(np.float64).tiny)[:, None]
+    np.maximum.at(top, which, p)
+    mean = np.bincount(which, weights=p, minlength=count + 1)[1:] / np.maximum(voxels, 1)
+    points = np.stack(coords, axis=1).astype(np.int64) + offset.astype(np.int64)
+    return {"voxels": voxels, "score": top[1:], "mean": mean, "probability": centre(p), "density": centre(density),
+            "coords": points, "which": which}  # fmt: skip
 
 
-def _touching(labels: np.ndarray, count: int, near: np.ndarray, lungs: Any) -> np.ndarray:
-    """(count,) bool: which labels have a voxel in `near` (the lungs' coarse mask, grown)."""
-    coords = np.stack(np.nonzero(labels), axis=1)
-    which = labels[tuple(coords.T)]
+def _touching(coords: np.ndarray, which: np.ndarray, count: int, near: np.ndarray, lungs: Any) -> np.ndarray:
+    """(count,) bool: which labels have a voxel (coords (m, 3) irc of label `which`) in `near` (the lungs'
+    coarse mask, grown)."""
     hits = near[lungs.coarse_index(coords)]
     return np.bincount(which, weights=hits, minlength=count + 1)[1:] > 0
+
+
+def _mask_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """The bounding box of `mask`'s True voxels (its first voxel when there are none)."""
+    spans = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        spans.append(slice(int(hit[0]), int(hit[-1]) + 1) if len(hit) else slice(0, 1))
+    return tuple(spans)
 
 
 def find_candidates(
@@ -500,22 +522,29 @@ def find_candidates(
     prob = np.asarray(prob)
     if prob.shape != hu.shape:
         raise DataFormatError(f"find_candidates: prob is {prob.shape}; expected the CT's {hu.shape}")
-    labels, count = scipy.ndimage.label(prob > rule.threshold, structure=component_structure(26))
-    labels = labels.astype(np.int32, copy=False)
+    mask = prob > rule.threshold
+    box = _mask_box(mask)  # everything below works on the segmented part of the CT only
+    offset = np.array([part.start for part in box], dtype=np.float64)
+    sub, count = scipy.ndimage.label(mask[box], structure=component_structure(26))
+    sub = sub.astype(np.int32, copy=False)
+    del mask
     spacing = _spacing_irc(ct)
     if rule.split and count:
-        labels, count = split_at_peaks(prob, labels, count, spacing, rule.peak_distance_mm)
-    score, centre_p = _probability_centres(prob, labels, count)
-    voxels, centre_d = _weighted_centres(hu, labels, count)
-    center_irc = centre_p if rule.centre == "probability" else centre_d
+        sub, count = split_at_peaks(prob[box], sub, count, spacing, rule.peak_distance_mm)
+    measures = _region_measures(prob[box], hu[box], sub, count, offset)
+    voxels, score = measures["voxels"], measures["score"]
+    center_irc = measures[rule.centre]
     reason = _size_reasons(voxels, spacing, rule)
     if rule.lungs and count:
         lungs = lung_mask(hu, ct.voxel_size_xyz) if lungs is None else lungs
         if lungs.found:
-            outside = ~_touching(labels, count, lungs.near(rule.near_lungs_mm), lungs)
+            near = lungs.near(rule.near_lungs_mm)
+            outside = ~_touching(measures["coords"], measures["which"], count, near, lungs)
             reason = np.where((reason == "") & outside, "outside_lungs", reason)
     if rule.max_candidates:
         ranked = np.lexsort((-voxels, -score))
         ranked = ranked[reason[ranked] == ""]
         reason[ranked[rule.max_candidates :]] = "over_max_candidates"
-    return _components(labels, count, ct, center_irc, voxels, reason, score), labels
+    labels = np.zeros(hu.shape, dtype=np.int32)
+    labels[box] = sub
+    return _components(sub, count, ct, center_irc, voxels, reason, score, offset), labels

@@ -843,7 +843,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     _add_data_arguments(parser.add_argument_group("data"))
     _add_detector_arguments(parser.add_argument_group("detector"), d)
     _add_validation_arguments(parser.add_argument_group("validation"), d)
-    speed = parser.add_argument_group("speed")
+    _add_speed_arguments(parser.add_argument_group("speed"))
+    _add_output_arguments(parser.add_argument_group("output"), d)
+    return parser
+
+
+def _add_speed_arguments(speed: argparse._ArgumentGroup) -> None:
     add_inference_arguments(speed)
     for action in speed._group_actions:
         if action.dest == "batch_size":
@@ -856,7 +861,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--num-workers", type=int, default=1,
         help="threads reading the next CTs while one is analysed (0: read each when its turn comes)",
     )  # fmt: skip
-    out = parser.add_argument_group("output")
+
+
+def _add_output_arguments(out: argparse._ArgumentGroup, d: AnalysisConfig) -> None:
     out.add_argument("--out", default=None, metavar="DIR", help=f"output folder (default: {DEFAULT_OUT_DIR}/<time>)")
     out.add_argument("--no-pictures", action="store_true", help="no picture sheets of the nodules found")
     out.add_argument(
@@ -880,7 +887,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     out.add_argument("--log-level", default=d.log_level, choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    return parser
 
 
 def _add_model_arguments(g: argparse._ArgumentGroup) -> None:

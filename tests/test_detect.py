@@ -437,3 +437,22 @@ def test_candidate_rule_settings_are_checked():
             find_candidates(prob, ct, bad)
     with pytest.raises(DataFormatError, match="prob"):
         find_candidates(np.zeros((4, 8, 9), np.float16), ct)
+
+
+def test_a_region_gives_the_whole_slices_probabilities_inside_it():
+    """Boxes start on the pooling grid and reach the UNet's receptive radius: inside, nothing changes."""
+    from p2ch.unet import receptive_radius
+
+    rng = np.random.default_rng(5)
+    hu = rng.integers(-1000, 400, size=(6, 80, 72)).astype(np.int16)
+    model = make_unet(context_slices=1)
+    whole = segment_ct(model, SimpleNamespace(hu=hu), context_slices=1, device=CPU, batch_size=4)
+    region = np.tile(np.array([13, 80, 9, 72]), (6, 1))  # odd starts: one pixel off the grid of 4
+    region[0] = 0  # a slice without a box: not segmented
+    boxed = segment_ct(model, SimpleNamespace(hu=hu), context_slices=1, device=CPU, batch_size=4, region=region)
+    reach = receptive_radius(3)
+    inside = (slice(1, 6), slice(13 - 13 % 4 + reach, 80), slice(9 - 9 % 4 + reach, 72))
+    np.testing.assert_allclose(boxed[inside], whole[inside], atol=1e-3)  # float16 rounding of other batch shapes
+    assert (boxed[0] == 0).all() and (boxed[:, :12] == 0).all() and (boxed[:, :, :8] == 0).all()
+    with pytest.raises(DataFormatError, match="region"):
+        segment_ct(model, SimpleNamespace(hu=hu), context_slices=1, device=CPU, region=np.zeros((5, 4), np.int64))
