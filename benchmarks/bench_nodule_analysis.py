@@ -11,7 +11,8 @@
    validation CTs, candidate recall (a kept candidate's centre within the nodule's radius, LUNA16's hit
    rule) by nodule size, kept candidates and false positives per CT, seconds per step per CT.
 2. Speed: one CT of `--time-size`² × `--time-slices` (default 512 × 512 × 250, a typical chest CT) is
-   analysed with the default models and settings, and with `--no-lung-mask` (the whole CT segmented); the
+   analysed with the default models and settings, with `--no-lung-mask` (the whole CT segmented) and, on the
+   CPU, with `--amp bf16` (fast on CPUs with native bfloat16: AVX512-BF16, AMX); the
    seconds of each step come from its analysis.json (median of `--repeats` runs) and the segmentation's
    slices/s from them.
 
@@ -63,15 +64,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cls-epochs", type=int, default=8)
     parser.add_argument("--mal-epochs", type=int, default=4)
     parser.add_argument("--epoch-size", type=int, default=512)
-    parser.add_argument("--time-size", type=int, default=512)
-    parser.add_argument("--time-slices", type=int, default=250)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--time-size", type=int, default=None, help="rows = columns of the timed CT (default 512)")
+    parser.add_argument("--time-slices", type=int, default=None, help="slices of the timed CT (default 250)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs, median kept (default 3; 1 with --smoke)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--skip-training", action="store_true", help="reuse the models under --work/models")
     parser.add_argument("--no-ablation", action="store_true", help="the default variant only (and the timing)")
-    parser.add_argument("--smoke", action="store_true", help="a 4-CT set, a few batches, no ablation: seconds")
+    parser.add_argument(
+        "--smoke", action="store_true",
+        help="a 6-CT set, a few batches, no ablation, one timed run of a 96 x 96 x 48 CT unless --time-size/"
+        "--time-slices/--repeats say otherwise (the GPU suite times a 512 x 512 x 256 CT so): seconds",
+    )  # fmt: skip
     return parser
 
 
@@ -81,9 +86,10 @@ def _check(code: int, what: str) -> None:
 
 
 def _smoke(args: argparse.Namespace) -> None:
-    args.num_cts, args.size, args.slices, args.candidates_per_ct = 4, 64, 32, 20
+    args.num_cts, args.size, args.slices, args.candidates_per_ct = 6, 64, 32, 20
     args.seg_epochs, args.seg_epoch_size, args.cls_epochs, args.mal_epochs, args.epoch_size = 1, 32, 1, 1, 32
-    args.time_size, args.time_slices, args.repeats, args.bootstrap, args.val_fraction = 96, 48, 1, 10, 0.5
+    args.time_size, args.time_slices = args.time_size or 96, args.time_slices or 48
+    args.repeats, args.bootstrap, args.val_fraction = args.repeats or 1, 10, 0.34
     args.no_ablation = True
 
 
@@ -143,6 +149,7 @@ def variants(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
         ("one candidate per component (--no-split)", "seg", ["--no-split"]),
         ("density-weighted centres", "seg", ["--candidate-centre", "density"]),
         ("whole CT, no lung rule (--no-lung-mask)", "seg", ["--no-lung-mask"]),
+        ("bfloat16 (--amp bf16)", "seg", ["--amp", "bf16"]),
         ("the book's segmentation recipe", "segbook", []),
         ("before: the book's recipe, none of the levers", "segbook", BEFORE_FLAGS),
     ]
@@ -165,7 +172,7 @@ def recall_by_size(out: Path, uids: list[str], root: Path) -> dict[str, float]:
     result = {"recall": float(found.mean()), "recall_5mm": float(found[diameters >= 5].mean())}
     for low, high in itertools.pairwise(SIZE_BINS_MM):
         inside = (diameters >= low) & (diameters < high)
-        result[f"recall_{low:g}-{high:g}mm"] = float(found[inside].mean()) if inside.any() else float("nan")
+        result[f"recall_{low:g}-{high:g}mm"] = float(found[inside].mean()) if inside.any() else None  # JSON: null
         result[f"nodules_{low:g}-{high:g}mm"] = int(inside.sum())
     result["candidates_per_ct"] = len(submission) / len(uids)
     result["fp_per_ct"] = fps / len(uids)
@@ -200,7 +207,10 @@ def time_one_ct(args: argparse.Namespace, work: Path) -> dict:
     models = ["--segmentation-path", str(model_path(work, "seg")), "--classification-path",
               str(model_path(work, "nod")), "--malignancy-path", str(model_path(work, "mal"))]  # fmt: skip
     timings = {}
-    for label, extra in (("lungs", []), ("whole CT", ["--no-lung-mask"])):
+    looks = [("lungs", []), ("whole CT", ["--no-lung-mask"])]
+    if args.device == "cpu":  # the GPU runs bf16 already (--amp auto); a CPU only when asked
+        looks.append(("lungs, --amp bf16", ["--amp", "bf16"]))
+    for label, extra in looks:
         runs = []
         for k in range(args.repeats):
             out = work / f"analysis-time-{label.replace(' ', '-')}-{k}"
@@ -222,7 +232,8 @@ def print_ablation(results: list[dict]) -> None:
     print("variant | CPM [95% CI] | recall (≥ 5 mm) | < 5 / 5-10 / ≥ 10 mm | candidates/CT | FP/CT | s/CT")
     for r in results:
         f, c = r["froc"], r["candidates"]
-        bins = " / ".join(f"{c[k]:.2f}" for k in c if k.startswith("recall_") and "mm" in k and k != "recall_5mm")
+        recalls = [c[k] for k in c if k.startswith("recall_") and "mm" in k and k != "recall_5mm"]
+        bins = " / ".join("–" if value is None else f"{value:.2f}" for value in recalls)
         print(
             f"{r['name']} | {f['cpm']:.3f} [{f['cpm_ci'][0]:.3f}, {f['cpm_ci'][1]:.3f}] | {c['recall']:.3f} "
             f"({c['recall_5mm']:.3f}) | {bins} | {c['candidates_per_ct']:.1f} | {c['fp_per_ct']:.1f} | "
@@ -234,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.smoke:
         _smoke(args)
+    args.time_size, args.time_slices, args.repeats = args.time_size or 512, args.time_slices or 250, args.repeats or 3
     work = Path(args.work)
     root = Path(args.data_root) if args.data_root else work / "luna"
     if not (root / "annotations.csv").is_file():
@@ -251,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             f"one CT {median['shape_irc']} ({label}):", {k: round(v, 2) for k, v in median.items() if k != "shape_irc"}
         )
     record = {
-        "benchmark": "nodule_analysis",
+        "bench": "nodule_analysis",
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "settings": vars(args),

@@ -28,6 +28,9 @@
 #   augment 60           benchmarks/bench_augment.py, batch 256/1024, float32 and bfloat16
 #   evaluate 90          benchmarks/bench_evaluate.py: warm-cache scoring, bf16, batch 256/1024,
 #                        workers 8/16; scoring from the CTs; one whole p2ch.evaluate
+#   nodule_analysis 120  benchmarks/bench_nodule_analysis.py --smoke (tiny models on a 6-CT set), then
+#                        one 512x512x256 CT analysed 3 times: the segmentation's slices/s (lungs'
+#                        box, whole CT), seconds per step and per CT
 #   time_to_cpm 200      benchmarks/time_to_cpm.py, the default recipe only, --targets 0.8 0.9
 #                        --max-seconds 120 (own synthetic set); "skipped: not present" without it
 #   training_compile 150 bench_training.py with torch.compile (bf16, channels-last, 16 workers,
@@ -40,7 +43,7 @@
 # balanced + augmented, prefill >= 3x the book = 13,086 chunks/s. gpu_suite.md says met / not met.
 #
 # --smoke: every step tiny on the CPU (device cpu, fp32, batch 8, 1-2 workers, a 4-CT set, pytest
-# --collect-only, compile off) in well under a minute; tests/test_gpu_suite.py runs it.
+# --collect-only, compile off) in about two minutes on 2 cores; tests/test_gpu_suite.py runs it.
 # Exit status: 0 when every step is ok or skipped, 1 when one failed or timed out, 2 for bad usage.
 set -euo pipefail
 
@@ -49,19 +52,19 @@ usage() {
 usage: bash benchmarks/gpu_suite.sh --out DIR [--smoke] [--device auto|cpu|cuda] [--work DIR]
                                     [--budget SECONDS] [--steps a,b,...] [--keep-work]
   --out DIR         where gpu_suite.json, gpu_suite.md, gpu_suite.log and logs/STEP.log go
-  --smoke           every step tiny on the CPU, well under a minute (checks the suite itself)
+  --smoke           every step tiny on the CPU, about two minutes (checks the suite itself)
   --device D        device of the benchmarks (default auto: cuda when present; cpu with --smoke)
   --work DIR        scratch folder; the run makes a new run.* folder in it (default: $TMPDIR or /tmp)
-  --budget S        seconds for the whole suite (default 480; 240 with --smoke)
+  --budget S        seconds for the whole suite (default 480; 300 with --smoke)
   --steps LIST      only these steps, comma-separated (env always runs; prefill brings synth,
                     training and training_compile bring both): env synth prefill cuda_tests
-                    training augment evaluate time_to_cpm training_compile
+                    training augment evaluate nodule_analysis time_to_cpm training_compile
   --keep-work       keep the run.* scratch folder (data, cache) instead of removing it
 environment: P2CH_PYTHON  the Python to use (default python3)
 EOF
 }
 
-STEPS=(env synth prefill loader cuda_tests training augment evaluate time_to_cpm training_compile)
+STEPS=(env synth prefill loader cuda_tests training augment evaluate nodule_analysis time_to_cpm training_compile)
 out="" work="" device=auto device_given=0 smoke=0 budget="" only="" keep_work=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -101,7 +104,7 @@ cd "$repo"
 report_py="$repo/benchmarks/gpu_suite_report.py"
 
 if [ "$smoke" = 1 ]; then
-  budget=${budget:-240}; min_left=5
+  budget=${budget:-300}; min_left=5
   [ "$device_given" = 1 ] || device=cpu
 else
   budget=${budget:-480}; min_left=15
@@ -234,6 +237,15 @@ step_evaluate() {
   fi
 }
 
+step_nodule_analysis() {
+  if [ "$smoke" = 1 ]; then
+    xrun "$PY" benchmarks/bench_nodule_analysis.py --smoke --work "$run_dir/e2e" --device "$device"
+  else
+    xrun "$PY" benchmarks/bench_nodule_analysis.py --smoke --work "$run_dir/e2e" --device "$device" --num-workers 8 \
+      --time-size 512 --time-slices 256 --repeats 3
+  fi
+}
+
 step_time_to_cpm() {
   local recipe
   recipe=$("$PY" benchmarks/gpu_suite_report.py recipe benchmarks/time_to_cpm.py)
@@ -246,7 +258,7 @@ step_time_to_cpm() {
   fi
 }
 export -f step_env step_synth step_prefill step_loader step_cuda_tests step_training step_training_compile step_augment \
-  step_evaluate step_time_to_cpm
+  step_evaluate step_nodule_analysis step_time_to_cpm
 
 record() {  # step status rc seconds timeout settings
   "$PY" "$report_py" record "$out/logs" "$1" "$2" --rc "$3" --seconds "$4" --timeout "$5" --settings "$6"
@@ -311,12 +323,14 @@ if [ "$smoke" = 1 ]; then
   run_step training 60 "$device, fp32, ch-last on, batch 8, 1 worker, 2 timed batches"
   run_step augment 60 "$device, batch 8, float32"
   run_step evaluate 60 "$device, fp32, batch 8, 0 workers, 2 CTs of 32x64x64"
+  run_step nodule_analysis 90 "bench_nodule_analysis.py --smoke, $device, one 48x96x96 CT"
   run_step time_to_cpm 120 "time_to_cpm.py --smoke, default recipe, $device"
   run_step training_compile 60 "compile off (smoke: checks the override only), $device, batch 8, 1 worker"
 else
   run_step training 150 "$device, amp off/bf16 x ch-last off/on x batch 256 (16 batches)/1024 (6) x workers 8/16"
   run_step augment 60 "$device, batch 256/1024, float32 and bfloat16, 10 timed calls"
   run_step evaluate 90 "$device, bf16, batch 256/1024, workers 8/16, ch-last on, 12 CTs x 800 candidates"
+  run_step nodule_analysis 120 "bench_nodule_analysis.py --smoke models, $device, one 256x512x512 CT x 3"
   run_step time_to_cpm 200 "default recipe, --targets 0.8 0.9 --max-seconds 120, $device, 8 workers"
   run_step training_compile 150 "$device, torch.compile, bf16, ch-last on, batch 256/1024, 16 workers, 8 batches"
 fi

@@ -169,6 +169,25 @@ def time_to_cpm_figures(text: str, records: list[dict]) -> list[Figure]:
     return out
 
 
+def nodule_analysis_figures(text: str, records: list[dict]) -> list[Figure]:
+    out = []
+    for r in records:
+        if r["bench"] != "nodule_analysis":
+            continue
+        for label, timed in r.get("one_ct", {}).items():
+            shape = "x".join(str(n) for n in timed.get("shape_irc", []))
+            names = ("lungs", "segmentation", "grouping", "classification", "malignancy")
+            steps = sum(timed.get(k, 0.0) for k in names)
+            note = f"{steps:.2f} s per CT in its steps, {timed['total_command']:.1f} s the whole command"
+            out.append(figure(f"segmentation, one {shape} CT, {label}", round(timed["segmentation_slices_per_s"], 1),
+                              "slices/s", note))  # fmt: skip
+        for variant in r.get("ablation", [])[:1]:
+            froc = variant["froc"]
+            note = "tiny smoke models: checks the pipeline, not its quality"
+            out.append(figure(f"detection CPM, {variant['name']}", round(froc["cpm"], 3), "CPM", note))
+    return out
+
+
 def loader_figures(text: str, records: list[dict]) -> list[Figure]:
     out = []
     for r in records:
@@ -191,6 +210,7 @@ FIGURES: dict[str, Callable[[str, list[dict]], list[Figure]]] = {
     "training_compile": training_figures,
     "augment": augment_figures,
     "evaluate": evaluate_figures,
+    "nodule_analysis": nodule_analysis_figures,
     "time_to_cpm": time_to_cpm_figures,
 }
 

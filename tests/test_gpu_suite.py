@@ -13,8 +13,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "benchmarks" / "gpu_suite.sh"
 STEPS = [
-    "env", "synth", "prefill", "loader", "cuda_tests", "training", "augment", "evaluate", "time_to_cpm",
-    "training_compile",
+    "env", "synth", "prefill", "loader", "cuda_tests", "training", "augment", "evaluate", "nodule_analysis",
+    "time_to_cpm", "training_compile",
 ]  # fmt: skip
 
 pytestmark = pytest.mark.skipif(
@@ -60,6 +60,8 @@ def test_smoke_runs_every_step_and_writes_the_report(tmp_path):
     assert len(figures(report, "training_compile", "samples/s")) == 1
     assert len(figures(report, "augment", "samples/s")) == 2  # the book's config and flips only, batch 8
     assert len(figures(report, "evaluate", "candidates/s")) == 2  # warm cache and from the CTs
+    assert len(figures(report, "nodule_analysis", "slices/s")) == 3  # lungs' box, whole CT, bf16 (CPU only)
+    assert 0 <= figures(report, "nodule_analysis", "CPM")[0] <= 1
     if present:
         assert figures(report, "time_to_cpm", "samples") or figures(report, "time_to_cpm", "")
 
