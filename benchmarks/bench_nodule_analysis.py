@@ -193,8 +193,8 @@ def validate(args: argparse.Namespace, work: Path, root: Path, name: str, seg: s
     per_step = {step: round(statistics.mean(s.get(step, 0.0) for s in steps), 3) for step in nodule_analysis.STEPS}
     return {
         "name": name, "flags": extra, "segmentation": seg, "scans": metrics["scans"], "froc": metrics["froc"],
-        "confusion": metrics["confusion"], "candidates": recall_by_size(out / "validation", uids, root),
-        "seconds_per_ct": per_step, "seconds": seconds,
+        "operating_point": metrics["operating_point"], "confusion": metrics["confusion"],
+        "candidates": recall_by_size(out / "validation", uids, root), "seconds_per_ct": per_step, "seconds": seconds,
     }  # fmt: skip
 
 
@@ -229,14 +229,18 @@ def time_one_ct(args: argparse.Namespace, work: Path) -> dict:
 
 
 def print_ablation(results: list[dict]) -> None:
-    print("variant | CPM [95% CI] | recall (≥ 5 mm) | < 5 / 5-10 / ≥ 10 mm | candidates/CT | FP/CT | s/CT")
+    print(
+        "variant | CPM [95% CI] | recall (≥ 5 mm) | < 5 / 5-10 / ≥ 10 mm | candidates/CT | FP/CT | "
+        "at --nodule-threshold: found, FP per nodule | s/CT"
+    )
     for r in results:
-        f, c = r["froc"], r["candidates"]
+        f, c, point = r["froc"], r["candidates"], r["operating_point"]
+        found = "–" if point["sensitivity"] is None else f"{point['sensitivity']:.0%}, {point['fps_per_nodule']:.2f}"
         recalls = [c[k] for k in c if k.startswith("recall_") and "mm" in k and k != "recall_5mm"]
         bins = " / ".join("–" if value is None else f"{value:.2f}" for value in recalls)
         print(
             f"{r['name']} | {f['cpm']:.3f} [{f['cpm_ci'][0]:.3f}, {f['cpm_ci'][1]:.3f}] | {c['recall']:.3f} "
-            f"({c['recall_5mm']:.3f}) | {bins} | {c['candidates_per_ct']:.1f} | {c['fp_per_ct']:.1f} | "
+            f"({c['recall_5mm']:.3f}) | {bins} | {c['candidates_per_ct']:.1f} | {c['fp_per_ct']:.1f} | {found} | "
             f"{sum(r['seconds_per_ct'].values()):.2f}"
         )
 

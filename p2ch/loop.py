@@ -253,14 +253,15 @@ class BestCheckpoint:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore from a checkpoint; one written before `best_key` existed is ranked from its
-        metric name and value (its other rungs unknown, so undefined)."""
+        """Restore from a checkpoint; one written before `best_key` existed, or by another ladder
+        (a key of another length), is ranked from its metric name and value (its other rungs
+        unknown, so undefined)."""
         self.epoch = int(state.get("best_epoch", 0))
         self.name = str(state.get("selected_by", self.metrics[0].name))
         self.value = float(state.get("best_metric", -math.inf))
         self.loss = float(state.get("best_loss", math.inf))
         stored = state.get("best_key")
-        if stored is not None:
+        if stored is not None and len(stored) == 2 * len(self.metrics) + 1:
             self.key = tuple(float(v) for v in stored)
         elif self.epoch > 0:
             summary = {m.key: self.value for m in self.metrics if m.name == self.name}

@@ -561,6 +561,24 @@ class FrocResult:
     confidence: float
     seed: int
 
+    def operating_point(self, threshold: float) -> dict[str, Any]:
+        """What keeping the predictions with probability >= `threshold` finds: nodules detected (of
+        `num_nodules`), false positives in all, per scan and per true nodule (nan without nodules).
+        Read off the FROC curve, so excluded findings and double hits count as in the CPM."""
+        point = int(np.searchsorted(-self.thresholds, -float(threshold), side="right")) - 1
+        false_positives = round(float(self.fps_per_scan[point]) * self.num_scans)
+        sensitivity = float(self.sensitivity[point])
+        detected = round(sensitivity * self.num_nodules) if self.num_nodules else 0
+        return {
+            "threshold": float(threshold),
+            "nodules_detected": detected,
+            "num_nodules": self.num_nodules,
+            "sensitivity": sensitivity if self.num_nodules else None,
+            "false_positives": false_positives,
+            "fps_per_scan": float(self.fps_per_scan[point]),
+            "fps_per_nodule": false_positives / self.num_nodules if self.num_nodules else None,
+        }
+
     def to_dict(self, include_curve: bool = True) -> dict[str, Any]:
         """Plain JSON-serialisable dict (nan and ±inf become None; FP rates as keys like "0.125")."""
 

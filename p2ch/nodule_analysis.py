@@ -773,6 +773,7 @@ def write_part_outputs(
         "part": name,
         "scans": len(uids),
         "froc": result.to_dict(include_curve=False),
+        "operating_point": result.operating_point(config.nodule_threshold),
         "confusion": confusion,
         "models": models.describe(),
         "settings": config.to_dict(),
@@ -783,11 +784,21 @@ def write_part_outputs(
     report = (
         f"{name}: {len(uids)} CTs, {result.num_nodules} nodules, {len(submission)} candidates from the "
         f"segmentation ({result.num_detected} nodules hit); detection CPM {cpm}\n"
+        f"{_operating_point_text(metrics['operating_point'])}\n"
         f"{format_confusion(confusion)}\n"
     )
     write_text_atomic(out / "report.txt", report)
     part = PartReport(name, out, len(uids), cpm, shown_confusion(confusion))
     return {"result": result, "report": report, "metrics": metrics, "part": part}
+
+
+def _operating_point_text(point: dict[str, Any]) -> str:
+    """One line: what the --nodule-threshold finds (the point the README recommends choosing by)."""
+    text = f"at --nodule-threshold {point['threshold']:g}: "
+    if point["num_nodules"]:
+        text += f"{point['nodules_detected']} of {point['num_nodules']} nodules found ({point['sensitivity']:.0%}), "
+    per_nodule = f", {point['fps_per_nodule']:.2f} per true nodule" if point["num_nodules"] else ""
+    return text + f"{point['false_positives']} false positives ({point['fps_per_scan']:.2f} per CT{per_nodule})"
 
 
 def _cpm_text(result: FrocResult) -> str:

@@ -233,6 +233,16 @@ def candidate_rule(config: SegTrainingConfig) -> CandidateRule:
     return CandidateRule(threshold=config.threshold)
 
 
+def best_checkpoint(config: SegTrainingConfig) -> BestCheckpoint:
+    """How best.pt is chosen: candidate recall, then fewer false positives per CT, when every slice
+    is validated; with --val-slices nodules there are no whole CTs to find candidates in, so pixel
+    F1 ranks (and no epoch is reported as missing a recall it could never have)."""
+    if config.val_slices == "all":
+        ladder = [Metric("recall", "nodule/recall"), Metric("f1", "pr/f1_score")]
+        return BestCheckpoint(ladder, loss_key="nodule/fp_per_ct", loss_name="fp_per_ct")
+    return BestCheckpoint([Metric("f1", "pr/f1_score")])
+
+
 def overlay(image: torch.Tensor, label: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
     """An RGB picture of one slice: CT in the lung window, TP green, FN yellow, FP red.
 
@@ -302,10 +312,7 @@ class SegmentationTrainingApp(TrainingRun):
         return unet_signature(model)
 
     def make_best(self) -> BestCheckpoint:
-        ladder = [Metric("recall", "nodule/recall"), Metric("f1", "pr/f1_score")]
-        if self.config.val_slices == "all":
-            return BestCheckpoint(ladder, loss_key="nodule/fp_per_ct", loss_name="fp_per_ct")
-        return BestCheckpoint(ladder)
+        return best_checkpoint(self.config)
 
     def build_data(self) -> None:
         self.data = build_seg_data(self.config, self.dist, self.device)

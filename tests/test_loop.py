@@ -92,6 +92,17 @@ def test_state_round_trip_and_checkpoints_without_best_key():
     assert not legacy.update(summary(cpm=0.2, loss=0.1), 4) and legacy.update(summary(cpm=0.3, loss=0.9), 5)
 
 
+def test_a_key_written_by_another_ladder_is_ranked_again_from_its_metric():
+    """A run resumed with a shorter ladder (the segmentation's --val-slices nodules) does not compare keys of two
+    lengths: the stored best is ranked again from its metric name and value."""
+    best = BestCheckpoint(LADDER)
+    best.update(summary(cpm=math.nan, f1=0.5, loss=0.4), 3)
+    shorter = BestCheckpoint([Metric("f1", "pr/f1_score")])
+    shorter.load_state_dict(best.state_dict())
+    assert len(shorter.key) == 3 and shorter.name == "f1" and shorter.value == 0.5
+    assert not shorter.update(summary(f1=0.4, loss=0.1), 4) and shorter.update(summary(f1=0.6, loss=0.9), 5)
+
+
 def test_run_epoch_collects_counts_and_marks_a_cut_pass_incomplete():
     batches = [torch.arange(k * 4, k * 4 + 4, dtype=torch.float32) for k in range(5)]
 

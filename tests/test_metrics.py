@@ -421,6 +421,16 @@ def test_froc_curve_and_cpm_by_hand():
     assert (result.num_scans, result.num_nodules, result.num_predictions) == (4, 4, 10)
     assert (result.num_hits, result.num_detected, result.num_false_positives) == (4, 3, 6)
     assert result.num_excluded_predictions == 0
+    # the operating points a threshold gives: the lowest curve point still at or above it
+    assert result.operating_point(0.6) == {
+        "threshold": 0.6, "nodules_detected": 3, "num_nodules": 4, "sensitivity": 0.75, "false_positives": 4,
+        "fps_per_scan": 1.0, "fps_per_nodule": 1.0,
+    }  # fmt: skip
+    assert (
+        result.operating_point(0.61)["false_positives"] == 3 and result.operating_point(0.61)["nodules_detected"] == 2
+    )
+    assert result.operating_point(0.99)["nodules_detected"] == result.operating_point(0.99)["false_positives"] == 0
+    assert result.operating_point(0.0)["false_positives"] == 6
 
 
 def test_interpolation_between_curve_points():

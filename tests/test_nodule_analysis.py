@@ -152,6 +152,10 @@ def test_run_validation_scores_the_detector(root, models, tmp_path, monkeypatch,
         metrics = json.loads((out / part / "metrics.json").read_text())
         froc = metrics["froc"]
         assert froc["num_detected"] == froc["num_nodules"], "true masks find every nodule"
+        point = metrics["operating_point"]
+        assert point["threshold"] == 0 and point["nodules_detected"] == froc["num_nodules"]
+        assert point["false_positives"] == froc["num_false_positives"]
+        assert f"at --nodule-threshold 0: {froc['num_nodules']} of {froc['num_nodules']} nodules found" in printed
         confusion = metrics["confusion"]
         rated = confusion["benign"] | confusion["malignant"]
         assert sum(confusion["benign"].values()) + sum(confusion["malignant"].values()) == froc["num_nodules"]

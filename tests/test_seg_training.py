@@ -279,3 +279,17 @@ def test_validation_counts_a_nodule_only_when_a_candidate_centre_is_within_its_r
     assert hits.found.tolist() == [True, False]
     assert (hits.components, hits.fp_components) == (2, 1)
     assert assembler.pending == {}
+
+
+def test_best_pt_ranks_by_candidate_recall_only_when_whole_cts_are_validated(caplog):
+    """--val-slices all: candidate recall, then fewer false positives per CT; --val-slices nodules has no whole CT to
+    find candidates in, so pixel F1 ranks without a warning that recall is undefined."""
+    whole = seg_training.best_checkpoint(seg_training.SegTrainingConfig(val_slices="all"))
+    assert [m.name for m in whole.metrics] == ["recall", "f1"] and whole.loss_key == "nodule/fp_per_ct"
+    assert whole.update({"nodule/recall": 0.8, "pr/f1_score": 0.2, "nodule/fp_per_ct": 20.0}, 1)
+    assert not whole.update({"nodule/recall": 0.8, "pr/f1_score": 0.9, "nodule/fp_per_ct": 25.0}, 2)
+    assert whole.update({"nodule/recall": 0.8, "pr/f1_score": 0.1, "nodule/fp_per_ct": 10.0}, 3)
+    sample = seg_training.best_checkpoint(seg_training.SegTrainingConfig(val_slices="nodules"))
+    with caplog.at_level("WARNING"):
+        assert sample.update({"pr/f1_score": 0.4, "loss/all": 1.0}, 1)
+    assert sample.name == "f1" and "undefined" not in caplog.text
