@@ -18,7 +18,8 @@ p2ch.nodule_analysis` does (`p2ch.detect.find_candidates`: lungs, components spl
 the size rule, at most 30 per CT), and a nodule is found when a kept candidate's centre lies within
 its radius (LUNA16's hit rule, `p2ch.segmetrics.candidate_hits`; a blob that only overlaps a nodule
 finds nothing). best.pt is the epoch with the highest candidate recall, ties broken by fewer false
-positives per CT. TensorBoard: `<time>-trn_seg-<comment>` and `…-val_seg-<comment>` with `loss/all`,
+positives per CT (with --val-slices nodules: the highest pixel F1). TensorBoard:
+`<time>-trn_seg-<comment>` and `…-val_seg-<comment>` with `loss/all`,
 `pr/precision|recall|f1_score`, `percent_all/tp|fn|fp`, `nodule/recall`, `nodule/recall_5mm`,
 `nodule/candidates_per_ct`, `nodule/fp_per_ct` and validation slices in three colours (true
 positives green, false negatives yellow, false positives red). `--report PATH` writes the last
