@@ -24,6 +24,7 @@ from torch import nn
 from p2ch import evaluate, import_book_models, nodule_analysis, seg_training
 from p2ch.bookmodels import BOOK_SEGMENTATION_THRESHOLD, model_file_name, recognise
 from p2ch.checkpoint import load_checkpoint, load_finetune_weights, load_model, load_segmentation_model, sha1_of
+from p2ch.config import display_path
 from p2ch.ct import Ct
 from p2ch.errors import DataFormatError
 from p2ch.metrics import match_predictions
@@ -405,7 +406,7 @@ def test_a_folder_imports_its_models_and_skips_the_rest(tmp_path, capsys):
     assert sorted(p.parent.name for p in (tmp_path / "book").rglob("best.pt")) == sorted(
         [model_file_name(CLS_NAME), model_file_name(SEG_NAME)]
     )
-    assert f"--models-dir {tmp_path / 'book'}" in out
+    assert f"--models-dir {display_path(tmp_path / 'book')}" in out
     empty = tmp_path / "only-others"
     save_book_file(empty / "x.state", make_model(), "Other")
     rc, _, err = run(capsys, str(empty), "--out", str(tmp_path / "none"))

@@ -857,14 +857,13 @@ def test_an_unknown_batch_buffers_value_is_refused(tiny, tmp_path, capsys):
 
 
 def test_the_prepcache_line_of_the_no_prefill_warning_fills_this_runs_chunks(tmp_path):
-    from p2ch.config import TrainingConfig
+    from p2ch.config import TrainingConfig, display_path
 
+    # paths as display_path shows them (relative to the working directory when that is shorter)
+    luna, cache = display_path(tmp_path / "luna"), display_path(tmp_path / "c")
     config = TrainingConfig(data_root=str(tmp_path / "luna"), cache_dir=str(tmp_path / "c"), task="malignancy")
     assert training.prepcache_command(config) == (
-        f"python -m p2ch.prepcache --data-root {tmp_path / 'luna'} --cache-dir {tmp_path / 'c'} --malignant"
+        f"python -m p2ch.prepcache --data-root {luna} --cache-dir {cache} --malignant"
     )
     wide = TrainingConfig(data_root=str(tmp_path / "luna"), width_irc=(16, 32, 32))
-    assert (
-        training.prepcache_command(wide)
-        == f"python -m p2ch.prepcache --data-root {tmp_path / 'luna'} --width-irc 16 32 32"
-    )
+    assert training.prepcache_command(wide) == f"python -m p2ch.prepcache --data-root {luna} --width-irc 16 32 32"
