@@ -89,11 +89,12 @@ fi
 # minutes and enough validation nodules (about 90) that the CPM's CI is narrow; 150 candidates per CT.
 synth_args=(--num-cts 24 --nodules-per-ct 8 --candidates-per-ct 150)
 # The segmentation model (its default recipe: hard negatives, Dice + cross-entropy, one-cycle lr): 6 epochs of
-# 1,024 crops, validated on the slices with nodules (its candidate recall needs the whole validation CTs, which
-# would double its time; the end-to-end step reports the candidate recall on them). Every model uses the same
-# split (--val-fraction 0.25), so the end-to-end analysis scores the detector on CTs none of them trained on.
+# 1,024 crops, validated once on 128 slices with nodules (its candidate recall needs the whole validation CTs,
+# which would double its time, and one validation only picks best.pt = last.pt; the end-to-end step reports the
+# candidate recall on them; the time goes to the classifier). Every model uses the same split (--val-fraction
+# 0.25), so the end-to-end analysis scores the detector on CTs none of them trained on.
 seg_args=(--epochs 6 --epoch-size 1024 --val-fraction 0.25 --val-every 6 --val-slices nodules
-          --val-negative-fraction 0.05)
+          --val-negative-fraction 0.05 --max-val-batches 8)
 mal_args=(--epochs 2 --epoch-size 256 --val-fraction 0.25)
 if [ "$tiny" = 1 ]; then
   synth_args=(--num-cts 4 --size 128 --slices 64 --candidates-per-ct 60 --nodules-per-ct 3)
@@ -120,12 +121,13 @@ step "segmentation model (python -m p2ch.seg_training)"
   --tb-prefix quickstart --augmented --num-workers "$num_workers" --device "$device" "${seg_args[@]}" quickstart-seg
 
 if [ "$epoch_size" = auto ]; then
-  # What is left of the budget goes to the classifier. The steps after it (evaluation, malignancy, the
-  # end-to-end analysis, and its own validation) took about 110 s on a 2-core machine measuring 45 samples/s
-  # here (BENCHMARKS.md) and scale with its speed; it trains at about 0.85 x the measured speed
-  # (augmentation, loader). At least 10 x 256 samples, at most 10 x 1,024.
+  # What is left of the budget goes to the classifier. The steps after it (its own validation, evaluation,
+  # malignancy, the end-to-end analysis) took 80-97 s scaled to a machine measuring 45 samples/s here, on 2
+  # cores and pinned to one (BENCHMARKS.md), and scale with its speed: 95 s at 45 samples/s is kept for them.
+  # It trains at 0.91-0.97 x the measured speed (augmentation, loader): 0.9 is assumed. At least 10 x 256
+  # samples, at most 10 x 1,024, in steps of 64.
   epoch_size=$(awk -v budget="$budget" -v spent=$((SECONDS - started_steps)) -v speed="$speed" -v epochs="$epochs" '
-    BEGIN { left = budget - spent - 110 * 45 / speed; n = int(left * 0.85 * speed / epochs / 128) * 128;
+    BEGIN { left = budget - spent - 95 * 45 / speed; n = int(left * 0.9 * speed / epochs / 64) * 64;
             if (n < 256) n = 256; if (n > 1024) n = 1024; print n }')
   echo "quickstart: $((SECONDS - started_steps)) s spent of the ${budget} s budget; the classifier trains $epochs x $epoch_size samples"
 fi
