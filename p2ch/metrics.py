@@ -563,7 +563,8 @@ class FrocResult:
 
     def operating_point(self, threshold: float) -> dict[str, Any]:
         """What keeping the predictions with probability >= `threshold` finds: nodules detected (of
-        `num_nodules`), false positives in all, per scan and per true nodule (nan without nodules).
+        `num_nodules`), false positives in all, per scan and per true nodule (sensitivity and per nodule:
+        None without nodules).
         Read off the FROC curve, so excluded findings and double hits count as in the CPM."""
         point = int(np.searchsorted(-self.thresholds, -float(threshold), side="right")) - 1
         false_positives = round(float(self.fps_per_scan[point]) * self.num_scans)

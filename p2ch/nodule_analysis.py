@@ -794,11 +794,12 @@ def write_part_outputs(
 
 def _operating_point_text(point: dict[str, Any]) -> str:
     """One line: what the --nodule-threshold finds (the point the README recommends choosing by)."""
-    text = f"at --nodule-threshold {point['threshold']:g}: "
+    found, per_nodule = "", ""
     if point["num_nodules"]:
-        text += f"{point['nodules_detected']} of {point['num_nodules']} nodules found ({point['sensitivity']:.0%}), "
-    per_nodule = f", {point['fps_per_nodule']:.2f} per true nodule" if point["num_nodules"] else ""
-    return text + f"{point['false_positives']} false positives ({point['fps_per_scan']:.2f} per CT{per_nodule})"
+        found = f"{point['nodules_detected']} of {point['num_nodules']} nodules found ({point['sensitivity']:.0%}), "
+        per_nodule = f", {point['fps_per_nodule']:.2f} per true nodule"
+    false_positives = f"{point['false_positives']} false positives ({point['fps_per_scan']:.2f} per CT{per_nodule})"
+    return f"at --nodule-threshold {point['threshold']:g}: {found}{false_positives}"
 
 
 def _cpm_text(result: FrocResult) -> str:
