@@ -155,8 +155,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
     return g
 
 
-def add_inference_arguments(group: argparse._ArgumentGroup) -> None:
-    """--batch-size, --device, --amp and --channels-last into `group` (the inference settings of make_scorer)."""
+def add_inference_arguments(group: argparse._ArgumentGroup, *, cpu_bf16: bool = False) -> None:
+    """--batch-size, --device, --amp and --channels-last into `group` (the inference settings of make_scorer;
+    cpu_bf16: the command passes make_scorer's cpu_bf16, and --amp's help says so)."""
     group.add_argument(
         "--batch-size",
         type=int,
@@ -169,7 +170,13 @@ def add_inference_arguments(group: argparse._ArgumentGroup) -> None:
         "--amp",
         choices=AMP_MODES,
         default="auto",
-        help="mixed precision: auto = bf16 on CUDA (fp16 if unsupported), off on the CPU",
+        help="mixed precision: auto = bf16 on CUDA (fp16 if unsupported), "
+        + (
+            "and on a CPU with native bf16 (lscpu lists avx512_bf16 or amx_bf16; about 2x faster, same CPM as "
+            "float32 in BENCHMARKS.md), else off"
+            if cpu_bf16
+            else "off on the CPU"
+        ),
     )
     group.add_argument(
         "--channels-last",

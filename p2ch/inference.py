@@ -86,14 +86,22 @@ class Scorer:
         return prob[:, 1].float()
 
 
-def make_scorer(model: torch.nn.Module, device: str = "auto", amp: str = "auto", channels_last: str = "on") -> Scorer:
-    """A Scorer from the command-line spellings (--device auto|cpu|cuda|cuda:N, --amp, --channels-last)."""
+def make_scorer(
+    model: torch.nn.Module,
+    device: str = "auto",
+    amp: str = "auto",
+    channels_last: str = "on",
+    *,
+    cpu_bf16: bool = False,
+) -> Scorer:
+    """A Scorer from the command-line spellings (--device auto|cpu|cuda|cuda:N, --amp, --channels-last).
+    cpu_bf16: --amp auto means bf16 on a CPU with native bf16 too (`runtime.resolve_amp`)."""
     if amp not in AMP_MODES:
         raise ConfigError(f"--amp {amp!r}: expected one of {', '.join(AMP_MODES)}")
     if channels_last not in ("on", "off"):
         raise ConfigError(f"--channels-last {channels_last!r}: expected on or off")
     torch_device = resolve_device(device)
-    return Scorer(model, torch_device, resolve_amp(amp, torch_device), channels_last == "on")
+    return Scorer(model, torch_device, resolve_amp(amp, torch_device, cpu_bf16=cpu_bf16), channels_last == "on")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -580,6 +580,19 @@ class FrocResult:
             "fps_per_nodule": false_positives / self.num_nodules if self.num_nodules else None,
         }
 
+    def suggested_threshold(self, max_fps_per_nodule: float = 1.0, step: float = 0.01) -> dict[str, Any] | None:
+        """The operating point of the lowest threshold on a grid of `step` (0.01, 0.02, …, below 1) whose false
+        positives per true nodule stay ≤ `max_fps_per_nodule`: the most nodules found at that price.
+        None without nodules, or when no grid threshold finds a nodule at that price."""
+        if not self.num_nodules:
+            return None
+        grid = np.arange(1, round(1 / step)) * step
+        for threshold in grid:
+            point = self.operating_point(round(float(threshold), 6))
+            if point["fps_per_nodule"] <= max_fps_per_nodule:
+                return point if point["nodules_detected"] else None
+        return None
+
     def to_dict(self, include_curve: bool = True) -> dict[str, Any]:
         """Plain JSON-serialisable dict (nan and ±inf become None; FP rates as keys like "0.125")."""
 

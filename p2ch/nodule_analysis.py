@@ -137,6 +137,9 @@ log = logging.getLogger("p2ch.nodule_analysis")
 PROG = "python -m p2ch.nodule_analysis"
 DEFAULT_OUT_DIR = Path("data-unversioned/analysis")
 ANALYSIS_FORMAT = "p2ch-analysis-v1"
+# --run-validation suggests the lowest --nodule-threshold (steps of 0.01) at which the detector costs at most
+# this many false positives per true nodule (metrics.json: suggested_threshold; issue 22's operating point).
+SUGGEST_FPS_PER_NODULE = 1.0
 STEPS = ("lungs", "segmentation", "grouping", "classification", "malignancy")
 # Slices per forward pass of the segmentation: on a CPU, 512 × 512 slices in batches of 2 ran 1.7x faster
 # than in batches of 16 (BENCHMARKS.md, issue 22): the activations of small batches stay in the caches.
@@ -259,6 +262,12 @@ class Models:
             "malignancy": self.malignancy_info,
         }
 
+    @property
+    def precision(self) -> str:
+        """What --amp resolved to on this device: bfloat16, float16 or float32."""
+        dtype = self.nodule.amp_dtype
+        return "float32" if dtype is None else str(dtype).replace("torch.", "")
+
 
 def _find(path: str | None, models_dir: str | None, task: str, flag: str, required: bool) -> Path | None:
     """The checkpoint for `flag`: the given path, else the newest best.pt of `task` (None if optional and absent)."""
@@ -279,12 +288,12 @@ def load_models(config: AnalysisConfig) -> Models:
     seg_model, seg = load_segmentation_model(seg_path, use=f"{PROG} --segmentation-path")
     seg_model = fuse_conv_batchnorm(seg_model)  # the same probabilities, one pass over the activations fewer
     nodule_model, nodule_info = load_model(cls_path, task="nodule", use=f"{PROG} --classification-path")
-    nodule = make_scorer(nodule_model, config.device, config.amp, config.channels_last)
+    nodule = make_scorer(nodule_model, config.device, config.amp, config.channels_last, cpu_bf16=True)
     configure_backends(nodule.device, config.cudnn_benchmark == "on")
     malignancy, mal_info = None, None
     if mal_path is not None:
         mal_model, mal_info = load_model(mal_path, task="malignancy", use=f"{PROG} --malignancy-path")
-        malignancy = make_scorer(mal_model, config.device, config.amp, config.channels_last)
+        malignancy = make_scorer(mal_model, config.device, config.amp, config.channels_last, cpu_bf16=True)
         if tuple(mal_info.config.width_irc) != tuple(nodule_info.config.width_irc):
             raise ConfigError(
                 f"--malignancy-path {mal_path} crops {list(mal_info.config.width_irc)} voxels, the nodule model "
@@ -303,6 +312,7 @@ def load_models(config: AnalysisConfig) -> Models:
             log.warning("no malignancy model (none given, none under the models folder): p_malignant stays empty")
         else:
             log.info("%s model: %s (epoch %s, sha1 %s)", kind, info["path"], info.get("epoch"), info["sha1"][:12])
+    log.info("running on %s in %s (--amp %s)", nodule.device, models.precision, config.amp)
     return models
 
 
@@ -537,6 +547,8 @@ def ct_summary(
         "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
         "segmentation_threshold": models.segmentation_threshold,
         "models": models.describe(),
+        "device": str(models.nodule.device),
+        "precision": models.precision,  # what --amp resolved to: float32, bfloat16 or float16
         "settings": config.to_dict(),
         "versions": versions(),
     }
@@ -774,8 +786,11 @@ def write_part_outputs(
         "scans": len(uids),
         "froc": result.to_dict(include_curve=False),
         "operating_point": result.operating_point(config.nodule_threshold),
+        "suggested_threshold": result.suggested_threshold(SUGGEST_FPS_PER_NODULE),
         "confusion": confusion,
         "models": models.describe(),
+        "device": str(models.nodule.device),
+        "precision": models.precision,  # what --amp resolved to: float32, bfloat16 or float16
         "settings": config.to_dict(),
         "versions": versions(),
     }
@@ -785,6 +800,7 @@ def write_part_outputs(
         f"{name}: {len(uids)} CTs, {result.num_nodules} nodules, {len(submission)} candidates from the "
         f"segmentation ({result.num_detected} nodules hit); detection CPM {cpm}\n"
         f"{_operating_point_text(metrics['operating_point'])}\n"
+        f"{suggestion_text(metrics['suggested_threshold'])}\n"
         f"{format_confusion(confusion)}\n"
     )
     write_text_atomic(out / "report.txt", report)
@@ -800,6 +816,14 @@ def _operating_point_text(point: dict[str, Any]) -> str:
         per_nodule = f", {point['fps_per_nodule']:.2f} per true nodule"
     false_positives = f"{point['false_positives']} false positives ({point['fps_per_scan']:.2f} per CT{per_nodule})"
     return f"at --nodule-threshold {point['threshold']:g}: {found}{false_positives}"
+
+
+def suggestion_text(point: dict[str, Any] | None) -> str:
+    """One line: the lowest --nodule-threshold at ≤ SUGGEST_FPS_PER_NODULE false positives per true nodule."""
+    price = f"≤ {SUGGEST_FPS_PER_NODULE:g} false positive per true nodule"
+    if point is None:
+        return f"suggested --nodule-threshold: none (no nodules, or no threshold finds one at {price})"
+    return f"suggested (the most nodules at {price}): {_operating_point_text(point)}"
 
 
 def _cpm_text(result: FrocResult) -> str:
@@ -861,7 +885,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _add_speed_arguments(speed: argparse._ArgumentGroup) -> None:
-    add_inference_arguments(speed)
+    add_inference_arguments(speed, cpu_bf16=True)
     for action in speed._group_actions:
         if action.dest == "batch_size":
             action.help = (

@@ -65,22 +65,31 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
+def resolve_amp(mode: str, device: torch.device, *, cpu_bf16: bool = False) -> torch.dtype | None:
     """--amp auto|off|bf16|fp16 → the autocast dtype, or None for float32.
 
-    auto: bf16 on CUDA (fp16 where bf16 is unsupported), off on the CPU.
+    auto: bf16 on CUDA (fp16 where bf16 is unsupported); on the CPU off, unless `cpu_bf16` (inference
+    commands that opt in) and the CPU computes bf16 natively (`cpu_bf16_native`), where it is bf16.
     """
     if mode == "off":
         return None
     if mode == "auto":
         if device.type != "cuda":
-            return None
+            return torch.bfloat16 if cpu_bf16 and device.type == "cpu" and cpu_bf16_native() else None
         return torch.bfloat16 if bf16_supported(device) else torch.float16
     if mode == "fp16" and device.type != "cuda":
         raise ConfigError("--amp fp16 needs a CUDA device; use --amp bf16 or off on the CPU")
     if mode not in ("bf16", "fp16"):
         raise ConfigError(f"--amp {mode!r}: expected one of auto, off, bf16, fp16")
     return torch.bfloat16 if mode == "bf16" else torch.float16
+
+
+def cpu_bf16_native() -> bool:
+    """Whether this CPU has bf16 arithmetic instructions (AVX512-BF16 or AMX, as `lscpu` lists
+    `avx512_bf16` / `amx_bf16`). Elsewhere torch emulates bf16 on the CPU (not measured here; expect it slower).
+    The checks are torch's own (private, so a torch without them counts as no)."""
+    checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(bool(check()) for check in checks if check is not None)
 
 
 def bf16_supported(device: torch.device) -> bool:

@@ -69,6 +69,14 @@ def write_csv(path: Path, header: str, rows, *, newline: str = "\n", bom: bool =
     return Path(path)
 
 
+@pytest.fixture(autouse=True)
+def _float32_on_every_cpu(monkeypatch):
+    """--amp auto of nodule_analysis runs bf16 on CPUs with bf16 instructions; the suite computes in
+    float32 on every machine, so that its exact comparisons do not depend on the CPU that runs them
+    (tests of the bf16 choice patch this back)."""
+    monkeypatch.setattr("p2ch.runtime.cpu_bf16_native", lambda: False)
+
+
 ANNOTATIONS_HEADER = "seriesuid,coordX,coordY,coordZ,diameter_mm"
 CANDIDATES_HEADER = "seriesuid,coordX,coordY,coordZ,class"
 

@@ -17,8 +17,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
+import torch
 
-from p2ch import nodule_analysis
+from p2ch import nodule_analysis, runtime
 from p2ch.candidates import read_candidates
 from p2ch.checkpoint import save_checkpoint
 from p2ch.config import SegTrainingConfig, TrainingConfig
@@ -156,6 +157,9 @@ def test_run_validation_scores_the_detector(root, models, tmp_path, monkeypatch,
         assert point["threshold"] == 0 and point["nodules_detected"] == froc["num_nodules"]
         assert point["false_positives"] == froc["num_false_positives"]
         assert f"at --nodule-threshold 0: {froc['num_nodules']} of {froc['num_nodules']} nodules found" in printed
+        suggested = metrics["suggested_threshold"]
+        assert suggested["fps_per_nodule"] <= 1 and 0 < suggested["threshold"] < 1
+        assert "suggested (the most nodules at ≤ 1 false positive per true nodule): at --nodule-threshold " in printed
         confusion = metrics["confusion"]
         rated = confusion["benign"] | confusion["malignant"]
         assert sum(confusion["benign"].values()) + sum(confusion["malignant"].values()) == froc["num_nodules"]
@@ -575,6 +579,29 @@ def test_the_detector_levers_candidate_limit_lungs_and_looks(root, models, tmp_p
     kept, kept_plain = every[every["kept"]], plain[plain["kept"]]
     np.testing.assert_allclose(kept[["coordX", "coordY", "coordZ"]], kept_plain[["coordX", "coordY", "coordZ"]])
     assert not np.allclose(kept["p_nodule"], kept_plain["p_nodule"])
+
+
+@pytest.mark.parametrize(
+    ("native", "flags", "expected"),
+    [(True, [], "bfloat16"), (False, [], "float32"), (True, ["--amp", "off"], "float32")],
+)
+def test_amp_auto_is_bf16_only_on_a_cpu_that_computes_it(root, models, tmp_path, monkeypatch, native, flags, expected):
+    """--amp auto runs the analysis in bf16 where the CPU has bf16 instructions (about twice as fast), float32
+    elsewhere (emulated bf16 is slower than float32) and with --amp off; analysis.json says which ran."""
+    monkeypatch.setattr(runtime, "cpu_bf16_native", lambda: native)
+    seen = []
+
+    def segment(model, ct, **kwargs):
+        seen.append(kwargs["amp_dtype"])
+        return _true_segmentation(root)(model, ct, **kwargs)
+
+    monkeypatch.setattr(nodule_analysis, "segment_ct", segment)
+    uid = _uids_with_nodules(root)[0]
+    out = tmp_path / "out"
+    assert nodule_analysis.main([uid, *_argv(models, root, out, "--device", "cpu", "--no-pictures", *flags)]) == 0
+    summary = json.loads((out / uid / "analysis.json").read_text())
+    assert summary["precision"] == expected and summary["device"] == "cpu"
+    assert seen == [None if expected == "float32" else torch.bfloat16]
 
 
 def test_a_ct_without_lungs_is_segmented_whole(root, models, tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ from p2ch.runtime import (
     check_loader_shared_memory,
     check_shared_memory,
     configure_backends,
+    cpu_bf16_native,
     loader_shm_bytes,
     resolve_amp,
     resolve_device,
@@ -170,6 +171,7 @@ def test_device_and_amp_spellings():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_amp("auto", torch.device("cpu")) is None
     assert resolve_amp("bf16", torch.device("cpu")) is torch.bfloat16
+    assert resolve_amp("off", torch.device("cpu"), cpu_bf16=True) is None
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
         resolve_amp("fp16", torch.device("cpu"))
     with pytest.raises(ConfigError, match="is not a device"):
@@ -177,6 +179,24 @@ def test_device_and_amp_spellings():
 
 
 # --- bf16 detection, backend switches, device-dependent batch sizes ---------------------------
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_auto_on_the_cpu_is_bf16_only_for_commands_that_ask_and_cpus_that_compute_it(monkeypatch, native):
+    monkeypatch.setattr(runtime, "cpu_bf16_native", lambda: native)
+    assert resolve_amp("auto", torch.device("cpu")) is None  # training keeps float32 on every CPU
+    assert resolve_amp("auto", torch.device("cpu"), cpu_bf16=True) is (torch.bfloat16 if native else None)
+
+
+def test_cpu_bf16_native_follows_torchs_instruction_checks(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert cpu_bf16_native()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert not cpu_bf16_native()
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert not cpu_bf16_native()  # a torch without the checks: no
 
 
 def _fake_gpu(monkeypatch, major: int, emulates_bf16: bool = True) -> list[dict]:
