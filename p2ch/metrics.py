@@ -581,17 +581,18 @@ class FrocResult:
         }
 
     def suggested_threshold(self, max_fps_per_nodule: float = 1.0, step: float = 0.01) -> dict[str, Any] | None:
-        """The operating point of the lowest threshold on a grid of `step` (0.01, 0.02, …, below 1) whose false
-        positives per true nodule stay ≤ `max_fps_per_nodule`: the most nodules found at that price.
+        """The operating point that finds the most nodules at ≤ `max_fps_per_nodule` false positives per true
+        nodule, with the fewest false positives: of the thresholds on a grid of `step` (0.01, 0.02, …, below 1)
+        within that price, the highest that finds as many nodules as the lowest does.
         None without nodules, or when no grid threshold finds a nodule at that price."""
         if not self.num_nodules:
             return None
-        grid = np.arange(1, round(1 / step)) * step
-        for threshold in grid:
-            point = self.operating_point(round(float(threshold), 6))
-            if point["fps_per_nodule"] <= max_fps_per_nodule:
-                return point if point["nodules_detected"] else None
-        return None
+        points = [self.operating_point(round(float(t), 6)) for t in np.arange(1, round(1 / step)) * step]
+        affordable = [p for p in points if p["fps_per_nodule"] <= max_fps_per_nodule]
+        if not affordable or not affordable[0]["nodules_detected"]:
+            return None
+        most = affordable[0]["nodules_detected"]  # found only falls as the threshold rises
+        return [p for p in affordable if p["nodules_detected"] == most][-1]
 
     def to_dict(self, include_curve: bool = True) -> dict[str, Any]:
         """Plain JSON-serialisable dict (nan and ±inf become None; FP rates as keys like "0.125")."""

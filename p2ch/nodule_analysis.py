@@ -137,8 +137,8 @@ log = logging.getLogger("p2ch.nodule_analysis")
 PROG = "python -m p2ch.nodule_analysis"
 DEFAULT_OUT_DIR = Path("data-unversioned/analysis")
 ANALYSIS_FORMAT = "p2ch-analysis-v1"
-# --run-validation suggests the lowest --nodule-threshold (steps of 0.01) at which the detector costs at most
-# this many false positives per true nodule (metrics.json: suggested_threshold; issue 22's operating point).
+# --run-validation suggests the --nodule-threshold (steps of 0.01) that finds the most nodules at a cost of at most
+# this many false positives per true nodule, with the fewest false positives (metrics.json: suggested_threshold).
 SUGGEST_FPS_PER_NODULE = 1.0
 STEPS = ("lungs", "segmentation", "grouping", "classification", "malignancy")
 # Slices per forward pass of the segmentation: on a CPU, 512 × 512 slices in batches of 2 ran 1.7x faster
@@ -819,7 +819,8 @@ def _operating_point_text(point: dict[str, Any]) -> str:
 
 
 def suggestion_text(point: dict[str, Any] | None) -> str:
-    """One line: the lowest --nodule-threshold at ≤ SUGGEST_FPS_PER_NODULE false positives per true nodule."""
+    """One line: the --nodule-threshold that finds the most nodules at ≤ SUGGEST_FPS_PER_NODULE false positives per
+    true nodule (`FrocResult.suggested_threshold`)."""
     price = f"≤ {SUGGEST_FPS_PER_NODULE:g} false positive per true nodule"
     if point is None:
         return f"suggested --nodule-threshold: none (no nodules, or no threshold finds one at {price})"

@@ -431,19 +431,18 @@ def test_froc_curve_and_cpm_by_hand():
     )
     assert result.operating_point(0.99)["nodules_detected"] == result.operating_point(0.99)["false_positives"] == 0
     assert result.operating_point(0.0)["false_positives"] == 6
-    # the suggested threshold: the lowest of 0.01 … 0.99 whose false positives per true nodule stay ≤ the price
-    assert result.suggested_threshold(1.0) == result.operating_point(0.31)  # 0.30 would add the FP at .30
-    assert result.suggested_threshold(1.0)["fps_per_nodule"] == 1.0
-    assert (
-        result.suggested_threshold(0.5)["threshold"] == 0.71 and result.suggested_threshold(0.5)["sensitivity"] == 0.5
-    )
-    assert result.suggested_threshold(2.0)["threshold"] == 0.01  # every prediction kept: 6 FPs for 4 nodules
-    assert result.suggested_threshold(0.0)["threshold"] == 0.91  # .95 alone: one nodule, no false positive
+    # the suggested threshold: the most nodules within the price in false positives per true nodule, and of
+    # the thresholds (0.01 … 0.99) that find them, the highest (the fewest false positives)
+    assert result.suggested_threshold(1.0) == result.operating_point(0.6)  # 3 found, 4 FPs; 0.30 adds an FP
+    half = result.suggested_threshold(0.5)  # ≤ 2 FPs: 2 found from 0.71 up to 0.85, where 1 FP is left
+    assert (half["threshold"], half["nodules_detected"], half["false_positives"]) == (0.85, 2, 1)
+    assert result.suggested_threshold(2.0)["threshold"] == 0.6  # 0.01 finds no more than 0.6 does
+    assert result.suggested_threshold(0.0)["threshold"] == 0.95  # .95 alone: one nodule, no false positive
     no_nodules = froc(predictions[predictions["seriesuid"] == s3], annotations.iloc[:0], series_uids=[s3], bootstrap=0)
     assert no_nodules.suggested_threshold() is None
     # a false positive above the only hit: no threshold finds a nodule for free
     costly = froc(preds([(s1, 30, 30, 30, 0.9), (s1, 0, 0, 0, 0.5)]), anns([(s1, 0, 0, 0, 6.0)]), bootstrap=0)
-    assert costly.suggested_threshold(0.0) is None and costly.suggested_threshold(1.0)["threshold"] == 0.01
+    assert costly.suggested_threshold(0.0) is None and costly.suggested_threshold(1.0)["threshold"] == 0.5
 
 
 def test_interpolation_between_curve_points():
