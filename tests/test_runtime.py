@@ -123,8 +123,17 @@ def test_any_error_raised_after_sigterm_counts_as_the_termination(capsys, caplog
     assert "unexpected pos" in caplog.text  # kept for --log-level DEBUG
 
 
+@pytest.fixture
+def usual_ctrl_c():
+    """Ctrl-C raising KeyboardInterrupt, as in a terminal. Python leaves SIGINT ignored when it was started so
+    (under nohup, as a background job of a script: how some CI runners start the suite); put back after."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_file_being_written_is_finished_before_the_signal_acts(sig, tmp_path, capsys):
+def test_a_file_being_written_is_finished_before_the_signal_acts(sig, tmp_path, capsys, usual_ctrl_c):
     """Ctrl-C or SIGTERM during an atomic write waits until the file is whole, then acts as usual."""
     target = tmp_path / "last.pt"
     written = []
