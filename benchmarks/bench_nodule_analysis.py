@@ -17,7 +17,7 @@
    seconds of each step come from its analysis.json (median of `--repeats` runs) and the segmentation's
    slices/s from them.
 
-    .venv/bin/python benchmarks/bench_nodule_analysis.py --work /tmp/bench-e2e     # ~25 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/bench_nodule_analysis.py --work /tmp/bench-e2e     # ~45 minutes on 2 CPU cores
     .venv/bin/python benchmarks/bench_nodule_analysis.py --work /tmp/bench-e2e --skip-training   # again, same models
     .venv/bin/python benchmarks/bench_nodule_analysis.py --work /tmp/e2e-smoke --smoke   # seconds: the GPU suite's
 
