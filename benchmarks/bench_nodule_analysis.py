@@ -225,11 +225,10 @@ def time_one_ct(args: argparse.Namespace, work: Path) -> dict:
             total = time.perf_counter() - started
             summary = json.loads((out / mhd.stem / "analysis.json").read_text())
             runs.append({**summary["seconds"], "total_command": total, **summary["counts"]})
-            precision = summary["precision"]
         median = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
         median["segmentation_slices_per_s"] = args.time_slices / median["segmentation"]
         median["shape_irc"] = summary["ct"]["shape_irc"]
-        median["precision"] = precision
+        median["precision"] = summary["precision"]
         timings[label] = median
     return timings
 

@@ -172,8 +172,8 @@ def add_inference_arguments(group: argparse._ArgumentGroup, *, cpu_bf16: bool = 
         default="auto",
         help="mixed precision: auto = bf16 on CUDA (fp16 if unsupported), "
         + (
-            "and on a CPU with native bf16 (lscpu lists avx512_bf16 or amx_bf16; about 2x faster, same CPM as "
-            "float32 in BENCHMARKS.md), else off"
+            "and on a CPU with native bf16 (lscpu lists avx512_bf16 or amx_bf16; 1.8x faster per CT and the same "
+            "CPM as float32 in BENCHMARKS.md), else off"
             if cpu_bf16
             else "off on the CPU"
         ),

@@ -268,6 +268,10 @@ class Models:
         dtype = self.nodule.amp_dtype
         return "float32" if dtype is None else str(dtype).replace("torch.", "")
 
+    def run_info(self) -> dict[str, str]:
+        """Where and in what precision the models ran (analysis.json and metrics.json)."""
+        return {"device": str(self.nodule.device), "precision": self.precision}
+
 
 def _find(path: str | None, models_dir: str | None, task: str, flag: str, required: bool) -> Path | None:
     """The checkpoint for `flag`: the given path, else the newest best.pt of `task` (None if optional and absent)."""
@@ -547,8 +551,7 @@ def ct_summary(
         "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
         "segmentation_threshold": models.segmentation_threshold,
         "models": models.describe(),
-        "device": str(models.nodule.device),
-        "precision": models.precision,  # what --amp resolved to: float32, bfloat16 or float16
+        **models.run_info(),
         "settings": config.to_dict(),
         "versions": versions(),
     }
@@ -789,8 +792,7 @@ def write_part_outputs(
         "suggested_threshold": result.suggested_threshold(SUGGEST_FPS_PER_NODULE),
         "confusion": confusion,
         "models": models.describe(),
-        "device": str(models.nodule.device),
-        "precision": models.precision,  # what --amp resolved to: float32, bfloat16 or float16
+        **models.run_info(),
         "settings": config.to_dict(),
         "versions": versions(),
     }
