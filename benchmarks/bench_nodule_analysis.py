@@ -45,7 +45,10 @@ from p2ch.candidates import read_annotations
 from p2ch.segmetrics import candidate_hits
 
 BOOK_SEG_RECIPE = ["--background-crops", "0", "--bce-weight", "0", "--lr-schedule", "constant", "--lr", "0.001"]
-BEFORE_FLAGS = ["--no-lung-mask", "--no-split", "--candidate-centre", "density", "--max-candidates", "0", "--no-tta"]
+BEFORE_FLAGS = [
+    "--no-lung-mask", "--no-split", "--candidate-centre", "density", "--max-candidates", "0", "--no-tta",
+    "--surface-candidates", "0",
+]  # fmt: skip
 SIZE_BINS_MM = (0.0, 5.0, 10.0, 1000.0)
 
 
@@ -148,6 +151,7 @@ def variants(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
     return [
         *default,
         ("one look per candidate (--no-tta)", "seg", ["--no-tta"]),
+        ("no candidates from the lungs' surface (--surface-candidates 0)", "seg", ["--surface-candidates", "0"]),
         ("no limit on candidates (--max-candidates 0)", "seg", ["--max-candidates", "0"]),
         ("one candidate per component (--no-split)", "seg", ["--no-split"]),
         ("density-weighted centres", "seg", ["--candidate-centre", "density"]),
@@ -194,11 +198,14 @@ def validate(args: argparse.Namespace, work: Path, root: Path, name: str, seg: s
     uids = [p.parent.name for p in sorted((out / "validation").glob("*/analysis.json"))]
     steps = [json.loads((out / "validation" / uid / "analysis.json").read_text())["seconds"] for uid in uids]
     per_step = {step: round(statistics.mean(s.get(step, 0.0) for s in steps), 3) for step in nodule_analysis.STEPS}
+    tables = [pd.read_csv(out / "validation" / uid / "components.csv") for uid in uids]
+    surface = sum(int((t["kept"] & (t["found_by"] == "lung surface")).sum()) for t in tables) / max(len(uids), 1)
     return {
         "name": name, "flags": extra, "segmentation": seg, "scans": metrics["scans"], "froc": metrics["froc"],
         "operating_point": metrics["operating_point"], "suggested_threshold": metrics["suggested_threshold"],
         "precision": metrics["precision"], "confusion": metrics["confusion"],
-        "candidates": recall_by_size(out / "validation", uids, root), "seconds_per_ct": per_step, "seconds": seconds,
+        "candidates": {**recall_by_size(out / "validation", uids, root), "surface_per_ct": surface},
+        "seconds_per_ct": per_step, "seconds": seconds,
     }  # fmt: skip
 
 
@@ -235,7 +242,7 @@ def time_one_ct(args: argparse.Namespace, work: Path) -> dict:
 
 def print_ablation(results: list[dict]) -> None:
     print(
-        "variant | CPM [95% CI] | recall (≥ 5 mm) | < 5 / 5-10 / ≥ 10 mm | candidates/CT | FP/CT | "
+        "variant | CPM [95% CI] | recall (≥ 5 mm) | < 5 / 5-10 / ≥ 10 mm | candidates/CT (from the surface) | FP/CT | "
         "at --nodule-threshold: found, FP per nodule | s/CT"
     )
     for r in results:
@@ -245,8 +252,8 @@ def print_ablation(results: list[dict]) -> None:
         bins = " / ".join("–" if value is None else f"{value:.2f}" for value in recalls)
         print(
             f"{r['name']} | {f['cpm']:.3f} [{f['cpm_ci'][0]:.3f}, {f['cpm_ci'][1]:.3f}] | {c['recall']:.3f} "
-            f"({c['recall_5mm']:.3f}) | {bins} | {c['candidates_per_ct']:.1f} | {c['fp_per_ct']:.1f} | {found} | "
-            f"{sum(r['seconds_per_ct'].values()):.2f}"
+            f"({c['recall_5mm']:.3f}) | {bins} | {c['candidates_per_ct']:.1f} ({c['surface_per_ct']:.1f}) | "
+            f"{c['fp_per_ct']:.1f} | {found} | {sum(r['seconds_per_ct'].values()):.2f}"
         )
 
 

@@ -10,6 +10,10 @@
 - `find_components`: a mask → its 3D connected components (`Components`): density-weighted
   centres (voxel index and world mm), voxel counts, volumes, equivalent diameters, bounding boxes,
   and which are kept as candidates (and why not).
+- `find_candidates`: the detector's rule (`CandidateRule`) from a probability map to candidates:
+  components split at their probability peaks, the size, lung and `max_candidates` rules, then the
+  nodules on the lungs' surface that the segmentation missed (`p2ch.lungs.surface_bumps`), a few on
+  top; `Components.source` says which found each.
 
 Units: `irc` = (index, row, col) voxel positions (continuous for centres), `xyz` = patient mm
 (`p2ch.geometry`); volumes in mm³, diameters in mm.
@@ -29,7 +33,7 @@ import torch
 from p2ch.ct import HU_MIN
 from p2ch.errors import ConfigError, DataFormatError
 from p2ch.geometry import irc2xyz
-from p2ch.lungs import DEFAULT_BOX_MARGIN_MM, lung_mask
+from p2ch.lungs import DEFAULT_BOX_MARGIN_MM, lung_mask, surface_bumps
 from p2ch.progress import Progress
 from p2ch.runtime import autocast
 from p2ch.segmetrics import component_structure
@@ -238,6 +242,8 @@ class Components:
         "too_large" (the size rule), "outside_lungs", "over_max_candidates" (`find_candidates`).
     score: (n,) float64, the segmentation's highest probability in the component (nan from
         `find_components`, which sees only the mask).
+    source: (n,) str, where it comes from: "segmentation" (the model's mask) or "lung surface" (a bump on
+        the lungs' surface, `p2ch.lungs.surface_bumps`, added by `find_candidates`).
     """
 
     center_irc: np.ndarray
@@ -250,6 +256,7 @@ class Components:
     kept: np.ndarray
     reason: np.ndarray
     score: np.ndarray
+    source: np.ndarray
 
     def __len__(self) -> int:
         return len(self.voxels)
@@ -343,6 +350,15 @@ def _components(
     shift = np.asarray(offset, dtype=np.int64)
     start = np.array([[s.start for s in box] for box in boxes], dtype=np.int64).reshape(count, 3) + shift
     stop = np.array([[s.stop for s in box] for box in boxes], dtype=np.int64).reshape(count, 3) + shift
+    return _measured(ct, center_irc, voxels, start, stop, reason, score, "segmentation")
+
+
+def _measured(
+    ct: Any, center_irc: np.ndarray, voxels: np.ndarray, start: np.ndarray, stop: np.ndarray, reason: np.ndarray,
+    score: np.ndarray, source: str,
+) -> Components:  # fmt: skip
+    """`Components` from centres, voxel counts and boxes: volumes, diameters and world centres added."""
+    count = len(voxels)
     volume = voxels * float(np.prod(np.asarray(ct.voxel_size_xyz, dtype=np.float64)))
     center_xyz = np.asarray(irc2xyz(center_irc, ct.origin_xyz, ct.voxel_size_xyz, ct.direction), dtype=np.float64)
     return Components(
@@ -356,6 +372,14 @@ def _components(
         kept=reason == "",
         reason=reason,
         score=np.asarray(score, dtype=np.float64),
+        source=np.full(count, source, dtype=object),
+    )
+
+
+def _joined(first: Components, second: Components) -> Components:
+    """The rows of `first`, then those of `second`."""
+    return Components(
+        **{f.name: np.concatenate([getattr(first, f.name), getattr(second, f.name)]) for f in dataclasses.fields(first)}
     )
 
 
@@ -374,9 +398,14 @@ class CandidateRule:
     split: split a component at its probability peaks (watershed), each peak at least
     `peak_distance_mm` from a higher one, so a small nodule that touches a vessel gets a candidate
     of its own. centre: "probability" (the region's probability-weighted centre, where the model is
-    surest) or "density" (HU + 1001, the book's). max_candidates: keep at most this many per CT, the
+    surest) or "density" (HU + 1001, the book's). max_candidates: keep at most this many of the
+    segmentation's regions per CT, the
     highest segmentation scores (`score`: the region's highest probability, ties by voxel count);
-    the rest are "over_max_candidates" (0: no limit).
+    the rest are "over_max_candidates" (0: no limit). surface_candidates: with `lungs`, add at most this
+    many bumps on the lungs' surface (`p2ch.lungs.surface_bumps`: nodules on the chest wall or the
+    mediastinum, which a segmentation model trained on nodule crops is weakest at), thickest first,
+    those not within `peak_distance_mm` of a kept candidate, on top of the `max_candidates` (so they
+    never displace one of the segmentation's, and the segmentation's never displace them; 0: none).
     """
 
     threshold: float = 0.5
@@ -389,6 +418,7 @@ class CandidateRule:
     peak_distance_mm: float = 6.0
     centre: str = "probability"
     max_candidates: int = 30
+    surface_candidates: int = 5
 
     def validate(self) -> None:
         if not 0.0 < self.threshold < 1.0:
@@ -402,6 +432,7 @@ class CandidateRule:
                 "≥ 0 and > 0 mm"
             )
         _check_int("max_candidates", self.max_candidates, 0)
+        _check_int("surface_candidates", self.surface_candidates, 0)
 
 
 CENTRES = ("probability", "density")
@@ -535,16 +566,56 @@ def find_candidates(
     voxels, score = measures["voxels"], measures["score"]
     center_irc = measures[rule.centre]
     reason = _size_reasons(voxels, spacing, rule)
-    if rule.lungs and count:
+    if rule.lungs and (count or rule.surface_candidates):
         lungs = lung_mask(hu, ct.voxel_size_xyz) if lungs is None else lungs
-        if lungs.found:
-            near = lungs.near(rule.near_lungs_mm)
-            outside = ~_touching(measures["coords"], measures["which"], count, near, lungs)
-            reason = np.where((reason == "") & outside, "outside_lungs", reason)
+    if rule.lungs and count and lungs.found:
+        near = lungs.near(rule.near_lungs_mm)
+        outside = ~_touching(measures["coords"], measures["which"], count, near, lungs)
+        reason = np.where((reason == "") & outside, "outside_lungs", reason)
     if rule.max_candidates:
         ranked = np.lexsort((-voxels, -score))
         ranked = ranked[reason[ranked] == ""]
         reason[ranked[rule.max_candidates :]] = "over_max_candidates"
     labels = np.zeros(hu.shape, dtype=np.int32)
     labels[box] = sub
-    return _components(sub, count, ct, center_irc, voxels, reason, score, offset), labels
+    components = _components(sub, count, ct, center_irc, voxels, reason, score, offset)
+    if rule.lungs and rule.surface_candidates and lungs.found:
+        components = _with_surface_candidates(components, labels, prob, ct, lungs, rule)
+    return components, labels
+
+
+def _with_surface_candidates(
+    components: Components, labels: np.ndarray, prob: np.ndarray, ct: Any, lungs: Any, rule: CandidateRule
+) -> Components:
+    """`components` and the lungs' surface bumps that are not near a kept one (at most
+    `CandidateRule.surface_candidates`), their voxels marked in `labels` (where no segmented region is)."""
+    bumps = surface_bumps(ct.hu, lungs)
+    spacing = _spacing_irc(ct)
+    taken = components.center_irc[components.kept]
+    chosen = []
+    for j in range(len(bumps)):
+        if len(chosen) == rule.surface_candidates:
+            break
+        near = np.linalg.norm((taken - bumps.center_irc[j]) * spacing, axis=1) <= rule.peak_distance_mm
+        if not near.any():
+            chosen.append(j)
+            taken = np.vstack([taken, bumps.center_irc[j]])
+    if not chosen:
+        return components
+    first = len(components) + 1
+    start, stop, score = [], [], []
+    for k, j in enumerate(chosen):
+        where = tuple(bumps.voxels_irc[j].T)
+        free = labels[where] == 0
+        labels[tuple(axis[free] for axis in where)] = first + k
+        start.append(bumps.voxels_irc[j].min(axis=0))
+        stop.append(bumps.voxels_irc[j].max(axis=0) + 1)
+        score.append(float(np.asarray(prob[where], dtype=np.float64).max()))
+    n = len(chosen)
+    surface = _measured(
+        ct, bumps.center_irc[chosen], np.array([len(bumps.voxels_irc[j]) for j in chosen], dtype=np.int64),
+        np.array(start, dtype=np.int64).reshape(n, 3), np.array(stop, dtype=np.int64).reshape(n, 3),
+        np.full(n, "", dtype=components.reason.dtype),
+        np.array(score), "lung surface",
+    )  # fmt: skip
+    return _joined(components, surface)

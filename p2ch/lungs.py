@@ -18,6 +18,13 @@ many mm, and a component is in the lungs when any of its voxels is near them
 the segmentation model runs on (`p2ch.detect.segment_ct`), and `LungMask.slice_boxes` the same
 per slice.
 
+`surface_bumps(hu, lungs)` looks for nodules on the lungs' surface, the ones a segmentation model
+trained on nodule crops misses most: a nodule on the chest wall or the mediastinum is a bump of tissue
+that the lungs' air wraps around. On a ~`SURFACE_GRID_MM` grid the lungs' air is closed by a ball of
+`SURFACE_BALL_MM` (two distance transforms); what the closing adds and is tissue is where that ball
+cannot reach from inside, and each such piece that is dense, thick, round and small enough to be a
+nodule is a candidate (`SurfaceBumps`).
+
 A CT in which no such air is found (a phantom, a CT of the abdomen or the head, a CT whose HU are
 wrong) gets `found = False` and a mask covering the whole volume, so the detector then looks
 everywhere rather than nowhere.
@@ -209,3 +216,130 @@ def _ellipsoid(reach: np.ndarray) -> np.ndarray:
     grids = np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij")
     total = sum((g / max(r, 1)) ** 2 for g, r in zip(grids, reach, strict=True))
     return total <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# nodules on the lungs' surface: what a ball rolled inside the lungs cannot reach
+
+SURFACE_GRID_MM = 1.5  # the surface is searched on a grid of about this many mm (block means of the CT)
+SURFACE_BALL_MM = 8.0  # radius of the ball rolled inside the lungs: bumps up to about twice this across are found
+SURFACE_MIN_HU = -200.0  # a bump's mean HU: soft tissue (a nodule), not partial-volume air at a smooth wall
+SURFACE_MIN_RADIUS_MM = 2.0  # its thickness: the largest ball inside it has at least this radius (≥ 4 mm across)
+SURFACE_MAX_ELONGATION = 3.0  # longest / second-longest axis (of its covariance): a vessel leaving the lung is long
+# and a bump is at most 4 × the ball long in each direction (see `surface_bumps`)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SurfaceBumps:
+    """Compact lumps of tissue on the lungs' surface that the lungs' air wraps around: juxtapleural (or
+    juxtamediastinal) nodule candidates (`surface_bumps`), best first (thickest).
+
+    voxels_irc: one (m, 3) int64 array of CT voxels (index, row, col) per bump. center_irc: (n, 3) float64
+    their mean (a continuous CT voxel position). radius_mm: (n,) the largest ball inside each. mean_hu: (n,).
+    elongation: (n,) longest / second-longest axis (a cap on the wall is flat, but as wide as it is long).
+    """
+
+    voxels_irc: list[np.ndarray]
+    center_irc: np.ndarray
+    radius_mm: np.ndarray
+    mean_hu: np.ndarray
+    elongation: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.voxels_irc)
+
+
+def _no_bumps() -> SurfaceBumps:
+    empty = np.zeros(0, dtype=np.float64)
+    return SurfaceBumps([], np.zeros((0, 3), dtype=np.float64), empty, empty.copy(), empty.copy())
+
+
+def _block_means(hu: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """(I', R', C') float32 means of the CT's complete blocks of `factors` voxels (a partial last block is left out)."""
+    n = [size // f * f for size, f in zip(hu.shape, factors, strict=True)]
+    blocks = hu[: n[0], : n[1], : n[2]].astype(np.float32)
+    return blocks.reshape(n[0] // factors[0], factors[0], n[1] // factors[1], factors[1], -1, factors[2]).mean(
+        axis=(1, 3, 5)
+    )
+
+
+def _elongation(points_mm: np.ndarray) -> float:
+    if len(points_mm) < 4:
+        return 1.0
+    eigen = np.linalg.eigvalsh(np.cov(points_mm.T))
+    return float(np.sqrt(eigen[-1] / max(eigen[-2], 1e-6)))
+
+
+def surface_bumps(hu: np.ndarray, lungs: LungMask, ball_mm: float = SURFACE_BALL_MM) -> SurfaceBumps:
+    """Nodule candidates on the lungs' surface, where the segmentation model is weakest (see the module docstring).
+
+    A nodule that touches the chest wall or the mediastinum is a bump of tissue that the lungs' air
+    wraps around. On a ~`SURFACE_GRID_MM` grid over the lungs' box: the lungs' air (below `AIR_HU`, near
+    `lungs`, not touching its slice's border, holes filled slice by slice, so vessels and nodules inside
+    count as lung), closed by a
+    ball of `ball_mm` (two distance transforms); what the closing adds is where that ball cannot reach
+    from inside, the bumps. A bump is kept when it looks like a nodule: mean HU above `SURFACE_MIN_HU`,
+    at least `SURFACE_MIN_RADIUS_MM` thick, at most `SURFACE_MAX_ELONGATION` times as long as it is
+    wide (a vessel leaving the lung is long and thin; a nodule's cap is flat but round), and at most
+    4 × `ball_mm` long in each direction (what the closing fills around a nodule of radius r on a flat
+    wall reaches 2·sqrt(ball·r) from its centre along the wall, ≤ 2 × ball for r ≤ ball; a ridge or a
+    sheet of tissue between the lungs is longer). Nodules much wider than 2 × `ball_mm` are not found
+    (the segmentation finds those); a compact pinch of tissue where two lungs come closer than
+    2 × `ball_mm` can be (the classifier judges it). No lungs found: no bumps.
+    """
+    hu = _check_hu(hu)
+    if not isinstance(lungs, LungMask) or hu.shape != tuple(lungs.shape_irc):
+        found = f"of a {tuple(lungs.shape_irc)} CT" if isinstance(lungs, LungMask) else f"a {type(lungs).__name__}"
+        raise DataFormatError(f"surface_bumps: lungs is {found}; expected the LungMask of this {hu.shape} CT")
+    if not lungs.found:
+        return _no_bumps()
+    spacing = np.asarray(lungs.voxel_size_xyz[::-1], dtype=np.float64)
+    factors = np.maximum(1, np.round(SURFACE_GRID_MM / spacing)).astype(int)
+    grid_mm = spacing * factors
+    box = lungs.box(ball_mm + 2 * float(grid_mm.max()))
+    start = np.array([part.start for part in box], dtype=np.int64)
+    means = _block_means(hu[box], factors)
+    if min(means.shape) == 0:
+        return _no_bumps()
+    # the lungs' air on this grid: each block's centre voxel must lie near the coarse lungs
+    near = lungs.near(2.0 * float(grid_mm.max()))
+    coarse = [
+        np.minimum((np.arange(n) * f + f // 2 + s) // c, top)
+        for n, f, s, c, top in zip(means.shape, factors, start, lungs.factors, np.array(near.shape) - 1, strict=True)
+    ]
+    air = _inside_air(means < AIR_HU) & near[np.ix_(*coarse)]  # not the room's air, where the chest wall is thin
+    air = scipy.ndimage.binary_fill_holes(air, structure=_IN_PLANE)
+    pad = int(np.ceil(ball_mm / grid_mm.min())) + 1
+    padded = np.pad(air, pad)
+    grown = scipy.ndimage.distance_transform_edt(~padded, sampling=grid_mm) <= ball_mm
+    closed = scipy.ndimage.distance_transform_edt(grown, sampling=grid_mm) > ball_mm
+    bumps = closed[pad:-pad, pad:-pad, pad:-pad] & ~air & (means > AIR_HU)
+    labels, count = scipy.ndimage.label(bumps, structure=np.ones((3, 3, 3), dtype=bool))
+    if count == 0:
+        return _no_bumps()
+    found = []
+    for j, part in enumerate(scipy.ndimage.find_objects(labels)):
+        grown_part = tuple(slice(max(p.start - 1, 0), p.stop + 1) for p in part)  # the depth needs the outside
+        member = labels[grown_part] == j + 1
+        mean_hu = float(means[grown_part][member].mean())
+        depth = scipy.ndimage.distance_transform_edt(np.pad(member, 1), sampling=grid_mm)[1:-1, 1:-1, 1:-1]
+        radius = float(depth[member].max())
+        if mean_hu <= SURFACE_MIN_HU or radius < SURFACE_MIN_RADIUS_MM:
+            continue
+        cells = np.argwhere(member) + np.array([p.start for p in grown_part])
+        extent_mm = (cells.max(axis=0) - cells.min(axis=0) + 1) * grid_mm
+        if (extent_mm > 4.0 * ball_mm + grid_mm).any():  # a ridge or a sheet of tissue, longer than a bump can be
+            continue
+        elongation = _elongation(cells * grid_mm)
+        if elongation <= SURFACE_MAX_ELONGATION:
+            found.append((radius, j, cells, elongation, mean_hu))
+    found.sort(key=lambda item: (-item[0], item[1]))
+    offsets = np.stack(np.meshgrid(*[np.arange(f) for f in factors], indexing="ij"), -1).reshape(-1, 3)
+    voxels = [(cells[:, None, :] * factors + offsets[None]).reshape(-1, 3) + start for _, _, cells, *_ in found]
+    return SurfaceBumps(
+        voxels_irc=voxels,
+        center_irc=np.array([v.mean(axis=0) for v in voxels], dtype=np.float64).reshape(-1, 3),
+        radius_mm=np.array([item[0] for item in found], dtype=np.float64),
+        mean_hu=np.array([item[4] for item in found], dtype=np.float64),
+        elongation=np.array([item[3] for item in found], dtype=np.float64),
+    )

@@ -19,6 +19,10 @@ Per CT, in this order (seconds of each step go into analysis.json):
    voxel count, equivalent-sphere diameter and the segmentation's confidence; regions outside
    [--min-diameter-mm, --max-diameter-mm] or under --min-voxels ("too_small", "too_large"), that do not
    touch the lungs ("outside_lungs") or beyond the --max-candidates surest ("over_max_candidates") are dropped;
+   then up to --surface-candidates bumps on the lungs' surface (`p2ch.lungs.surface_bumps`: compact lumps
+   of tissue the lungs' air wraps around, nodules on the chest wall or the mediastinum, where the
+   segmentation is weakest) not near a kept candidate join them, on top of --max-candidates
+   (components.csv's `found_by`: "segmentation" or "lung surface");
 4. **classification**: the nodule classifier (`python -m p2ch.training`) scores every kept candidate
    on a chunk cropped from the CT in memory (no cache), the mean of the chunk and its 7 mirror images
    (`--no-tta`: one look) → p_nodule;
@@ -29,22 +33,21 @@ Inputs: series uids of the data root, `.mhd` files, NIfTI/NRRD files (`.nii`, `.
 `.nhdr`; checked by `p2ch.imagefile`, `--hu-offset` for files known to store HU + 1024) and DICOM
 folders (one series, `--dicom-series UID`, or `--dicom-series all`: every CT volume of the folder).
 
-Written into `--out` (default `data-unversioned/analysis/<time>/`), one folder per CT:
-`nodules.csv` (seriesuid, coordX/Y/Z mm, diameter_mm (estimated), p_nodule, p_malignant, then where
-it is: voxel_index/row/col, the 1-based slice_number, for DICOM the slice's instance_number,
-sop_instance_uid and dicom_file, and its label in the label map; the components above
---nodule-threshold, most probable first), `components.csv` (every component, dropped ones with their
-reason, the same positions, label 0 for non-nodules), `nodules_mask.nii.gz` (label k on the voxels of
-row k of nodules.csv, exactly on the CT's grid; `--mask-format mhd|nrrd|none`; with
-`--write-probability` also `nodules_probability`, uint8 P × 255; for a DICOM input also `ct.nii.gz`,
-so a viewer opens the pair without a DICOM reader), `analysis.json` (the CT's geometry, settings,
-models used, step times, counts, files) and `nodules_NN.png` (the `--max-pictures` most probable
-nodules in three planes, lung window, with their probabilities). `report.html` in `--out` shows every
-CT and all its nodules with their pictures (and, with --run-validation, the detector's FROC and
-confusion matrix), readable offline. `--write-candidates` writes every kept component of all CTs as a
-LUNA16-format `candidates.csv` in `--out` (class 1 where a component lies within an annotated
-nodule's radius, when the data root has annotations.csv; else 0), so the classifier can be trained on
-candidates of one's own.
+Written into `--out` (default `data-unversioned/analysis/<time>/`), one folder per CT: `nodules.csv`
+(seriesuid, coordX/Y/Z mm, diameter_mm (estimated), p_nodule, p_malignant, then where it is:
+voxel_index/row/col, the 1-based slice_number, for DICOM the slice's instance_number, sop_instance_uid
+and dicom_file, and its label in the label map; the components above --nodule-threshold, most probable
+first), `components.csv` (every component, dropped ones with their reason, the same positions, label 0
+for non-nodules, p_segmentation and found_by), `nodules_mask.nii.gz` (label k on the voxels of row k of
+nodules.csv, exactly on the CT's grid; `--mask-format mhd|nrrd|none`; with `--write-probability` also
+`nodules_probability`, uint8 P × 255; for a DICOM input also `ct.nii.gz`, so a viewer opens the pair
+without a DICOM reader), `analysis.json` (the CT's geometry, settings, models used, step times, counts,
+files) and `nodules_NN.png` (the `--max-pictures` most probable nodules in three planes, lung window,
+with their probabilities). `report.html` in `--out` shows every CT and all its nodules with their
+pictures (and, with --run-validation, the detector's FROC and confusion matrix), readable offline.
+`--write-candidates` writes every kept component of all CTs as a LUNA16-format `candidates.csv` in
+`--out` (class 1 where a component lies within an annotated nodule's radius, when the data root has
+annotations.csv; else 0), so the classifier can be trained on candidates of one's own.
 
 `--run-validation` analyses the validation series of the classifier's split (also the training
 series with `--include-train`, reported apart) and writes into `--out/validation/` (and `train/`):
@@ -173,6 +176,7 @@ class AnalysisConfig:
     lung_mask: bool = True
     split: bool = True
     max_candidates: int = 30
+    surface_candidates: int = 5
     tta: bool = True
     candidate_centre: str = "probability"
     pictures: bool = True
@@ -212,6 +216,7 @@ class AnalysisConfig:
         need(seg is None or 0.0 < seg < 1.0, f"--segmentation-threshold must be in (0, 1), got {seg}")
         need(self.min_voxels >= 1, f"--min-voxels must be ≥ 1, got {self.min_voxels}")
         need(self.max_candidates >= 0, f"--max-candidates must be ≥ 0 (0: no limit), got {self.max_candidates}")
+        need(self.surface_candidates >= 0, f"--surface-candidates must be ≥ 0 (0: none), got {self.surface_candidates}")
         need(
             0.0 <= self.min_diameter_mm < self.max_diameter_mm,
             f"--min-diameter-mm {self.min_diameter_mm} and --max-diameter-mm {self.max_diameter_mm}: expected "
@@ -349,6 +354,7 @@ def candidate_rule(config: AnalysisConfig, models: Models) -> CandidateRule:
         threshold=models.segmentation_threshold, min_voxels=config.min_voxels, min_diameter_mm=config.min_diameter_mm,
         max_diameter_mm=config.max_diameter_mm, lungs=config.lung_mask, split=config.split,
         max_candidates=config.max_candidates, centre=config.candidate_centre,
+        surface_candidates=config.surface_candidates,
     )  # fmt: skip
 
 
@@ -414,7 +420,7 @@ def nodule_rows(p_nodule: np.ndarray, threshold: float) -> np.ndarray:
 def component_table(result: CtResult, threshold: float) -> pd.DataFrame:
     """Every component of one CT: seriesuid, coordX/Y/Z (mm), diameter_mm, voxels, kept, reason, p_nodule,
     p_malignant, then where it is (`labelmap.POSITION_COLUMNS`: voxel, slice number, DICOM slice) and its
-    label in the label map (its row of nodules.csv, 1-based; 0: not a nodule)."""
+    label in the label map (its row of nodules.csv, 1-based; 0: not a nodule), p_segmentation, found_by."""
     c = result.components
     label = np.zeros(len(c), dtype=np.int64)
     rows = nodule_rows(result.p_nodule, threshold)
@@ -434,13 +440,13 @@ def component_table(result: CtResult, threshold: float) -> pd.DataFrame:
         }
     )
     positions = slice_positions(result.ct, c.center_irc)
-    return pd.concat([frame, positions], axis=1).assign(label=label, p_segmentation=c.score)
+    return pd.concat([frame, positions], axis=1).assign(label=label, p_segmentation=c.score, found_by=c.source)
 
 
 # The columns other tools and tests read come first, in their original order; positions and the label after.
 COMPONENT_COLUMNS = (
     "seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "voxels", "kept", "reason", "p_nodule", "p_malignant",
-    *POSITION_COLUMNS, "label", "p_segmentation",
+    *POSITION_COLUMNS, "label", "p_segmentation", "found_by",
 )  # fmt: skip
 NODULE_COLUMNS = (
     "seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "p_nodule", "p_malignant", *POSITION_COLUMNS, "label",
@@ -798,9 +804,10 @@ def write_part_outputs(
     }
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     cpm = "undefined (no nodules)" if result.num_nodules == 0 else _cpm_text(result)
+    surface = int((components["kept"].astype(bool) & (components["found_by"] == "lung surface")).sum())
     report = (
-        f"{name}: {len(uids)} CTs, {result.num_nodules} nodules, {len(submission)} candidates from the "
-        f"segmentation ({result.num_detected} nodules hit); detection CPM {cpm}\n"
+        f"{name}: {len(uids)} CTs, {result.num_nodules} nodules, {len(submission)} candidates ({surface} from the "
+        f"lungs' surface; {result.num_detected} nodules hit); detection CPM {cpm}\n"
         f"{_operating_point_text(metrics['operating_point'])}\n"
         f"{suggestion_text(metrics['suggested_threshold'])}\n"
         f"{format_confusion(confusion)}\n"
@@ -987,8 +994,14 @@ def _add_detector_arguments(g: argparse._ArgumentGroup, d: AnalysisConfig) -> No
     )  # fmt: skip
     g.add_argument(
         "--max-candidates", type=int, default=d.max_candidates,
-        help="candidates per CT passed to the classifier: those the segmentation is surest of (the rest: "
-        "over_max_candidates; 0: no limit)",
+        help="the segmentation's candidates per CT passed to the classifier: those it is surest of (the rest: "
+        "over_max_candidates; 0: no limit); --surface-candidates come on top",
+    )  # fmt: skip
+    g.add_argument(
+        "--surface-candidates", type=int, default=d.surface_candidates,
+        help="at most this many candidates per CT from the lungs' surface: compact bumps of tissue the lungs' "
+        "air wraps around (nodules on the chest wall or the mediastinum, which the segmentation misses most), "
+        "on top of --max-candidates, never in place of one (0: none; off with --no-lung-mask)",
     )  # fmt: skip
     g.add_argument(
         "--no-lung-mask", dest="lung_mask", action="store_false",

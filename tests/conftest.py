@@ -200,7 +200,7 @@ def synth_set(tmp_path_factory):
 
 
 def chest_phantom(
-    shape=(40, 96, 128), spacing_xyz=(1.0, 1.0, 2.0), with_lungs: bool = True
+    shape=(40, 96, 128), spacing_xyz=(1.0, 1.0, 2.0), with_lungs: bool = True, with_nodules: bool = True
 ) -> tuple[np.ndarray, dict[str, tuple[int, int, int]]]:
     """A chest CT cartoon, (I, R, C) int16 HU, and where its landmarks are (voxel index, row, col).
 
@@ -208,7 +208,8 @@ def chest_phantom(
     in slices 4-35, one on each side of the mediastinum; landmarks: "juxtapleural", the centre of a
     6 mm solid nodule (50 HU) sitting on the outer wall of the right lung (its centre in the chest
     wall, its edge touching lung air); "inner", a 5 mm nodule inside the left lung; "mediastinum", a
-    point in the soft tissue between the lungs, far from either. without lungs: the body alone.
+    point in the soft tissue between the lungs, far from either. without lungs: the body alone; without
+    nodules: the landmarks without the nodules.
     """
     hu = np.full(shape, -1000, dtype=np.int16)
     i, r, c = np.indices(shape, dtype=np.float64)
@@ -224,8 +225,28 @@ def chest_phantom(
         wall_c = round(mid_c - 28 - 20 / dx)  # the right lung's outer wall at its widest
         juxta = (20, int(mid_r), wall_c - 1)
         inner = (20, int(mid_r) + 6, int(mid_c + 28))
-        for centre, diameter in ((juxta, 6.0), (inner, 5.0)):
+        for centre, diameter in ((juxta, 6.0), (inner, 5.0)) if with_nodules else ():
             ball = ((i - centre[0]) * dz) ** 2 + ((r - centre[1]) * dy) ** 2 + ((c - centre[2]) * dx) ** 2
             hu[ball <= (diameter / 2) ** 2] = 50
         landmarks.update(juxtapleural=juxta, inner=inner)
     return hu, landmarks
+
+
+WALL_PHANTOM_SPACING_XYZ = (1.25, 1.0, 2.0)  # lungs 30 mm apart: no pinch of tissue between them
+
+
+def wall_nodule_phantom() -> tuple[np.ndarray, dict[str, tuple[int, int, int]], np.ndarray]:
+    """`chest_phantom` at `WALL_PHANTOM_SPACING_XYZ` with one more nodule, 8 mm, on the left lung's outer wall
+    (centre 3 mm inside the lung, landmark "wall_nodule"): (hu, landmarks, the wall nodule's centre as
+    continuous (index, row, col))."""
+    spacing = WALL_PHANTOM_SPACING_XYZ
+    hu, landmarks = chest_phantom(spacing_xyz=spacing)
+    mid_c = hu.shape[2] / 2
+    outer_col = round(mid_c + 28 + 20 / spacing[0])  # the left lung's outer wall at its widest
+    centre = np.array([20.0, hu.shape[1] / 2, outer_col - 3.0 / spacing[0]])
+    i, r, c = np.indices(hu.shape, dtype=np.float64)
+    step = np.array(spacing[::-1])
+    ball = ((i - centre[0]) * step[0]) ** 2 + ((r - centre[1]) * step[1]) ** 2 + ((c - centre[2]) * step[2]) ** 2
+    hu[ball <= 4.0**2] = 50
+    landmarks["wall_nodule"] = tuple(round(float(v)) for v in centre)
+    return hu, landmarks, centre

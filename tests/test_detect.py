@@ -30,7 +30,7 @@ from p2ch.segdatasets import Luna2dSegmentationDataset
 from p2ch.slices import SliceCache
 from p2ch.unet import UNetWrapper
 
-from conftest import chest_phantom, make_model, make_uid, write_ct
+from conftest import WALL_PHANTOM_SPACING_XYZ, chest_phantom, make_model, make_uid, wall_nodule_phantom, write_ct
 
 CPU = torch.device("cpu")
 SPACING_XYZ = (0.7, 0.7, 1.25)
@@ -414,6 +414,33 @@ def test_candidates_outside_the_lungs_are_dropped_and_juxtapleural_ones_kept():
     assert everywhere.kept.all()
 
 
+def test_a_wall_nodule_the_segmentation_misses_becomes_a_candidate_from_the_lungs_surface():
+    hu, landmarks, centre = wall_nodule_phantom()
+    ct = fake_ct(hu, spacing_xyz=WALL_PHANTOM_SPACING_XYZ)
+    spacing = np.array(WALL_PHANTOM_SPACING_XYZ[::-1])
+    prob = np.zeros(hu.shape, dtype=np.float16)
+    i, r, c = landmarks["inner"]
+    prob[i - 1 : i + 2, r - 2 : r + 3, c - 2 : c + 3] = 0.9  # the model finds the nodule inside the lung only
+    comps, labels = find_candidates(prob, ct)
+    assert comps.source.tolist() == ["segmentation", "lung surface"] and comps.kept.all()
+    surface = comps.take(comps.source == "lung surface")
+    assert np.linalg.norm((surface.center_irc[0] - centre) * spacing) <= 4.0  # LUNA16's hit rule: within its radius
+    assert surface.score[0] == 0.0  # the segmentation's highest probability there
+    assert (labels == 2).sum() == surface.voxels[0] and surface.diameter_mm[0] > 3.0
+    assert (surface.bbox_start_irc[0] <= surface.center_irc[0]).all()
+    assert (surface.center_irc[0] < surface.bbox_stop_irc[0]).all()
+    for rule in (CandidateRule(surface_candidates=0), CandidateRule(lungs=False)):
+        assert find_candidates(prob, ct, rule)[0].source.tolist() == ["segmentation"]
+    # found by the segmentation already: no second candidate on the same nodule
+    j, s, t = landmarks["wall_nodule"]
+    both = prob.copy()
+    both[j - 1 : j + 2, s - 2 : s + 3, t - 2 : t + 3] = 0.8
+    assert find_candidates(both, ct)[0].source.tolist() == ["segmentation", "segmentation"]
+    # on top of max_candidates: neither source takes the other's place
+    capped, _ = find_candidates(prob, ct, CandidateRule(max_candidates=1))
+    assert capped.source.tolist() == ["segmentation", "lung surface"] and capped.kept.all()
+
+
 def test_at_most_max_candidates_are_kept_the_surest_first():
     shape = (24, 48, 48)
     prob = np.zeros(shape, dtype=np.float16)
@@ -432,7 +459,7 @@ def test_candidate_rule_settings_are_checked():
     prob = np.zeros((4, 8, 8), dtype=np.float16)
     ct = fake_ct(np.zeros((4, 8, 8), np.int16))
     for bad in (CandidateRule(threshold=1.0), CandidateRule(centre="middle"), CandidateRule(max_candidates=-1),
-                CandidateRule(peak_distance_mm=0.0)):  # fmt: skip
+                CandidateRule(peak_distance_mm=0.0), CandidateRule(surface_candidates=-1)):  # fmt: skip
         with pytest.raises(ConfigError):
             find_candidates(prob, ct, bad)
     with pytest.raises(DataFormatError, match="prob"):

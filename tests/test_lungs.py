@@ -6,9 +6,17 @@ import numpy as np
 import pytest
 
 from p2ch.errors import DataFormatError
-from p2ch.lungs import coarse_factors, coarse_sample, lung_mask
+from p2ch.lungs import (
+    SURFACE_MAX_ELONGATION,
+    SURFACE_MIN_HU,
+    SURFACE_MIN_RADIUS_MM,
+    coarse_factors,
+    coarse_sample,
+    lung_mask,
+    surface_bumps,
+)
 
-from conftest import chest_phantom
+from conftest import WALL_PHANTOM_SPACING_XYZ, chest_phantom, wall_nodule_phantom
 
 SPACING_XYZ = (1.0, 1.0, 2.0)
 
@@ -83,3 +91,58 @@ def test_coarse_grid_and_sampling():
 def test_bad_input_is_refused():
     with pytest.raises(DataFormatError, match="expected an"):
         lung_mask(np.zeros((4, 4)), SPACING_XYZ)
+
+
+def _distance_mm(irc, point, spacing_xyz=WALL_PHANTOM_SPACING_XYZ) -> float:
+    return float(np.linalg.norm((np.asarray(irc, dtype=float) - np.asarray(point)) * np.array(spacing_xyz[::-1])))
+
+
+def test_a_nodule_on_the_chest_wall_is_a_surface_bump_and_the_ones_inside_or_in_the_wall_are_not():
+    hu, _, centre = wall_nodule_phantom()
+    bumps = surface_bumps(hu, lung_mask(hu, WALL_PHANTOM_SPACING_XYZ))
+    # one bump, the 8 mm nodule's (LUNA16's hit rule: its centre within the radius); not the nodule inside the
+    # lung (it is lung, filled), nor the 6 mm one that lies almost wholly in the wall (it bulges < 2 mm)
+    assert len(bumps) == 1
+    assert _distance_mm(bumps.center_irc[0], centre) <= 2.0
+    assert bumps.radius_mm[0] >= SURFACE_MIN_RADIUS_MM and bumps.mean_hu[0] > SURFACE_MIN_HU
+    assert bumps.elongation[0] <= SURFACE_MAX_ELONGATION
+    voxels = bumps.voxels_irc[0]
+    assert voxels.shape[1] == 3 and np.allclose(voxels.mean(axis=0), bumps.center_irc[0])
+    assert (hu[tuple(voxels.T)] == 50).mean() > 0.5  # the nodule's voxels, not the air beside it
+
+
+def test_smooth_lungs_have_no_bumps_and_a_vessel_leaving_the_wall_is_not_one():
+    hu, landmarks = chest_phantom(spacing_xyz=WALL_PHANTOM_SPACING_XYZ, with_nodules=False)
+    assert len(surface_bumps(hu, lung_mask(hu, WALL_PHANTOM_SPACING_XYZ))) == 0
+    # a vessel, 6 mm thick, running about 22 mm from the right lung's outer wall into it
+    i, r, c = landmarks["juxtapleural"]
+    vessel = hu.copy()
+    vessel[i - 1 : i + 2, r - 13 : r - 7, c - 2 : c + 18] = 50
+    lungs = lung_mask(vessel, WALL_PHANTOM_SPACING_XYZ)
+    assert len(surface_bumps(vessel, lungs)) == 0  # 3.3 times as long as wide, and longer than the ball across
+    # the same vessel with a nodule's cap on the wall beside it: the nodule is found, the vessel still not
+    _, _, centre = wall_nodule_phantom()
+    with_nodule = vessel.copy()
+    with_nodule[:, :, 64:] = wall_nodule_phantom()[0][:, :, 64:]  # the left lung, with the 8 mm wall nodule
+    bumps = surface_bumps(with_nodule, lung_mask(with_nodule, WALL_PHANTOM_SPACING_XYZ))
+    assert len(bumps) == 1 and _distance_mm(bumps.center_irc[0], centre) <= 2.0
+
+
+def test_a_sheet_of_tissue_between_the_lungs_is_not_a_bump():
+    hu, landmarks = chest_phantom(spacing_xyz=WALL_PHANTOM_SPACING_XYZ, with_nodules=False)
+    # the lungs reach towards each other along 40 mm of slices, 6 mm apart: a sheet (a junction line), no bump
+    i, r, c = landmarks["mediastinum"]
+    sheet = hu.copy()
+    sheet[i - 10 : i + 10, r - 4 : r + 4, c - 14 : c - 2] = -850
+    sheet[i - 10 : i + 10, r - 4 : r + 4, c + 3 : c + 15] = -850
+    assert len(surface_bumps(sheet, lung_mask(sheet, WALL_PHANTOM_SPACING_XYZ))) == 0
+
+
+def test_surface_bumps_need_lungs_of_the_same_ct(phantom):
+    hu, _, lungs = phantom
+    body, _ = chest_phantom(spacing_xyz=SPACING_XYZ, with_lungs=False)
+    assert len(surface_bumps(body, lung_mask(body, SPACING_XYZ))) == 0  # no lungs found: no bumps
+    with pytest.raises(DataFormatError, match="LungMask of this"):
+        surface_bumps(hu[:-1], lungs)
+    with pytest.raises(DataFormatError, match="LungMask of this"):
+        surface_bumps(hu, None)

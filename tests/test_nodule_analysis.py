@@ -545,6 +545,7 @@ def test_bad_nifti_inputs_and_output_flags_are_one_line(root, models, tmp_path, 
         ([str(stored), "--hu-offset", "20000"], "--hu-offset 20000: expected an integer number of HU"),
         ([uid, "--write-probability", "--mask-format", "none"], "--write-probability writes in the --mask-format"),
         ([uid, "--max-pictures", "-1"], "--max-pictures must be ≥ 0, got -1"),
+        ([uid, "--surface-candidates", "-1"], "--surface-candidates must be ≥ 0 (0: none), got -1"),
     ]
     for inputs, expected in cases:
         assert nodule_analysis.main([*inputs, *_argv(models, root, tmp_path / "out")]) == 2, inputs
@@ -570,7 +571,10 @@ def test_the_detector_levers_candidate_limit_lungs_and_looks(root, models, tmp_p
     one, every, plain = tables["one"], tables["all"], tables["plain"]
     assert one["kept"].sum() == 1 and every["kept"].sum() >= 2
     assert (one["reason"] == "over_max_candidates").sum() == every["kept"].sum() - 1
-    assert (every["p_segmentation"] == 1.0).all()  # the stand-in's probability
+    # the stand-in segments every nodule: whatever comes from the lungs' surface is elsewhere, and found_by says so
+    surface = every["found_by"] == "lung surface"
+    assert set(every["found_by"]) <= {"segmentation", "lung surface"}
+    assert (every.loc[~surface, "p_segmentation"] == 1.0).all()  # the stand-in's probability
     # the lungs' box is segmented (a (I, 4) box per slice), the whole CT without the lung mask
     boxes = tables["all_region"]
     assert boxes is not None and boxes.shape == (48, 4) and tables["plain_region"] is None
