@@ -63,7 +63,9 @@ def label_volume(labels: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return_labels=True)`), 0 elsewhere. rows: (n,) int, the component row of each nodule in nodules.csv order.
     """
     rows = np.asarray(rows, dtype=np.int64)
-    lookup = np.zeros(int(labels.max(initial=0)) + 1, dtype=label_dtype(len(rows)))
+    # a row may have no voxel left in `labels` (a candidate from the lungs' surface inside a segmented region)
+    size = max(int(labels.max(initial=0)), int(rows.max(initial=-1)) + 1) + 1
+    lookup = np.zeros(size, dtype=label_dtype(len(rows)))
     lookup[rows + 1] = np.arange(1, len(rows) + 1)
     out = np.empty(labels.shape, dtype=lookup.dtype)
     for start in range(0, len(labels), _SLAB):  # slab by slab: no int64 index copy of the whole volume

@@ -301,45 +301,60 @@ def surface_bumps(hu: np.ndarray, lungs: LungMask, ball_mm: float = SURFACE_BALL
     means = _block_means(hu[box], factors)
     if min(means.shape) == 0:
         return _no_bumps()
-    # the lungs' air on this grid: each block's centre voxel must lie near the coarse lungs
-    near = lungs.near(2.0 * float(grid_mm.max()))
-    coarse = [
-        np.minimum((np.arange(n) * f + f // 2 + s) // c, top)
-        for n, f, s, c, top in zip(means.shape, factors, start, lungs.factors, np.array(near.shape) - 1, strict=True)
-    ]
-    air = _inside_air(means < AIR_HU) & near[np.ix_(*coarse)]  # not the room's air, where the chest wall is thin
-    air = scipy.ndimage.binary_fill_holes(air, structure=_IN_PLANE)
+    air = _surface_air(means, lungs, start, factors, grid_mm)
     pad = int(np.ceil(ball_mm / grid_mm.min())) + 1
     padded = np.pad(air, pad)
     grown = scipy.ndimage.distance_transform_edt(~padded, sampling=grid_mm) <= ball_mm
     closed = scipy.ndimage.distance_transform_edt(grown, sampling=grid_mm) > ball_mm
     bumps = closed[pad:-pad, pad:-pad, pad:-pad] & ~air & (means > AIR_HU)
-    labels, count = scipy.ndimage.label(bumps, structure=np.ones((3, 3, 3), dtype=bool))
-    if count == 0:
-        return _no_bumps()
+    labels, _ = scipy.ndimage.label(bumps, structure=np.ones((3, 3, 3), dtype=bool))
     found = []
     for j, part in enumerate(scipy.ndimage.find_objects(labels)):
-        grown_part = tuple(slice(max(p.start - 1, 0), p.stop + 1) for p in part)  # the depth needs the outside
-        member = labels[grown_part] == j + 1
-        mean_hu = float(means[grown_part][member].mean())
-        depth = scipy.ndimage.distance_transform_edt(np.pad(member, 1), sampling=grid_mm)[1:-1, 1:-1, 1:-1]
-        radius = float(depth[member].max())
-        if mean_hu <= SURFACE_MIN_HU or radius < SURFACE_MIN_RADIUS_MM:
-            continue
-        cells = np.argwhere(member) + np.array([p.start for p in grown_part])
-        extent_mm = (cells.max(axis=0) - cells.min(axis=0) + 1) * grid_mm
-        if (extent_mm > 4.0 * ball_mm + grid_mm).any():  # a ridge or a sheet of tissue, longer than a bump can be
-            continue
-        elongation = _elongation(cells * grid_mm)
-        if elongation <= SURFACE_MAX_ELONGATION:
-            found.append((radius, j, cells, elongation, mean_hu))
-    found.sort(key=lambda item: (-item[0], item[1]))
+        measured = _bump_shape(labels, j + 1, part, means, grid_mm, ball_mm)
+        if measured is not None:
+            found.append((*measured, j))
+    found.sort(key=lambda item: (-item[0], item[-1]))  # thickest first
     offsets = np.stack(np.meshgrid(*[np.arange(f) for f in factors], indexing="ij"), -1).reshape(-1, 3)
-    voxels = [(cells[:, None, :] * factors + offsets[None]).reshape(-1, 3) + start for _, _, cells, *_ in found]
+    voxels = [(item[3][:, None, :] * factors + offsets[None]).reshape(-1, 3) + start for item in found]
     return SurfaceBumps(
         voxels_irc=voxels,
         center_irc=np.array([v.mean(axis=0) for v in voxels], dtype=np.float64).reshape(-1, 3),
         radius_mm=np.array([item[0] for item in found], dtype=np.float64),
-        mean_hu=np.array([item[4] for item in found], dtype=np.float64),
-        elongation=np.array([item[3] for item in found], dtype=np.float64),
+        mean_hu=np.array([item[1] for item in found], dtype=np.float64),
+        elongation=np.array([item[2] for item in found], dtype=np.float64),
     )
+
+
+def _surface_air(
+    means: np.ndarray, lungs: LungMask, start: np.ndarray, factors: np.ndarray, grid_mm: np.ndarray
+) -> np.ndarray:
+    """The lungs' air on `surface_bumps`' grid (block means `means` of the CT from voxel `start` on): below
+    `AIR_HU`, not touching its slice's border (the room's air, where the chest wall is thin), each
+    block's centre near the coarse lungs, holes filled slice by slice."""
+    near = lungs.near(2.0 * float(grid_mm.max()))
+    coarse = [
+        np.minimum((np.arange(n) * f + f // 2 + s) // c, top)
+        for n, f, s, c, top in zip(means.shape, factors, start, lungs.factors, np.array(near.shape) - 1, strict=True)
+    ]
+    air = _inside_air(means < AIR_HU) & near[np.ix_(*coarse)]
+    return scipy.ndimage.binary_fill_holes(air, structure=_IN_PLANE)
+
+
+def _bump_shape(
+    labels: np.ndarray, label: int, part: tuple[slice, ...], means: np.ndarray, grid_mm: np.ndarray, ball_mm: float
+) -> tuple[float, float, float, np.ndarray] | None:
+    """(radius mm, mean HU, elongation, its grid cells (m, 3)) of bump `label` (box `part`), or None when it
+    does not look like a nodule (see `surface_bumps`)."""
+    grown_part = tuple(slice(max(p.start - 1, 0), p.stop + 1) for p in part)  # the depth needs the outside
+    member = labels[grown_part] == label
+    mean_hu = float(means[grown_part][member].mean())
+    depth = scipy.ndimage.distance_transform_edt(np.pad(member, 1), sampling=grid_mm)[1:-1, 1:-1, 1:-1]
+    radius = float(depth[member].max())
+    if mean_hu <= SURFACE_MIN_HU or radius < SURFACE_MIN_RADIUS_MM:
+        return None
+    cells = np.argwhere(member) + np.array([p.start for p in grown_part])
+    extent_mm = (cells.max(axis=0) - cells.min(axis=0) + 1) * grid_mm
+    if (extent_mm > 4.0 * ball_mm + grid_mm).any():  # a ridge or a sheet of tissue, longer than a bump can be
+        return None
+    elongation = _elongation(cells * grid_mm)
+    return (radius, mean_hu, elongation, cells) if elongation <= SURFACE_MAX_ELONGATION else None

@@ -38,6 +38,8 @@ def test_label_k_marks_the_kth_rows_component():
     assert out.dtype == np.uint8
     assert out[1, 0, 0] == 1 and out[0, 0, :2].tolist() == [2, 2] and out[1, 2, 3] == 0
     assert int((out > 0).sum()) == 3
+    # a nodule whose component has no voxel of its own (the last rows): no label on the map, and no failure
+    assert label_volume(labels, np.array([4, 0]))[0, 0, :2].tolist() == [2, 2]
     assert label_volume(np.zeros((2, 2, 2), np.int32), np.array([], dtype=np.int64)).max() == 0
     many = np.arange(1, 301, dtype=np.int32).reshape(3, 10, 10)
     wide = label_volume(many, np.arange(300)[::-1])
