@@ -254,13 +254,16 @@ def _no_bumps() -> SurfaceBumps:
     return SurfaceBumps([], np.zeros((0, 3), dtype=np.float64), empty, empty.copy(), empty.copy())
 
 
-def _block_means(hu: np.ndarray, factors: np.ndarray) -> np.ndarray:
-    """(I', R', C') float32 means of the CT's complete blocks of `factors` voxels (a partial last block is left out)."""
+def _block_means(hu: np.ndarray, factors: np.ndarray, slab: int = 16) -> np.ndarray:
+    """(I', R', C') float32 means of the CT's complete blocks of `factors` voxels (a partial last block is left
+    out), `slab` blocks of slices at a time (a float copy of a few slices, not of the whole CT)."""
     n = [size // f * f for size, f in zip(hu.shape, factors, strict=True)]
-    blocks = hu[: n[0], : n[1], : n[2]].astype(np.float32)
-    return blocks.reshape(n[0] // factors[0], factors[0], n[1] // factors[1], factors[1], -1, factors[2]).mean(
-        axis=(1, 3, 5)
-    )
+    fi, fr, fc = (int(f) for f in factors)
+    out = np.empty((n[0] // fi, n[1] // fr, n[2] // fc), dtype=np.float32)
+    for first in range(0, len(out), slab):
+        part = hu[first * fi : min(first + slab, len(out)) * fi, : n[1], : n[2]].astype(np.float32)
+        out[first : first + slab] = part.reshape(-1, fi, n[1] // fr, fr, n[2] // fc, fc).mean(axis=(1, 3, 5))
+    return out
 
 
 def _elongation(points_mm: np.ndarray) -> float:

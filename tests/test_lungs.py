@@ -10,6 +10,7 @@ from p2ch.lungs import (
     SURFACE_MAX_ELONGATION,
     SURFACE_MIN_HU,
     SURFACE_MIN_RADIUS_MM,
+    _block_means,
     coarse_factors,
     coarse_sample,
     lung_mask,
@@ -146,3 +147,10 @@ def test_surface_bumps_need_lungs_of_the_same_ct(phantom):
         surface_bumps(hu[:-1], lungs)
     with pytest.raises(DataFormatError, match="LungMask of this"):
         surface_bumps(hu, None)
+
+
+def test_block_means_slab_by_slab_equal_the_whole_and_leave_partial_blocks_out():
+    hu = np.random.default_rng(0).integers(-1000, 400, (37, 50, 61)).astype(np.int16)
+    whole = hu[:36, :48, :60].astype(np.float64).reshape(18, 2, 16, 3, 20, 3).mean(axis=(1, 3, 5))
+    np.testing.assert_allclose(_block_means(hu, np.array([2, 3, 3]), slab=5), whole, atol=1e-3)
+    assert _block_means(hu[:1], np.array([2, 3, 3])).shape == (0, 16, 20)  # one slice: no complete block
