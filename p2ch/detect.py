@@ -393,19 +393,18 @@ class CandidateRule:
     segmentation's validation use the same rule, so validation measures what the detector will get).
 
     threshold: P(nodule voxel) above which a voxel is segmented. min_voxels, min_diameter_mm,
-    max_diameter_mm: the size rule (equivalent-sphere diameter). lungs: drop candidates that do not
-    touch the lungs (within `near_lungs_mm` of `p2ch.lungs.lung_mask`'s air; "outside_lungs").
-    split: split a component at its probability peaks (watershed), each peak at least
-    `peak_distance_mm` from a higher one, so a small nodule that touches a vessel gets a candidate
-    of its own. centre: "probability" (the region's probability-weighted centre, where the model is
-    surest) or "density" (HU + 1001, the book's). max_candidates: keep at most this many of the
-    segmentation's regions per CT, the
-    highest segmentation scores (`score`: the region's highest probability, ties by voxel count);
-    the rest are "over_max_candidates" (0: no limit). surface_candidates: with `lungs`, add at most this
-    many bumps on the lungs' surface (`p2ch.lungs.surface_bumps`: nodules on the chest wall or the
-    mediastinum, which a segmentation model trained on nodule crops is weakest at), thickest first,
-    those not within `peak_distance_mm` of a kept candidate, on top of the `max_candidates` (so they
-    never displace one of the segmentation's, and the segmentation's never displace them; 0: none).
+    max_diameter_mm: the size rule (equivalent-sphere diameter). lungs: drop candidates that do not touch
+    the lungs (within `near_lungs_mm` of `p2ch.lungs.lung_mask`'s air; "outside_lungs"). split: split a
+    component at its probability peaks (watershed), each peak at least `peak_distance_mm` from a higher one,
+    so a small nodule that touches a vessel gets a candidate of its own. centre: "probability" (the region's
+    probability-weighted centre, where the model is surest) or "density" (HU + 1001, the book's).
+    max_candidates: keep at most this many of the segmentation's regions per CT, the highest segmentation
+    scores (`score`: the region's highest probability, ties by voxel count); the rest are
+    "over_max_candidates" (0: no limit). surface_candidates: with `lungs`, add at most this many bumps on
+    the lungs' surface (`p2ch.lungs.surface_bumps`: nodules on the chest wall or the mediastinum, which a
+    segmentation model trained on nodule crops is weakest at), thickest first, those not within
+    `peak_distance_mm` of a kept candidate, on top of the `max_candidates` (so they never displace one of
+    the segmentation's, and the segmentation's never displace them; 0: none).
     """
 
     threshold: float = 0.5
@@ -580,16 +579,17 @@ def find_candidates(
     labels[box] = sub
     components = _components(sub, count, ct, center_irc, voxels, reason, score, offset)
     if rule.lungs and rule.surface_candidates and lungs.found:
-        components = _with_surface_candidates(components, labels, prob, ct, lungs, rule)
+        components = _with_surface_candidates(components, labels, prob, hu, ct, lungs, rule)
     return components, labels
 
 
 def _with_surface_candidates(
-    components: Components, labels: np.ndarray, prob: np.ndarray, ct: Any, lungs: Any, rule: CandidateRule
-) -> Components:
+    components: Components, labels: np.ndarray, prob: np.ndarray, hu: np.ndarray, ct: Any, lungs: Any,
+    rule: CandidateRule,
+) -> Components:  # fmt: skip
     """`components` and the lungs' surface bumps that are not near a kept one (at most
     `CandidateRule.surface_candidates`), their voxels marked in `labels` (where no segmented region is)."""
-    bumps = surface_bumps(ct.hu, lungs)
+    bumps = surface_bumps(hu, lungs)
     spacing = _spacing_irc(ct)
     taken = components.center_irc[components.kept]
     chosen = []
