@@ -85,9 +85,12 @@ class LungMask:
     def coarse_index(self, voxels_irc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The coarse voxel of each CT voxel: voxels_irc (n, 3) integer → three (n,) int64 index arrays."""
         voxels = np.asarray(voxels_irc, dtype=np.int64).reshape(-1, 3)
-        top = np.asarray(self.coarse.shape, dtype=np.int64) - 1
-        coarse = np.minimum(voxels // np.asarray(self.factors, dtype=np.int64), top)
-        return coarse[:, 0], coarse[:, 1], coarse[:, 2]
+        return tuple(self.coarse_axis(voxels[:, axis], axis) for axis in range(3))  # type: ignore[return-value]
+
+    def coarse_axis(self, positions: np.ndarray, axis: int) -> np.ndarray:
+        """The coarse index along `axis` (0 index, 1 row, 2 col) of CT voxel positions (int) along it."""
+        coarse = np.asarray(positions, dtype=np.int64) // self.factors[axis]
+        return np.minimum(coarse, self.coarse.shape[axis] - 1)
 
     def contains(self, voxels_irc: np.ndarray, distance_mm: float = DEFAULT_NEAR_MM) -> np.ndarray:
         """(n,) bool: which CT voxels (n, 3) (index, row, col) lie within `distance_mm` of the lungs."""
@@ -276,19 +279,18 @@ def _elongation(points_mm: np.ndarray) -> float:
 def surface_bumps(hu: np.ndarray, lungs: LungMask, ball_mm: float = SURFACE_BALL_MM) -> SurfaceBumps:
     """Nodule candidates on the lungs' surface, where the segmentation model is weakest (see the module docstring).
 
-    A nodule that touches the chest wall or the mediastinum is a bump of tissue that the lungs' air
-    wraps around. On a ~`SURFACE_GRID_MM` grid over the lungs' box: the lungs' air (below `AIR_HU`, near
-    `lungs`, not touching its slice's border, holes filled slice by slice, so vessels and nodules inside
-    count as lung), closed by a
-    ball of `ball_mm` (two distance transforms); what the closing adds is where that ball cannot reach
-    from inside, the bumps. A bump is kept when it looks like a nodule: mean HU above `SURFACE_MIN_HU`,
-    at least `SURFACE_MIN_RADIUS_MM` thick, at most `SURFACE_MAX_ELONGATION` times as long as it is
-    wide (a vessel leaving the lung is long and thin; a nodule's cap is flat but round), and at most
-    4 × `ball_mm` long in each direction (what the closing fills around a nodule of radius r on a flat
-    wall reaches 2·sqrt(ball·r) from its centre along the wall, ≤ 2 × ball for r ≤ ball; a ridge or a
-    sheet of tissue between the lungs is longer). Nodules much wider than 2 × `ball_mm` are not found
-    (the segmentation finds those); a compact pinch of tissue where two lungs come closer than
-    2 × `ball_mm` can be (the classifier judges it). No lungs found: no bumps.
+    A nodule that touches the chest wall or the mediastinum is a bump of tissue that the lungs' air wraps
+    around. On a ~`SURFACE_GRID_MM` grid over the lungs' box: the lungs' air (below `AIR_HU`, near `lungs`,
+    not touching its slice's border, holes filled slice by slice, so vessels and nodules inside count as
+    lung), closed by a ball of `ball_mm` (two distance transforms); what the closing adds is where that ball
+    cannot reach from inside, the bumps. A bump is kept when it looks like a nodule: mean HU above
+    `SURFACE_MIN_HU`, at least `SURFACE_MIN_RADIUS_MM` thick, at most `SURFACE_MAX_ELONGATION` times as long
+    as it is wide (a vessel leaving the lung is long and thin; a nodule's cap is flat but round), and at
+    most 4 × `ball_mm` long in each direction (what the closing fills around a nodule of radius r on a flat
+    wall reaches 2·sqrt(ball·r) from its centre along the wall, ≤ 2 × ball for r ≤ ball; a ridge or a sheet
+    of tissue between the lungs is longer). Nodules much wider than 2 × `ball_mm` are not found (the
+    segmentation finds those); a compact pinch of tissue where two lungs come closer than 2 × `ball_mm` can
+    be (the classifier judges it). No lungs found: no bumps.
     """
     hu = _check_hu(hu)
     if not isinstance(lungs, LungMask) or hu.shape != tuple(lungs.shape_irc):
@@ -335,11 +337,8 @@ def _surface_air(
     `AIR_HU`, not touching its slice's border (the room's air, where the chest wall is thin), each
     block's centre near the coarse lungs, holes filled slice by slice."""
     near = lungs.near(2.0 * float(grid_mm.max()))
-    coarse = [
-        np.minimum((np.arange(n) * f + f // 2 + s) // c, top)
-        for n, f, s, c, top in zip(means.shape, factors, start, lungs.factors, np.array(near.shape) - 1, strict=True)
-    ]
-    air = _inside_air(means < AIR_HU) & near[np.ix_(*coarse)]
+    centres = [np.arange(n) * f + f // 2 + s for n, f, s in zip(means.shape, factors, start, strict=True)]
+    air = _inside_air(means < AIR_HU) & near[np.ix_(*(lungs.coarse_axis(c, axis) for axis, c in enumerate(centres)))]
     return scipy.ndimage.binary_fill_holes(air, structure=_IN_PLANE)
 
 
@@ -348,14 +347,13 @@ def _bump_shape(
 ) -> tuple[float, float, float, np.ndarray] | None:
     """(radius mm, mean HU, elongation, its grid cells (m, 3)) of bump `label` (box `part`), or None when it
     does not look like a nodule (see `surface_bumps`)."""
-    grown_part = tuple(slice(max(p.start - 1, 0), p.stop + 1) for p in part)  # the depth needs the outside
-    member = labels[grown_part] == label
-    mean_hu = float(means[grown_part][member].mean())
-    depth = scipy.ndimage.distance_transform_edt(np.pad(member, 1), sampling=grid_mm)[1:-1, 1:-1, 1:-1]
-    radius = float(depth[member].max())
+    member = labels[part] == label
+    mean_hu = float(means[part][member].mean())
+    depth = scipy.ndimage.distance_transform_edt(np.pad(member, 1), sampling=grid_mm)  # padded: the outside counts
+    radius = float(depth.max())
     if mean_hu <= SURFACE_MIN_HU or radius < SURFACE_MIN_RADIUS_MM:
         return None
-    cells = np.argwhere(member) + np.array([p.start for p in grown_part])
+    cells = np.argwhere(member) + np.array([p.start for p in part])
     extent_mm = (cells.max(axis=0) - cells.min(axis=0) + 1) * grid_mm
     if (extent_mm > 4.0 * ball_mm + grid_mm).any():  # a ridge or a sheet of tissue, longer than a bump can be
         return None

@@ -18,8 +18,8 @@ p2ch.nodule_analysis` does (`p2ch.detect.find_candidates`: lungs, components spl
 the size rule, at most 30 per CT, up to 5 from the lungs' surface on top), and a nodule is found
 when a kept candidate's centre lies within its radius (LUNA16's hit rule,
 `p2ch.segmetrics.candidate_hits`; a blob that only overlaps a nodule finds nothing). best.pt is the
-epoch with the highest candidate recall, ties broken by fewer false
-positives per CT (with --val-slices nodules: the highest pixel F1). TensorBoard:
+epoch with the highest candidate recall, ties broken by fewer false positives per CT (with --val-slices
+nodules: the highest pixel F1). TensorBoard:
 `<time>-trn_seg-<comment>` and `…-val_seg-<comment>` with `loss/all`,
 `pr/precision|recall|f1_score`, `percent_all/tp|fn|fp`, `nodule/recall`, `nodule/recall_5mm`,
 `nodule/candidates_per_ct`, `nodule/fp_per_ct` and validation slices in three colours (true
@@ -189,8 +189,8 @@ class VolumeAssembler:
     Validation visits every slice of each CT (`--val-slices all`); slices may arrive in any order.
     A complete CT's probabilities become candidates exactly as `python -m p2ch.nodule_analysis`
     makes them (`p2ch.detect.find_candidates` with `rule`: lungs, split, size rule, at most
-    `rule.max_candidates`, the lungs' surface), and a nodule counts as found when a kept candidate's centre lies within
-    its radius (`p2ch.segmetrics.candidate_hits`, LUNA16's rule). `hits` collects one `NoduleHits`
+    `rule.max_candidates`, the lungs' surface), and a nodule counts as found when a kept candidate's
+    centre lies within its radius (`p2ch.segmetrics.candidate_hits`, LUNA16's rule). `hits` collects one `NoduleHits`
     per completed CT and `diameters` its nodule diameters.
     """
 
