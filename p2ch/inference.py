@@ -5,7 +5,9 @@
 - `score_from_cache`: candidates read through the chunk cache by DataLoader workers (evaluation).
 - `predict_locations`: candidate locations (a CSV's rows) scored CT by CT, each CT loaded once and
   cropped in memory, nothing cached (prediction, and evaluation with --no-cache).
-- `score_ct`: locations in one CT already in memory (no data root, no cache), nan outside it.
+- `score_ct`: locations in one CT already in memory (no data root, no cache), nan outside it;
+  `score_ct_keeping` / `score_kept`: the same, and a second model that shares the first one's early stages
+  (a malignancy classifier fine-tuned from the nodule classifier) scores the likely rows from the kept features.
 - `read_locations`: such locations from a CSV (seriesuid, coordX, coordY, coordZ; other columns ignored).
 """
 
@@ -74,16 +76,39 @@ class Scorer:
         the same lesion mirrored, and averaging eight looks steadies a model's vote on it.
         Results stay on the device, so a loop can collect them and copy once at the end.
         """
-        x = to_device_batch(chunks, self.device)
-        looks = [torch.flip(x, dims) if dims else x for dims in (FLIPS if flips else ((),))]
-        return torch.stack([self._probability(look) for look in looks]).mean(dim=0)
+        return self.score(chunks, flips=flips)[0]
 
-    def _probability(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        with autocast(self.device, self.amp_dtype):
-            _, prob = self.model(x)
-        return prob[:, 1].float()
+    @torch.inference_mode()
+    def score(self, chunks: torch.Tensor, *, flips: bool = False, stages: int = 0) -> tuple[torch.Tensor, list]:
+        """`__call__`'s (N,) P(class 1), and with stages k > 0 what the first k of the model's stages
+        (`model.STAGES`) made of each look: a list with one (N, …) tensor per look, in `FLIPS` order
+        (one look without flips), for `score_features` of a model that shares those stages."""
+        x = to_device_batch(chunks, self.device)
+        probabilities, features = [], []
+        for dims in FLIPS if flips else ((),):
+            look = torch.flip(x, dims) if dims else x
+            if self.channels_last:
+                look = look.contiguous(memory_format=torch.channels_last_3d)
+            with autocast(self.device, self.amp_dtype):
+                if stages:
+                    features.append(self.model.features(look, stages))
+                    _, prob = self.model.from_features(features[-1], stages)
+                else:
+                    _, prob = self.model(look)
+            probabilities.append(prob[:, 1].float())
+        return torch.stack(probabilities).mean(dim=0), features
+
+    @torch.inference_mode()
+    def score_features(self, features: list, stages: int) -> torch.Tensor:
+        """(N,) float32 P(class 1) on the device from `score`'s per-look features after the first `stages`
+        stages of a model whose first `stages` stages equal this one's (`model.shared_stages`): this
+        model's remaining stages and head on each look, then the mean, as `__call__` would give."""
+        probabilities = []
+        for look in features:
+            with autocast(self.device, self.amp_dtype):
+                _, prob = self.model.from_features(look, stages)
+            probabilities.append(prob[:, 1].float())
+        return torch.stack(probabilities).mean(dim=0)
 
 
 def make_scorer(
@@ -343,6 +368,39 @@ def score_ct(
     Returns (N,) float64 in row order, nan for a centre whose voxel lies outside the CT (and for a
     non-finite centre): `get_raw_candidates` would raise CandidateOutsideCtError for it.
     """
+    return score_ct_keeping(scorer, ct, centers_xyz, width_irc=width_irc, batch_size=batch_size, flips=flips)[0]
+
+
+@dataclasses.dataclass
+class KeptFeatures:
+    """What `score_ct_keeping` kept for the rows scored above its threshold.
+
+    rows: (M,) int64, ascending: rows of its centres. stages: how many of the model's stages made them.
+    looks: one (M, …) tensor per look (`Scorer.score`), on the scorer's device.
+    """
+
+    rows: np.ndarray
+    stages: int
+    looks: list
+
+
+def score_ct_keeping(
+    scorer: Scorer,
+    ct: Ct,
+    centers_xyz: np.ndarray,
+    *,
+    width_irc: Sequence[int],
+    batch_size: int = 64,
+    flips: bool = False,
+    stages: int = 0,
+    above: float = math.inf,
+) -> tuple[np.ndarray, KeptFeatures]:
+    """`score_ct`, keeping for each row scored above `above` what the model's first `stages` stages made of its
+    chunk, so that a model that shares them (`model.shared_stages`: a malignancy classifier fine-tuned from this
+    nodule classifier) scores those rows without computing them again (`score_kept`). Memory: the kept rows'
+    features, e.g. 36 KB per look and row for block3 of a width-16 model.
+    Returns (probabilities as `score_ct` gives them, KeptFeatures).
+    """
     width = check_width_irc(width_irc)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size {batch_size!r}: expected a positive integer")
@@ -355,13 +413,35 @@ def score_ct(
     finite = np.isfinite(centers).all(axis=1)
     _, inside = ct.locate(np.where(finite[:, None], centers, 0.0))
     rows = np.flatnonzero(inside & finite)
-    parts = []
+    parts, kept_rows, kept_looks = [], [], []
     for start in range(0, len(rows), batch_size):
-        chunks, _ = ct.get_raw_candidates(centers[rows[start : start + batch_size]], width)
-        parts.append(scorer(torch.from_numpy(chunks).unsqueeze(1), flips=flips))
+        batch = rows[start : start + batch_size]
+        chunks, _ = ct.get_raw_candidates(centers[batch], width)
+        prob, features = scorer.score(torch.from_numpy(chunks).unsqueeze(1), flips=flips, stages=stages)
+        parts.append(prob)
+        if stages:
+            chosen = prob.cpu().numpy().astype(np.float64) > above
+            if chosen.any():
+                index = torch.from_numpy(np.flatnonzero(chosen)).to(prob.device)
+                kept_rows.append(batch[chosen])
+                kept_looks.append([look.index_select(0, index) for look in features])
     if parts:
         probability[rows] = torch.cat(parts).cpu().numpy().astype(np.float64)
-    return probability
+    looks = [torch.cat(parts_of_look) for parts_of_look in zip(*kept_looks, strict=True)] if kept_looks else []
+    kept = np.concatenate(kept_rows) if kept_rows else np.zeros(0, dtype=np.int64)
+    return probability, KeptFeatures(kept, stages, looks)
+
+
+def score_kept(scorer: Scorer, kept: KeptFeatures, batch_size: int = 64) -> np.ndarray:
+    """(M,) float64 P(class 1) of `kept.rows` by `scorer`, whose model shares the first `kept.stages` stages of the
+    model that kept them (`score_ct_keeping`): the rest of its stages on each look, `batch_size` rows at a time."""
+    if len(kept.rows) == 0:
+        return np.zeros(0)
+    parts = [
+        scorer.score_features([look[start : start + batch_size] for look in kept.looks], kept.stages)
+        for start in range(0, len(kept.rows), batch_size)
+    ]
+    return torch.cat(parts).cpu().numpy().astype(np.float64)
 
 
 def read_locations(path: str | os.PathLike[str]) -> pd.DataFrame:

@@ -29,6 +29,8 @@ from torch import nn
 from p2ch.errors import ConfigError, DataFormatError
 
 MODEL_ARCH = "LunaModel-v1"
+# The stages of `LunaModel` before its head, input to output (each a top-level module).
+STAGES = ("tail_batchnorm", "block1", "block2", "block3", "block4")
 INPUT_SHAPE_IRC = (32, 48, 48)
 _POOLING = 2**4  # four MaxPool3d(2)
 
@@ -120,15 +122,25 @@ class LunaModel(nn.Module):
             autocast (float64 for a float64 model and input); probabilities are the softmax of
             the logits over dim 1.
         """
+        return self.from_features(self.features(x), len(STAGES))
+
+    def features(self, x: torch.Tensor, stop: int = len(STAGES)) -> torch.Tensor:
+        """x (checked as `forward` checks it) through the first `stop` of `STAGES` (0: x itself)."""
         self._check_input(x)
-        x = self.tail_batchnorm(x)
-        x = self.block1(x)
-        x = self.block2(x)
-        x = self.block3(x)
-        x = self.block4(x)
+        return self._stages(x, 0, _check_stage(stop))
+
+    def from_features(self, features: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward`'s (logits, probabilities) from what the first `start` of `STAGES` made of the input:
+        the remaining stages and the head. `from_features(features(x, k), k)` is `forward(x)` for every k."""
+        x = self._stages(features, _check_stage(start), len(STAGES))
         # flatten reshapes in logical order; a .view would fail on channels_last_3d strides.
         logits = float32_head(self.head_linear, torch.flatten(x, 1))
         return logits, F.softmax(logits, dim=1)
+
+    def _stages(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        for name in STAGES[start:stop]:
+            x = getattr(self, name)(x)
+        return x
 
     def describe(self) -> dict[str, Any]:
         """Plain description for logs and checkpoints: architecture, sizes, parameter count, signature."""
@@ -154,6 +166,34 @@ def float32_head(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
     wide = torch.promote_types(features.dtype, torch.float32)
     with torch.autocast(features.device.type, enabled=False):
         return head(features.to(wide))
+
+
+def _check_stage(stage: Any) -> int:
+    if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage <= len(STAGES):
+        raise ConfigError(f"LunaModel: stage {stage!r}; expected an int 0 … {len(STAGES)} (of {', '.join(STAGES)})")
+    return stage
+
+
+def shared_stages(first: nn.Module, second: nn.Module) -> int:
+    """How many of the leading `STAGES` two `LunaModel`s compute alike: their weights and batch-norm
+    statistics are equal, stage by stage from the input (a model fine-tuned from the other with
+    `--finetune-depth 2` shares tail_batchnorm … block3: 4; with depth 1, all 5). The output of those
+    stages is then the same for both, and can be computed once. 0 for models of other sizes or classes.
+    """
+    if not (isinstance(first, LunaModel) and isinstance(second, LunaModel)):
+        return 0
+    if (first.in_channels, first.conv_channels) != (second.in_channels, second.conv_channels):
+        return 0
+    count = 0
+    for name in STAGES:
+        mine, theirs = getattr(first, name).state_dict(), getattr(second, name).state_dict()
+        keys = [key for key in mine if not key.endswith("num_batches_tracked")]  # counts training steps only
+        if set(keys) != {key for key in theirs if not key.endswith("num_batches_tracked")}:
+            break
+        if not all(torch.equal(mine[key], theirs[key].to(mine[key].device)) for key in keys):
+            break
+        count += 1
+    return count
 
 
 def weight_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -11,7 +11,9 @@ Per CT, in this order (seconds of each step go into analysis.json):
    grid; the rest of the work stays in their box (`--no-lung-mask`: the whole CT; a CT without lungs
    found is searched whole, with a warning);
 2. **segmentation**: the UNet of `python -m p2ch.seg_training` on every slice of the lungs' box (with
-   the context slices it was trained with), batched on the device, AMP where available → P(nodule voxel);
+   the context slices it was trained with), batched on the device, AMP where available, as
+   `p2ch.unet.inference_copy` (batch norms folded; on a CPU the skips joined without concatenation)
+   → P(nodule voxel);
 3. **grouping**: `p2ch.detect.find_candidates`, the rule the segmentation's validation scores by:
    voxels above the segmentation threshold → 3D components (26-connectivity), each split at its
    probability peaks (`--no-split`: not), so a small nodule touching a vessel gets a candidate of its
@@ -27,7 +29,8 @@ Per CT, in this order (seconds of each step go into analysis.json):
    on a chunk cropped from the CT in memory (no cache), the mean of the chunk and its 7 mirror images
    (`--no-tta`: one look) → p_nodule;
 5. **malignancy**: the malignancy classifier (`--malignant`) scores the candidates with p_nodule above
-   --nodule-threshold → p_malignant.
+   --nodule-threshold → p_malignant; the leading stages it shares with the nodule classifier (fine-tuned
+   from it with frozen blocks: `p2ch.model.shared_stages`) come from step 4, computed once.
 
 Inputs: series uids of the data root, `.mhd` files, NIfTI/NRRD files (`.nii`, `.nii.gz`, `.nrrd`,
 `.nhdr`; checked by `p2ch.imagefile`, `--hu-offset` for files known to store HU + 1024) and DICOM
@@ -97,7 +100,7 @@ from p2ch.dicom import volume_series
 from p2ch.errors import ConfigError, DataFormatError, DataNotFoundError, P2chError
 from p2ch.fileio import write_text_atomic
 from p2ch.imagefile import check_hu_offset, image_suffix
-from p2ch.inference import Scorer, make_scorer, score_ct
+from p2ch.inference import KeptFeatures, Scorer, make_scorer, score_ct_keeping, score_kept
 from p2ch.labelmap import FORMATS as MASK_FORMATS
 from p2ch.labelmap import (
     POSITION_COLUMNS,
@@ -128,11 +131,12 @@ from p2ch.metrics import (
     froc,
     match_predictions,
 )
-from p2ch.model import fuse_conv_batchnorm
+from p2ch.model import STAGES, shared_stages
 from p2ch.plots import froc_figure, save_figure_png
 from p2ch.report import CtReport, PartReport, write_report
 from p2ch.runtime import configure_backends
 from p2ch.tblog import RunWriters
+from p2ch.unet import inference_copy
 from p2ch.vis import DETECTED, Finding, write_sheets
 
 log = logging.getLogger("p2ch.nodule_analysis")
@@ -259,6 +263,9 @@ class Models:
     width_irc: tuple[int, int, int]
     classifier_config: Any
     other_configs: dict[str, Any] = dataclasses.field(default_factory=dict)  # segmentation, malignancy: their runs
+    # Leading stages the malignancy classifier shares with the nodule classifier (fine-tuned from it with
+    # frozen early blocks, `model.shared_stages`): computed once per chunk, for both.
+    shared_stages: int = 0
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -295,9 +302,10 @@ def load_models(config: AnalysisConfig) -> Models:
     cls_path = _find(config.classification_path, models_dir, "nodule", "--classification-path", True)
     mal_path = _find(config.malignancy_path, models_dir, "malignancy", "--malignancy-path", False)
     seg_model, seg = load_segmentation_model(seg_path, use=f"{PROG} --segmentation-path")
-    seg_model = fuse_conv_batchnorm(seg_model)  # the same probabilities, one pass over the activations fewer
     nodule_model, nodule_info = load_model(cls_path, task="nodule", use=f"{PROG} --classification-path")
     nodule = make_scorer(nodule_model, config.device, config.amp, config.channels_last, cpu_bf16=True)
+    # The same probabilities with less work: norms folded, and on a CPU the skips joined without concatenation.
+    seg_model = inference_copy(seg_model, split_skips=nodule.device.type == "cpu")
     configure_backends(nodule.device, config.cudnn_benchmark == "on")
     malignancy, mal_info = None, None
     if mal_path is not None:
@@ -315,6 +323,7 @@ def load_models(config: AnalysisConfig) -> Models:
         malignancy_info=None if mal_info is None else _info_dict(mal_info),
         width_irc=tuple(nodule_info.config.width_irc), classifier_config=nodule_info.config,
         other_configs={"segmentation": seg["config"], **({} if mal_info is None else {"malignancy": mal_info.config})},
+        shared_stages=0 if malignancy is None else shared_stages(nodule.model, malignancy.model),
     )  # fmt: skip
     for kind, info in models.describe().items():
         if info is None:
@@ -322,6 +331,11 @@ def load_models(config: AnalysisConfig) -> Models:
         else:
             log.info("%s model: %s (epoch %s, sha1 %s)", kind, info["path"], info.get("epoch"), info["sha1"][:12])
     log.info("running on %s in %s (--amp %s)", nodule.device, models.precision, config.amp)
+    if models.shared_stages:
+        log.info(
+            "the malignancy classifier shares %s with the nodule classifier (fine-tuned from it): computed once",
+            ", ".join(STAGES[: models.shared_stages]),
+        )
     return models
 
 
@@ -386,12 +400,16 @@ def analyse_ct(ct: Ct, models: Models, config: AnalysisConfig) -> CtResult:
     p_malignant = np.full(len(components), np.nan)
     started = time.perf_counter()
     kept = np.flatnonzero(components.kept)
-    p_nodule[kept] = _score(models.nodule, ct, components.center_xyz[kept], models, config)
+    centres = components.center_xyz[kept]
+    p_nodule[kept], features = _score(models.nodule, ct, centres, models, config, models.shared_stages)
     seconds["classification"] = time.perf_counter() - started
     started = time.perf_counter()
     likely = np.flatnonzero(p_nodule > config.nodule_threshold)
     if models.malignancy is not None and len(likely):
-        p_malignant[likely] = _score(models.malignancy, ct, components.center_xyz[likely], models, config)
+        if models.shared_stages:  # the nodule classifier kept the shared stages' output of these rows
+            p_malignant[kept[features.rows]] = score_kept(models.malignancy, features, _batch_size(config))
+        else:
+            p_malignant[likely] = _score(models.malignancy, ct, components.center_xyz[likely], models, config)[0]
     seconds["malignancy"] = time.perf_counter() - started
     log.info(
         "%s: %d components (%d kept), %d nodules above %.2f; %s",
@@ -402,12 +420,18 @@ def analyse_ct(ct: Ct, models: Models, config: AnalysisConfig) -> CtResult:
     return CtResult(ct, components, p_nodule, p_malignant, seconds, labels, probability)
 
 
-def _score(scorer: Scorer, ct: Ct, centers_xyz: np.ndarray, models: Models, config: AnalysisConfig) -> np.ndarray:
-    if len(centers_xyz) == 0:
-        return np.zeros(0)
-    return score_ct(
-        scorer, ct, centers_xyz, width_irc=models.width_irc, batch_size=max(config.batch_size, 64), flips=config.tta
-    )
+def _score(
+    scorer: Scorer, ct: Ct, centers_xyz: np.ndarray, models: Models, config: AnalysisConfig, stages: int = 0
+) -> tuple[np.ndarray, KeptFeatures]:
+    """P of each centre, and what the first `stages` stages made of the rows above --nodule-threshold."""
+    return score_ct_keeping(
+        scorer, ct, centers_xyz, width_irc=models.width_irc, batch_size=_batch_size(config), flips=config.tta,
+        stages=stages, above=config.nodule_threshold,
+    )  # fmt: skip
+
+
+def _batch_size(config: AnalysisConfig) -> int:
+    return max(config.batch_size, 64)
 
 
 def nodule_rows(p_nodule: np.ndarray, threshold: float) -> np.ndarray:

@@ -27,7 +27,8 @@ every pooled size is whole and each up-sampled map lines up with its skip (`chec
 than the input and each skip is centre-cropped to the up-sampled map.
 
 The model works under `torch.autocast` (logits and probabilities come out in float32) and with
-`memory_format=torch.channels_last`.
+`memory_format=torch.channels_last`. `inference_copy` gives an eval-only copy that computes the same
+probabilities with less work (batch norms folded, skips joined without concatenation).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from torch import nn
 
 from p2ch.config import BLOCK_ORDERS
 from p2ch.errors import ConfigError, DataFormatError
-from p2ch.model import arch_signature, count_parameters, float32_head
+from p2ch.model import arch_signature, count_parameters, float32_head, fuse_conv_batchnorm
 
 UNET_ARCH = "UNetWrapper-v1"
 UP_MODES = ("upconv", "upsample")
@@ -146,10 +147,46 @@ class UpBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         up = self.up(x)
-        top = (skip.shape[2] - up.shape[2]) // 2
-        left = (skip.shape[3] - up.shape[3]) // 2
-        skip = skip[:, :, top : top + up.shape[2], left : left + up.shape[3]]
-        return self.conv_block(torch.cat([up, skip], dim=1))
+        return self.conv_block(torch.cat([up, _cropped_like(skip, up)], dim=1))
+
+
+def _cropped_like(skip: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The centre of `skip` as large as `up` (H × W); `skip` itself when they match (padded convolutions)."""
+    top = (skip.shape[2] - up.shape[2]) // 2
+    left = (skip.shape[3] - up.shape[3]) // 2
+    return skip[:, :, top : top + up.shape[2], left : left + up.shape[3]]
+
+
+class SkipSplitUpBlock(nn.Module):
+    """An `UpBlock` for inference that never builds the concatenation: the first convolution over
+    [up-sampled map, skip] is the sum of one convolution over each (its weights split along the input
+    channels, the bias on the first), then the rest of the block as it was. The same sums, in another
+    order; on a CPU the concatenated full-resolution map is a write and a read of twice the channels.
+    Built from a trained `UpBlock` (`inference_copy`); it shares that block's up-sampling and later layers.
+    """
+
+    def __init__(self, block: UpBlock):
+        super().__init__()
+        first = block.conv_block.block[0]
+        half = first.in_channels // 2
+        self.up = block.up
+        self.from_up, self.from_skip = (
+            nn.Conv2d(half, first.out_channels, first.kernel_size, padding=first.padding, bias=bias)
+            for bias in (first.bias is not None, False)
+        )
+        with torch.no_grad():
+            self.from_up.weight.copy_(first.weight[:, :half])
+            self.from_skip.weight.copy_(first.weight[:, half:])
+            if first.bias is not None:
+                self.from_up.bias.copy_(first.bias)
+        self.to(device=first.weight.device, dtype=first.weight.dtype)
+        self.rest = nn.Sequential(*list(block.conv_block.block)[1:])
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        up = self.up(x)
+        joined = self.from_up(up)
+        joined = joined + self.from_skip(_cropped_like(skip, up))
+        return self.rest(joined)
 
 
 def _check_settings(**settings: Any) -> None:
@@ -324,6 +361,23 @@ class UNetWrapper(nn.Module):
             "trainable_parameters": count_parameters(self),
             "signature": unet_signature(self),
         }
+
+
+def inference_copy(model: UNetWrapper, *, split_skips: bool = True) -> UNetWrapper:
+    """An eval-mode copy of `model` that computes its probabilities (to float rounding) with less work, for
+    segmenting CTs: every Conv → BatchNorm pair folded into one convolution (`model.fuse_conv_batchnorm`; the
+    book's block order, norm after the ReLU, keeps its norms) and, with `split_skips`, every skip joined
+    without concatenation (`SkipSplitUpBlock`). Measured on a 2-core CPU at float32 (BENCHMARKS.md); on a GPU
+    the concatenation is cheap next to the convolutions, and `nodule_analysis` splits only on a CPU.
+    `model` is not changed; the copy shares no tensors with it and is not for training (its batch norms
+    are gone). ConfigError for anything but a `UNetWrapper`.
+    """
+    if not isinstance(model, UNetWrapper):
+        raise ConfigError(f"inference_copy: expected a UNetWrapper, got a {type(model).__name__}")
+    fast = fuse_conv_batchnorm(model)
+    if split_skips:
+        fast.unet.up_path = nn.ModuleList(SkipSplitUpBlock(block) for block in fast.unet.up_path)
+    return fast.requires_grad_(False)
 
 
 def unet_arch(block_order: str = "p2ch") -> str:

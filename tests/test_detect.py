@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import tracemalloc
 from types import SimpleNamespace
 
@@ -24,7 +25,7 @@ from p2ch.detect import (
     slab_batch,
 )
 from p2ch.errors import ConfigError, DataFormatError
-from p2ch.inference import Scorer, predict_locations, score_ct
+from p2ch.inference import Scorer, predict_locations, score_ct, score_ct_keeping, score_kept
 from p2ch.seg_training import SegmentationTrainingApp
 from p2ch.segdatasets import Luna2dSegmentationDataset
 from p2ch.slices import SliceCache
@@ -330,6 +331,38 @@ def test_score_ct_gives_predict_locations_numbers_and_nan_outside(tiny_root):
         score_ct(scorer, ct, np.zeros((2, 2)), width_irc=width)
     with pytest.raises(ConfigError, match="batch_size"):
         score_ct(scorer, ct, centers, width_irc=width, batch_size=0)
+
+
+@pytest.mark.parametrize("flips", [False, True])
+def test_a_model_that_shares_the_early_stages_scores_the_likely_rows_from_kept_features(tiny_root, flips):
+    uid = make_uid(1)
+    frame = pd.read_csv(tiny_root / "candidates.csv", dtype={"seriesuid": str})
+    ct = Ct(uid, tiny_root)
+    centers = frame.loc[frame.seriesuid == uid, ["coordX", "coordY", "coordZ"]].to_numpy()[:7]
+    centers = np.insert(centers, 3, [500.0, 0.0, 0.0], axis=0)  # outside the CT: nan, never kept
+    nodule = make_model()
+    malignancy = copy.deepcopy(nodule)  # fine-tuned at depth 2: block4 and the head changed
+    with torch.no_grad():
+        for param in [*malignancy.block4.parameters(), *malignancy.head_linear.parameters()]:
+            param.add_(torch.randn_like(param) * param.std())
+    nodule_scorer, malignancy_scorer = Scorer(nodule, CPU), Scorer(malignancy, CPU)
+    width = (32, 48, 48)
+    expected = score_ct(nodule_scorer, ct, centers, width_irc=width, batch_size=3, flips=flips)
+    above = float(np.nanmedian(expected))
+    got, kept = score_ct_keeping(
+        nodule_scorer, ct, centers, width_irc=width, batch_size=3, flips=flips, stages=4, above=above
+    )
+    np.testing.assert_array_equal(got, expected)
+    assert kept.rows.tolist() == np.flatnonzero(expected > above).tolist() and 0 < len(kept.rows) < 7
+    assert len(kept.looks) == (8 if flips else 1) and kept.looks[0].shape[0] == len(kept.rows)
+    direct = score_ct(malignancy_scorer, ct, centers[kept.rows], width_irc=width, flips=flips)
+    shared = score_kept(malignancy_scorer, kept, batch_size=2)
+    np.testing.assert_allclose(shared, direct, rtol=1e-5)
+    assert np.abs(shared - got[kept.rows]).max() > 1e-3, "the malignancy head is the one that scored them"
+    _, nothing = score_ct_keeping(nodule_scorer, ct, centers, width_irc=width, flips=flips, above=above)
+    assert nothing.rows.shape == (0,) and nothing.looks == []  # stages=0 keeps nothing
+    _, none_above = score_ct_keeping(nodule_scorer, ct, centers, width_irc=width, stages=4, above=1.0)
+    assert none_above.rows.shape == (0,) and score_kept(malignancy_scorer, none_above).shape == (0,)
 
 
 # ---------------------------------------------------------------------------------------------

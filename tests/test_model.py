@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 
 from p2ch.errors import ConfigError, DataFormatError
-from p2ch.model import MODEL_ARCH, LunaModel, arch_signature, count_parameters, float32_head
+from p2ch.model import (
+    MODEL_ARCH,
+    STAGES,
+    LunaModel,
+    arch_signature,
+    count_parameters,
+    float32_head,
+    freeze_for_finetune,
+    set_train_mode,
+    shared_stages,
+)
 from p2ch.unet import UNetWrapper
 
 
@@ -231,3 +242,78 @@ def test_state_dict_round_trip_gives_identical_outputs():
     b.load_state_dict(a.state_dict())
     with torch.no_grad():
         assert torch.equal(a(x)[0], b(x)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# stages: the part of the model before the head, and what two models share of it
+
+
+def _random_stats(model: LunaModel, seed: int) -> LunaModel:
+    """`model` in eval mode with input statistics for raw HU, so the stages see varied values."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model.tail_batchnorm.running_mean.fill_(-400.0)
+        model.tail_batchnorm.running_var.fill_(300.0**2)
+    return model.eval()
+
+
+def test_features_then_from_features_is_forward_at_every_stage():
+    model = _random_stats(LunaModel(conv_channels=4), 0)
+    x = torch.randn(3, 1, 32, 48, 48) * 300 - 400
+    logits, prob = model(x)
+    for k in range(len(STAGES) + 1):
+        features = model.features(x, k)
+        got_logits, got_prob = model.from_features(features, k)
+        torch.testing.assert_close(got_logits, logits)
+        torch.testing.assert_close(got_prob, prob)
+    assert model.features(x, 0) is x
+    assert model.features(x, 4).shape == (3, 16, 4, 6, 6)  # block3's output for width 4
+    with pytest.raises(DataFormatError, match="crop chunks to"):
+        model.features(torch.zeros(3, 1, 32, 48, 40), 2)
+    for bad in (-1, 6, 2.0, True):
+        with pytest.raises(ConfigError, match="stage"):
+            model.features(x, bad)
+
+
+def _finetuned(source: LunaModel, depth: int, seed: int) -> LunaModel:
+    """A copy of `source` fine-tuned as `training --finetune --finetune-depth depth` does: the last `depth`
+    blocks change (a few optimizer steps), the frozen ones stay in eval mode and keep their statistics."""
+    model = copy.deepcopy(source)
+    freeze_for_finetune(model, depth)
+    set_train_mode(model, True)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    torch.manual_seed(seed)
+    for _ in range(2):
+        x = torch.randn(4, 1, 32, 48, 48) * 300 - 400
+        logits, _ = model(x)
+        torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 0, 1])).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def test_shared_stages_counts_what_fine_tuning_left_alone():
+    nodule = _random_stats(LunaModel(conv_channels=4), 1)
+    assert shared_stages(nodule, copy.deepcopy(nodule)) == len(STAGES)
+    assert shared_stages(nodule, _finetuned(nodule, 2, 2)) == 4  # tail_batchnorm … block3
+    assert shared_stages(nodule, _finetuned(nodule, 1, 3)) == 5  # all but the head
+    assert shared_stages(nodule, _finetuned(nodule, 6, 4)) == 0  # everything trained, the input norm too
+    other = _random_stats(LunaModel(conv_channels=4), 5)
+    assert shared_stages(nodule, other) == 1  # only the input norm's statistics are alike
+    assert shared_stages(nodule, LunaModel(conv_channels=8)) == 0
+    assert shared_stages(nodule, UNetWrapper()) == 0
+    moved = copy.deepcopy(nodule).to(memory_format=torch.channels_last_3d)
+    assert shared_stages(nodule, moved) == len(STAGES), "equal weights in another memory format are shared"
+
+
+def test_a_fine_tuned_model_scores_from_the_shared_features():
+    nodule = _random_stats(LunaModel(conv_channels=4), 6)
+    malignancy = _finetuned(nodule, 2, 7)
+    x = torch.randn(5, 1, 32, 48, 48) * 300 - 400
+    with torch.no_grad():
+        shared = nodule.features(x, 4)
+        _, expected = malignancy(x)
+        _, got = malignancy.from_features(shared, 4)
+        _, nodule_prob = nodule(x)
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, nodule_prob), "the fine-tuned head is its own"

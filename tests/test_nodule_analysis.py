@@ -142,6 +142,46 @@ def test_threshold_leaves_malignancy_to_likely_nodules(root, models, tmp_path, m
     assert not list((out / uid).glob("*.png"))
 
 
+def test_a_malignancy_model_fine_tuned_from_the_nodule_model_shares_its_early_stages(
+    root, models, tmp_path, monkeypatch, caplog
+):
+    """The book's chapter-14 recipe (--finetune --finetune-depth 2) leaves tail_batchnorm … block3 as the nodule
+    classifier's: nodule_analysis computes them once, and p_malignant is what the model alone gives."""
+    monkeypatch.setattr(nodule_analysis, "segment_ct", _true_segmentation(root))
+    folder = tmp_path / "models"
+    shutil.copytree(models / "seg", folder / "seg")
+    shutil.copytree(models / "nod", folder / "nod")
+    malignancy = make_model(0)  # the nodule model's weights (seed 0), block4 and head fine-tuned
+    with torch.no_grad():
+        for param in [*malignancy.block4.parameters(), *malignancy.head_linear.parameters()]:
+            param.add_(torch.randn_like(param) * param.std())
+    config = TrainingConfig(data_root=str(root), val_fraction=0.5, task="malignancy")
+    write_checkpoint(folder / "mal" / "best.pt", malignancy, config)
+    uid = _uids_with_nodules(root)[0]
+    argv = [uid, *_argv(folder, root, tmp_path / "all", "--nodule-threshold", "0", "--no-pictures")]
+    assert nodule_analysis.main(argv) == 0
+    threshold = f"{pd.read_csv(tmp_path / 'all' / uid / 'components.csv')['p_nodule'].median():.6f}"
+    results = {}
+    for label in ("shared", "alone"):
+        if label == "alone":
+            monkeypatch.setattr(nodule_analysis, "shared_stages", lambda first, second: 0)
+        out = tmp_path / label
+        caplog.clear()
+        with caplog.at_level("INFO", logger="p2ch.nodule_analysis"):
+            argv = _argv(folder, root, out, "--nodule-threshold", threshold, "--no-pictures", "--log-level", "INFO")
+            assert nodule_analysis.main([uid, *argv]) == 0
+        said = "shares tail_batchnorm, block1, block2, block3 with the nodule classifier" in caplog.text
+        assert said == (label == "shared")
+        results[label] = pd.read_csv(out / uid / "components.csv")
+    shared, alone = results["shared"], results["alone"]
+    likely = shared["p_nodule"] > float(threshold)
+    assert 0 < likely.sum() < shared["kept"].sum(), "some kept components are below the threshold"
+    np.testing.assert_array_equal(shared["p_nodule"], alone["p_nodule"])
+    np.testing.assert_allclose(shared["p_malignant"], alone["p_malignant"], rtol=1e-5, equal_nan=True)
+    assert np.isfinite(shared.loc[likely, "p_malignant"]).all() and shared.loc[~likely, "p_malignant"].isna().all()
+    assert not np.allclose(shared.loc[likely, "p_malignant"], shared.loc[likely, "p_nodule"])
+
+
 def test_run_validation_scores_the_detector(root, models, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(nodule_analysis, "segment_ct", _true_segmentation(root))
     out = tmp_path / "out"

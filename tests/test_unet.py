@@ -9,7 +9,15 @@ from p2ch.checkpoint import load_checkpoint, save_checkpoint
 from p2ch.errors import ConfigError, DataFormatError
 from p2ch.model import MODEL_ARCH, LunaModel, arch_signature, fuse_conv_batchnorm
 from p2ch.segmetrics import dice_loss, pixel_counts, segmentation_loss
-from p2ch.unet import UNET_ARCH, UNet, UNetWrapper, check_input_size, unet_signature
+from p2ch.unet import (
+    UNET_ARCH,
+    SkipSplitUpBlock,
+    UNet,
+    UNetWrapper,
+    check_input_size,
+    inference_copy,
+    unet_signature,
+)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -252,3 +260,61 @@ def test_fused_inference_copy_gives_the_same_probabilities(block_order):
     assert norms == (0 if block_order == "p2ch" else 10)
     assert isinstance(fused.input_batchnorm, torch.nn.BatchNorm2d)  # a norm before any convolution stays
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.unet.modules()) == 10  # the model is untouched
+
+
+def _with_trained_statistics(model: UNetWrapper) -> UNetWrapper:
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d) and module is not model.input_batchnorm:
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.3, 0.3)
+        model.input_batchnorm.running_mean.fill_(-400.0)
+        model.input_batchnorm.running_var.fill_(300.0**2)
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    ("block_order", "up_mode", "batch_norm"),
+    [("p2ch", "upconv", True), ("book", "upconv", True), ("p2ch", "upsample", True), ("p2ch", "upconv", False)],
+)
+def test_inference_copy_joins_skips_without_concatenation_and_gives_the_same_probabilities(
+    block_order, up_mode, batch_norm, monkeypatch
+):
+    torch.manual_seed(4)
+    model = UNetWrapper(in_channels=3, depth=3, wf=2, block_order=block_order, up_mode=up_mode, batch_norm=batch_norm)
+    model = _with_trained_statistics(model)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    fast = inference_copy(model)
+    x = torch.randn(2, 3, 16, 24) * 300 - 400
+    with torch.no_grad():
+        expected = model(x)
+        assert 0.05 < expected.mean() < 0.95 and expected.std() > 0.01, "the test model must not saturate"
+        monkeypatch.setattr(torch, "cat", lambda *a, **k: pytest.fail("the inference copy concatenated"))
+        torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-5)
+        channels_last = fast.to(memory_format=torch.channels_last)
+        got = channels_last(x.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(fast(x), expected, rtol=0, atol=0.03)
+    assert all(isinstance(block, SkipSplitUpBlock) for block in fast.unet.up_path)
+    assert not any(p.requires_grad for p in fast.parameters()) and not fast.training
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in before.items()), "model untouched"
+    kept = inference_copy(model, split_skips=False)
+    assert not any(isinstance(block, SkipSplitUpBlock) for block in kept.unet.up_path)
+
+
+def test_inference_copy_of_an_unpadded_unet_crops_the_skips_as_the_model_does():
+    torch.manual_seed(5)
+    model = _with_trained_statistics(UNetWrapper(in_channels=1, depth=3, wf=2, padding=False))
+    x = torch.randn(1, 1, 60, 68) * 300 - 400
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(inference_copy(model)(x), expected, rtol=1e-4, atol=1e-5)
+    assert expected.shape[2:] == (20, 28)
+
+
+def test_inference_copy_refuses_what_is_not_a_unet():
+    with pytest.raises(ConfigError, match="expected a UNetWrapper, got a LunaModel"):
+        inference_copy(LunaModel())
