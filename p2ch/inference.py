@@ -6,8 +6,8 @@
 - `predict_locations`: candidate locations (a CSV's rows) scored CT by CT, each CT loaded once and
   cropped in memory, nothing cached (prediction, and evaluation with --no-cache).
 - `score_ct`: locations in one CT already in memory (no data root, no cache), nan outside it;
-  `score_ct_keeping` / `score_kept`: the same, and a second model that shares the first one's early stages
-  (a malignancy classifier fine-tuned from the nodule classifier) scores the likely rows from the kept features.
+  `score_ct_then`: the same, then a second model on the rows scored above a threshold (the stages the two
+  models share, as a malignancy classifier fine-tuned from the nodule classifier does, computed once).
 - `read_locations`: such locations from a CSV (seriesuid, coordX, coordY, coordZ; other columns ignored).
 """
 
@@ -368,38 +368,41 @@ def score_ct(
     Returns (N,) float64 in row order, nan for a centre whose voxel lies outside the CT (and for a
     non-finite centre): `get_raw_candidates` would raise CandidateOutsideCtError for it.
     """
-    return score_ct_keeping(scorer, ct, centers_xyz, width_irc=width_irc, batch_size=batch_size, flips=flips)[0]
+    return score_ct_then(scorer, None, ct, centers_xyz, width_irc=width_irc, batch_size=batch_size, flips=flips)[0]
 
 
 @dataclasses.dataclass
-class KeptFeatures:
-    """What `score_ct_keeping` kept for the rows scored above its threshold.
+class FollowUp:
+    """What the second model of `score_ct_then` gave.
 
-    rows: (M,) int64, ascending: rows of its centres. stages: how many of the model's stages made them.
-    looks: one (M, …) tensor per look (`Scorer.score`), on the scorer's device.
+    rows: (M,) int64, ascending: the rows the first model scored above `above`. probability: (M,) float64,
+    the second model's P(class 1) of them. seconds: the time spent in the second model.
     """
 
     rows: np.ndarray
-    stages: int
-    looks: list
+    probability: np.ndarray
+    seconds: float = 0.0
 
 
-def score_ct_keeping(
-    scorer: Scorer,
+def score_ct_then(
+    first: Scorer,
+    second: Scorer | None,
     ct: Ct,
     centers_xyz: np.ndarray,
     *,
     width_irc: Sequence[int],
     batch_size: int = 64,
     flips: bool = False,
-    stages: int = 0,
     above: float = math.inf,
-) -> tuple[np.ndarray, KeptFeatures]:
-    """`score_ct`, keeping for each row scored above `above` what the model's first `stages` stages made of its
-    chunk, so that a model that shares them (`model.shared_stages`: a malignancy classifier fine-tuned from this
-    nodule classifier) scores those rows without computing them again (`score_kept`). Memory: the kept rows'
-    features, e.g. 36 KB per look and row for block3 of a width-16 model.
-    Returns (probabilities as `score_ct` gives them, KeptFeatures).
+    stages: int = 0,
+) -> tuple[np.ndarray, FollowUp]:
+    """`score_ct` with `first`, then `second` on the rows that `first` scored above `above` (the nodule
+    classifier, then the malignancy classifier on the likely nodules), batch by batch. The first `stages`
+    stages of both models must compute alike (`model.shared_stages`: a malignancy classifier fine-tuned from
+    this nodule classifier with frozen early blocks): their output for a chunk is computed once, by `first`,
+    and `second` runs only its later stages on it (0: `second` runs whole, on the same chunks). Memory: one
+    batch's features at a time.
+    Returns (first's probabilities as `score_ct` gives them, FollowUp: second's for the rows above).
     """
     width = check_width_irc(width_irc)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -413,35 +416,31 @@ def score_ct_keeping(
     finite = np.isfinite(centers).all(axis=1)
     _, inside = ct.locate(np.where(finite[:, None], centers, 0.0))
     rows = np.flatnonzero(inside & finite)
-    parts, kept_rows, kept_looks = [], [], []
+    stages = stages if second is not None else 0
+    follow_rows, follow_probability, seconds = [], [], 0.0
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
-        chunks, _ = ct.get_raw_candidates(centers[batch], width)
-        prob, features = scorer.score(torch.from_numpy(chunks).unsqueeze(1), flips=flips, stages=stages)
-        parts.append(prob)
+        chunks = torch.from_numpy(ct.get_raw_candidates(centers[batch], width)[0]).unsqueeze(1)
+        prob, features = first.score(chunks, flips=flips, stages=stages)
+        probability[batch] = prob.cpu().numpy().astype(np.float64)
+        chosen = np.flatnonzero(probability[batch] > above)
+        if second is None or len(chosen) == 0:
+            continue
+        started = time.perf_counter()
         if stages:
-            chosen = prob.cpu().numpy().astype(np.float64) > above
-            if chosen.any():
-                index = torch.from_numpy(np.flatnonzero(chosen)).to(prob.device)
-                kept_rows.append(batch[chosen])
-                kept_looks.append([look.index_select(0, index) for look in features])
-    if parts:
-        probability[rows] = torch.cat(parts).cpu().numpy().astype(np.float64)
-    looks = [torch.cat(parts_of_look) for parts_of_look in zip(*kept_looks, strict=True)] if kept_looks else []
-    kept = np.concatenate(kept_rows) if kept_rows else np.zeros(0, dtype=np.int64)
-    return probability, KeptFeatures(kept, stages, looks)
-
-
-def score_kept(scorer: Scorer, kept: KeptFeatures, batch_size: int = 64) -> np.ndarray:
-    """(M,) float64 P(class 1) of `kept.rows` by `scorer`, whose model shares the first `kept.stages` stages of the
-    model that kept them (`score_ct_keeping`): the rest of its stages on each look, `batch_size` rows at a time."""
-    if len(kept.rows) == 0:
-        return np.zeros(0)
-    parts = [
-        scorer.score_features([look[start : start + batch_size] for look in kept.looks], kept.stages)
-        for start in range(0, len(kept.rows), batch_size)
-    ]
-    return torch.cat(parts).cpu().numpy().astype(np.float64)
+            index = torch.from_numpy(chosen).to(prob.device)
+            later = second.score_features([look.index_select(0, index) for look in features], stages)
+        else:
+            later = second(chunks[torch.from_numpy(chosen)], flips=flips)
+        follow_probability.append(later.cpu().numpy().astype(np.float64))
+        follow_rows.append(batch[chosen])
+        seconds += time.perf_counter() - started
+    follow = FollowUp(
+        rows=np.concatenate(follow_rows) if follow_rows else np.zeros(0, dtype=np.int64),
+        probability=np.concatenate(follow_probability) if follow_probability else np.zeros(0),
+        seconds=seconds,
+    )
+    return probability, follow
 
 
 def read_locations(path: str | os.PathLike[str]) -> pd.DataFrame:

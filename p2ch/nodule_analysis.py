@@ -100,7 +100,7 @@ from p2ch.dicom import volume_series
 from p2ch.errors import ConfigError, DataFormatError, DataNotFoundError, P2chError
 from p2ch.fileio import write_text_atomic
 from p2ch.imagefile import check_hu_offset, image_suffix
-from p2ch.inference import KeptFeatures, Scorer, make_scorer, score_ct_keeping, score_kept
+from p2ch.inference import Scorer, make_scorer, score_ct_then
 from p2ch.labelmap import FORMATS as MASK_FORMATS
 from p2ch.labelmap import (
     POSITION_COLUMNS,
@@ -400,17 +400,15 @@ def analyse_ct(ct: Ct, models: Models, config: AnalysisConfig) -> CtResult:
     p_malignant = np.full(len(components), np.nan)
     started = time.perf_counter()
     kept = np.flatnonzero(components.kept)
-    centres = components.center_xyz[kept]
-    p_nodule[kept], features = _score(models.nodule, ct, centres, models, config, models.shared_stages)
-    seconds["classification"] = time.perf_counter() - started
-    started = time.perf_counter()
+    p_nodule[kept], follow = score_ct_then(
+        models.nodule, models.malignancy, ct, components.center_xyz[kept], width_irc=models.width_irc,
+        batch_size=max(config.batch_size, 64), flips=config.tta, above=config.nodule_threshold,
+        stages=models.shared_stages,
+    )  # fmt: skip
+    p_malignant[kept[follow.rows]] = follow.probability  # the likely nodules: p_nodule above the threshold
     likely = np.flatnonzero(p_nodule > config.nodule_threshold)
-    if models.malignancy is not None and len(likely):
-        if models.shared_stages:  # the nodule classifier kept the shared stages' output of these rows
-            p_malignant[kept[features.rows]] = score_kept(models.malignancy, features, _batch_size(config))
-        else:
-            p_malignant[likely] = _score(models.malignancy, ct, components.center_xyz[likely], models, config)[0]
-    seconds["malignancy"] = time.perf_counter() - started
+    seconds["classification"] = time.perf_counter() - started - follow.seconds
+    seconds["malignancy"] = follow.seconds
     log.info(
         "%s: %d components (%d kept), %d nodules above %.2f; %s",
         ct.series_uid, len(components), len(kept), len(likely), config.nodule_threshold,
@@ -418,20 +416,6 @@ def analyse_ct(ct: Ct, models: Models, config: AnalysisConfig) -> CtResult:
     )  # fmt: skip
     labels = None if config.mask_format == "none" else labels
     return CtResult(ct, components, p_nodule, p_malignant, seconds, labels, probability)
-
-
-def _score(
-    scorer: Scorer, ct: Ct, centers_xyz: np.ndarray, models: Models, config: AnalysisConfig, stages: int = 0
-) -> tuple[np.ndarray, KeptFeatures]:
-    """P of each centre, and what the first `stages` stages made of the rows above --nodule-threshold."""
-    return score_ct_keeping(
-        scorer, ct, centers_xyz, width_irc=models.width_irc, batch_size=_batch_size(config), flips=config.tta,
-        stages=stages, above=config.nodule_threshold,
-    )  # fmt: skip
-
-
-def _batch_size(config: AnalysisConfig) -> int:
-    return max(config.batch_size, 64)
 
 
 def nodule_rows(p_nodule: np.ndarray, threshold: float) -> np.ndarray:

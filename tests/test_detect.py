@@ -25,7 +25,7 @@ from p2ch.detect import (
     slab_batch,
 )
 from p2ch.errors import ConfigError, DataFormatError
-from p2ch.inference import Scorer, predict_locations, score_ct, score_ct_keeping, score_kept
+from p2ch.inference import Scorer, predict_locations, score_ct, score_ct_then
 from p2ch.seg_training import SegmentationTrainingApp
 from p2ch.segdatasets import Luna2dSegmentationDataset
 from p2ch.slices import SliceCache
@@ -334,7 +334,7 @@ def test_score_ct_gives_predict_locations_numbers_and_nan_outside(tiny_root):
 
 
 @pytest.mark.parametrize("flips", [False, True])
-def test_a_model_that_shares_the_early_stages_scores_the_likely_rows_from_kept_features(tiny_root, flips):
+def test_a_second_model_scores_the_likely_rows_sharing_the_early_stages_or_whole(tiny_root, flips):
     uid = make_uid(1)
     frame = pd.read_csv(tiny_root / "candidates.csv", dtype={"seriesuid": str})
     ct = Ct(uid, tiny_root)
@@ -349,20 +349,23 @@ def test_a_model_that_shares_the_early_stages_scores_the_likely_rows_from_kept_f
     width = (32, 48, 48)
     expected = score_ct(nodule_scorer, ct, centers, width_irc=width, batch_size=3, flips=flips)
     above = float(np.nanmedian(expected))
-    got, kept = score_ct_keeping(
-        nodule_scorer, ct, centers, width_irc=width, batch_size=3, flips=flips, stages=4, above=above
-    )
-    np.testing.assert_array_equal(got, expected)
-    assert kept.rows.tolist() == np.flatnonzero(expected > above).tolist() and 0 < len(kept.rows) < 7
-    assert len(kept.looks) == (8 if flips else 1) and kept.looks[0].shape[0] == len(kept.rows)
-    direct = score_ct(malignancy_scorer, ct, centers[kept.rows], width_irc=width, flips=flips)
-    shared = score_kept(malignancy_scorer, kept, batch_size=2)
-    np.testing.assert_allclose(shared, direct, rtol=1e-5)
-    assert np.abs(shared - got[kept.rows]).max() > 1e-3, "the malignancy head is the one that scored them"
-    _, nothing = score_ct_keeping(nodule_scorer, ct, centers, width_irc=width, flips=flips, above=above)
-    assert nothing.rows.shape == (0,) and nothing.looks == []  # stages=0 keeps nothing
-    _, none_above = score_ct_keeping(nodule_scorer, ct, centers, width_irc=width, stages=4, above=1.0)
-    assert none_above.rows.shape == (0,) and score_kept(malignancy_scorer, none_above).shape == (0,)
+    likely = np.flatnonzero(expected > above)
+    assert 0 < len(likely) < 7
+    direct = score_ct(malignancy_scorer, ct, centers[likely], width_irc=width, flips=flips)
+    for stages in (4, 0):  # the shared stages computed once; the second model whole
+        got, follow = score_ct_then(
+            nodule_scorer, malignancy_scorer, ct, centers, width_irc=width, batch_size=3, flips=flips,
+            above=above, stages=stages,
+        )  # fmt: skip
+        np.testing.assert_array_equal(got, expected)
+        assert follow.rows.tolist() == likely.tolist() and follow.seconds > 0
+        np.testing.assert_allclose(follow.probability, direct, rtol=1e-5)
+    assert np.abs(follow.probability - got[likely]).max() > 1e-3, "the malignancy head is the one that scored them"
+    alone, nothing = score_ct_then(nodule_scorer, None, ct, centers, width_irc=width, flips=flips, above=above)
+    np.testing.assert_array_equal(alone, expected)
+    assert nothing.rows.shape == nothing.probability.shape == (0,)
+    _, none_above = score_ct_then(nodule_scorer, malignancy_scorer, ct, centers, width_irc=width, above=1.0, stages=4)
+    assert none_above.rows.shape == none_above.probability.shape == (0,)
 
 
 # ---------------------------------------------------------------------------------------------
