@@ -79,7 +79,9 @@ class Scorer:
         return self.score(chunks, flips=flips)[0]
 
     @torch.inference_mode()
-    def score(self, chunks: torch.Tensor, *, flips: bool = False, stages: int = 0) -> tuple[torch.Tensor, list]:
+    def score(
+        self, chunks: torch.Tensor, *, flips: bool = False, stages: int = 0
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """`__call__`'s (N,) P(class 1), and with stages k > 0 what the first k of the model's stages
         (`model.STAGES`) made of each look: a list with one (N, …) tensor per look, in `FLIPS` order
         (one look without flips), for `score_features` of a model that shares those stages."""
@@ -99,7 +101,7 @@ class Scorer:
         return torch.stack(probabilities).mean(dim=0), features
 
     @torch.inference_mode()
-    def score_features(self, features: list, stages: int) -> torch.Tensor:
+    def score_features(self, features: list[torch.Tensor], stages: int) -> torch.Tensor:
         """(N,) float32 P(class 1) on the device from `score`'s per-look features after the first `stages`
         stages of a model whose first `stages` stages equal this one's (`model.shared_stages`): this
         model's remaining stages and head on each look, then the mean, as `__call__` would give."""
