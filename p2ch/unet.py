@@ -367,8 +367,9 @@ def inference_copy(model: UNetWrapper, *, split_skips: bool = True) -> UNetWrapp
     """An eval-mode copy of `model` that computes its probabilities (to float rounding) with less work, for
     segmenting CTs: every Conv → BatchNorm pair folded into one convolution (`model.fuse_conv_batchnorm`; the
     book's block order, norm after the ReLU, keeps its norms) and, with `split_skips`, every skip joined
-    without concatenation (`SkipSplitUpBlock`). Measured on a 2-core CPU at float32 (BENCHMARKS.md); on a GPU
-    the concatenation is cheap next to the convolutions, and `nodule_analysis` splits only on a CPU.
+    without concatenation (`SkipSplitUpBlock`). Measured on a 2-core CPU (BENCHMARKS.md): faster in float32,
+    no faster in bfloat16, where the two halves' sum is rounded once more; `nodule_analysis` splits only in
+    float32 on a CPU (on a GPU the concatenation is cheap next to the convolutions; not measured there).
     `model` is not changed; the copy shares no tensors with it and is not for training (its batch norms
     are gone). ConfigError for anything but a `UNetWrapper`.
     """

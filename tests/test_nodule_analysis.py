@@ -26,7 +26,7 @@ from p2ch.config import SegTrainingConfig, TrainingConfig
 from p2ch.datasets import split_series
 from p2ch.luna import series_index
 from p2ch.metrics import match_predictions
-from p2ch.unet import UNetWrapper, unet_signature
+from p2ch.unet import SkipSplitUpBlock, UNetWrapper, unet_signature
 
 from conftest import chest_phantom, make_model, write_checkpoint, write_ct
 
@@ -637,10 +637,11 @@ def test_amp_auto_is_bf16_only_on_a_cpu_that_computes_it(root, models, tmp_path,
     """--amp auto runs the analysis in bf16 where the CPU has bf16 instructions (about twice as fast), float32
     elsewhere (emulated bf16 is slower than float32) and with --amp off; analysis.json says which ran."""
     monkeypatch.setattr(runtime, "cpu_bf16_native", lambda: native)
-    seen = []
+    seen, segmented_by = [], []
 
     def segment(model, ct, **kwargs):
         seen.append(kwargs["amp_dtype"])
+        segmented_by.append(model)
         return _true_segmentation(root)(model, ct, **kwargs)
 
     monkeypatch.setattr(nodule_analysis, "segment_ct", segment)
@@ -650,6 +651,9 @@ def test_amp_auto_is_bf16_only_on_a_cpu_that_computes_it(root, models, tmp_path,
     summary = json.loads((out / uid / "analysis.json").read_text())
     assert summary["precision"] == expected and summary["device"] == "cpu"
     assert seen == [None if expected == "float32" else torch.bfloat16]
+    # the segmentation joins its skips without concatenation only in float32, where that was measured to pay
+    split = [isinstance(block, SkipSplitUpBlock) for block in segmented_by[0].unet.up_path]
+    assert split == [expected == "float32"] * len(split) and split
 
 
 def test_a_ct_without_lungs_is_segmented_whole(root, models, tmp_path, monkeypatch):
