@@ -86,8 +86,9 @@ def segmentation_margin_mm(model: torch.nn.Module, ct: Any, near_mm: float) -> f
     probabilities it would get from the whole slices: `near_mm` plus the UNet's reach (`unet.receptive_radius`)
     at the coarser in-plane spacing, and at least `lungs.DEFAULT_BOX_MARGIN_MM`."""
     settings = getattr(model, "settings", None)
-    depth = int(settings["depth"]) if isinstance(settings, dict) and "depth" in settings else 3
-    reach_mm = receptive_radius(depth) * max(float(ct.voxel_size_xyz[0]), float(ct.voxel_size_xyz[1]))
+    settings = settings if isinstance(settings, dict) else {}
+    reach = receptive_radius(int(settings.get("depth", 3)), settings.get("up_mode", "upconv"))
+    reach_mm = reach * max(float(ct.voxel_size_xyz[0]), float(ct.voxel_size_xyz[1]))
     return max(DEFAULT_BOX_MARGIN_MM, near_mm + reach_mm)
 
 

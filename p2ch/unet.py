@@ -75,17 +75,49 @@ def check_input_size(h: int, w: int, depth: int, *, padding: bool = True) -> tup
     return _unpadded_output(h, depth, "H"), _unpadded_output(w, depth, "W")
 
 
-def receptive_radius(depth: int) -> int:
-    """How many pixels away from an output pixel a padded UNet of this depth still looks (an upper bound).
+def receptive_radius(depth: int, up_mode: str = "upconv") -> int:
+    """How many pixels away from an output pixel a padded UNet of this depth still looks: the exact reach.
 
-    Per level l (scale 2**l): two 3×3 convolutions on the way down (2 · 2**l), the 2×2 pooling before it
-    (2**(l-1)), and on the way up the ×2 up-sampling (at most 2**(l+1)) and two more 3×3 convolutions.
-    A crop that leaves this many pixels of real image around a region gives that region the same
-    output as the whole image (depth 3: 29 pixels).
+    Found by following which pixels an output pixel needs back through the network, level by level: the
+    two 3×3 convolutions of each block (±2 pixels of its level), the 2×2 pooling (a pixel of level l is 2
+    of level l - 1), and on the way up the ×2 up-sampling (a 2×2 up-convolution reads 1 pixel of the level
+    below, bilinear up-sampling 2). Each skip adds its level's down path. How far that reaches depends on
+    where the pixel lies on the 2**(depth-1) pooling grid, so every position on it is followed and the
+    farthest reach on either side is returned. A crop that starts on that grid and leaves this many pixels
+    of real image around a region gives that region the same output as the whole image (depth 3: 23
+    pixels; summing each step's worst case would say 29).
     """
-    down = sum(2 * 2**level for level in range(depth)) + sum(2 ** (level - 1) for level in range(1, depth))
-    up = sum(2 ** (level + 1) + 2 * 2**level for level in range(depth - 1))
-    return down + up
+    if up_mode not in UP_MODES:
+        raise ConfigError(f"receptive_radius: up_mode is {up_mode!r}; expected one of {', '.join(UP_MODES)}")
+    origin = 4 * 2**depth  # any pixel far from the edges; all its positions on the pooling grid are tried
+    reach = 0
+    for pixel in range(origin, origin + 2 ** (depth - 1)):
+        low, high = _needed_input(0, pixel, pixel, depth, up_mode, up=depth > 1)
+        reach = max(reach, pixel - low, high - pixel)
+    return reach
+
+
+def _needed_input(level: int, low: int, high: int, depth: int, up_mode: str, up: bool) -> tuple[int, int]:
+    """The input pixels [low', high'] (level 0) that pixels [low, high] of a block's output need.
+
+    up: the up path's block at `level` (whose output is at `level`; the UNet's output is the up block of
+    level 0 when depth > 1); else the down path's block at `level`.
+    """
+    if not up:  # down block: two 3×3 convolutions on the pooled output of the level above
+        low, high = low - 2, high + 2
+        if level == 0:
+            return low, high
+        return _needed_input(level - 1, 2 * low, 2 * high + 1, depth, up_mode, up=False)
+    if up and level == depth - 1:  # the bottom is the last down block
+        return _needed_input(level, low, high, depth, up_mode, up=False)
+    low, high = low - 2, high + 2  # the up block's two 3×3 convolutions over [up-sampled, skip]
+    skip = _needed_input(level, low, high, depth, up_mode, up=False)
+    if up_mode == "upconv":  # pixel q of level l comes from pixel q // 2 of level l + 1
+        below = (low // 2, high // 2)
+    else:  # bilinear, align_corners=False: pixel q reads floor(q / 2 - 1/4) and the next one
+        below = (math.floor(low / 2 - 0.25), math.floor(high / 2 - 0.25) + 1)
+    from_below = _needed_input(level + 1, *below, depth, up_mode, up=True)
+    return min(skip[0], from_below[0]), max(skip[1], from_below[1])
 
 
 def _unpadded_output(size: int, depth: int, axis: str) -> int:

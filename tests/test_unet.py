@@ -16,6 +16,7 @@ from p2ch.unet import (
     UNetWrapper,
     check_input_size,
     inference_copy,
+    receptive_radius,
     unet_signature,
 )
 
@@ -318,3 +319,26 @@ def test_inference_copy_of_an_unpadded_unet_crops_the_skips_as_the_model_does():
 def test_inference_copy_refuses_what_is_not_a_unet():
     with pytest.raises(ConfigError, match="expected a UNetWrapper, got a LunaModel"):
         inference_copy(LunaModel())
+
+
+@pytest.mark.parametrize("up_mode", ["upconv", "upsample"])
+def test_receptive_radius_is_the_reach_autograd_measures(up_mode):
+    """The exact reach: the farthest input pixel with a gradient, over every position on the pooling grid."""
+    torch.manual_seed(6)
+    for depth in (1, 2, 3, 4):
+        model = UNetWrapper(in_channels=1, depth=depth, wf=1, block_order="book", up_mode=up_mode).eval()
+        with torch.no_grad():  # positive weights and inputs: no ReLU is dead, no terms cancel
+            for module in model.modules():
+                if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                    module.weight.abs_()
+                    module.bias.fill_(0.1)
+        reach = 0
+        for pixel in range(64, 64 + 2 ** (depth - 1)):
+            x = (torch.rand(1, 1, 128, 128) + 0.1).requires_grad_(True)
+            model.unet(x)[0, 0, pixel, pixel].backward()
+            rows, cols = (torch.nonzero(x.grad[0, 0].abs().amax(dim=axis) > 0).flatten() for axis in (1, 0))
+            reach = max(reach, pixel - int(rows[0]), int(rows[-1]) - pixel, pixel - int(cols[0]), int(cols[-1]) - pixel)
+        assert receptive_radius(depth, up_mode) == reach, (depth, up_mode)
+    assert receptive_radius(3) == 23  # the book's UNet; summing each step's worst case said 29
+    with pytest.raises(ConfigError, match="up_mode"):
+        receptive_radius(3, "nearest")
