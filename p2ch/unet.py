@@ -87,6 +87,8 @@ def receptive_radius(depth: int, up_mode: str = "upconv") -> int:
     of real image around a region gives that region the same output as the whole image (depth 3: 23
     pixels; summing each step's worst case would say 29).
     """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ConfigError(f"receptive_radius: depth is {depth!r}; expected an int >= 1")
     if up_mode not in UP_MODES:
         raise ConfigError(f"receptive_radius: up_mode is {up_mode!r}; expected one of {', '.join(UP_MODES)}")
     origin = 4 * 2**depth  # any pixel far from the edges; all its positions on the pooling grid are tried
@@ -103,12 +105,12 @@ def _needed_input(level: int, low: int, high: int, depth: int, up_mode: str, up:
     up: the up path's block at `level` (whose output is at `level`; the UNet's output is the up block of
     level 0 when depth > 1); else the down path's block at `level`.
     """
-    if not up:  # down block: two 3×3 convolutions on the pooled output of the level above
+    if not up:  # down block: two 3×3 convolutions on the pooled output of the finer level before it
         low, high = low - 2, high + 2
         if level == 0:
             return low, high
         return _needed_input(level - 1, 2 * low, 2 * high + 1, depth, up_mode, up=False)
-    if up and level == depth - 1:  # the bottom is the last down block
+    if level == depth - 1:  # the bottom is the last down block
         return _needed_input(level, low, high, depth, up_mode, up=False)
     low, high = low - 2, high + 2  # the up block's two 3×3 convolutions over [up-sampled, skip]
     skip = _needed_input(level, low, high, depth, up_mode, up=False)

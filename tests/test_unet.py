@@ -342,3 +342,6 @@ def test_receptive_radius_is_the_reach_autograd_measures(up_mode):
     assert receptive_radius(3) == 23  # the book's UNet; summing each step's worst case said 29
     with pytest.raises(ConfigError, match="up_mode"):
         receptive_radius(3, "nearest")
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ConfigError, match="depth"):
+            receptive_radius(bad)
