@@ -409,24 +409,20 @@ def score_ct_then(
     width = check_width_irc(width_irc)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size {batch_size!r}: expected a positive integer")
-    centers = np.asarray(centers_xyz, dtype=np.float64)
-    if centers.size == 0:
-        centers = centers.reshape(0, 3)
-    if centers.ndim != 2 or centers.shape[1] != 3:
-        raise DataFormatError(f"centers_xyz has shape {centers.shape}; expected (N, 3) mm (x, y, z)")
+    centers, rows = _centres_inside(ct, centers_xyz)
     probability = np.full(len(centers), np.nan, dtype=np.float64)
-    finite = np.isfinite(centers).all(axis=1)
-    _, inside = ct.locate(np.where(finite[:, None], centers, 0.0))
-    rows = np.flatnonzero(inside & finite)
     stages = stages if second is not None else 0
-    follow_rows, follow_probability, seconds = [], [], 0.0
+    parts, follow_rows, follow_probability, seconds = [], [], [], 0.0
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         chunks = torch.from_numpy(ct.get_raw_candidates(centers[batch], width)[0]).unsqueeze(1)
         prob, features = first.score(chunks, flips=flips, stages=stages)
+        if second is None:  # no rows to choose: the results stay on the device and are copied once, below
+            parts.append(prob)
+            continue
         probability[batch] = prob.cpu().numpy().astype(np.float64)
         chosen = np.flatnonzero(probability[batch] > above)
-        if second is None or len(chosen) == 0:
+        if len(chosen) == 0:
             continue
         started = time.perf_counter()
         if stages:
@@ -437,12 +433,26 @@ def score_ct_then(
         follow_probability.append(later.cpu().numpy().astype(np.float64))
         follow_rows.append(batch[chosen])
         seconds += time.perf_counter() - started
+    if parts:
+        probability[rows] = torch.cat(parts).cpu().numpy().astype(np.float64)
     follow = FollowUp(
         rows=np.concatenate(follow_rows) if follow_rows else np.zeros(0, dtype=np.int64),
         probability=np.concatenate(follow_probability) if follow_probability else np.zeros(0),
         seconds=seconds,
     )
     return probability, follow
+
+
+def _centres_inside(ct: Ct, centers_xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 3) float64 centres (mm) checked, and the rows whose voxel lies inside the CT (finite ones only)."""
+    centers = np.asarray(centers_xyz, dtype=np.float64)
+    if centers.size == 0:
+        centers = centers.reshape(0, 3)
+    if centers.ndim != 2 or centers.shape[1] != 3:
+        raise DataFormatError(f"centers_xyz has shape {centers.shape}; expected (N, 3) mm (x, y, z)")
+    finite = np.isfinite(centers).all(axis=1)
+    _, inside = ct.locate(np.where(finite[:, None], centers, 0.0))
+    return centers, np.flatnonzero(inside & finite)
 
 
 def read_locations(path: str | os.PathLike[str]) -> pd.DataFrame:
